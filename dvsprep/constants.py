@@ -1,0 +1,47 @@
+"""The one place that fixes sensor size, axis order, dtypes and format versions."""
+from __future__ import annotations
+
+import numpy as np
+
+SENSOR_H = 128
+SENSOR_W = 128
+SENSOR_SIZE = (SENSOR_H, SENSOR_W)
+N_CLASSES = 11
+N_POLARITIES = 2
+
+# Event arrays as decoded from AEDAT and stored in events.h5.
+T_DTYPE = np.dtype("<i8")       # microseconds, (overflow << 31) | timestamp
+XY_DTYPE = np.dtype("u1")       # 0..127
+P_DTYPE = np.dtype("u1")        # 0 = OFF, 1 = ON
+OFFSET_DTYPE = np.dtype("<i8")
+LABEL_DTYPE = np.dtype("u1")    # 0..10 (csv class 1..11 minus one)
+ROW_DTYPE = np.dtype("<i4")
+
+# Frames are [T, C, H, W] per sample, stores hold [N, T, C, H, W]; channel 0 counts p == 0.
+FRAME_AXES = ("sample", "time", "polarity", "y", "x")
+SPLITS = ("train", "test")
+SPLIT_METHODS = ("number", "time")
+
+EVENTS_FORMAT = "dvsprep-events/1"
+FRAMES_FORMAT = "dvsprep-frames/1"
+
+AEDAT_VERSION_LINE = b"#!AER-DAT3.1"
+AEDAT_END_HEADER = b"#!END-HEADER"
+POLARITY_EVENT = 1
+POLARITY_EVENT_SIZE = 8
+PACKET_HEADER_SIZE = 28
+
+GESTURE_NAMES = (
+    "hand_clapping",
+    "right_hand_wave",
+    "left_hand_wave",
+    "right_arm_clockwise",
+    "right_arm_counter_clockwise",
+    "left_arm_clockwise",
+    "left_arm_counter_clockwise",
+    "arm_roll",
+    "air_drums",
+    "air_guitar",
+    "other_gestures",
+)
+LIGHTINGS = ("fluorescent", "fluorescent_led", "lab", "led", "natural")

@@ -1,0 +1,216 @@
+"""`dvsprep convert`: raw release -> DATA_ROOT/events.h5, recording by recording, in parallel."""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import multiprocessing as mp
+import os
+import sys
+import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from .aedat import read_aedat
+from .constants import N_CLASSES, SPLITS
+from .errors import ReleaseError, StoreExistsError
+from .events_store import EventsWriter
+from .release import Recording, cut_samples, list_recordings, load_published_manifest, open_release, parse_labels
+
+log = logging.getLogger(__name__)
+EVENTS_NAME = "events.h5"
+
+
+@dataclass
+class ConvertSummary:
+    path: Path
+    recordings: int = 0
+    samples: dict[str, int] = field(default_factory=lambda: {s: 0 for s in SPLITS})
+    per_class: dict[str, list[int]] = field(default_factory=lambda: {s: [0] * N_CLASSES for s in SPLITS})
+    events: int = 0
+    events_in_samples: int = 0
+    invalid_dropped: int = 0
+    md5_mismatches: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    fingerprint: str = ""
+
+    def lines(self) -> list[str]:
+        out = [
+            f"wrote {self.path}",
+            f"recordings: {self.recordings}; samples: train {self.samples['train']}, test {self.samples['test']}",
+        ]
+        for s in SPLITS:
+            out.append(f"  {s} per class: " + " ".join(str(c) for c in self.per_class[s]))
+        out.append(
+            f"events: {self.events:,} decoded, {self.events_in_samples:,} in samples; "
+            f"invalid events dropped: {self.invalid_dropped:,}"
+        )
+        if self.md5_mismatches:
+            out.append(f"md5 differs from the published release for {len(self.md5_mismatches)} recording(s)")
+        out.append(f"fingerprint: {self.fingerprint}")
+        out.append(f"seconds: {self.seconds:.2f}")
+        return out
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def process_recording(rec: Recording) -> dict[str, Any]:
+    """Decode one recording and cut it into samples (one row of its label csv each)."""
+    rows = parse_labels(rec.labels)
+    ev = read_aedat(rec.aedat)
+    parts = cut_samples(ev.t, rows)
+    lengths = np.array(
+        [(p.stop - p.start) if isinstance(p, slice) else p.shape[0] for p in parts], dtype=np.int64
+    )
+    if all(isinstance(p, slice) for p in parts) and _contiguous(parts):
+        sel = slice(parts[0].start, parts[-1].stop) if parts else slice(0, 0)
+        events = {k: getattr(ev, k)[sel] for k in "txyp"}
+    else:
+        idx = np.concatenate([np.arange(p.start, p.stop) if isinstance(p, slice) else p for p in parts]) \
+            if parts else np.zeros(0, np.int64)
+        events = {k: getattr(ev, k)[idx] for k in "txyp"}
+    return {
+        "stem": rec.stem,
+        "split": rec.split,
+        "md5": _md5(rec.aedat),
+        "n_events": len(ev),
+        "n_invalid": ev.n_invalid,
+        "events": events,
+        "lengths": lengths,
+        "label": rows.label,
+        "t_start": rows.start,
+        "t_end": rows.end,
+    }
+
+
+def _contiguous(parts: list) -> bool:
+    return all(a.stop == b.start for a, b in zip(parts[:-1], parts[1:]))
+
+
+def _results(recs: list[Recording], jobs: int) -> Iterator[dict[str, Any]]:
+    """Results in `recs` order, with at most `jobs` + 1 recordings decoded ahead (bounded memory)."""
+    if jobs <= 1 or len(recs) <= 1:
+        for r in recs:
+            yield process_recording(r)
+        return
+    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    with ProcessPoolExecutor(min(jobs, len(recs)), mp_context=ctx) as pool:
+        pending: deque = deque()
+        todo = iter(recs)
+        try:
+            for r in itertools.islice(todo, jobs + 1):
+                pending.append(pool.submit(process_recording, r))
+            while pending:
+                res = pending.popleft().result()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    pending.append(pool.submit(process_recording, nxt))
+                yield res
+        finally:
+            for f in pending:
+                f.cancel()
+
+
+def convert_release(
+    raw: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    jobs: int | None = None,
+    strict: bool = False,
+    force: bool = False,
+    progress: bool = False,
+) -> ConvertSummary:
+    """Convert a raw release (folder or DvsGesture.tar.gz) into `out_dir/events.h5`."""
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    out = out_dir / EVENTS_NAME
+    if out.exists() and not force:
+        raise StoreExistsError(f"{out}: already exists (use --force to replace it)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jobs = jobs or os.cpu_count() or 1
+    published = load_published_manifest()
+    summary = ConvertSummary(path=out)
+    with open_release(raw, scratch=out_dir) as release:
+        recs = list_recordings(release)
+        if not recs:
+            raise ReleaseError(f"{release}: the trial lists name no recordings")
+        writer = EventsWriter(out)
+        try:
+            recordings_attr = {}
+            bar = _progress(len(recs), progress)
+            for res in _results(recs, jobs):
+                stem, split = res["stem"], res["split"]
+                name = f"{stem}.aedat"
+                expected = published["recordings"].get(name)
+                if expected is not None and expected != res["md5"]:
+                    summary.md5_mismatches.append(name)
+                    if strict:
+                        raise ReleaseError(
+                            f"{release / name}: md5 {res['md5']} differs from the published {expected}"
+                        )
+                n = len(res["lengths"])
+                writer.append(
+                    split,
+                    res["events"],
+                    res["lengths"],
+                    {
+                        "label": res["label"],
+                        "row": np.arange(n),
+                        "t_start": res["t_start"],
+                        "t_end": res["t_end"],
+                        "recording": [stem] * n,
+                    },
+                )
+                recordings_attr[stem] = {
+                    "split": split,
+                    "md5": res["md5"],
+                    "n_events": res["n_events"],
+                    "n_invalid": res["n_invalid"],
+                    "n_samples": n,
+                }
+                summary.recordings += 1
+                summary.samples[split] += n
+                for lab in res["label"].tolist():
+                    summary.per_class[split][lab] += 1
+                summary.events += res["n_events"]
+                summary.events_in_samples += int(res["lengths"].sum())
+                summary.invalid_dropped += res["n_invalid"]
+                if bar is not None:
+                    bar.update(1)
+            if bar is not None:
+                bar.close()
+            summary.fingerprint = writer.finish(
+                {
+                    "recordings": recordings_attr,
+                    "n_invalid_dropped": summary.invalid_dropped,
+                }
+            )
+        except BaseException:
+            writer.abort()
+            raise
+    if summary.md5_mismatches:
+        log.warning(
+            "%d of %d recordings differ from the published DVS128 Gesture md5s (synthetic or modified data?)",
+            len(summary.md5_mismatches), summary.recordings,
+        )
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="rec", desc="convert")

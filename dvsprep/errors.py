@@ -1,0 +1,45 @@
+"""Exceptions raised by dvsprep. Each subclasses a builtin so callers can catch broadly.
+
+The CLI prints ``str(exc)`` as one line; messages therefore name the file and the problem.
+"""
+from __future__ import annotations
+
+
+class DvsprepError(Exception):
+    """Base of every error dvsprep raises on purpose."""
+
+
+class AedatFormatError(DvsprepError, ValueError):
+    """A malformed AEDAT file (message names file, byte offset and problem)."""
+
+
+class LabelFormatError(DvsprepError, ValueError):
+    """A malformed label csv, trial list or gesture mapping."""
+
+
+class ReleaseError(DvsprepError, ValueError):
+    """The raw release is incomplete or laid out wrongly."""
+
+
+class MissingFileError(DvsprepError, FileNotFoundError):
+    """A file the release or a store needs does not exist."""
+
+
+class UnsafeArchiveError(DvsprepError, ValueError):
+    """An archive member would escape its extraction directory, or is a link/device."""
+
+
+class StoreError(DvsprepError, ValueError):
+    """A store is missing parts, corrupt, or not what was asked for."""
+
+
+class StoreExistsError(DvsprepError, FileExistsError):
+    """The output path exists and --force was not given."""
+
+
+class UntrustedStoreError(StoreError):
+    """A store contains codecs, dtypes, shapes or members we never write."""
+
+
+class IntegrityError(StoreError):
+    """Stored bytes do not match their manifest."""

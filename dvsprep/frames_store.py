@@ -1,0 +1,618 @@
+"""Frame stores: chunked zarr v3 directories holding [N, T, 2, H, W] integer frames per split.
+
+Layout (``frames_T<T>_<split_by>.zarr``)::
+
+    zarr.json                 root group; attributes describe the store (see `store_attributes`)
+    train/frames              [N, T, 2, H, W] uint8|uint16, inner chunk = one sample, sharded
+    train/label               [N] uint8
+    train/recording           [N] variable-length UTF-8 strings
+    train/row, t_start, t_end, n_events
+    test/...                  same
+    manifest.json             sha256 of every other file, written last; its hash = store fingerprint
+
+Stores are written to a temporary sibling directory and renamed into place when complete.
+Reading goes through `open_frame_store`; a sample is read straight from its shard file when the
+store is a local directory with the codecs we write (one pread + one decompress), otherwise
+through zarr (any zarr Store works there, which is where zip/URL stores plug in).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import zarr
+import zarr.codecs
+from zarr.storage import LocalStore
+
+from . import __version__
+from .constants import (
+    FRAMES_FORMAT,
+    FRAME_AXES,
+    LABEL_DTYPE,
+    N_CLASSES,
+    N_POLARITIES,
+    ROW_DTYPE,
+    SENSOR_SIZE,
+    SPLIT_METHODS,
+    SPLITS,
+    T_DTYPE,
+)
+from .errors import MissingFileError, StoreError, StoreExistsError
+from .manifest import MANIFEST_NAME, dir_manifest, sha256_bytes, write_dir_manifest
+
+log = logging.getLogger(__name__)
+
+FRAME_DTYPES = (np.dtype("u1"), np.dtype("u2"))
+N_EVENTS_DTYPE = np.dtype("<i8")
+# Raw bytes per shard we aim for: few hundred files for the real release, shards small enough
+# that one worker holds a shard of uint16 frames comfortably.
+SHARD_TARGET_BYTES = 16 << 20
+# Chosen by measurement (benchmarks/bench_frames.py codecs): see the README table.
+# blosc lz4 + bitshuffle decodes fastest (the loader reads every sample every epoch), encodes
+# fastest, and blosc is a core zarr v3 codec; zstd stores are ~20-30% smaller but decode slower.
+DEFAULT_CODEC: dict[str, Any] = {"name": "blosc", "cname": "lz4", "clevel": 5, "shuffle": "bitshuffle"}
+
+_META_FIELDS = ("label", "recording", "row", "t_start", "t_end", "n_events")
+_META_DTYPES = {
+    "label": LABEL_DTYPE,
+    "row": ROW_DTYPE,
+    "t_start": T_DTYPE,
+    "t_end": T_DTYPE,
+    "n_events": N_EVENTS_DTYPE,
+}
+
+
+# ----------------------------------------------------------------------------- naming, output
+
+
+def frame_store_name(T: int, split_by: str) -> str:
+    """Canonical store directory name, e.g. ``frames_T16_number.zarr``."""
+    return f"frames_T{T}_{split_by}.zarr"
+
+
+def samples_per_shard(T: int, dtype: np.dtype | str) -> int:
+    """Samples per shard so a shard holds about `SHARD_TARGET_BYTES` of raw frames."""
+    sample_bytes = T * N_POLARITIES * SENSOR_SIZE[0] * SENSOR_SIZE[1] * np.dtype(dtype).itemsize
+    return int(max(1, min(256, SHARD_TARGET_BYTES // sample_bytes)))
+
+
+def check_params(T: Any, split_by: Any) -> tuple[int, str]:
+    """Validate the framing parameters; raises ValueError subclasses with one-line messages."""
+    if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or int(T) <= 0:
+        raise StoreError(f"T must be a positive integer, got {T!r}")
+    if split_by not in SPLIT_METHODS:
+        raise StoreError(f"unknown split method {split_by!r}; expected one of {', '.join(SPLIT_METHODS)}")
+    return int(T), str(split_by)
+
+
+def check_output(path: str | os.PathLike, force: bool) -> Path:
+    """Refuse to replace an existing output unless `force`; returns the path."""
+    path = Path(path)
+    if (path.exists() or path.is_symlink()) and not force:
+        raise StoreExistsError(f"{path}: already exists (use --force to replace it)")
+    if not path.parent.is_dir():
+        raise MissingFileError(f"{path.parent}: output directory does not exist")
+    return path
+
+
+def temp_path_for(path: Path) -> Path:
+    """A unique hidden sibling of `path` to build the store in (same filesystem: rename is atomic)."""
+    return path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def publish(tmp: Path, final: Path, force: bool) -> None:
+    """Move the completed store `tmp` to `final`; the old store (force) is removed only after."""
+    if final.exists() or final.is_symlink():
+        if not force:
+            raise StoreExistsError(f"{final}: already exists (use --force to replace it)")
+        trash = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(final, trash)
+        os.replace(tmp, final)
+        if trash.is_dir() and not trash.is_symlink():
+            shutil.rmtree(trash)
+        else:
+            trash.unlink()
+    else:
+        os.replace(tmp, final)
+
+
+def remove_tree(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def make_codec(spec: Mapping[str, Any]) -> Any:
+    """zarr v3 bytes->bytes codec from a small spec: {"name": "zstd", "level": 3},
+    {"name": "blosc", "cname": "lz4", "clevel": 5, "shuffle": "bitshuffle"} or {"name": "gzip", "level": 6}."""
+    name = spec["name"]
+    if name == "zstd":
+        return zarr.codecs.ZstdCodec(level=int(spec.get("level", 3)))
+    if name == "blosc":
+        # typesize is left to zarr, which takes it from the array dtype.
+        return zarr.codecs.BloscCodec(
+            cname=spec.get("cname", "lz4"),
+            clevel=int(spec.get("clevel", 5)),
+            shuffle=spec.get("shuffle", "bitshuffle"),
+        )
+    if name == "gzip":
+        return zarr.codecs.GzipCodec(level=int(spec.get("level", 6)))
+    raise StoreError(f"unknown codec {name!r}")
+
+
+def store_attributes(
+    *,
+    T: int,
+    split_by: str,
+    dtype: np.dtype,
+    counts: Mapping[str, Mapping[str, Any]],
+    events_fingerprint: str,
+    codec: Mapping[str, Any],
+    shard_samples: int,
+) -> dict[str, Any]:
+    """Root attributes of a frame store."""
+    return {
+        "format": FRAMES_FORMAT,
+        "tool": "dvsprep",
+        "tool_version": __version__,
+        "T": int(T),
+        "split_by": split_by,
+        "sensor_size": list(SENSOR_SIZE),
+        "axes": list(FRAME_AXES),
+        "dtype": np.dtype(dtype).name,
+        "splits": {k: dict(v) for k, v in counts.items()},
+        "events_fingerprint": events_fingerprint,
+        "codec": dict(codec),
+        "shard_samples": int(shard_samples),
+    }
+
+
+def split_counts(labels: np.ndarray) -> dict[str, Any]:
+    """{"n_samples": N, "per_class": [count of label 0, ..., label 10]}."""
+    labels = np.asarray(labels)
+    per_class = np.bincount(labels.astype(np.int64), minlength=N_CLASSES) if labels.size else np.zeros(N_CLASSES, int)
+    return {"n_samples": int(labels.size), "per_class": [int(c) for c in per_class]}
+
+
+def create_layout(
+    root: Path,
+    *,
+    T: int,
+    sizes: Mapping[str, int],
+    dtype: np.dtype,
+    codec: Mapping[str, Any],
+    shard_samples: int,
+) -> zarr.Group:
+    """Create the (empty) groups and arrays of a store under `root`; returns the root group."""
+    H, W = SENSOR_SIZE
+    group = zarr.open_group(LocalStore(root), mode="w", zarr_format=3)
+    for name, n in sizes.items():
+        g = group.create_group(name)
+        create_frames_array(g, n=n, T=T, dtype=dtype, codec=codec, shard_samples=shard_samples)
+        meta_chunk = max(1, n)
+        for field, dt in _META_DTYPES.items():
+            g.create_array(field, shape=(n,), chunks=(meta_chunk,), dtype=dt, fill_value=0,
+                           compressors=zarr.codecs.ZstdCodec(level=3))
+        g.create_array("recording", shape=(n,), chunks=(meta_chunk,), dtype=str,
+                       compressors=zarr.codecs.ZstdCodec(level=3))
+    return group
+
+
+def create_frames_array(
+    group: zarr.Group, *, n: int, T: int, dtype: np.dtype, codec: Mapping[str, Any], shard_samples: int,
+    name: str = "frames",
+) -> zarr.Array:
+    H, W = SENSOR_SIZE
+    sample = (1, T, N_POLARITIES, H, W)
+    return group.create_array(
+        name,
+        shape=(n, T, N_POLARITIES, H, W),
+        chunks=sample,
+        shards=(max(1, min(shard_samples, max(n, 1))), T, N_POLARITIES, H, W),
+        dtype=dtype,
+        fill_value=0,
+        compressors=make_codec(codec),
+        dimension_names=list(FRAME_AXES),
+    )
+
+
+def write_metadata(group: zarr.Group, split: str, meta: Mapping[str, Any]) -> None:
+    """Write the per-sample metadata arrays of one split (all of length N)."""
+    g = group[split]
+    n = g["frames"].shape[0]
+    for field in _META_FIELDS:
+        if field not in meta:
+            raise StoreError(f"split {split!r}: missing {field!r}")
+        values = meta[field]
+        if field == "recording":
+            arr = np.array([str(r) for r in values], dtype=np.dtypes.StringDType())
+        else:
+            arr = np.asarray(values)
+            if arr.size and np.issubdtype(arr.dtype, np.integer):
+                info = np.iinfo(_META_DTYPES[field])
+                if arr.min() < info.min or arr.max() > info.max:
+                    raise StoreError(f"split {split!r}: {field} values do not fit {_META_DTYPES[field].name}")
+            arr = arr.astype(_META_DTYPES[field])
+        if arr.shape != (n,):
+            raise StoreError(f"split {split!r}: {field} has shape {arr.shape}, expected ({n},)")
+        if n:
+            g[field][:] = arr
+
+
+def finish_store(tmp: Path, final: Path, force: bool) -> str:
+    """Write the manifest (last) and rename the store into place; returns the fingerprint."""
+    fp = write_dir_manifest(tmp, dir_manifest(tmp, kind="frames"))
+    publish(tmp, final, force)
+    return fp
+
+
+def write_frame_store_from_arrays(
+    path: str | os.PathLike,
+    *,
+    T: int,
+    split_by: str = "number",
+    splits: Mapping[str, Mapping[str, Any]],
+    events_fingerprint: str = "",
+    force: bool = False,
+    codec: Mapping[str, Any] | None = None,
+) -> str:
+    """Write a frame store from in-memory arrays; returns the store fingerprint.
+
+    splits: {"train": {"frames": uint8|uint16 [N, T, 2, H, W], "label": [N], "recording": [N] str,
+    "row": [N], "t_start": [N], "t_end": [N], "n_events": [N]}, "test": {...}}.
+    """
+    T, split_by = check_params(T, split_by)
+    final = check_output(path, force)
+    codec = dict(codec or DEFAULT_CODEC)
+    H, W = SENSOR_SIZE
+    dtypes = set()
+    for name, sp in splits.items():
+        if name not in SPLITS:
+            raise StoreError(f"unknown split {name!r}; expected {', '.join(SPLITS)}")
+        fr = np.asarray(sp["frames"])
+        if fr.ndim != 5 or fr.shape[1:] != (T, N_POLARITIES, H, W):
+            raise StoreError(f"split {name!r}: frames shape {fr.shape}, expected [N, {T}, {N_POLARITIES}, {H}, {W}]")
+        if fr.dtype not in FRAME_DTYPES:
+            raise StoreError(f"split {name!r}: frames dtype {fr.dtype}, expected uint8 or uint16")
+        dtypes.add(fr.dtype)
+    dtype = max(dtypes, key=lambda d: d.itemsize) if dtypes else FRAME_DTYPES[0]
+    shard = samples_per_shard(T, dtype)
+    tmp = temp_path_for(final)
+    try:
+        sizes = {name: int(np.asarray(sp["frames"]).shape[0]) for name, sp in splits.items()}
+        group = create_layout(tmp, T=T, sizes=sizes, dtype=dtype, codec=codec, shard_samples=shard)
+        counts = {}
+        for name, sp in splits.items():
+            fr = np.asarray(sp["frames"]).astype(dtype, copy=False)
+            if fr.shape[0]:
+                group[name]["frames"][:] = fr
+            write_metadata(group, name, sp)
+            counts[name] = split_counts(np.asarray(sp["label"]))
+        group.attrs.update(store_attributes(T=T, split_by=split_by, dtype=dtype, counts=counts,
+                                            events_fingerprint=events_fingerprint, codec=codec,
+                                            shard_samples=shard))
+        return finish_store(tmp, final, force)
+    except BaseException:
+        remove_tree(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _fast_codec(meta: Mapping[str, Any]) -> Any | None:
+    """A numcodecs decoder for the inner chunks of a sharded array we wrote, or None
+    (then reads go through zarr)."""
+    import numcodecs
+
+    codecs = meta.get("codecs", [])
+    if len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed":
+        return None
+    cfg = codecs[0].get("configuration", {})
+    inner = cfg.get("codecs", [])
+    index = cfg.get("index_codecs", [])
+    if cfg.get("index_location", "end") != "end":
+        return None
+    if [c.get("name") for c in index] != ["bytes", "crc32c"] or index[0].get("configuration", {}).get("endian", "little") != "little":
+        return None
+    if len(inner) != 2 or inner[0].get("name") != "bytes":
+        return None
+    if np.dtype(meta["data_type"]).itemsize > 1 and inner[0].get("configuration", {}).get("endian", "little") != "little":
+        return None
+    name, c = inner[1].get("name"), inner[1].get("configuration", {})
+    if name == "zstd":
+        return numcodecs.Zstd(level=c.get("level", 0))
+    if name == "gzip":
+        return numcodecs.GZip(level=c.get("level", 6))
+    if name == "blosc":
+        return numcodecs.Blosc()  # blosc frames are self-describing for decoding
+    return None
+
+
+def _blosc_nbytes(buf: bytes) -> int:
+    """Uncompressed size from a blosc frame header (bytes 4..8, little-endian)."""
+    return int.from_bytes(buf[4:8], "little") if len(buf) >= 16 else -1
+
+
+class _ShardReader:
+    """Reads single inner chunks (samples) straight from local shard files.
+
+    Shard layout (zarr v3 sharding, index at the end): the encoded chunks, then per inner chunk
+    (offset, nbytes) as little-endian uint64, then a crc32c of that index.
+    """
+
+    def __init__(self, array_dir: Path, meta: Mapping[str, Any], decoder: Any):
+        self.dir = array_dir
+        cfg = meta["codecs"][0]["configuration"]
+        self.shard = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
+        self.shape = tuple(meta["shape"])
+        self.sample_shape = tuple(self.shape[1:])
+        self.dtype = np.dtype(meta["data_type"]).newbyteorder("<")
+        self.decoder = decoder
+        self.n_inner = self.shard // int(cfg["chunk_shape"][0])
+        enc = meta.get("chunk_key_encoding", {})
+        sep = enc.get("configuration", {}).get("separator", "/")
+        self._prefix = "c" if enc.get("name", "default") == "default" else None
+        self._sep = sep
+        self._indexes: dict[int, np.ndarray | None] = {}
+        self._blosc = decoder.codec_id == "blosc"
+        self._fds: dict[int, int] = {}  # open shard files, read with pread (safe across fork)
+
+    def _shard_path(self, s: int) -> Path:
+        parts = [str(s)] + ["0"] * (len(self.shape) - 1)
+        key = self._sep.join(([self._prefix] if self._prefix else []) + parts)
+        return self.dir / key
+
+    def _index(self, s: int) -> np.ndarray | None:
+        if s in self._indexes:
+            return self._indexes[s]
+        import google_crc32c
+
+        path = self._shard_path(s)
+        size = 16 * self.n_inner + 4
+        try:
+            with open(path, "rb") as f:
+                f.seek(-size, os.SEEK_END)
+                raw = f.read(size)
+        except FileNotFoundError:
+            index = None  # shard never written: every sample is the fill value (all zeros)
+        else:
+            if len(raw) != size or google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+                raise StoreError(f"{path}: corrupt shard index")
+            index = np.frombuffer(raw[:-4], dtype="<u8").reshape(self.n_inner, 2)
+        self._indexes[s] = index
+        return index
+
+    def _fd(self, s: int) -> int:
+        fd = self._fds.get(s)
+        if fd is None:
+            fd = self._fds[s] = os.open(self._shard_path(s), os.O_RDONLY)
+        return fd
+
+    def read(self, i: int) -> np.ndarray:
+        s, k = divmod(i, self.shard)
+        index = self._index(s)
+        out = np.zeros(self.sample_shape, dtype=self.dtype)
+        if index is None or index[k, 0] == np.iinfo(np.uint64).max:
+            return out
+        off, n = int(index[k, 0]), int(index[k, 1])
+        buf = os.pread(self._fd(s), n, off)
+        if len(buf) != n:
+            raise StoreError(f"{self._shard_path(s)}: truncated shard")
+        if self._blosc and _blosc_nbytes(buf) != out.nbytes:
+            raise StoreError(f"{self._shard_path(s)}: sample {i} has the wrong decoded size")
+        try:
+            self.decoder.decode(buf, out=out)
+        except Exception as exc:  # codec libraries raise assorted types on corrupt input
+            raise StoreError(f"{self._shard_path(s)}: cannot decode sample {i}: {exc}") from exc
+        return out
+
+    def close(self) -> None:
+        while self._fds:
+            os.close(self._fds.popitem()[1])
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except (OSError, AttributeError):
+            pass
+
+
+class FrameSplit:
+    """One split of a frame store. Frames are read lazily per sample (`sp[i]`) or all at once
+    (`load_all`); metadata arrays are loaded when the split is opened."""
+
+    def __init__(self, store: "FrameStore", name: str):
+        self._store = store
+        self.name = name
+        g = store._group[name]
+        self.frames: zarr.Array = g["frames"]
+        n = self.frames.shape[0]
+        self.labels = np.asarray(g["label"][:]).astype(np.int64) if n else np.zeros(0, np.int64)
+        recs = g["recording"][:] if n else np.zeros(0, dtype=str)
+        self.recordings: list[str] = [str(r) for r in recs]
+        self.rows = np.asarray(g["row"][:]) if n else np.zeros(0, ROW_DTYPE)
+        self.t_start = np.asarray(g["t_start"][:]) if n else np.zeros(0, T_DTYPE)
+        self.t_end = np.asarray(g["t_end"][:]) if n else np.zeros(0, T_DTYPE)
+        self.n_events = np.asarray(g["n_events"][:]) if n else np.zeros(0, N_EVENTS_DTYPE)
+        for field in ("labels", "rows", "t_start", "t_end", "n_events"):
+            if getattr(self, field).shape != (n,):
+                raise StoreError(f"{store.path}: {name}/{field} does not have {n} entries")
+        if len(self.recordings) != n:
+            raise StoreError(f"{store.path}: {name}/recording does not have {n} entries")
+        self._reader = store._make_reader(name, self.frames)
+
+    def __len__(self) -> int:
+        return int(self.frames.shape[0])
+
+    @property
+    def ids(self) -> list[tuple[str, int]]:
+        """Sample identities (recording stem, row in its label csv), in store order."""
+        return list(zip(self.recordings, (int(r) for r in self.rows)))
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        """Frames of sample i: [T, 2, H, W] in the store dtype."""
+        n = len(self)
+        i = int(i)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"sample {i} out of range for split {self.name!r} of {n} samples")
+        if self._reader is not None:
+            return self._reader.read(i)
+        return np.asarray(self.frames[i])
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def load_all(self) -> np.ndarray:
+        """All frames of the split: [N, T, 2, H, W] in the store dtype."""
+        if len(self) == 0:
+            return np.zeros(self.frames.shape, dtype=self.frames.dtype)
+        if self._reader is not None:
+            out = np.empty(self.frames.shape, dtype=self.frames.dtype)
+            for i in range(len(self)):
+                out[i] = self._reader.read(i)
+            return out
+        return np.asarray(self.frames[:])
+
+    def __getstate__(self) -> dict:
+        # Picklable for DataLoader workers: reopen from the path on the other side.
+        return {"path": str(self._store.path), "name": self.name}
+
+    def __setstate__(self, state: dict) -> None:
+        other = open_frame_store(state["path"]).split(state["name"])
+        self.__dict__.update(other.__dict__)
+
+
+@dataclass
+class FrameStore:
+    """An opened frame store (see `open_frame_store`)."""
+
+    path: Path
+    attrs: dict[str, Any]
+    fingerprint: str
+    _group: zarr.Group
+    _local_root: Path | None
+
+    @property
+    def T(self) -> int:
+        return int(self.attrs["T"])
+
+    @property
+    def split_by(self) -> str:
+        return str(self.attrs["split_by"])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.attrs["dtype"])
+
+    @property
+    def events_fingerprint(self) -> str:
+        return str(self.attrs.get("events_fingerprint", ""))
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return tuple(s for s in SPLITS if s in self.attrs["splits"])
+
+    def split(self, name: str) -> FrameSplit:
+        if name not in self.splits:
+            raise StoreError(f"{self.path}: no split {name!r} (has {', '.join(self.splits) or 'none'})")
+        return FrameSplit(self, name)
+
+    def _make_reader(self, split: str, frames: zarr.Array) -> _ShardReader | None:
+        if self._local_root is None:
+            return None
+        array_dir = self._local_root / split / "frames"
+        meta = json.loads((array_dir / "zarr.json").read_text())
+        decoder = _fast_codec(meta)
+        if decoder is None or int(meta["chunk_grid"]["configuration"]["chunk_shape"][0]) % \
+                int(meta["codecs"][0]["configuration"]["chunk_shape"][0]):
+            return None
+        if int(meta["codecs"][0]["configuration"]["chunk_shape"][0]) != 1:
+            return None
+        return _ShardReader(array_dir, meta, decoder)
+
+
+def _check_attrs(path: Path, attrs: Mapping[str, Any]) -> None:
+    if attrs.get("format") != FRAMES_FORMAT:
+        raise StoreError(f"{path}: not a dvsprep frame store (format {attrs.get('format')!r}, expected {FRAMES_FORMAT!r})")
+    for key in ("T", "split_by", "dtype", "splits", "sensor_size"):
+        if key not in attrs:
+            raise StoreError(f"{path}: store attributes lack {key!r}")
+    if np.dtype(attrs["dtype"]) not in FRAME_DTYPES:
+        raise StoreError(f"{path}: unsupported frame dtype {attrs['dtype']!r}")
+    if attrs["split_by"] not in SPLIT_METHODS:
+        raise StoreError(f"{path}: unknown split method {attrs['split_by']!r}")
+
+
+def open_frame_store(path: str | os.PathLike) -> FrameStore:
+    """Open a frame store directory. Raises MissingFileError when absent, StoreError when it is
+    not a complete dvsprep frame store."""
+    path = Path(path)
+    if not path.exists():
+        raise MissingFileError(f"{path}: no such frame store")
+    if not path.is_dir():
+        raise StoreError(f"{path}: not a frame store directory")
+    manifest = path / MANIFEST_NAME
+    if not manifest.is_file():
+        raise StoreError(f"{path}: incomplete frame store (no {MANIFEST_NAME})")
+    fingerprint = sha256_bytes(manifest.read_bytes())
+    try:
+        group = zarr.open_group(LocalStore(path, read_only=True), mode="r", zarr_format=3)
+        attrs = dict(group.attrs)
+    except Exception as exc:  # zarr raises assorted errors for broken metadata
+        raise StoreError(f"{path}: cannot open as a zarr v3 group: {exc}") from exc
+    _check_attrs(path, attrs)
+    store = FrameStore(path=path, attrs=attrs, fingerprint=fingerprint, _group=group, _local_root=path)
+    T = store.T
+    H, W = SENSOR_SIZE
+    for name in store.splits:
+        try:
+            frames = group[name]["frames"]
+        except KeyError as exc:
+            raise StoreError(f"{path}: split {name!r} has no frames array") from exc
+        n = int(attrs["splits"][name]["n_samples"])
+        if tuple(frames.shape) != (n, T, N_POLARITIES, H, W) or frames.dtype != store.dtype:
+            raise StoreError(f"{path}: {name}/frames is {frames.dtype} {tuple(frames.shape)}, attributes say "
+                             f"{store.dtype} {(n, T, N_POLARITIES, H, W)}")
+    return store
+
+
+def describe_frame_store(path: str | os.PathLike) -> dict[str, Any]:
+    """What `dvsprep info` prints for a frame store."""
+    store = open_frame_store(path)
+    return {
+        "kind": "frames",
+        "path": str(store.path),
+        "format": store.attrs["format"],
+        "T": store.T,
+        "split_by": store.split_by,
+        "dtype": store.dtype.name,
+        "sensor_size": list(store.attrs["sensor_size"]),
+        "splits": {s: store.attrs["splits"][s] for s in store.splits},
+        "codec": store.attrs.get("codec"),
+        "size_bytes": _dir_size(store.path),
+        "fingerprint": store.fingerprint,
+        "events_fingerprint": store.events_fingerprint,
+    }
+
+
+def _dir_size(root: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            total += (Path(dirpath) / f).stat().st_size
+    return total

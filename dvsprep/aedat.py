@@ -6,6 +6,7 @@ numpy over the whole file at once; it never loops over events.
 from __future__ import annotations
 
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -86,11 +87,16 @@ def parse_header(buf: bytes | np.ndarray, path: str | os.PathLike = "<bytes>") -
             return pos
 
 
+_PACKET_STRUCT = struct.Struct("<hhiiiiii")
+
+
 def _walk_packets(
-    mv: np.ndarray, start: int, path: str | os.PathLike
+    buf: np.ndarray, start: int, path: str | os.PathLike
 ) -> tuple[list[tuple[int, int, int]], int]:
     """Return [(body_offset, number, ts_overflow)] of polarity packets, and the packet count."""
-    size = mv.shape[0]
+    size = buf.shape[0]
+    mv = memoryview(buf)
+    unpack = _PACKET_STRUCT.unpack_from
     pos = start
     polarity: list[tuple[int, int, int]] = []
     n_packets = 0
@@ -99,10 +105,7 @@ def _walk_packets(
             raise AedatFormatError(
                 f"{path}: byte {pos}: truncated packet header ({size - pos} of {PACKET_HEADER_SIZE} bytes)"
             )
-        h = mv[pos : pos + PACKET_HEADER_SIZE].view(PACKET_HEADER)[0]
-        etype, esize, cap, num, ovf = (
-            int(h["type"]), int(h["size"]), int(h["capacity"]), int(h["number"]), int(h["ts_overflow"])
-        )
+        etype, _src, esize, _tsoff, ovf, cap, num, _valid = unpack(mv, pos)
         if esize < 0 or cap < 0 or num < 0 or ovf < 0:
             raise AedatFormatError(
                 f"{path}: byte {pos}: negative field in packet header "
@@ -130,54 +133,108 @@ def _walk_packets(
     return polarity, n_packets
 
 
+# Bits of the data word that must be zero for x < 128 and y < 128 (y: bits 9..16, x: 24..31).
+_OUTSIDE_SENSOR_BITS = np.uint32(0xFF01FE00)
+BLOCK_EVENTS = 1 << 15  # 256 KiB of records: every pass over a block stays in L2 cache
+
+
 def decode_buffer(buf: np.ndarray, path: str | os.PathLike = "<bytes>") -> Events:
     """Decode AEDAT 3.1 bytes (uint8 [nbytes], e.g. a memmap) into polarity events.
 
     Returns Events with t int64 [N], x/y/p uint8 [N]; invalid events dropped and counted.
+    Packets are gathered into cache-sized blocks and each block is decoded with a few numpy
+    passes straight into the output arrays (byte views: x is byte 2 >> 1, y spans bytes 0-1).
     """
     start = parse_header(buf, path)
     packets, _ = _walk_packets(buf, start, path)
-    if not packets:
-        empty = np.empty(0, dtype=XY_DTYPE)
-        return Events(np.empty(0, dtype=T_DTYPE), empty, empty.copy(), np.empty(0, dtype=P_DTYPE), 0)
-    counts = np.fromiter((n for _, n, _ in packets), dtype=np.int64, count=len(packets))
-    # One copy of every event record into a contiguous array (views per packet, one concatenate).
-    raw = np.concatenate(
-        [buf[off : off + n * POLARITY_EVENT_SIZE] for off, n, _ in packets]
-    ).view(POLARITY_RECORD)
-    data = raw["data"]
-    valid = (data & 1).astype(bool)
-    n_total = data.shape[0]
-    n_valid = int(np.count_nonzero(valid))
-    all_valid = n_valid == n_total
-    if not all_valid:
-        data = data[valid]
-    x = data >> 17
-    y = (data >> 2) & 0x7FFF
-    bad = (x >= SENSOR_W) | (y >= SENSOR_H)
-    if bad.any():
+    total = sum(n for _, n, _ in packets)
+    out = Events(
+        t=np.empty(total, dtype=T_DTYPE),
+        x=np.empty(total, dtype=XY_DTYPE),
+        y=np.empty(total, dtype=XY_DTYPE),
+        p=np.empty(total, dtype=P_DTYPE),
+    )
+    block = np.empty(BLOCK_EVENTS, dtype=POLARITY_RECORD)
+    block_u8 = block.view(np.uint8)
+    pending: list[tuple[int, int, int]] = []  # (packet index, first event in block, count)
+    filled = 0
+    written = 0
+
+    def flush() -> None:
+        nonlocal filled, written, pending
+        if filled:
+            written = _decode_block(block[:filled], pending, packets, out, written, path)
+        filled, pending = 0, []
+
+    for k, (off, n, _) in enumerate(packets):
+        done = 0
+        while done < n:
+            take = min(n - done, BLOCK_EVENTS - filled)
+            a = off + done * POLARITY_EVENT_SIZE
+            block_u8[filled * POLARITY_EVENT_SIZE : (filled + take) * POLARITY_EVENT_SIZE] = \
+                buf[a : a + take * POLARITY_EVENT_SIZE]
+            pending.append((k, filled, done))
+            filled += take
+            done += take
+            if filled == BLOCK_EVENTS:
+                flush()
+    flush()
+    out.n_invalid = total - written
+    if written < total:
+        out.t, out.x, out.y, out.p = out.t[:written], out.x[:written], out.y[:written], out.p[:written]
+    return out
+
+
+def _decode_block(
+    rec: np.ndarray,
+    pieces: list[tuple[int, int, int]],
+    packets: list[tuple[int, int, int]],
+    out: Events,
+    w: int,
+    path: str | os.PathLike,
+) -> int:
+    """Decode records [n] (pieces: packet index, start in block, start in packet) into `out`
+    at position w; returns the new write position."""
+    n = rec.shape[0]
+    data = rec["data"]
+    keep = None
+    if not np.bitwise_and.reduce(data) & 1:
+        keep = (data & 1).astype(bool)
+    if np.bitwise_or.reduce(data if keep is None else data[keep]) & _OUTSIDE_SENSOR_BITS:
+        bad = ((data & _OUTSIDE_SENSOR_BITS) != 0) & (True if keep is None else keep)
         i = int(np.argmax(bad))
-        global_i = int(np.flatnonzero(valid)[i]) if not all_valid else i
-        pk = int(np.searchsorted(np.cumsum(counts), global_i, side="right"))
-        within = global_i - int(counts[:pk].sum())
-        offset = packets[pk][0] + within * POLARITY_EVENT_SIZE
+        piece = max(j for j in range(len(pieces)) if pieces[j][1] <= i)
+        k, b0, d0 = pieces[piece]
+        offset = packets[k][0] + (d0 + i - b0) * POLARITY_EVENT_SIZE
+        word = int(data[i])
         raise AedatFormatError(
-            f"{path}: byte {offset}: event at x={int(x[i])}, y={int(y[i])} is outside the "
+            f"{path}: byte {offset}: event at x={word >> 17}, y={(word >> 2) & 0x7FFF} is outside the "
             f"{SENSOR_W}x{SENSOR_H} sensor"
         )
-    overflow = np.fromiter((o for _, _, o in packets), dtype=np.int64, count=len(packets))
-    ts = raw["ts"] if all_valid else raw["ts"][valid]
-    t = ts.astype(T_DTYPE)
-    if overflow.any():
-        hi = np.repeat(overflow << 31, counts)
-        t |= hi if all_valid else hi[valid]
-    return Events(
-        t=t,
-        x=x.astype(XY_DTYPE),
-        y=y.astype(XY_DTYPE),
-        p=((data >> 1) & 1).astype(P_DTYPE),
-        n_invalid=n_total - n_valid,
-    )
+    b = rec.view(np.uint8).reshape(n, POLARITY_EVENT_SIZE)
+    if keep is not None:
+        b = b[keep]
+    m = b.shape[0]
+    seg = slice(w, w + m)
+    # Range was checked above, so the shifted 16-bit halves fit in uint8.
+    b16 = b.view(np.uint16)
+    np.right_shift(b16[:, 1], 1, out=out.x[seg], casting="unsafe")
+    np.right_shift(b16[:, 0], 2, out=out.y[seg], casting="unsafe")
+    p = out.p[seg]
+    np.right_shift(b[:, 0], 1, out=p)
+    p &= 1
+    t = out.t[seg]
+    t[:] = rec["ts"] if keep is None else rec["ts"][keep]
+    for j, (k, b0, _) in enumerate(pieces):
+        ovf = packets[k][2]
+        if ovf:
+            b1 = pieces[j + 1][1] if j + 1 < len(pieces) else n
+            if keep is None:
+                t[b0:b1] |= ovf << 31
+            else:
+                kept_before = int(np.count_nonzero(keep[:b0]))
+                t[kept_before : kept_before + int(np.count_nonzero(keep[b0:b1]))] |= ovf << 31
+    return w + m
 
 
 def read_aedat(path: str | os.PathLike) -> Events:
@@ -191,11 +248,12 @@ def read_aedat(path: str | os.PathLike) -> Events:
         raise MissingFileError(f"{path}: no such file") from None
     if size == 0:
         raise AedatFormatError(f"{path}: empty file")
-    buf = np.memmap(path, dtype=np.uint8, mode="r")
+    # A plain ndarray view of the map: slicing np.memmap subclasses costs per packet.
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
     try:
-        return decode_buffer(buf, path)
+        return decode_buffer(mm.view(np.ndarray), path)
     finally:
-        del buf
+        del mm
 
 
 # ----------------------------------------------------------------------------------------------

@@ -66,10 +66,14 @@ def make_release(root: Path, n_samples: int, n_events: int, seed: int = 0) -> li
         w.append("train", ev, np.array([ev["t"].size]),
                  {"label": [i % 11], "row": [i], "t_start": [0], "t_end": [6_000_000], "recording": [f"user01_lab_{i:04d}"]})
     w.finish({"recordings": {}, "n_invalid_dropped": 0})
+    from spikingjelly.datasets import utils as sju
+
     np_dir = root / "events_np"
     np_dir.mkdir()
     for i, ev in enumerate(samples):
-        np.savez(np_dir / f"s{i:04d}.npz", **ev)  # SpikingJelly keeps events uncompressed (np.savez)
+        # As SpikingJelly's converter leaves them: int64 arrays (load_aedat_v3 builds them from
+        # Python ints) saved with its np_savez (savez_compressed unless configured otherwise).
+        sju.np_savez(np_dir / f"s{i:04d}.npz", **{k: np.asarray(v, dtype=np.int64) for k, v in ev.items()})
     return samples
 
 

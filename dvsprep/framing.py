@@ -79,31 +79,23 @@ def frame_bounds(t: np.ndarray, T: int, split_by: str) -> tuple[np.ndarray, np.n
     return j_l, j_r
 
 
-def frame_of_events(t: np.ndarray, T: int, split_by: str) -> np.ndarray | None:
-    """Frame index of every event ([N] intp) when the frames tile the events in order
-    (always for "number", for "time" when t is non-decreasing); None otherwise."""
+def frame_starts(t: np.ndarray | None, N: int, T: int, split_by: str) -> np.ndarray | None:
+    """First event index of each frame, int64 [T+1] (last entry N), when the frames tile the
+    events in order (always for "number", for "time" when t is non-decreasing); else None."""
     _check(T, split_by)
-    N = int(t.shape[0])
     if split_by == "number":
-        return _number_frames(N, T)
+        starts = np.arange(T + 1, dtype=np.int64) * (N // T)
+        starts[T] = N
+        return starts
     if N == 0:
-        return np.zeros(0, dtype=np.intp)
+        return np.zeros(T + 1, dtype=np.int64)
     if N > 1 and not bool(np.all(t[1:] >= t[:-1])):
         return None
-    t0 = t[0]
-    dt = (t[-1] - t0) // T
-    if dt <= 0:
-        return np.full(N, T - 1, dtype=np.intp)
-    w = (t - t0) // dt
-    np.minimum(w, T - 1, out=w)
-    return w.astype(np.intp, copy=False)
-
-
-def _number_frames(N: int, T: int) -> np.ndarray:
-    di = N // T
-    lengths = np.full(T, di, dtype=np.intp)
-    lengths[-1] = N - (T - 1) * di
-    return np.repeat(np.arange(T, dtype=np.intp), lengths)
+    t0 = int(t[0])
+    dt = (int(t[-1]) - t0) // T
+    # Window i holds t0 + i*dt <= t < t0 + (i+1)*dt; the last frame also takes every later event.
+    starts = np.searchsorted(t, t0 + dt * np.arange(T, dtype=np.int64), side="left").astype(np.int64)
+    return np.append(starts, N)
 
 
 def integrate(
@@ -123,29 +115,25 @@ def integrate(
     H, W = sensor_size
     plane = H * W
     frame_size = N_POLARITIES * plane
-    if split_by == "number":
-        _check(T, split_by)
-        frame = _number_frames(int(x.shape[0]), T)
-    else:
-        frame = frame_of_events(t, T, split_by)
-    if frame is None:
+    N = int(x.shape[0])
+    starts = frame_starts(t, N, T, split_by)
+    if starts is None:
         # Out-of-order timestamps: gather SpikingJelly's (possibly overlapping) index ranges.
         j_l, j_r = frame_bounds(t, T, split_by)
         lengths = np.maximum(j_r - j_l, 0)
-        starts = np.cumsum(lengths) - lengths
-        idx = np.arange(int(lengths.sum()), dtype=np.intp) - np.repeat(starts - j_l, lengths)
-        frame = np.repeat(np.arange(T, dtype=np.intp), lengths)
+        first = np.cumsum(lengths) - lengths
+        idx = np.arange(int(lengths.sum()), dtype=np.intp) - np.repeat(first - j_l, lengths)
         x, y, p = x[idx], y[idx], p[idx]
-    # Pixel code c*H*W + y*W + x in the narrowest type (fewer bytes per pass), then add the
-    # frame offset in intp, the type bincount works in.
-    code_t = np.uint16 if frame_size <= 1 << 16 else np.intp
-    code = y.astype(code_t)
-    code *= code_t(W)
-    code += x
-    code += (p != 0).astype(code_t) * code_t(plane)
-    key = frame
-    key *= frame_size
-    key += code
+        starts = np.append(first, lengths.sum())
+    # key = frame*2*H*W + c*H*W + y*W + x, built in the type bincount works in; frames are
+    # contiguous index ranges, so the frame offset is added slice by slice.
+    key = y.astype(np.intp)
+    key *= W
+    key += x
+    key += (p != 0) * plane
+    for i in range(1, T):
+        if starts[i] < starts[i + 1]:
+            key[starts[i] : starts[i + 1]] += i * frame_size
     counts = np.bincount(key, minlength=T * frame_size)
     return counts.reshape(T, N_POLARITIES, H, W)
 

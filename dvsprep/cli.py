@@ -119,10 +119,10 @@ def frames(T: int, split_by: str, data_root: Path, out_path: Path | None, jobs: 
 
 
 @main.command()
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
-def info(path: Path, as_json: bool) -> None:
-    """Show what an events.h5 file or a frame store holds."""
+def info(path: str, as_json: bool) -> None:
+    """Show what an events.h5 file or a frame store (directory, .zip or http(s) URL) holds."""
     from .info import describe, format_description
 
     d = describe(path)
@@ -133,3 +133,89 @@ def info(path: Path, as_json: bool) -> None:
     else:
         for line in format_description(d):
             click.echo(line)
+
+
+@main.command()
+@click.argument("path")
+@click.option("--split", type=click.Choice(["train", "test"]), default="test", show_default=True)
+@click.option("--sample", default=None, metavar="INDEX|RECORDING:ROW",
+              help="Sample by index in the split or by recording and label-csv row (default: 0).")
+@click.option("--label", default=None, metavar="K|NAME|all",
+              help="Contact sheet of one class (0..10 or its name), or of every class.")
+@click.option("--count", type=int, default=None, help="Samples per class on a contact sheet (default 4; 1 for all).")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
+              help="OUT.png or OUT.gif (animation); default <split>_<recording>_<row>.png here.")
+@click.option("-T", "T", type=int, default=None, help="events.h5 only: frames to integrate (default 8).")
+@click.option("--split-by", default=None, metavar="number|time", help="events.h5 only (default number).")
+@click.option("--scale", type=int, default=None, help="Pixels per sensor pixel (default 2; 1 for sheets).")
+@click.option("--columns", type=int, default=4, show_default=True, help="Frames per row of a sample's grid.")
+@click.option("--fps", type=float, default=4.0, show_default=True, help="GIF frames per second.")
+@click.pass_context
+def show(ctx: click.Context, path: str, split: str, sample: str | None, label: str | None, count: int | None,
+         out: Path | None, T: int | None, split_by: str | None, scale: int | None, columns: int,
+         fps: float) -> None:
+    """Render a sample of PATH (frame store: directory, .zip or URL; or events.h5) as PNG or GIF.
+
+    ON events orange, OFF blue, both near white; y = 0 is the top row."""
+    from .show import show as render
+
+    try:
+        result = render(path, out, split=split, sample=sample, label=label, count=count, T=T,
+                        split_by=split_by, scale=scale, columns=columns, fps=fps)
+    except ImportError as exc:  # Pillow is the optional `show` extra
+        if "dvsgesture-kit[show]" not in str(exc) or ctx.obj.get("debug"):
+            raise
+        click.echo(f"error: {exc}", err=True)
+        ctx.exit(1)
+    for line in result.lines():
+        click.echo(line)
+
+
+@main.command()
+@click.argument("path")
+@click.option("--fingerprint", "expected", default=None, metavar="SHA256",
+              help="Also require this fingerprint (the full sha256 or a prefix of at least 12 hex digits).")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="Download cache for URLs (default: $DVSPREP_CACHE or ~/.cache/dvsprep).")
+@click.option("-j", "--jobs", type=click.IntRange(min=1), default=None,
+              help="Threads hashing a raw release folder (default: number of CPUs).")
+@click.option("-v", "--verbose", "list_all", is_flag=True, help="List every problem, not the first few of each kind.")
+@click.pass_context
+def verify(ctx: click.Context, path: str, expected: str | None, cache_dir: Path | None, jobs: int | None,
+           list_all: bool) -> None:
+    """Check PATH is intact: a frame store (directory, .zip or http(s) URL) or events.h5 against
+    its manifest, or a raw release (folder or tar.gz) against the published md5s. Exit 0 when
+    intact, 1 listing what differs."""
+    from .verify import verify_path
+
+    report = verify_path(path, cache_dir=cache_dir, expected_fingerprint=expected, jobs=jobs)
+    for line in report.lines(verbose=list_all):
+        click.echo(line)
+    if not report.ok:
+        ctx.exit(1)
+
+
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out", type=click.Path(path_type=Path), default=None,
+              help="Output zip (default: STORE.zip next to STORE).")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+def pack(store: Path, out: Path | None, force: bool) -> None:
+    """Pack a frame store into one uncompressed zip that reads in place (every file checked on the way)."""
+    from .pack import pack_store
+
+    for line in pack_store(store, out, force=force).lines():
+        click.echo(line)
+
+
+@main.command()
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out", type=click.Path(path_type=Path), default=None,
+              help="Output store directory (default: the zip's name without .zip).")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+def unpack(archive: Path, out: Path | None, force: bool) -> None:
+    """Extract a packed frame store into a directory (every member checked against the manifest)."""
+    from .pack import unpack_store
+
+    for line in unpack_store(archive, out, force=force).lines():
+        click.echo(line)

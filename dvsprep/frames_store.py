@@ -11,13 +11,14 @@ Layout (``frames_T<T>_<split_by>.zarr``)::
     manifest.json             sha256 of every other file, written last; its hash = store fingerprint
 
 Stores are written to a temporary sibling directory and renamed into place when complete.
-Reading goes through `open_frame_store`; a sample is read straight from its shard file when the
-store is a local directory with the codecs we write (one pread + one decompress), otherwise
-through zarr (any zarr Store works there, which is where zip/URL stores plug in).
+Reading goes through `open_frame_store`, which takes a directory, a `.zip` (`dvsprep pack`) or an
+http(s) URL of either (downloaded once into a local cache, see `dvsprep.remote`). Every store is
+treated as untrusted: its metadata is checked against `dvsprep.frames_schema` before zarr opens
+it. A sample is read straight from its shard (a file, or a zip member by offset) with one pread
+and one bounded decompress; zarr reads the small metadata arrays.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -31,11 +32,13 @@ import zarr
 import zarr.codecs
 from zarr.storage import LocalStore
 
+from . import frames_schema as schema
+from .container import MAX_MANIFEST_BYTES, StoreFiles, open_store_files, parse_manifest, read_json
+
 from . import __version__
 from .constants import (
     FRAMES_FORMAT,
     FRAME_AXES,
-    LABEL_DTYPE,
     N_CLASSES,
     N_POLARITIES,
     ROW_DTYPE,
@@ -44,13 +47,13 @@ from .constants import (
     SPLITS,
     T_DTYPE,
 )
-from .errors import MissingFileError, StoreError, StoreExistsError
+from .errors import IntegrityError, MissingFileError, StoreError, StoreExistsError
 from .manifest import MANIFEST_NAME, dir_manifest, sha256_bytes, write_dir_manifest
 
 log = logging.getLogger(__name__)
 
 FRAME_DTYPES = (np.dtype("u1"), np.dtype("u2"))
-N_EVENTS_DTYPE = np.dtype("<i8")
+N_EVENTS_DTYPE = schema.N_EVENTS_DTYPE
 # Raw bytes per shard we aim for: few hundred files for the real release, shards small enough
 # that one worker holds a shard of uint16 frames comfortably.
 SHARD_TARGET_BYTES = 16 << 20
@@ -59,14 +62,8 @@ SHARD_TARGET_BYTES = 16 << 20
 # fastest, and blosc is a core zarr v3 codec; zstd stores are ~20-30% smaller but decode slower.
 DEFAULT_CODEC: dict[str, Any] = {"name": "blosc", "cname": "lz4", "clevel": 5, "shuffle": "bitshuffle"}
 
-_META_FIELDS = ("label", "recording", "row", "t_start", "t_end", "n_events")
-_META_DTYPES = {
-    "label": LABEL_DTYPE,
-    "row": ROW_DTYPE,
-    "t_start": T_DTYPE,
-    "t_end": T_DTYPE,
-    "n_events": N_EVENTS_DTYPE,
-}
+_META_FIELDS = schema.META_FIELDS
+_META_DTYPES = schema.META_DTYPES
 
 
 # ----------------------------------------------------------------------------- naming, output
@@ -312,25 +309,14 @@ def write_frame_store_from_arrays(
 
 
 def _fast_codec(meta: Mapping[str, Any]) -> Any | None:
-    """A numcodecs decoder for the inner chunks of a sharded array we wrote, or None
-    (then reads go through zarr)."""
+    """A numcodecs decoder for the inner chunks of a sharded frames array (metadata already
+    checked by `frames_schema.check_array_meta`), or None (then reads go through zarr)."""
     import numcodecs
 
-    codecs = meta.get("codecs", [])
-    if len(codecs) != 1 or codecs[0].get("name") != "sharding_indexed":
+    cfg = meta["codecs"][0]["configuration"]
+    if cfg["chunk_shape"][0] != 1:
         return None
-    cfg = codecs[0].get("configuration", {})
-    inner = cfg.get("codecs", [])
-    index = cfg.get("index_codecs", [])
-    if cfg.get("index_location", "end") != "end":
-        return None
-    if [c.get("name") for c in index] != ["bytes", "crc32c"] or index[0].get("configuration", {}).get("endian", "little") != "little":
-        return None
-    if len(inner) != 2 or inner[0].get("name") != "bytes":
-        return None
-    if np.dtype(meta["data_type"]).itemsize > 1 and inner[0].get("configuration", {}).get("endian", "little") != "little":
-        return None
-    name, c = inner[1].get("name"), inner[1].get("configuration", {})
+    name, c = cfg["codecs"][1]["name"], cfg["codecs"][1].get("configuration", {})
     if name == "zstd":
         return numcodecs.Zstd(level=c.get("level", 0))
     if name == "gzip":
@@ -346,59 +332,63 @@ def _blosc_nbytes(buf: bytes) -> int:
 
 
 class _ShardReader:
-    """Reads single inner chunks (samples) straight from local shard files.
+    """Reads single inner chunks (samples) straight from shard files or zip members.
 
     Shard layout (zarr v3 sharding, index at the end): the encoded chunks, then per inner chunk
-    (offset, nbytes) as little-endian uint64, then a crc32c of that index.
+    (offset, nbytes) as little-endian uint64, then a crc32c of that index. Every (offset, nbytes)
+    is bounded by the shard's size, and the decoded size a chunk declares must be one sample's,
+    before anything is read or allocated.
     """
 
-    def __init__(self, array_dir: Path, meta: Mapping[str, Any], decoder: Any):
-        self.dir = array_dir
-        cfg = meta["codecs"][0]["configuration"]
+    def __init__(self, files: StoreFiles, split: str, meta: Mapping[str, Any], decoder: Any):
+        self.files = files
+        self.split = split
         self.shard = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
         self.shape = tuple(meta["shape"])
         self.sample_shape = tuple(self.shape[1:])
         self.dtype = np.dtype(meta["data_type"]).newbyteorder("<")
         self.decoder = decoder
-        self.n_inner = self.shard // int(cfg["chunk_shape"][0])
-        enc = meta.get("chunk_key_encoding", {})
-        sep = enc.get("configuration", {}).get("separator", "/")
-        self._prefix = "c" if enc.get("name", "default") == "default" else None
-        self._sep = sep
+        self.n_inner = self.shard
         self._indexes: dict[int, np.ndarray | None] = {}
-        self._blosc = decoder.codec_id == "blosc"
-        self._fds: dict[int, int] = {}  # open shard files, read with pread (safe across fork)
+        self._codec = decoder.codec_id
+        self._fds: dict[int, tuple[int, int, int]] = {}  # shard -> (fd, offset, size); pread is fork-safe
 
-    def _shard_path(self, s: int) -> Path:
-        parts = [str(s)] + ["0"] * (len(self.shape) - 1)
-        key = self._sep.join(([self._prefix] if self._prefix else []) + parts)
-        return self.dir / key
+    def _shard_name(self, s: int) -> str:
+        return f"{self.split}/frames/c/{s}/0/0/0/0"
+
+    def _where(self, s: int) -> str:
+        return f"{self.files.path}/{self._shard_name(s)}" if self.files.kind == "dir" else \
+            f"{self.files.path}: {self._shard_name(s)}"
+
+    def _open(self, s: int) -> tuple[int, int, int] | None:
+        if s not in self._fds:
+            span = self.files.span(self._shard_name(s))
+            if span is None:
+                return None
+            self._fds[s] = (os.open(span.path, os.O_RDONLY), span.offset, span.size)
+        return self._fds[s]
 
     def _index(self, s: int) -> np.ndarray | None:
         if s in self._indexes:
             return self._indexes[s]
         import google_crc32c
 
-        path = self._shard_path(s)
+        opened = self._open(s)
         size = 16 * self.n_inner + 4
-        try:
-            with open(path, "rb") as f:
-                f.seek(-size, os.SEEK_END)
-                raw = f.read(size)
-        except FileNotFoundError:
+        if opened is None:
             index = None  # shard never written: every sample is the fill value (all zeros)
         else:
+            fd, base, total = opened
+            raw = os.pread(fd, size, base + total - size) if total >= size else b""
             if len(raw) != size or google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
-                raise StoreError(f"{path}: corrupt shard index")
+                raise StoreError(f"{self._where(s)}: corrupt shard index")
             index = np.frombuffer(raw[:-4], dtype="<u8").reshape(self.n_inner, 2)
+            empty = index[:, 0] == np.iinfo(np.uint64).max
+            ends = index[:, 0].astype(object) + index[:, 1].astype(object)
+            if any(not e and end > total - size for e, end in zip(empty.tolist(), ends.tolist())):
+                raise StoreError(f"{self._where(s)}: shard index points past the end of the shard")
         self._indexes[s] = index
         return index
-
-    def _fd(self, s: int) -> int:
-        fd = self._fds.get(s)
-        if fd is None:
-            fd = self._fds[s] = os.open(self._shard_path(s), os.O_RDONLY)
-        return fd
 
     def read(self, i: int) -> np.ndarray:
         s, k = divmod(i, self.shard)
@@ -407,20 +397,23 @@ class _ShardReader:
         if index is None or index[k, 0] == np.iinfo(np.uint64).max:
             return out
         off, n = int(index[k, 0]), int(index[k, 1])
-        buf = os.pread(self._fd(s), n, off)
+        fd, base, _ = self._fds[s]
+        buf = os.pread(fd, n, base + off)
         if len(buf) != n:
-            raise StoreError(f"{self._shard_path(s)}: truncated shard")
-        if self._blosc and _blosc_nbytes(buf) != out.nbytes:
-            raise StoreError(f"{self._shard_path(s)}: sample {i} has the wrong decoded size")
+            raise StoreError(f"{self._where(s)}: truncated shard")
+        declared = _blosc_nbytes(buf) if self._codec == "blosc" else \
+            schema.zstd_content_size(buf) if self._codec == "zstd" else out.nbytes
+        if declared != out.nbytes:
+            raise StoreError(f"{self._where(s)}: sample {i} has the wrong decoded size")
         try:
             self.decoder.decode(buf, out=out)
         except Exception as exc:  # codec libraries raise assorted types on corrupt input
-            raise StoreError(f"{self._shard_path(s)}: cannot decode sample {i}: {exc}") from exc
+            raise StoreError(f"{self._where(s)}: cannot decode sample {i}: {exc}") from exc
         return out
 
     def close(self) -> None:
         while self._fds:
-            os.close(self._fds.popitem()[1])
+            os.close(self._fds.popitem()[1][0])
 
     def __del__(self) -> None:
         try:
@@ -436,8 +429,12 @@ class FrameSplit:
     def __init__(self, store: "FrameStore", name: str):
         self._store = store
         self.name = name
-        g = store._group[name]
-        self.frames: zarr.Array = g["frames"]
+        store._check_meta_chunks(name)
+        try:
+            g = store._group[name]
+            self.frames: zarr.Array = g["frames"]
+        except (KeyError, ValueError) as exc:
+            raise StoreError(f"{store.path}: cannot open split {name!r} ({exc})") from None
         n = self.frames.shape[0]
         self.labels = np.asarray(g["label"][:]).astype(np.int64) if n else np.zeros(0, np.int64)
         recs = g["recording"][:] if n else np.zeros(0, dtype=str)
@@ -451,7 +448,9 @@ class FrameSplit:
                 raise StoreError(f"{store.path}: {name}/{field} does not have {n} entries")
         if len(self.recordings) != n:
             raise StoreError(f"{store.path}: {name}/recording does not have {n} entries")
-        self._reader = store._make_reader(name, self.frames)
+        if n and int(self.labels.max()) >= N_CLASSES:
+            raise StoreError(f"{store.path}: {name}/label holds {int(self.labels.max())}, outside 0..{N_CLASSES - 1}")
+        self._reader = store._make_reader(name)
 
     def __len__(self) -> int:
         return int(self.frames.shape[0])
@@ -499,13 +498,19 @@ class FrameSplit:
 
 @dataclass
 class FrameStore:
-    """An opened frame store (see `open_frame_store`)."""
+    """An opened frame store (see `open_frame_store`).
+
+    path: the local store (directory or .zip; for a URL, its copy in the cache); source: what was
+    opened (path or URL); fingerprint: sha256 of the store's manifest.json."""
 
     path: Path
     attrs: dict[str, Any]
     fingerprint: str
     _group: zarr.Group
-    _local_root: Path | None
+    _files: StoreFiles
+    manifest: dict[str, Any]
+    array_meta: dict[str, dict[str, dict[str, Any]]]
+    source: str = ""
 
     @property
     def T(self) -> int:
@@ -532,63 +537,136 @@ class FrameStore:
             raise StoreError(f"{self.path}: no split {name!r} (has {', '.join(self.splits) or 'none'})")
         return FrameSplit(self, name)
 
-    def _make_reader(self, split: str, frames: zarr.Array) -> _ShardReader | None:
-        if self._local_root is None:
-            return None
-        array_dir = self._local_root / split / "frames"
-        meta = json.loads((array_dir / "zarr.json").read_text())
+    @property
+    def kind(self) -> str:
+        """"dir" or "zip"."""
+        return self._files.kind
+
+    def samples_per_shard(self, split: str) -> int:
+        return int(self.array_meta[split]["frames"]["chunk_grid"]["configuration"]["chunk_shape"][0])
+
+    def _make_reader(self, split: str) -> _ShardReader | None:
+        meta = self.array_meta[split]["frames"]
         decoder = _fast_codec(meta)
-        if decoder is None or int(meta["chunk_grid"]["configuration"]["chunk_shape"][0]) % \
-                int(meta["codecs"][0]["configuration"]["chunk_shape"][0]):
-            return None
-        if int(meta["codecs"][0]["configuration"]["chunk_shape"][0]) != 1:
-            return None
-        return _ShardReader(array_dir, meta, decoder)
+        return None if decoder is None else _ShardReader(self._files, split, meta, decoder)
+
+    def _check_meta_chunks(self, split: str) -> None:
+        """Bound the decoded size every metadata chunk declares before zarr decodes it."""
+        listed = self.manifest["files"]
+        for field in _META_FIELDS:
+            chunk = int(self.array_meta[split][field]["chunk_grid"]["configuration"]["chunk_shape"][0])
+            bound = schema.max_decoded_bytes(field, chunk)
+            for key in schema.chunk_keys(split, field, int(self.attrs["splits"][split]["n_samples"]), chunk):
+                if key in listed and self._files.span(key) is not None:
+                    schema.check_meta_chunk(str(self.path), key, self._files.head(key, 32), bound)
 
 
 def _check_attrs(path: Path, attrs: Mapping[str, Any]) -> None:
-    if attrs.get("format") != FRAMES_FORMAT:
-        raise StoreError(f"{path}: not a dvsprep frame store (format {attrs.get('format')!r}, expected {FRAMES_FORMAT!r})")
-    for key in ("T", "split_by", "dtype", "splits", "sensor_size"):
-        if key not in attrs:
-            raise StoreError(f"{path}: store attributes lack {key!r}")
-    if np.dtype(attrs["dtype"]) not in FRAME_DTYPES:
-        raise StoreError(f"{path}: unsupported frame dtype {attrs['dtype']!r}")
-    if attrs["split_by"] not in SPLIT_METHODS:
-        raise StoreError(f"{path}: unknown split method {attrs['split_by']!r}")
+    schema.check_root_attrs(str(path), attrs)
 
 
-def open_frame_store(path: str | os.PathLike) -> FrameStore:
-    """Open a frame store directory. Raises MissingFileError when absent, StoreError when it is
-    not a complete dvsprep frame store."""
-    path = Path(path)
-    if not path.exists():
-        raise MissingFileError(f"{path}: no such frame store")
-    if not path.is_dir():
-        raise StoreError(f"{path}: not a frame store directory")
-    manifest = path / MANIFEST_NAME
-    if not manifest.is_file():
-        raise StoreError(f"{path}: incomplete frame store (no {MANIFEST_NAME})")
-    fingerprint = sha256_bytes(manifest.read_bytes())
+def _store_layout(files: StoreFiles, attrs: Mapping[str, Any]) -> tuple[dict, set[str], set[str]]:
+    """Check every group and array document against the schema; returns (array metadata by
+    split and array, names the manifest may list, names it must list)."""
+    where = str(files.path)
+    T, dtype = int(attrs["T"]), str(attrs["dtype"])
+    metas: dict[str, dict[str, dict[str, Any]]] = {}
+    required = {"zarr.json"}
+    allowed = {"zarr.json"}
+    for split in SPLITS:
+        if split not in attrs["splits"]:
+            continue
+        n = int(attrs["splits"][split]["n_samples"])
+        schema.check_group_meta(f"{where}: {split}/zarr.json", read_json(files, f"{split}/zarr.json"))
+        required.add(f"{split}/zarr.json")
+        metas[split] = {}
+        for field in schema.ARRAYS:
+            key = f"{split}/{field}/zarr.json"
+            try:
+                meta = read_json(files, key)
+            except MissingFileError:
+                raise StoreError(f"{where}: split {split!r} has no {field} array") from None
+            info = schema.check_array_meta(f"{where}: {key}", meta, field=field, n=n, T=T, dtype=dtype)
+            metas[split][field] = meta
+            required.add(key)
+            allowed.update(schema.chunk_keys(split, field, n, info["chunk"]))
+    return metas, allowed | required, required
+
+
+def open_frame_store(
+    path: str | os.PathLike,
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    verify: bool = False,
+    expected_fingerprint: str | None = None,
+    refresh: bool = False,
+) -> FrameStore:
+    """Open a frame store: a directory, a `.zip` made by `dvsprep pack`, or an http(s) URL of
+    either (fetched once into `cache_dir`, default `$DVSPREP_CACHE` or ~/.cache/dvsprep, and
+    checked file by file against its manifest as it arrives; `refresh` fetches it again).
+
+    Metadata is checked against what dvsprep writes before zarr reads any of it. `verify` also
+    recomputes the sha256 of every file (IntegrityError listing what differs);
+    `expected_fingerprint` (the full sha256 or a prefix of at least 12 hex digits) must match the
+    store's manifest hash. Raises MissingFileError when absent, StoreError (UntrustedStoreError,
+    IntegrityError) when the store is incomplete, corrupt, or not one dvsprep would write.
+    """
+    from . import remote
+
+    source = str(path)
+    if remote.is_url(source):
+        local, pinned = remote.fetch_store(source, cache_dir=cache_dir, refresh=refresh)
+        expected_fingerprint = expected_fingerprint or pinned
+    else:
+        local = Path(path)
+    files = open_store_files(local)
+    where = files.path
+    root = read_json(files, "zarr.json") if files.span("zarr.json") is not None else None
+    if files.span(MANIFEST_NAME) is None:
+        raise StoreError(f"{where}: incomplete frame store (no {MANIFEST_NAME})")
+    if root is None:
+        raise StoreError(f"{where}: not a zarr v3 group (no zarr.json)")
+    schema.check_group_meta(f"{where}: zarr.json", {k: v for k, v in root.items() if k != "attributes"}
+                            if isinstance(root, dict) else root)
+    attrs = root.get("attributes")
+    _check_attrs(where, attrs)
+    raw_manifest = files.read(MANIFEST_NAME, MAX_MANIFEST_BYTES)
+    manifest = parse_manifest(raw_manifest, str(where))
+    fingerprint = sha256_bytes(raw_manifest)
+    if manifest.get("kind") != "frames":
+        raise StoreError(f"{where}: manifest is for a {manifest.get('kind')!r} store, not a frame store")
+    metas, allowed, required = _store_layout(files, attrs)
+    schema.check_manifest_names(str(where), manifest["files"], allowed, required)
+    if expected_fingerprint:
+        check_fingerprint(fingerprint, expected_fingerprint, source)
+    if verify:
+        from .verify import verify_files
+
+        report = verify_files(files, manifest, source)
+        if not report.ok:
+            listed = "; ".join(f"{p.kind} {p.name}" for p in report.problems[:5])
+            raise IntegrityError(f"{source}: {report.headline()}: {listed}"
+                                 f"{' ...' if len(report.problems) > 5 else ''} (dvsprep verify lists them)")
     try:
-        group = zarr.open_group(LocalStore(path, read_only=True), mode="r", zarr_format=3)
-        attrs = dict(group.attrs)
+        group = zarr.open_group(files.zarr_store(), mode="r", zarr_format=3)
     except Exception as exc:  # zarr raises assorted errors for broken metadata
-        raise StoreError(f"{path}: cannot open as a zarr v3 group: {exc}") from exc
-    _check_attrs(path, attrs)
-    store = FrameStore(path=path, attrs=attrs, fingerprint=fingerprint, _group=group, _local_root=path)
-    T = store.T
-    H, W = SENSOR_SIZE
-    for name in store.splits:
-        try:
-            frames = group[name]["frames"]
-        except KeyError as exc:
-            raise StoreError(f"{path}: split {name!r} has no frames array") from exc
-        n = int(attrs["splits"][name]["n_samples"])
-        if tuple(frames.shape) != (n, T, N_POLARITIES, H, W) or frames.dtype != store.dtype:
-            raise StoreError(f"{path}: {name}/frames is {frames.dtype} {tuple(frames.shape)}, attributes say "
-                             f"{store.dtype} {(n, T, N_POLARITIES, H, W)}")
-    return store
+        raise StoreError(f"{where}: cannot open as a zarr v3 group: {exc}") from exc
+    return FrameStore(path=Path(where), attrs=dict(attrs), fingerprint=fingerprint, _group=group, _files=files,
+                      manifest=manifest, array_meta=metas, source=source)
+
+
+def check_fingerprint(store: "FrameStore | str", expected: str | None = None, what: str = "") -> str:
+    """The store's fingerprint (a FrameStore or the fingerprint itself), checked against
+    `expected` (full sha256 or a prefix of >= 12 hex digits) when given; IntegrityError if it differs."""
+    fp = store.fingerprint if isinstance(store, FrameStore) else str(store)
+    what = what or (store.source if isinstance(store, FrameStore) else "store")
+    if expected:
+        exp = expected.strip().lower()
+        if len(exp) < 12 or any(c not in "0123456789abcdef" for c in exp):
+            raise StoreError(f"{what}: expected fingerprint {expected!r} is not 12 to 64 hex digits")
+        if not fp.startswith(exp):
+            raise IntegrityError(f"{what}: fingerprint {fp[:16]}... differs from the expected {exp[:16]}...")
+    return fp
 
 
 def describe_frame_store(path: str | os.PathLike) -> dict[str, Any]:
@@ -604,15 +682,8 @@ def describe_frame_store(path: str | os.PathLike) -> dict[str, Any]:
         "sensor_size": list(store.attrs["sensor_size"]),
         "splits": {s: store.attrs["splits"][s] for s in store.splits},
         "codec": store.attrs.get("codec"),
-        "size_bytes": _dir_size(store.path),
+        "size_bytes": store._files.total_size() if store.kind == "dir" else store.path.stat().st_size,
+        "source": store.source,
         "fingerprint": store.fingerprint,
         "events_fingerprint": store.events_fingerprint,
     }
-
-
-def _dir_size(root: Path) -> int:
-    total = 0
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            total += (Path(dirpath) / f).stat().st_size
-    return total

@@ -44,10 +44,16 @@ def describe_events(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:
-    """Describe an events.h5 file or a frame store directory."""
+    """Describe an events.h5 file or a frame store (directory, .zip, or http(s) URL)."""
+    from .remote import is_url
+
+    if is_url(path):
+        return describe_frame_store(str(path))
     path = Path(path)
     if not path.exists():
         raise MissingFileError(f"{path}: no such file or directory")
+    if path.suffix.lower() == ".zip":
+        return describe_frame_store(path)
     if path.is_dir():
         if (path / "zarr.json").is_file() or (path / MANIFEST_NAME).is_file():
             return describe_frame_store(path)

@@ -1,0 +1,399 @@
+"""`dvsprep verify`: prove a store (or the raw release) is intact and is the one it claims to be.
+
+- Frame store (directory, .zip, or URL): every file's size and sha256 against manifest.json;
+  corrupt, missing and extra files are listed with the split and samples they hold, and the
+  layout is checked against what dvsprep writes.
+- events.h5: every dataset's sha256 (and dtype, shape) against the embedded manifest, the root
+  attributes' digest, and the stored fingerprint against the manifest's hash.
+- Raw release (folder or tar.gz, streamed without extracting): per-recording md5 against
+  data_manifests/dvs128_gesture.json, missing and extra recordings, the other published files,
+  the trial lists, and the archive's md5.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO, Iterable, Mapping
+
+from .container import MAX_MANIFEST_BYTES, StoreFiles, is_zip_path, iter_problems_against, open_store_files, parse_manifest
+from .errors import MissingFileError, StoreError
+from .frames_store import check_fingerprint
+from .manifest import MANIFEST_NAME, fingerprint as manifest_fingerprint, sha256_bytes
+
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+MAX_LISTED = 8     # problems shown per kind unless verbose
+KINDS = ("corrupt", "missing", "extra", "mismatch", "invalid")
+_BUF = 1 << 22
+
+
+@dataclass
+class Problem:
+    kind: str        # corrupt | missing | extra | mismatch | invalid
+    name: str        # file, dataset or recording
+    detail: str
+    holds: str = ""  # what a frame-store file holds (split and samples)
+
+    def line(self) -> str:
+        return f"  {self.kind:<8} {self.name}: {self.detail}" + (f"; holds {self.holds}" if self.holds else "")
+
+
+@dataclass
+class VerifyReport:
+    """Outcome of a verification: `ok` when nothing differs."""
+
+    path: str
+    kind: str                          # frames | events | raw
+    checked: int                       # files, datasets or recordings compared
+    problems: list[Problem] = field(default_factory=list)
+    fingerprint: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def headline(self) -> str:
+        what = {"frames": "frame store", "events": "events file", "raw": "raw release"}[self.kind]
+        unit = {"frames": "files", "events": "datasets", "raw": "files"}[self.kind]
+        if self.ok:
+            fp = f", fingerprint {self.fingerprint}" if self.fingerprint else ""
+            return f"{what} intact: {self.checked} {unit} match{fp}"
+        counts = {k: n for k in KINDS if (n := sum(p.kind == k for p in self.problems))}
+        return f"{what} NOT intact: " + ", ".join(f"{n} {k}" for k, n in counts.items()) + \
+            f" (of {self.checked} {unit})"
+
+    def lines(self, verbose: bool = False) -> list[str]:
+        """Human-readable report; without `verbose`, at most MAX_LISTED problems per kind."""
+        out = [f"{self.path}: {self.headline()}"]
+        for kind in KINDS:
+            items = [p for p in self.problems if p.kind == kind]
+            shown = items if verbose else items[:MAX_LISTED]
+            out.extend(p.line() for p in shown)
+            if len(items) > len(shown):
+                out.append(f"  ... and {len(items) - len(shown)} more {kind} (-v lists all)")
+        out.extend(f"  {n}" for n in self.notes)
+        return out
+
+
+# ----------------------------------------------------------------------------- frame stores
+
+
+def _range(a: int, b: int) -> str:
+    return f"sample {a}" if b - a == 1 else f"samples {a}-{b - 1}"
+
+
+def _holds(name: str, attrs: Mapping[str, Any] | None, metas: Mapping[str, Any] | None,
+           ids: Mapping[str, list[tuple[str, int]]]) -> str:
+    """What a store file holds: 'train samples 32-63 (user01_lab#0, ...)', or ''."""
+    parts = name.split("/")
+    if name == "zarr.json":
+        return "the store's attributes (all samples)"
+    if attrs is None or parts[0] not in attrs.get("splits", {}) or len(parts) < 3:
+        return ""
+    split, arr = parts[0], parts[1]
+    n = int(attrs["splits"][split]["n_samples"])
+    if parts[2] == "zarr.json":
+        return f"the {arr} metadata of every {split} sample ({n})"
+    if parts[2] != "c" or len(parts) < 4 or not parts[3].isdigit() or metas is None or arr not in metas.get(split, {}):
+        return ""
+    chunk = int(metas[split][arr]["chunk_grid"]["configuration"]["chunk_shape"][0])
+    k = int(parts[3])
+    a, b = k * chunk, min((k + 1) * chunk, n)
+    if a >= b:
+        return ""
+    what = "frames of" if arr == "frames" else f"{arr} of"
+    sample_ids = ids.get(split)
+    named = ""
+    if sample_ids:
+        few = [f"{r}#{row}" for r, row in sample_ids[a:min(b, a + 4)]]
+        named = f" ({', '.join(few)}{', ...' if b - a > 4 else ''})"
+    return f"{what} {split} {_range(a, b)}{named}"
+
+
+def _sample_ids(path: Path, problems: Iterable[Problem], attrs: Mapping[str, Any]) -> dict[str, list[tuple[str, int]]]:
+    """(recording, row) per sample of each split whose recording and row files are intact."""
+    from .frames_store import open_frame_store
+
+    bad = {p.name for p in problems}
+    out: dict[str, list[tuple[str, int]]] = {}
+    try:
+        store = open_frame_store(path)
+        for split in store.splits:
+            if any(name.startswith((f"{split}/recording/", f"{split}/row/")) for name in bad):
+                continue
+            out[split] = store.split(split).ids
+    except (StoreError, OSError, ValueError):
+        return {}
+    return out
+
+
+def verify_files(files: StoreFiles, manifest: dict, path: str) -> VerifyReport:
+    """Compare every file of a store with its manifest (reads every file once)."""
+    raw = files.read(MANIFEST_NAME, MAX_MANIFEST_BYTES)
+    report = VerifyReport(path=path, kind="frames", checked=len(manifest["files"]), fingerprint=sha256_bytes(raw))
+    for kind, name, detail in iter_problems_against(files, manifest):
+        report.problems.append(Problem(kind, name, detail))
+    return report
+
+
+def verify_store(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
+                 expected_fingerprint: str | None = None) -> VerifyReport:
+    """Verify a frame store (directory, .zip, or http(s) URL fetched into the cache)."""
+    from . import remote
+    from .frames_store import _store_layout
+    from . import frames_schema as schema
+    from .container import read_json
+
+    source = str(path)
+    if remote.is_url(source):
+        local, pinned = remote.fetch_store(source, cache_dir=cache_dir)
+        expected_fingerprint = expected_fingerprint or pinned
+    else:
+        local = Path(path)
+    try:
+        files = open_store_files(local)
+    except MissingFileError:
+        raise
+    except StoreError as exc:
+        return VerifyReport(path=source, kind="frames", checked=0,
+                            problems=[Problem("invalid", Path(local).name, str(exc).split(": ", 1)[-1])])
+    if files.span(MANIFEST_NAME) is None:
+        return VerifyReport(path=source, kind="frames", checked=len(files.names()),
+                            problems=[Problem("missing", MANIFEST_NAME, "no manifest: an incomplete store "
+                                              "(interrupted write?) or not a dvsprep frame store")])
+    manifest = parse_manifest(files.read(MANIFEST_NAME, MAX_MANIFEST_BYTES), source)
+    report = verify_files(files, manifest, source)
+    # The layout, for naming samples and for the untrusted-store rules.
+    attrs = metas = None
+    bad = {p.name for p in report.problems}
+    try:
+        root = read_json(files, "zarr.json")
+        attrs = root.get("attributes") if isinstance(root, dict) else None
+        schema.check_root_attrs(source, attrs)
+        metas, allowed, required = _store_layout(files, attrs)
+        schema.check_manifest_names(source, manifest["files"], allowed, required)
+    except (StoreError, OSError) as exc:
+        if not any(n.endswith("zarr.json") for n in bad):  # else already reported as corrupt/missing
+            report.problems.append(Problem("invalid", "layout", str(exc).split(": ", 1)[-1]))
+        if not isinstance(attrs, dict) or not isinstance(attrs.get("splits"), dict):
+            attrs = None
+    ids = _sample_ids(files.path, report.problems, attrs) if (attrs and report.problems) else {}
+    for p in report.problems:
+        p.holds = _holds(p.name, attrs, metas, ids)
+    if expected_fingerprint:
+        try:
+            check_fingerprint(report.fingerprint, expected_fingerprint, source)
+        except StoreError as exc:
+            report.problems.append(Problem("mismatch", "fingerprint", str(exc).split(": ", 1)[-1]))
+    if files.kind == "zip":
+        report.notes.append(f"zip: {files.path.stat().st_size} bytes, {len(files.names())} members, uncompressed")
+    return report
+
+
+# ----------------------------------------------------------------------------- events.h5
+
+
+def verify_events(path: str | os.PathLike) -> VerifyReport:
+    """Recompute an events.h5 manifest and compare it dataset by dataset."""
+    import json
+
+    from .events_store import EventsFile
+
+    path = Path(path)
+    try:
+        ef = EventsFile(path)
+    except MissingFileError:
+        raise
+    except StoreError as exc:
+        return VerifyReport(path=str(path), kind="events", checked=0,
+                            problems=[Problem("invalid", path.name, str(exc).split(": ", 1)[-1])])
+    with ef:
+        try:
+            stored = json.loads(ef.f.attrs["manifest"])
+            stored_fp = str(ef.f.attrs["fingerprint"])
+        except (KeyError, ValueError, TypeError):
+            return VerifyReport(path=str(path), kind="events", checked=0,
+                                problems=[Problem("missing", "manifest", "no embedded manifest (incomplete file?)")])
+        computed = ef.compute_manifest()
+    want, got = stored.get("datasets", {}), computed["datasets"]
+    report = VerifyReport(path=str(path), kind="events", checked=len(want), fingerprint=stored_fp)
+    for name in sorted(set(want) | set(got)):
+        if name not in got:
+            report.problems.append(Problem("missing", name, "in the manifest, not in the file"))
+        elif name not in want:
+            report.problems.append(Problem("extra", name, "not in the manifest"))
+        elif want[name] != got[name]:
+            diff = [k for k in ("dtype", "shape", "sha256") if want[name].get(k) != got[name].get(k)]
+            report.problems.append(Problem("corrupt", name, f"{' and '.join(diff)} differ from the manifest"))
+    if stored.get("attrs") != computed["attrs"]:
+        report.problems.append(Problem("corrupt", "root attributes", "differ from the manifest"))
+    if manifest_fingerprint(stored) != stored_fp:
+        report.problems.append(Problem("corrupt", "fingerprint", "the stored fingerprint is not the manifest's hash"))
+    return report
+
+
+# ----------------------------------------------------------------------------- raw release
+
+
+class _HashingReader:
+    """A read-only file wrapper that md5s every byte read through it."""
+
+    def __init__(self, f: BinaryIO):
+        self.f = f
+        self.md5 = hashlib.md5()
+
+    def read(self, n: int = -1) -> bytes:
+        b = self.f.read(n)
+        self.md5.update(b)
+        return b
+
+    def drain(self) -> str:
+        while self.read(_BUF):
+            pass
+        return self.md5.hexdigest()
+
+
+def _md5_stream(f: BinaryIO) -> str:
+    h = hashlib.md5()
+    while chunk := f.read(_BUF):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def _md5_file(path: Path) -> str:
+    with open(path, "rb") as f:
+        return _md5_stream(f)
+
+
+def _release_files_from_tar(archive: Path) -> tuple[dict[str, str], dict[str, bytes], str]:
+    """Stream a tar(.gz): ({file name: md5}, {trial list name: bytes}, archive md5). Only files at
+    the archive root or in DvsGesture/ are release files."""
+    from .release import RELEASE_DIR, TRIAL_LISTS
+
+    md5s: dict[str, str] = {}
+    lists: dict[str, bytes] = {}
+    with open(archive, "rb") as f:
+        hr = _HashingReader(f)
+        try:
+            with tarfile.open(fileobj=hr, mode="r|*") as tf:
+                for m in tf:
+                    parts = PurePosixPath(m.name).parts
+                    if not m.isfile() or not (len(parts) == 1 or (len(parts) == 2 and parts[0] == RELEASE_DIR)):
+                        continue
+                    fobj = tf.extractfile(m)
+                    if parts[-1] in TRIAL_LISTS.values():
+                        data = fobj.read(1 << 20)
+                        lists[parts[-1]] = data
+                        md5s[parts[-1]] = hashlib.md5(data).hexdigest()
+                    else:
+                        md5s[parts[-1]] = _md5_stream(fobj)
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            raise StoreError(f"{archive}: unreadable archive ({exc})") from None
+        return md5s, lists, hr.drain()
+
+
+def _release_files_from_dir(folder: Path, jobs: int) -> tuple[dict[str, str], dict[str, bytes]]:
+    from .release import TRIAL_LISTS
+
+    paths = sorted(p for p in folder.iterdir() if p.is_file())
+    with ThreadPoolExecutor(max(1, jobs)) as pool:  # hashlib releases the GIL on large buffers
+        md5s = dict(zip((p.name for p in paths), pool.map(_md5_file, paths)))
+    lists = {p.name: p.read_bytes() for p in paths if p.name in TRIAL_LISTS.values()}
+    return md5s, lists
+
+
+def verify_release(raw: str | os.PathLike, jobs: int | None = None) -> VerifyReport:
+    """Check a raw release (folder holding DvsGesture/, that folder, or a tar(.gz)) against the
+    published manifest."""
+    from .release import ARCHIVE_NAME, RELEASE_DIR, TRIAL_LISTS, load_published_manifest
+
+    raw = Path(raw)
+    published = load_published_manifest()
+    archive_md5 = None
+    if raw.is_file():
+        md5s, lists, archive_md5 = _release_files_from_tar(raw)
+    elif not raw.exists():
+        raise MissingFileError(f"{raw}: no such file or directory")
+    else:
+        folder = next((c for c in (raw / RELEASE_DIR, raw) if (c / TRIAL_LISTS["train"]).is_file()), None)
+        if folder is None:
+            if (raw / ARCHIVE_NAME).is_file():
+                return verify_release(raw / ARCHIVE_NAME, jobs)
+            raise StoreError(f"{raw}: not a frame store, an events file or a DvsGesture release")
+        md5s, lists = _release_files_from_dir(folder, jobs or os.cpu_count() or 1)
+    expected: dict[str, str] = published["recordings"]
+    found = {n: h for n, h in md5s.items() if n.endswith(".aedat")}
+    report = VerifyReport(path=str(raw), kind="raw", checked=len(found))
+    for name in sorted(set(expected) | set(found)):
+        if name not in found:
+            report.problems.append(Problem("missing", name, "published recording not in the release"))
+        elif name not in expected:
+            report.problems.append(Problem("extra", name, "not a published recording"))
+        elif found[name] != expected[name]:
+            report.problems.append(Problem("mismatch", name, f"md5 {found[name]}, published {expected[name]}"))
+        if name in found and f"{name[:-len('.aedat')]}_labels.csv" not in md5s:
+            report.problems.append(Problem("missing", f"{name[:-len('.aedat')]}_labels.csv",
+                                           f"label file of {name}"))
+    kinds = [p.kind for p in report.problems if p.name.endswith(".aedat")]
+    report.notes.append(f"recordings: {sum(n in expected and found[n] == expected[n] for n in found)} match, "
+                        f"{kinds.count('mismatch')} differ from the published md5, {kinds.count('missing')} "
+                        f"missing, {kinds.count('extra')} extra")
+    for name, md5 in published.get("other_files", {}).items():
+        if name not in md5s:
+            report.problems.append(Problem("missing", name, "published file not in the release"))
+        elif md5s[name] != md5:
+            report.problems.append(Problem("mismatch", name, f"md5 {md5s[name]}, published {md5}"))
+    for split, fname in TRIAL_LISTS.items():
+        if fname not in lists:
+            report.problems.append(Problem("missing", fname, "trial list"))
+            continue
+        names = {ln.strip() for ln in lists[fname].decode("utf-8", "replace").splitlines() if ln.strip()}
+        want = set(published.get(split, []))
+        if want and names != want:
+            report.problems.append(Problem("mismatch", fname, f"{len(names - want)} name(s) not in the published "
+                                           f"{split} list, {len(want - names)} published name(s) absent"))
+    if archive_md5 is not None:
+        pub = published.get("archive", {}).get("md5")
+        if archive_md5 != pub:
+            report.problems.append(Problem("mismatch", f"{raw.name} (archive)", f"md5 {archive_md5}, published {pub}"))
+        else:
+            report.notes.append(f"archive md5 {archive_md5} matches the published {published['archive']['name']}")
+    report.checked = len(md5s) + (archive_md5 is not None)
+    return report
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def verify_path(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
+                expected_fingerprint: str | None = None, jobs: int | None = None) -> VerifyReport:
+    """Verify whatever PATH is: frame store (dir, .zip, URL), events.h5, or raw release."""
+    from . import remote
+
+    if remote.is_url(path):
+        return verify_store(path, cache_dir=cache_dir, expected_fingerprint=expected_fingerprint)
+    p = Path(path)
+    if not p.exists():
+        raise MissingFileError(f"{p}: no such file or directory")
+    if p.is_dir():
+        if (p / "zarr.json").exists() or (p / MANIFEST_NAME).exists():
+            return verify_store(p, expected_fingerprint=expected_fingerprint)
+        return verify_release(p, jobs)
+    if is_zip_path(p):
+        return verify_store(p, expected_fingerprint=expected_fingerprint)
+    if p.name.lower().endswith(TAR_SUFFIXES):
+        return verify_release(p, jobs)
+    with open(p, "rb") as f:
+        sig = f.read(len(HDF5_SIGNATURE))
+    if sig == HDF5_SIGNATURE:
+        report = verify_events(p)
+        if expected_fingerprint and not report.fingerprint.startswith(expected_fingerprint.lower()):
+            report.problems.append(Problem("mismatch", "fingerprint", f"{report.fingerprint[:16]}... differs "
+                                           f"from the expected {expected_fingerprint[:16]}..."))
+        return report
+    raise StoreError(f"{p}: not a frame store (.zarr directory or .zip), an events.h5 file, or a raw release")

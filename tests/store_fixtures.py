@@ -1,0 +1,35 @@
+"""Small frame stores for the sharing tests: several shards per split, sparse frames (fast)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from dvsprep.frames_store import samples_per_shard, write_frame_store_from_arrays
+
+T = 64  # 8 samples per shard at uint8, so a few samples span several shards
+SHARD = samples_per_shard(T, np.uint8)
+
+
+def split_arrays(n: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    frames = np.zeros((n, T, 2, 128, 128), np.uint8)
+    idx = rng.integers(0, frames[0].size, (n, 300))
+    for i in range(n):
+        frames[i].reshape(-1)[idx[i]] = rng.integers(1, 6, 300)
+    return {
+        "frames": frames,
+        "label": (np.arange(n) * 7 + seed) % 11,
+        "recording": [f"user{i // 4 + 1:02d}_lab" for i in range(n)],
+        "row": np.arange(n) % 4,
+        "t_start": np.arange(n) * 1000,
+        "t_end": np.arange(n) * 1000 + 500,
+        "n_events": frames.reshape(n, -1).sum(1),
+    }
+
+
+def make_store(path: Path, n_train: int = 20, n_test: int = 5) -> tuple[str, dict]:
+    """Write a store at `path`; returns (fingerprint, splits written)."""
+    splits = {"train": split_arrays(n_train, 1), "test": split_arrays(n_test, 2)}
+    fp = write_frame_store_from_arrays(path, T=T, split_by="number", splits=splits, events_fingerprint="cd" * 32)
+    return fp, splits

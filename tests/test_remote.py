@@ -1,0 +1,156 @@
+"""Frame stores over HTTP: a real http.server on 127.0.0.1, the download cache, pinning, locking."""
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import shutil
+import threading
+from collections import Counter
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from dvsprep.cli import main
+from dvsprep.errors import IntegrityError, MissingFileError, StoreError, UntrustedStoreError
+from dvsprep.frames_store import open_frame_store
+from dvsprep.manifest import canonical_json
+from dvsprep.pack import pack_store
+from dvsprep.remote import cache_entry, default_cache_dir
+from store_fixtures import make_store
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    def do_GET(self):
+        self.server.gets[self.path] += 1
+        super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def server(tmp_path, monkeypatch):
+    """(base URL, served folder, Counter of GET paths); the folder holds a store and its zip."""
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    www = tmp_path / "www"
+    www.mkdir()
+    fp, splits = make_store(www / "frames_T64_number.zarr")
+    pack_store(www / "frames_T64_number.zarr", www / "frames_T64_number.zarr.zip")
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(www)))
+    httpd.gets = Counter()
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", www, httpd.gets, fp, splits
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join()
+
+
+def _same_samples(store, splits):
+    for name, sp_in in splits.items():
+        sp = store.split(name)
+        np.testing.assert_array_equal(sp.load_all(), sp_in["frames"])
+        assert sp.labels.tolist() == sp_in["label"].tolist() and sp.ids == list(zip(sp_in["recording"],
+                                                                                    sp_in["row"].tolist()))
+
+
+def test_zip_url_downloads_once_into_the_cache(server, tmp_path):
+    base, www, gets, fp, splits = server
+    url = f"{base}/frames_T64_number.zarr.zip"
+    cache = tmp_path / "cache"
+    store = open_frame_store(url, cache_dir=cache, verify=True)
+    assert store.fingerprint == fp and store.source == url and store.kind == "zip"
+    assert store.path.is_relative_to(cache) and store.path.parent == cache_entry(url, cache)
+    _same_samples(store, splits)
+    assert gets == {"/frames_T64_number.zarr.zip": 1}
+    again = open_frame_store(url, cache_dir=cache)  # from the cache: no request at all
+    assert again.fingerprint == fp and sum(gets.values()) == 1
+    _same_samples(again, splits)
+    open_frame_store(f"{url}#fingerprint={fp[:12]}", cache_dir=cache)
+    assert sum(gets.values()) == 1
+    open_frame_store(url, cache_dir=cache, refresh=True)
+    assert gets["/frames_T64_number.zarr.zip"] == 2
+    assert sorted(p.name for p in cache_entry(url, cache).parent.iterdir()) == \
+        [cache_entry(url, cache).name, cache_entry(url, cache).name + ".lock"]  # no temp folders left
+
+
+def test_directory_url_fetches_exactly_the_manifest_files(server, tmp_path):
+    base, www, gets, fp, splits = server
+    url = f"{base}/frames_T64_number.zarr/"
+    store = open_frame_store(url, cache_dir=tmp_path / "cache")
+    assert store.fingerprint == fp and store.kind == "dir"
+    _same_samples(store, splits)
+    assert gets["/frames_T64_number.zarr/manifest.json"] == 1 and len(gets) == 34
+    assert set(gets.values()) == {1}
+    open_frame_store(url, cache_dir=tmp_path / "cache")
+    assert sum(gets.values()) == 34
+    # verify through the URL (CLI): intact, from the cache
+    r = CliRunner().invoke(main, ["verify", url, "--cache-dir", str(tmp_path / "cache")])
+    assert r.exit_code == 0 and f"intact: 33 files match, fingerprint {fp}" in r.output
+    r = CliRunner(env={"DVSPREP_CACHE": str(tmp_path / "cache")}).invoke(main, ["info", url, "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["fingerprint"] == fp
+    assert sum(gets.values()) == 34
+
+
+def test_default_cache_dir_and_concurrent_opens_download_once(server, tmp_path, monkeypatch):
+    base, www, gets, fp, _ = server
+    monkeypatch.setenv("DVSPREP_CACHE", str(tmp_path / "env-cache"))
+    assert default_cache_dir() == tmp_path / "env-cache"
+    url = f"{base}/frames_T64_number.zarr.zip"
+    results, errors = [], []
+
+    def worker():
+        try:
+            results.append(open_frame_store(url).fingerprint)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and results == [fp] * 4
+    assert gets == {"/frames_T64_number.zarr.zip": 1}  # the lock let one download, the others waited
+
+
+def test_corrupt_truncated_pinned_and_missing(server, tmp_path):
+    base, www, gets, fp, _ = server
+    cache = tmp_path / "cache"
+    with pytest.raises(IntegrityError, match=f"fingerprint {fp[:16]}... differs from the expected 000000000000"):
+        open_frame_store(f"{base}/frames_T64_number.zarr.zip#fingerprint=000000000000", cache_dir=cache)
+    with pytest.raises(StoreError, match="#fingerprint=<12 to 64 hex digits>"):
+        open_frame_store(f"{base}/frames_T64_number.zarr.zip#fingerprint=abc", cache_dir=cache)
+    shard = www / "frames_T64_number.zarr/train/frames/c/1/0/0/0/0"
+    data = bytearray(shard.read_bytes())
+    data[99] ^= 0x04
+    shard.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="train/frames/c/1/0/0/0/0: arrived with .* differs from the store's"):
+        open_frame_store(f"{base}/frames_T64_number.zarr", cache_dir=cache)
+    z = www / "frames_T64_number.zarr.zip"
+    z.write_bytes(z.read_bytes()[:-100])
+    with pytest.raises(StoreError, match="not a complete zip file"):
+        open_frame_store(f"{base}/frames_T64_number.zarr.zip", cache_dir=cache, refresh=True)
+    with pytest.raises(MissingFileError, match="HTTP 404"):
+        open_frame_store(f"{base}/absent.zarr.zip", cache_dir=cache)
+    r = CliRunner().invoke(main, ["verify", f"{base}/absent.zarr", "--cache-dir", str(cache)])
+    assert r.exit_code == 1 and r.output == f"error: {base}/absent.zarr/manifest.json: HTTP 404 File not found\n"
+    # nothing half-downloaded is left looking like a store
+    entries = [p for p in (cache / "stores").iterdir() if not p.name.endswith(".lock")]
+    assert [p.name for p in entries] == [cache_entry(f"{base}/frames_T64_number.zarr.zip", cache).name]
+
+
+def test_a_hostile_manifest_cannot_write_outside_the_cache(server, tmp_path):
+    base, www, gets, fp, _ = server
+    evil = www / "evil.zarr"
+    evil.mkdir()
+    manifest = {"format": "dvsprep-manifest/1", "kind": "frames",
+                "files": {"../../../outside.txt": {"sha256": "a" * 64, "size": 3}}}
+    (evil / "manifest.json").write_bytes(canonical_json(manifest))
+    with pytest.raises(UntrustedStoreError, match="'..' part"):
+        open_frame_store(f"{base}/evil.zarr", cache_dir=tmp_path / "cache")
+    assert not list(tmp_path.rglob("outside.txt")) and "/evil.zarr/../../../outside.txt" not in gets
+    shutil.rmtree(evil)

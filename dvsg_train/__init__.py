@@ -1,0 +1,2 @@
+"""PLIF-paper SNN trainer."""
+__version__ = "0.1.0"

@@ -1,0 +1,108 @@
+"""Checkpoints: atomic writes, safe loads (``weights_only=True``), and resume checks.
+
+A checkpoint is a plain dict that ``torch.load(..., weights_only=True)`` accepts: tensors, numbers,
+strings, lists and dicts only. RNG states are uint8 tensors, the config a plain dict.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .config import MODEL_FIELDS, TrainConfig
+from .errors import CheckpointError, ConfigError, ConfigMismatchError, DataMismatchError
+
+FORMAT = "dvsg-train-checkpoint/1"
+REQUIRED_KEYS = ("format", "epoch", "model", "optimizer", "scheduler", "scaler", "rng", "config",
+                 "data_fingerprint", "history")
+LATEST = "checkpoint_latest.pt"
+MAX = "checkpoint_max.pt"
+
+
+def rng_state(data_generator: torch.Generator) -> dict[str, Any]:
+    """Every RNG a run draws from: torch CPU (dropout on CPU, init), CUDA (dropout on GPU), data order."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "data": data_generator.get_state(),
+    }
+
+
+def set_rng_state(state: dict[str, Any], data_generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
+    data_generator.set_state(state["data"])
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` and rename the result onto ``path``; nothing half-written remains."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
+    payload = {"format": FORMAT, "version": __version__, **payload}
+    atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load and sanity-check a checkpoint (on CPU). Raises CheckpointError with one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # zip, pickle and EOF errors all mean the same thing here
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {first})") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path}: not a dvsg-train checkpoint (format {found!r}, expected {FORMAT!r})")
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    if not isinstance(ckpt["config"], dict) or not isinstance(ckpt["model"], dict):
+        raise CheckpointError(f"{path}: checkpoint config or model is not a dict")
+    return ckpt
+
+
+def checkpoint_config(ckpt: dict[str, Any], path: str | os.PathLike) -> TrainConfig:
+    try:
+        return TrainConfig.from_dict(ckpt["config"])
+    except (ConfigError, TypeError) as exc:
+        raise CheckpointError(f"{path}: checkpoint holds an invalid config ({exc})") from exc
+
+
+def check_resume(ckpt: dict[str, Any], path: str | os.PathLike, config: TrainConfig) -> None:
+    """Raise ConfigMismatchError naming every setting that differs from the checkpoint's."""
+    saved = checkpoint_config(ckpt, path).resume_key()
+    now = config.resume_key()
+    diffs = [f"{k} {saved[k]!r} vs {now[k]!r}" for k in saved if saved[k] != now[k]]
+    if diffs:
+        raise ConfigMismatchError(f"{path}: checkpoint was trained with another configuration "
+                                  f"(checkpoint vs this run: {'; '.join(diffs)})")
+
+
+def check_data(ckpt: dict[str, Any], path: str | os.PathLike, fingerprint: str, data: str) -> None:
+    if ckpt["data_fingerprint"] != fingerprint:
+        raise DataMismatchError(f"{path}: checkpoint was trained on a store with fingerprint "
+                                f"{ckpt['data_fingerprint'][:16]}, but {data} has {fingerprint[:16]}")
+
+
+def load_model_state(model: torch.nn.Module, ckpt: dict[str, Any], path: str | os.PathLike) -> None:
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, KeyError, TypeError) as exc:
+        cfg = {k: ckpt["config"].get(k) for k in MODEL_FIELDS}
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise CheckpointError(f"{path}: model weights do not fit the network {cfg} ({first})") from exc

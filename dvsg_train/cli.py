@@ -1,0 +1,143 @@
+"""`dvsg-train` and `dvsg-eval`: thin click layers that build a TrainConfig / call the engine.
+
+Library errors become one line on stderr and exit 1 (click's usage errors exit 2); --debug
+shows the traceback instead.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from dvsprep.errors import DvsprepError
+
+from .config import OPTIMIZERS, PRELOAD, TrainConfig
+from .errors import TrainError
+from .model import NETS, NEURONS
+
+log = logging.getLogger("dvsg_train")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s: %(message)s", stream=sys.stderr)
+
+
+def _one_line_errors(fn):
+    """Turn library (and OS) errors into `error: ...` on stderr and exit 1, unless --debug."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        debug = kwargs.get("debug", False)
+        try:
+            return fn(*args, **kwargs)
+        except (TrainError, DvsprepError, OSError) as exc:
+            if debug:
+                raise
+            if isinstance(exc, OSError) and not isinstance(exc, (TrainError, DvsprepError)):
+                where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+                msg = f"{where}{exc.strerror or exc}"
+            else:
+                msg = str(exc)
+            click.echo(f"error: {msg}", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+_CHOICE = functools.partial(click.Choice, case_sensitive=False)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--data", required=True, type=click.Path(path_type=Path),
+              help="Frame store (frames_T<T>_<split>.zarr) or the DATA_ROOT holding frames_T<T>_number.zarr.")
+@click.option("-T", "T", type=click.IntRange(min=1), default=16, show_default=True, help="Time steps (frames per sample).")
+@click.option("-b", "batch_size", type=click.IntRange(min=1), default=16, show_default=True, help="Batch size.")
+@click.option("--epochs", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("-j", "workers", type=click.IntRange(min=0), default=None,
+              help="DataLoader workers when not preloading (default: min(4, CPUs)).")
+@click.option("--channels", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--out-dir", type=click.Path(path_type=Path), default=Path("./logs"), show_default=True)
+@click.option("--run-name", default=None, help="Run folder under --out-dir (default: T16_b16_adam_lr0.001_c128...).")
+@click.option("--resume", type=click.Path(path_type=Path), default=None, help="Continue from this checkpoint.")
+@click.option("--force", is_flag=True, help="Start over in a run folder that already holds a run.")
+@click.option("--amp", is_flag=True, help="Automatic mixed precision (autocast around forward and loss).")
+@click.option("--amp-dtype", type=_CHOICE(["fp16", "bf16"]), default=None,
+              help="fp16 with a GradScaler or bf16 without (default: fp16 on CUDA, bf16 on CPU).")
+@click.option("--cupy", is_flag=True, help="CUDA neuron kernels (needs pip install 'dvsgesture-kit[cuda]').")
+@click.option("--opt", type=_CHOICE(OPTIMIZERS), default="adam", show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD momentum.")
+@click.option("--lr-scheduler", type=_CHOICE(["CosALR", "StepLR", "none"]), default="CosALR", show_default=True)
+@click.option("--step-size", type=click.IntRange(min=1), default=32, show_default=True, help="StepLR step (epochs).")
+@click.option("--gamma", type=float, default=0.1, show_default=True, help="StepLR factor.")
+@click.option("--T-max", "t_max", type=click.IntRange(min=1), default=None, help="CosALR period in epochs (default: --epochs).")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when present).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--net", type=_CHOICE(NETS), default="multistep", show_default=True)
+@click.option("--neuron", type=_CHOICE(NEURONS), default="lif", show_default=True)
+@click.option("--preload", type=_CHOICE(PRELOAD), default="auto", show_default=True,
+              help="Hold the store in memory (auto: when it fits, on the GPU first).")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="Hold out this share of train for model selection (PLIF paper's accuracy-B).")
+@click.option("-q", "--quiet", is_flag=True, help="Only the per-epoch lines and errors.")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.version_option(package_name="dvsgesture-kit")
+@_one_line_errors
+def train_main(data, T, batch_size, epochs, workers, channels, out_dir, run_name, resume, force, amp,
+               amp_dtype, cupy, opt, lr, momentum, lr_scheduler, step_size, gamma, t_max, device, seed,
+               net, neuron, preload, val_fraction, quiet, debug) -> None:
+    """Train the PLIF-paper network on a dvsprep frame store."""
+    from .engine import main
+    from .report import epoch_line
+
+    _setup_logging(not quiet)
+    kw = {} if workers is None else {"workers": workers}
+    config = TrainConfig(
+        data=str(data), out_dir=str(out_dir), T=T, batch_size=batch_size, epochs=epochs,
+        channels=channels, net=net.lower(), neuron=neuron.lower(), cupy=cupy, amp=amp,
+        amp_dtype=amp_dtype.lower() if amp_dtype else None, opt=opt.lower(), lr=lr,
+        momentum=momentum, lr_scheduler=lr_scheduler.lower(), step_size=step_size, gamma=gamma,
+        T_max=t_max, device=device, seed=seed, preload=preload.lower(), val_fraction=val_fraction,
+        resume=str(resume) if resume else None, run_name=run_name, force=force,
+        progress=sys.stderr.isatty(), **kw)
+    summary = main(config, on_epoch=lambda r: click.echo(epoch_line(r)))
+    if summary["epochs"]:
+        click.echo(f"run: {summary['run_dir']}")
+        click.echo(f"max test acc {summary['max_test_acc']:.4f}, final epoch ({summary['final_epoch']}) "
+                   f"test acc {summary['final_test_acc']:.4f}")
+        if "test_acc_at_best_val" in summary:
+            click.echo(f"best val acc {summary['best_val_acc']:.4f} at epoch {summary['best_val_epoch']}: "
+                       f"test acc {summary['test_acc_at_best_val']:.4f} (accuracy-B)")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="A dvsg-train checkpoint (.pt).")
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="Frame store or DATA_ROOT.")
+@click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
+@click.option("--device", default=None, help="Default: cuda when present.")
+@click.option("-b", "batch_size", type=click.IntRange(min=1), default=None, help="Default: the checkpoint's.")
+@click.option("-j", "workers", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--preload", type=_CHOICE(PRELOAD), default="auto", show_default=True)
+@click.option("--png", type=click.Path(path_type=Path), default=None,
+              help="Confusion matrix PNG (default: confusion_<split>.png next to the checkpoint).")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@_one_line_errors
+def eval_main(checkpoint, data, split, device, batch_size, workers, preload, png, debug) -> None:
+    """Accuracy, per-class accuracy and confusion matrix of a checkpoint on a frame store."""
+    from .engine import evaluate_checkpoint
+    from .report import confusion_text, write_confusion_png
+
+    _setup_logging(False)
+    r = evaluate_checkpoint(str(checkpoint), str(data), split=split, device=device,
+                            batch_size=batch_size, workers=workers, preload=preload.lower())
+    correct = int(r["confusion"].trace())
+    click.echo(f"{checkpoint} (epoch {r['epoch']}) on {split} of {data}: accuracy {r['acc']:.4f} "
+               f"({correct}/{r['samples']}), loss {r['loss']:.4f}")
+    click.echo(confusion_text(r["confusion"]))
+    png = png or checkpoint.with_name(f"confusion_{split}.png")
+    write_confusion_png(png, r["confusion"], f"{checkpoint.name} on {split}: accuracy {r['acc']:.4f}")
+    click.echo(f"confusion matrix written to {png}")

@@ -1,0 +1,135 @@
+"""TrainConfig: everything a training run depends on. The CLI only builds one of these."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+from .model import NETS, NEURONS
+
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULERS = ("cosalr", "steplr", "none")
+PRELOAD = ("auto", "cpu", "gpu", "none")
+AMP_DTYPES = ("fp16", "bf16")
+
+# Fields that change the numbers a run produces: a checkpoint only resumes a run that agrees
+# on all of them. (epochs may grow; device, workers, paths and preload do not change results.)
+RESUME_FIELDS = ("T", "batch_size", "channels", "net", "neuron", "tau", "opt", "lr", "momentum",
+                 "lr_scheduler", "step_size", "gamma", "T_max", "amp", "amp_dtype", "seed",
+                 "val_fraction")
+# Fields that fix the model's shape: dvsg-eval needs these from a checkpoint.
+MODEL_FIELDS = ("channels", "net", "neuron", "tau")
+
+
+@dataclass
+class TrainConfig:
+    """A training run. Units: lr per step; step_size, T_max in epochs; val_fraction of train."""
+
+    data: str
+    out_dir: str = "./logs"
+    T: int = 16
+    batch_size: int = 16
+    epochs: int = 64
+    workers: int = field(default_factory=lambda: min(4, os.cpu_count() or 1))
+    channels: int = 128
+    net: str = "multistep"
+    neuron: str = "lif"
+    tau: float = 2.0
+    cupy: bool = False
+    amp: bool = False
+    amp_dtype: str | None = None           # None: fp16 on CUDA, bf16 on CPU
+    opt: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    lr_scheduler: str = "cosalr"
+    step_size: int = 32
+    gamma: float = 0.1
+    T_max: int | None = None               # None: epochs
+    device: str | None = None              # None: cuda when present, else cpu
+    seed: int = 0
+    preload: str = "auto"
+    val_fraction: float = 0.0
+    resume: str | None = None
+    run_name: str | None = None
+    force: bool = False
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def positive(name: str) -> None:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+
+        for name in ("T", "batch_size", "epochs", "channels", "step_size"):
+            positive(name)
+        if self.workers < 0:
+            raise ConfigError(f"workers (-j) must be >= 0, got {self.workers}")
+        for name, allowed in (("net", NETS), ("neuron", NEURONS), ("opt", OPTIMIZERS),
+                              ("lr_scheduler", SCHEDULERS), ("preload", PRELOAD)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.amp_dtype is not None and self.amp_dtype not in AMP_DTYPES:
+            raise ConfigError(f"amp_dtype must be one of {', '.join(AMP_DTYPES)}, got {self.amp_dtype!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not self.tau > 1:
+            raise ConfigError(f"tau must be > 1, got {self.tau}")
+        if self.T_max is not None and self.T_max < 1:
+            raise ConfigError(f"T_max must be >= 1, got {self.T_max}")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.cupy and self.net != "multistep":
+            raise ConfigError("--cupy runs the multi-step neurons; it cannot be used with --net stepwise")
+
+    @property
+    def backend(self) -> str:
+        return "cupy" if self.cupy else "torch"
+
+    def resolved_T_max(self) -> int:
+        return self.epochs if self.T_max is None else self.T_max
+
+    def resolved_amp_dtype(self, device_type: str) -> str | None:
+        """None without AMP; otherwise fp16 (GradScaler) or bf16 (no scaler)."""
+        if not self.amp:
+            return None
+        if self.amp_dtype is not None:
+            return self.amp_dtype
+        return "fp16" if device_type == "cuda" else "bf16"
+
+    def default_run_name(self) -> str:
+        """The seed's ``T16_b16_adam_lr0.001_c128[_amp]`` plus what we add to it."""
+        name = f"T{self.T}_b{self.batch_size}_{self.opt}_lr{self.lr}_c{self.channels}"
+        if self.neuron != "lif":
+            name += f"_{self.neuron}"
+        if self.net != "multistep":
+            name += f"_{self.net}"
+        if self.amp:
+            name += "_amp" if self.amp_dtype is None else f"_amp{self.amp_dtype}"
+        if self.cupy:
+            name += "_cupy"
+        if self.val_fraction:
+            name += f"_val{self.val_fraction:g}"
+        return name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        """Build from a dict (e.g. a checkpoint's); unknown keys are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def resume_key(self) -> dict[str, Any]:
+        """The values that must agree between a checkpoint and the run that resumes it."""
+        d = {k: getattr(self, k) for k in RESUME_FIELDS}
+        d["T_max"] = self.resolved_T_max() if self.lr_scheduler == "cosalr" else None
+        if self.lr_scheduler != "steplr":
+            d["step_size"] = d["gamma"] = None
+        if self.opt != "sgd":
+            d["momentum"] = None
+        return d

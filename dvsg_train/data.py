@@ -1,0 +1,283 @@
+"""Training batches from a dvsprep frame store.
+
+Two ways to feed the network, with the same sample order for the same generator:
+
+- preloaded: a split is held in memory (CPU or GPU) in the store dtype (uint8/uint16) and batches
+  are built by indexing it with a permutation;
+- a DataLoader over `FrameDataset`, whose workers open the store themselves.
+
+A batch leaves here as integer frames [B, T, 2, H, W] and int64 labels [B]; `to_network_input`
+moves it to the device, transposes once to [T, B, 2, H, W] and converts to float there.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dvsprep.constants import N_CLASSES
+from dvsprep.frames_store import FrameSplit, FrameStore, frame_store_name, open_frame_store
+
+from .errors import ConfigError, DataMismatchError
+
+log = logging.getLogger(__name__)
+
+# Preload only when the frames take at most this share of the memory that is free.
+PRELOAD_SHARE = 0.5
+
+
+def resolve_store_path(path: str | os.PathLike, T: int | None) -> str:
+    """A store path, or a DATA_ROOT holding ``frames_T<T>_number.zarr`` (dvsprep frames' default)."""
+    p = Path(path)
+    if T is not None and p.is_dir() and not (p / "zarr.json").exists():
+        candidate = p / frame_store_name(T, "number")
+        if candidate.is_dir():
+            return str(candidate)
+    return str(path)
+
+
+def open_store(path: str | os.PathLike, T: int | None = None) -> FrameStore:
+    """Open a frame store (or DATA_ROOT/frames_T<T>_number.zarr) and check its T when given.
+
+    Raises dvsprep's MissingFileError / StoreError for a missing or broken store and
+    DataMismatchError when its T is not the one asked for."""
+    store = open_frame_store(resolve_store_path(path, T))
+    if T is not None and store.T != T:
+        raise DataMismatchError(f"{path}: store has T={store.T} frames per sample, but -T {T} was "
+                                f"asked for (make a store with dvsprep frames -T {T} or pass -T {store.T})")
+    return store
+
+
+def split_train_val(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (sorted) of train and validation samples, stratified by label.
+
+    labels [N] int. Each class gives round(val_fraction * n_class) samples to validation (at
+    least one when the class has two or more and val_fraction > 0), drawn with numpy's PCG64
+    seeded by ``seed``, so the split is a pure function of (labels, val_fraction, seed).
+    """
+    labels = np.asarray(labels)
+    if val_fraction <= 0:
+        return np.arange(len(labels)), np.zeros(0, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    val = []
+    for c in range(N_CLASSES):
+        idx = np.flatnonzero(labels == c)
+        k = int(round(val_fraction * len(idx)))
+        if len(idx) >= 2:
+            k = min(max(k, 1), len(idx) - 1)
+        else:
+            k = 0
+        val.append(rng.permutation(idx)[:k])
+    val_idx = np.sort(np.concatenate(val)).astype(np.int64)
+    train_idx = np.setdiff1d(np.arange(len(labels)), val_idx)
+    return train_idx, val_idx
+
+
+class FrameDataset(torch.utils.data.Dataset):
+    """Samples of one split (optionally a subset); item i -> (frames uint8|uint16 [T, 2, H, W], label).
+
+    The store is opened lazily in the process that reads, so DataLoader workers open their own.
+    """
+
+    def __init__(self, path: str | os.PathLike, split: str, indices: np.ndarray | None = None):
+        self.path = str(path)
+        self.split = split
+        sp = open_frame_store(self.path).split(split)
+        self.indices = np.arange(len(sp)) if indices is None else np.asarray(indices, dtype=np.int64)
+        self.labels = torch.from_numpy(sp.labels[self.indices].astype(np.int64))
+        self._sp: FrameSplit | None = None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        if self._sp is None:
+            self._sp = open_frame_store(self.path).split(self.split)
+        frames = self._sp[int(self.indices[i])]
+        return torch.from_numpy(np.ascontiguousarray(frames)), int(self.labels[i])
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_sp"] = None
+        return state
+
+
+def batch_order(n: int, batch_size: int, shuffle: bool, drop_last: bool,
+                generator: torch.Generator | None) -> list[Tensor]:
+    """Index batches for one epoch: a randperm from ``generator`` when shuffling, else 0..n-1."""
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    stop = n - n % batch_size if drop_last else n
+    return [order[i:i + batch_size] for i in range(0, stop, batch_size)]
+
+
+class _BatchSampler(torch.utils.data.Sampler):
+    def __init__(self, n: int, batch_size: int, shuffle: bool, drop_last: bool,
+                 generator: torch.Generator | None):
+        self.args = (n, batch_size, shuffle, drop_last, generator)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for b in batch_order(*self.args):
+            yield b.tolist()
+
+    def __len__(self) -> int:
+        n, batch_size, _, drop_last, _ = self.args
+        return n // batch_size if drop_last else -(-n // batch_size)
+
+
+class Batches:
+    """One split as batches, re-iterable once per epoch.
+
+    frames: preloaded tensor [N, T, 2, H, W] (uint8/uint16, CPU or GPU) or None to read through
+    a DataLoader over ``dataset``. generator: the data-order generator (its state is what a
+    checkpoint saves); None with shuffle=False.
+    """
+
+    def __init__(self, labels: Tensor, batch_size: int, *, shuffle: bool, drop_last: bool,
+                 generator: torch.Generator | None = None, frames: Tensor | None = None,
+                 dataset: FrameDataset | None = None, workers: int = 0, pin_memory: bool = False):
+        if (frames is None) == (dataset is None):
+            raise ValueError("Batches needs exactly one of frames (preloaded) or dataset")
+        self.labels = labels
+        self.frames = frames
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.generator = generator
+        self.workers = workers
+        self.pin_memory = pin_memory
+        self._loader = None
+
+    @property
+    def n_samples(self) -> int:
+        return len(self.labels)
+
+    def __len__(self) -> int:
+        n = self.n_samples
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        if self.frames is not None:
+            labels = self.labels.to(self.frames.device)
+            for idx in batch_order(self.n_samples, self.batch_size, self.shuffle, self.drop_last,
+                                   self.generator):
+                idx = idx.to(self.frames.device)
+                yield self.frames[idx], labels[idx]
+            return
+        if self._loader is None:
+            sampler = _BatchSampler(self.n_samples, self.batch_size, self.shuffle, self.drop_last,
+                                    self.generator)
+            # A private generator for worker seeds, so the loader never draws from the global
+            # RNG (that one drives dropout and must not depend on how data is read).
+            self._loader = torch.utils.data.DataLoader(
+                self.dataset, batch_sampler=sampler, num_workers=self.workers,
+                pin_memory=self.pin_memory, persistent_workers=self.workers > 0,
+                generator=torch.Generator().manual_seed(0))
+        yield from self._loader
+
+
+def to_network_input(frames: Tensor, labels: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Integer frames [B, T, 2, H, W] -> float32 [T, B, 2, H, W] on ``device`` (contiguous)."""
+    frames = frames.to(device, non_blocking=True)
+    x = frames.transpose(0, 1).to(torch.float32, memory_format=torch.contiguous_format)
+    return x, labels.to(device, non_blocking=True)
+
+
+def _available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def resolve_preload(preload: str, nbytes: int, device: torch.device) -> torch.device | None:
+    """Where to hold the frames: a device, or None for the DataLoader path.
+
+    "auto" picks the training device when the frames fit in PRELOAD_SHARE of its free memory,
+    else CPU memory under the same rule, else None."""
+    if preload == "none":
+        return None
+    if preload == "cpu":
+        return torch.device("cpu")
+    if preload == "gpu":
+        if device.type != "cuda":
+            raise ConfigError(f"--preload gpu needs a CUDA device, but the run uses {device}")
+        return device
+    for where in ([device, torch.device("cpu")] if device.type == "cuda" else [torch.device("cpu")]):
+        if nbytes <= PRELOAD_SHARE * _available_bytes(where):
+            return where
+    return None
+
+
+@dataclass
+class RunData:
+    """The batches of a run: train (shuffled, drop_last), val (may be None) and test."""
+
+    train: Batches
+    val: Batches | None
+    test: Batches
+    fingerprint: str
+    store_T: int
+    preload_device: torch.device | None
+
+
+def load_run_data(path: str | os.PathLike, *, T: int, batch_size: int, device: torch.device,
+                  preload: str = "auto", val_fraction: float = 0.0, seed: int = 0,
+                  workers: int = 0, generator: torch.Generator | None = None) -> RunData:
+    """Open the store, split off validation and build the three batch streams.
+
+    The train stream draws its order from ``generator`` (the run's data-order generator)."""
+    store = open_store(path, T)
+    path = str(store.path)
+    train_sp, test_sp = store.split("train"), store.split("test")
+    if len(train_sp) < batch_size:
+        raise DataMismatchError(f"{path}: train split has {len(train_sp)} samples, fewer than one "
+                                f"batch of {batch_size} (batches drop the last partial one)")
+    if len(test_sp) == 0:
+        raise DataMismatchError(f"{path}: test split is empty")
+    train_idx, val_idx = split_train_val(train_sp.labels, val_fraction, seed)
+    if len(train_idx) < batch_size:
+        raise DataMismatchError(f"{path}: after holding out {len(val_idx)} samples for validation, "
+                                f"{len(train_idx)} train samples remain, fewer than one batch of {batch_size}")
+    sample_bytes = int(np.prod(train_sp.frames.shape[1:])) * store.dtype.itemsize
+    where = resolve_preload(preload, sample_bytes * (len(train_sp) + len(test_sp)), device)
+    pin = device.type == "cuda" and where is None
+
+    loaded: dict[str, np.ndarray] = {}
+
+    def make(sp: FrameSplit, idx: np.ndarray | None, train: bool) -> Batches:
+        labels = torch.from_numpy(sp.labels if idx is None else sp.labels[idx])
+        kw = dict(shuffle=train, drop_last=train, generator=generator if train else None)
+        if where is None:
+            return Batches(labels, batch_size, dataset=FrameDataset(path, sp.name, idx),
+                           workers=workers, pin_memory=pin, **kw)
+        if sp.name not in loaded:
+            loaded[sp.name] = sp.load_all()
+        frames = loaded[sp.name] if idx is None else loaded[sp.name][idx]
+        return Batches(labels, batch_size, frames=torch.from_numpy(frames).to(where), **kw)
+
+    if where is not None:
+        log.info("preloading %s into %s memory", path, where.type)
+    if val_fraction > 0:
+        train = make(train_sp, train_idx, True)
+        val = make(train_sp, val_idx, False)
+    else:
+        train, val = make(train_sp, None, True), None
+    return RunData(train=train, val=val, test=make(test_sp, None, False),
+                   fingerprint=store.fingerprint, store_T=store.T, preload_device=where)

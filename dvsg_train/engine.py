@@ -1,0 +1,322 @@
+"""Training and evaluation loops, and ``main(config)``: a whole run as the CLI starts it."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dvsprep.constants import N_CLASSES
+
+from . import __version__
+from .checkpoint import (
+    LATEST,
+    MAX,
+    check_data,
+    check_resume,
+    checkpoint_config,
+    load_checkpoint,
+    load_model_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from .config import MODEL_FIELDS, TrainConfig
+from .data import Batches, FrameDataset, load_run_data, open_store, resolve_preload, to_network_input
+from .errors import CheckpointError, ConfigError, TrainError
+from .model import build_model
+from .neuron import check_backend
+from .report import Scalars, epoch_line, write_curves, write_json, write_metrics
+
+log = logging.getLogger(__name__)
+
+AMP_TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``None`` -> cuda when present, else cpu. A CUDA device that is not there is a ConfigError."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ConfigError(f"--device {device!r} is not a device torch knows ({exc})") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: torch sees no CUDA device here")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def _autocast(device: torch.device, amp_dtype: str | None):
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AMP_TORCH_DTYPES[amp_dtype])
+
+
+def _loss(out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """MSE between firing rates [B, 11] and one-hot labels, in float32."""
+    return F.mse_loss(out.float(), F.one_hot(labels, N_CLASSES).float())
+
+
+def _progress(iterable, enabled: bool, desc: str, total: int):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, leave=False, unit="batch")
+
+
+def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer,
+                    device: torch.device, *, scaler: torch.amp.GradScaler | None = None,
+                    amp_dtype: str | None = None, progress: bool = False) -> dict[str, float]:
+    """One pass over ``batches`` with one optimizer step per batch.
+
+    amp_dtype: None, "fp16" (needs ``scaler``) or "bf16" (no scaler); autocast covers forward
+    and loss. Returns loss (mean MSE), acc, samples, seconds, samples_per_s.
+    """
+    if amp_dtype == "fp16" and scaler is None:
+        raise ValueError("fp16 autocast needs a GradScaler")
+    model.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    n = 0
+    start = time.perf_counter()
+    for frames, labels in _progress(batches, progress, "train", len(batches)):
+        x, y = to_network_input(frames, labels, device)
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(device, amp_dtype):
+            out = model(x)
+            loss = _loss(out, y)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        loss_sum += loss.detach().double() * len(y)
+        correct += (out.detach().argmax(1) == y).sum()
+        n += len(y)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    if n == 0:
+        raise TrainError("the train split produced no batch")
+    return {"loss": loss_sum.item() / n, "acc": correct.item() / n, "samples": n,
+            "seconds": seconds, "samples_per_s": n / seconds}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Batches, device: torch.device, *,
+             amp_dtype: str | None = None, progress: bool = False) -> dict[str, Any]:
+    """Loss and accuracy over ``batches`` (eval mode), plus confusion [11, 11] (rows = true)."""
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    confusion = torch.zeros(N_CLASSES * N_CLASSES, dtype=torch.int64, device=device)
+    n = 0
+    start = time.perf_counter()
+    for frames, labels in _progress(batches, progress, "eval", len(batches)):
+        x, y = to_network_input(frames, labels, device)
+        with _autocast(device, amp_dtype):
+            out = model(x)
+            loss = _loss(out, y)
+        loss_sum += loss.double() * len(y)
+        confusion += torch.bincount(y * N_CLASSES + out.argmax(1), minlength=N_CLASSES * N_CLASSES)
+        n += len(y)
+    seconds = time.perf_counter() - start
+    conf = confusion.view(N_CLASSES, N_CLASSES).cpu().numpy()
+    return {"loss": loss_sum.item() / max(n, 1), "acc": float(np.trace(conf)) / max(n, 1),
+            "samples": n, "seconds": seconds, "confusion": conf}
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.opt == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+    return torch.optim.Adam(model.parameters(), lr=config.lr)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
+    """CosineAnnealingLR(T_max) or StepLR(step_size, gamma), stepped once per epoch; or None."""
+    if config.lr_scheduler == "cosalr":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.resolved_T_max())
+    if config.lr_scheduler == "steplr":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.step_size, gamma=config.gamma)
+    return None
+
+
+def _resolved(config: TrainConfig, device: torch.device) -> TrainConfig:
+    """The config with the choices made for this machine written in (saved with the run)."""
+    return dataclasses.replace(config, device=str(device),
+                               amp_dtype=config.resolved_amp_dtype(device.type),
+                               T_max=config.resolved_T_max() if config.lr_scheduler == "cosalr" else config.T_max)
+
+
+def _summary(history: list[dict[str, Any]], run_dir: Path, fingerprint: str) -> dict[str, Any]:
+    if not history:
+        return {"run_dir": str(run_dir), "epochs": 0, "data_fingerprint": fingerprint}
+    final = history[-1]
+    best = max(history, key=lambda r: r["val_acc"] if r.get("val_acc") is not None else r["test_acc"])
+    out = {"run_dir": str(run_dir), "epochs": len(history), "data_fingerprint": fingerprint,
+           "max_test_acc": max(r["test_acc"] for r in history),
+           "final_test_acc": final["test_acc"], "final_epoch": final["epoch"]}
+    if final.get("val_acc") is not None:
+        # accuracy-B of the PLIF paper: the test accuracy of the model chosen on validation.
+        out.update(best_val_acc=best["val_acc"], best_val_epoch=best["epoch"],
+                   test_acc_at_best_val=best["test_acc"])
+    return out
+
+
+def main(config: TrainConfig, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run (or continue, with ``config.resume``) a training run; returns a summary dict.
+
+    Writes into ``config.out_dir/<run name>/``: config.json, metrics.jsonl, curves.png,
+    TensorBoard scalars, checkpoint_latest.pt and checkpoint_max.pt (chosen on validation
+    accuracy when --val-fraction holds some out, else on test accuracy as the seed did).
+    """
+    config.validate()
+    device = resolve_device(config.device)
+    check_backend(config.backend)
+    rc = _resolved(config, device)
+    run_dir = Path(config.out_dir) / (config.run_name or config.default_run_name())
+    ckpt = None
+    if config.resume:
+        ckpt = load_checkpoint(config.resume)
+        check_resume(ckpt, config.resume, rc)
+    elif (run_dir / LATEST).exists() and not config.force:
+        raise TrainError(f"{run_dir} already holds a run; continue it with --resume "
+                         f"{run_dir / LATEST}, start over with --force, or pick --run-name")
+
+    torch.manual_seed(config.seed)
+    data_gen = torch.Generator().manual_seed(config.seed)
+    data = load_run_data(config.data, T=config.T, batch_size=config.batch_size, device=device,
+                         preload=config.preload, val_fraction=config.val_fraction, seed=config.seed,
+                         workers=config.workers, generator=data_gen)
+    log.info("data %s (fingerprint %s): %d train, %d val, %d test samples", config.data,
+             data.fingerprint, data.train.n_samples, data.val.n_samples if data.val else 0,
+             data.test.n_samples)
+    if ckpt is not None:
+        check_data(ckpt, config.resume, data.fingerprint, config.data)
+
+    model = build_model(config.channels, config.net, config.neuron, config.backend, config.tau).to(device)
+    optimizer = make_optimizer(model, config)
+    scheduler = make_scheduler(optimizer, config)
+    amp_dtype = rc.amp_dtype
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == "fp16" else None
+
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    if ckpt is not None:
+        load_model_state(model, ckpt, config.resume)
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if scheduler is not None:
+                scheduler.load_state_dict(ckpt["scheduler"])
+            if scaler is not None:
+                scaler.load_state_dict(ckpt["scaler"])
+            set_rng_state(ckpt["rng"], data_gen)
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise CheckpointError(f"{config.resume}: optimizer/scheduler/RNG state does not fit "
+                                  f"this run ({str(exc).splitlines()[0][:160]})") from exc
+        history = [dict(r) for r in ckpt["history"]]
+        start_epoch = int(ckpt["epoch"]) + 1
+        log.info("resuming from %s after epoch %d", config.resume, start_epoch - 1)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if ckpt is None:
+        # a fresh start (--force) must not leave the previous run's outputs mixed with ours
+        for old in [run_dir / LATEST, run_dir / MAX, run_dir / "metrics.jsonl", run_dir / "curves.png",
+                    *run_dir.glob("events.out.tfevents.*")]:
+            old.unlink(missing_ok=True)
+    write_json(run_dir / "config.json", {**rc.to_dict(), "run_dir": str(run_dir),
+                                         "data_fingerprint": data.fingerprint, "version": __version__,
+                                         "torch": torch.__version__})
+    if start_epoch >= config.epochs:
+        log.info("checkpoint already at epoch %d of %d; nothing to train", start_epoch - 1, config.epochs)
+        return _summary(history, run_dir, data.fingerprint)
+
+    def select(r: dict[str, Any]) -> float:
+        return r["val_acc"] if r.get("val_acc") is not None else r["test_acc"]
+
+    best_so_far = max((select(r) for r in history), default=-1.0)
+    scalars = Scalars(run_dir, purge_step=start_epoch)
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            t0 = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            train = train_one_epoch(model, data.train, optimizer, device, scaler=scaler,
+                                    amp_dtype=amp_dtype, progress=config.progress)
+            if scheduler is not None:
+                scheduler.step()
+            val = evaluate(model, data.val, device, amp_dtype=amp_dtype) if data.val else None
+            test = evaluate(model, data.test, device, amp_dtype=amp_dtype, progress=config.progress)
+            record = {
+                "epoch": epoch, "lr": lr,
+                "train_loss": train["loss"], "train_acc": train["acc"],
+                "val_loss": val["loss"] if val else None, "val_acc": val["acc"] if val else None,
+                "test_loss": test["loss"], "test_acc": test["acc"],
+                "max_test_acc": max([test["acc"]] + [r["test_acc"] for r in history]),
+                "epoch_seconds": time.perf_counter() - t0,
+                "train_samples_per_s": train["samples_per_s"],
+            }
+            history.append(record)
+            improved = select(record) > best_so_far
+            best_so_far = max(best_so_far, select(record))
+            payload = {
+                "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": rng_state(data_gen), "config": rc.to_dict(),
+                "data_fingerprint": data.fingerprint, "history": history,
+            }
+            save_checkpoint(run_dir / LATEST, payload)
+            if improved:
+                save_checkpoint(run_dir / MAX, payload)
+            write_metrics(run_dir / "metrics.jsonl", history)
+            write_curves(run_dir / "curves.png", history)
+            scalars.add(record)
+            if on_epoch is not None:
+                on_epoch(record)
+            else:
+                log.info("%s", epoch_line(record))
+    finally:
+        scalars.close()
+    return _summary(history, run_dir, data.fingerprint)
+
+
+def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "test", device: str | None = None,
+                        batch_size: int | None = None, workers: int = 0,
+                        preload: str = "auto") -> dict[str, Any]:
+    """Evaluate a checkpoint's model on one split of a store: loss, acc, confusion [11, 11]."""
+    ckpt = load_checkpoint(checkpoint)
+    cfg = checkpoint_config(ckpt, checkpoint)
+    dev = resolve_device(device)
+    store = open_store(data, cfg.T)
+    data = str(store.path)
+    if store.fingerprint != ckpt["data_fingerprint"]:
+        log.warning("%s was trained on a store with another fingerprint than %s", checkpoint, data)
+    sp = store.split(split)
+    labels = torch.from_numpy(sp.labels)
+    b = batch_size or cfg.batch_size
+    nbytes = int(np.prod(sp.frames.shape)) * store.dtype.itemsize
+    where = resolve_preload(preload, nbytes, dev)
+    if where is None:
+        batches = Batches(labels, b, shuffle=False, drop_last=False,
+                          dataset=FrameDataset(data, split), workers=workers,
+                          pin_memory=dev.type == "cuda")
+    else:
+        batches = Batches(labels, b, shuffle=False, drop_last=False,
+                          frames=torch.from_numpy(sp.load_all()).to(where))
+    model = build_model(*(getattr(cfg, k) for k in ("channels", "net", "neuron")), "torch", cfg.tau)
+    load_model_state(model, ckpt, checkpoint)
+    model.to(dev)
+    result = evaluate(model, batches, dev)
+    result.update(epoch=int(ckpt["epoch"]), split=split, config={k: getattr(cfg, k) for k in MODEL_FIELDS + ("T",)})
+    return result

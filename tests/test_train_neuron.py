@@ -1,0 +1,162 @@
+"""dvsg_train.neuron: design check values, hand-written backward vs autograd, SpikingJelly."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dvsg_train.errors import BackendUnavailableError, ConfigError
+from dvsg_train.neuron import (
+    LIF,
+    PLIF,
+    MultiStepLIF,
+    MultiStepPLIF,
+    lif_multistep,
+    lif_multistep_torch,
+)
+
+DESIGN_X = [[1.5, 0.3, 2.5], [0.9, 0.8, -1.0], [2.2, 1.9, 0.0], [0.1, 3.0, 1.2]]
+DESIGN_SPIKES = [[0, 0, 1], [0, 0, 0], [1, 1, 0], [0, 1, 0]]
+
+
+class _Spike(torch.autograd.Function):
+    """Heaviside forward, ATan surrogate backward: the only non-autograd piece of the reference."""
+
+    @staticmethod
+    def forward(ctx, hm, alpha):
+        ctx.save_for_backward(hm)
+        ctx.alpha = alpha
+        return (hm >= 0).to(hm.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        (hm,) = ctx.saved_tensors
+        a = ctx.alpha
+        return g * (a / 2) / (1 + (math.pi / 2 * a * hm) ** 2), None
+
+
+def loop_reference(x, decay, v_th=1.0, v_reset=0.0, alpha=2.0, detach_reset=True):
+    """The design's equations as a plain loop; autograd does the backward."""
+    v = torch.full_like(x[0], v_reset)
+    out = []
+    for t in range(x.shape[0]):
+        h = v + decay * (x[t] - (v - v_reset))
+        s = _Spike.apply(h - v_th, alpha)
+        sr = s.detach() if detach_reset else s
+        v = h * (1 - sr) + v_reset * sr
+        out.append(s)
+    return torch.stack(out)
+
+
+def test_design_check_values_all_forms():
+    x = torch.tensor(DESIGN_X)
+    want = torch.tensor(DESIGN_SPIKES, dtype=torch.float32)
+    assert torch.equal(lif_multistep_torch(x, torch.tensor(0.5), 1.0, 0.0, 2.0, True), want)
+    assert torch.equal(MultiStepLIF(tau=2.0)(x), want)
+    assert torch.equal(MultiStepPLIF(tau=2.0)(x), want)      # sigmoid(-log(1)) = 0.5
+    single = LIF(tau=2.0)
+    assert torch.equal(torch.stack([single(x[t]) for t in range(4)]), want)
+    single.reset()
+    assert torch.equal(single(x[0]), want[0])                 # state really restarts
+
+
+@pytest.mark.parametrize("detach_reset", [True, False])
+@pytest.mark.parametrize("learn_decay", [False, True])
+def test_backward_matches_autograd_loop_float64(detach_reset, learn_decay):
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(7, 4, 5, generator=g, dtype=torch.float64) * 1.5 + 0.6
+    w = torch.randn(7, 4, 5, generator=g, dtype=torch.float64)
+    d0 = torch.tensor(0.37, dtype=torch.float64)
+    grads = []
+    for fn in (lambda x, d: lif_multistep_torch(x, d, 1.0, 0.0, 2.0, detach_reset),
+               lambda x, d: loop_reference(x, d, detach_reset=detach_reset)):
+        x = x0.clone().requires_grad_()
+        d = d0.clone().requires_grad_(learn_decay)
+        s = fn(x, d)
+        (s * w).sum().backward()
+        grads.append((s.detach(), x.grad, d.grad))
+    (s1, gx1, gd1), (s2, gx2, gd2) = grads
+    assert torch.equal(s1, s2)
+    assert s1.sum() > 10 and (1 - s1).sum() > 10             # both branches exercised
+    torch.testing.assert_close(gx1, gx2, rtol=1e-12, atol=1e-14)
+    if learn_decay:
+        torch.testing.assert_close(gd1, gd2, rtol=1e-12, atol=1e-14)
+    else:
+        assert gd1 is None and gd2 is None
+
+
+def test_nonzero_reset_and_threshold_match_loop():
+    x0 = torch.randn(6, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) + 0.5
+    out = []
+    for fn in (lambda x, d: lif_multistep_torch(x, d, 0.7, -0.2, 3.0, False),
+               lambda x, d: loop_reference(x, d, 0.7, -0.2, 3.0, False)):
+        x = x0.clone().requires_grad_()
+        d = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
+        s = fn(x, d)
+        (s * torch.arange(10.0, dtype=torch.float64)).sum().backward()
+        out.append((s.detach(), x.grad, d.grad))
+    torch.testing.assert_close(out[0], out[1], rtol=1e-12, atol=1e-14)
+
+
+def test_state_is_fp32_and_output_keeps_input_dtype():
+    x = (torch.randn(5, 64, generator=torch.Generator().manual_seed(0)) * 2).to(torch.bfloat16)
+    d = torch.tensor(0.5)
+    s = lif_multistep_torch(x, d, 1.0, 0.0, 2.0, True)
+    assert s.dtype == torch.bfloat16
+    assert torch.equal(s.float(), lif_multistep_torch(x.float(), d, 1.0, 0.0, 2.0, True))
+    xr = x.clone().requires_grad_()
+    lif_multistep_torch(xr, d, 1.0, 0.0, 2.0, True).sum().backward()
+    assert xr.grad.dtype == torch.bfloat16
+
+
+def _sj_node(cls, **kw):
+    from spikingjelly.activation_based import surrogate
+
+    return cls(surrogate_function=surrogate.ATan(), detach_reset=True, step_mode="m", **kw)
+
+
+def test_lif_and_plif_match_spikingjelly():
+    from spikingjelly.activation_based import neuron as sjn
+
+    g = torch.Generator().manual_seed(7)
+    x0 = torch.randn(8, 2, 3, 5, 5, generator=g) * 1.5 + 0.7
+    w = torch.randn(x0.shape, generator=g)
+    for ours, theirs in ((MultiStepLIF(tau=2.0), _sj_node(sjn.LIFNode, tau=2.0)),
+                         (MultiStepPLIF(tau=2.0), _sj_node(sjn.ParametricLIFNode, init_tau=2.0))):
+        results = []
+        for m in (ours, theirs):
+            x = x0.clone().requires_grad_()
+            s = m(x)
+            (s * w).sum().backward()
+            results.append((s.detach(), x.grad, getattr(m, "w", None)))
+        (s1, g1, w1), (s2, g2, w2) = results
+        assert torch.equal(s1, s2)
+        torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6)
+        if w1 is not None:
+            torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_single_step_gradients_equal_multistep():
+    x0 = torch.randn(6, 3, 8, generator=torch.Generator().manual_seed(2)) + 0.8
+    grads = []
+    for multi in (True, False):
+        m = MultiStepPLIF() if multi else PLIF()
+        x = x0.clone().requires_grad_()
+        s = m(x) if multi else torch.stack([m(x[t]) for t in range(6)])
+        (s * torch.linspace(-1, 1, 8)).sum().backward()
+        grads.append((s.detach(), x.grad, m.w.grad))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
+
+def test_backend_errors(monkeypatch):
+    x = torch.zeros(4, 3)
+    with pytest.raises(ConfigError, match="unknown neuron backend"):
+        lif_multistep(x, torch.tensor(0.5), backend="numba")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(BackendUnavailableError) as info:
+        lif_multistep(x, torch.tensor(0.5), backend="cupy")
+    msg = str(info.value)
+    assert "\n" not in msg and "pip install 'dvsgesture-kit[cuda]'" in msg
+    with pytest.raises(ConfigError, match="tau must be > 1"):
+        MultiStepLIF(tau=1.0)

@@ -1,0 +1,53 @@
+"""Tiny frame stores for the dvsg_train tests: a learnable pattern per class plus noise."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from dvsprep.constants import N_CLASSES, SENSOR_H, SENSOR_W
+from dvsprep.frames_store import write_frame_store_from_arrays
+
+BLOCK = 16
+
+
+def synthetic_frames(n: int, T: int, seed: int, dtype=np.uint8, big: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """frames [n, T, 2, 128, 128] and labels [n]: class c draws a 16x16 patch of count-2 events
+    in row band c, on polarity c % 2, moving right over time; 2% of pixels carry one noise event.
+    ``big`` > 0 adds that count to one pixel (to force uint16 stores)."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % N_CLASSES
+    rng.shuffle(labels)
+    frames = (rng.random((n, T, 2, SENSOR_H, SENSOR_W)) < 0.02).astype(dtype)
+    for i, c in enumerate(labels):
+        y0 = (int(c) * 11) % (SENSOR_H - BLOCK)
+        for t in range(T):
+            x0 = (t * 8 + int(c) * 5) % (SENSOR_W - BLOCK)
+            patch = (rng.random((BLOCK, BLOCK)) < 0.6).astype(dtype) * 2
+            frames[i, t, int(c) % 2, y0:y0 + BLOCK, x0:x0 + BLOCK] += patch
+    if big:
+        frames[0, 0, 0, 0, 0] = big
+    return frames, labels
+
+
+def split_arrays(n: int, T: int, seed: int, dtype=np.uint8, big: int = 0) -> dict:
+    frames, labels = synthetic_frames(n, T, seed, dtype, big)
+    return {
+        "frames": frames,
+        "label": labels,
+        "recording": [f"user{seed:02d}_lab" for _ in range(n)],
+        "row": np.arange(n),
+        "t_start": np.arange(n, dtype=np.int64) * 1000,
+        "t_end": np.arange(n, dtype=np.int64) * 1000 + 900,
+        "n_events": frames.reshape(n, -1).sum(1, dtype=np.int64),
+    }
+
+
+def make_store(path: Path, T: int = 4, n_train: int = 66, n_test: int = 33, seed: int = 1,
+               dtype=np.uint8, big: int = 0) -> str:
+    """Write a frame store at ``path``; returns its fingerprint."""
+    return write_frame_store_from_arrays(
+        path, T=T, split_by="number",
+        splits={"train": split_arrays(n_train, T, seed, dtype, big),
+                "test": split_arrays(n_test, T, seed + 100, dtype, big)},
+        events_fingerprint="synthetic-test-store")

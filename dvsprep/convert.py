@@ -6,7 +6,9 @@ import itertools
 import logging
 import multiprocessing as mp
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -17,7 +19,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .aedat import read_aedat
-from .constants import N_CLASSES, SPLITS
+from .constants import N_CLASSES, SPLITS, T_DTYPE, XY_DTYPE
 from .errors import ReleaseError, StoreExistsError
 from .events_store import EventsWriter
 from .release import Recording, cut_samples, list_recordings, load_published_manifest, open_release, parse_labels
@@ -65,61 +67,91 @@ def _md5(path: Path) -> str:
     return h.hexdigest()
 
 
-def process_recording(rec: Recording) -> dict[str, Any]:
-    """Decode one recording and cut it into samples (one row of its label csv each)."""
+def process_recording(rec: Recording, spill_dir: str | None = None) -> dict[str, Any]:
+    """Decode one recording and cut it into samples (one row of its label csv each).
+
+    With `spill_dir` (worker processes), the samples' events are written to one raw file there
+    (t, then x, y, p) instead of being returned: the parent maps it, which costs one copy
+    where pickling through the pool's pipe costs several.
+    """
     rows = parse_labels(rec.labels)
     ev = read_aedat(rec.aedat)
     parts = cut_samples(ev.t, rows)
     lengths = np.array(
         [(p.stop - p.start) if isinstance(p, slice) else p.shape[0] for p in parts], dtype=np.int64
     )
-    if all(isinstance(p, slice) for p in parts) and _contiguous(parts):
-        sel = slice(parts[0].start, parts[-1].stop) if parts else slice(0, 0)
-        events = {k: getattr(ev, k)[sel] for k in "txyp"}
-    else:
-        idx = np.concatenate([np.arange(p.start, p.stop) if isinstance(p, slice) else p for p in parts]) \
-            if parts else np.zeros(0, np.int64)
-        events = {k: getattr(ev, k)[idx] for k in "txyp"}
-    return {
+    res = {
         "stem": rec.stem,
         "split": rec.split,
         "md5": _md5(rec.aedat),
         "n_events": len(ev),
         "n_invalid": ev.n_invalid,
-        "events": events,
         "lengths": lengths,
         "label": rows.label,
         "t_start": rows.start,
         "t_end": rows.end,
     }
+    if spill_dir is None:
+        res["events"] = {k: np.concatenate([getattr(ev, k)[p] for p in parts]) if parts
+                         else getattr(ev, k)[:0] for k in "txyp"}
+        return res
+    spill = os.path.join(spill_dir, f"{rec.stem}.events")
+    with open(spill, "wb") as f:
+        for k in "txyp":
+            arr = getattr(ev, k)
+            for p in parts:
+                f.write(memoryview(np.ascontiguousarray(arr[p])))
+    res["spill"] = spill
+    return res
 
 
-def _contiguous(parts: list) -> bool:
-    return all(a.stop == b.start for a, b in zip(parts[:-1], parts[1:]))
+def _load_spill(res: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Map a worker's spill file as event arrays; the file is unlinked at once (the mapping
+    keeps the data until the arrays are dropped)."""
+    n = int(res["lengths"].sum())
+    path = res.pop("spill")
+    try:
+        if n == 0:
+            return {"t": np.zeros(0, T_DTYPE), **{k: np.zeros(0, XY_DTYPE) for k in "xyp"}}
+        mm = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
+    finally:
+        os.unlink(path)
+    t_bytes = n * T_DTYPE.itemsize
+    return {
+        "t": mm[:t_bytes].view(T_DTYPE),
+        "x": mm[t_bytes : t_bytes + n],
+        "y": mm[t_bytes + n : t_bytes + 2 * n],
+        "p": mm[t_bytes + 2 * n : t_bytes + 3 * n],
+    }
 
 
-def _results(recs: list[Recording], jobs: int) -> Iterator[dict[str, Any]]:
+def _results(recs: list[Recording], jobs: int, scratch: Path) -> Iterator[dict[str, Any]]:
     """Results in `recs` order, with at most `jobs` + 1 recordings decoded ahead (bounded memory)."""
     if jobs <= 1 or len(recs) <= 1:
         for r in recs:
             yield process_recording(r)
         return
     ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with ProcessPoolExecutor(min(jobs, len(recs)), mp_context=ctx) as pool:
-        pending: deque = deque()
-        todo = iter(recs)
-        try:
-            for r in itertools.islice(todo, jobs + 1):
-                pending.append(pool.submit(process_recording, r))
-            while pending:
-                res = pending.popleft().result()
-                nxt = next(todo, None)
-                if nxt is not None:
-                    pending.append(pool.submit(process_recording, nxt))
-                yield res
-        finally:
-            for f in pending:
-                f.cancel()
+    spill_dir = tempfile.mkdtemp(prefix=".dvsprep-convert-", dir=scratch)
+    try:
+        with ProcessPoolExecutor(min(jobs, len(recs)), mp_context=ctx) as pool:
+            pending: deque = deque()
+            todo = iter(recs)
+            try:
+                for r in itertools.islice(todo, jobs + 1):
+                    pending.append(pool.submit(process_recording, r, spill_dir))
+                while pending:
+                    res = pending.popleft().result()
+                    nxt = next(todo, None)
+                    if nxt is not None:
+                        pending.append(pool.submit(process_recording, nxt, spill_dir))
+                    res["events"] = _load_spill(res)
+                    yield res
+            finally:
+                for f in pending:
+                    f.cancel()
+    finally:
+        shutil.rmtree(spill_dir, ignore_errors=True)
 
 
 def convert_release(
@@ -149,7 +181,7 @@ def convert_release(
         try:
             recordings_attr = {}
             bar = _progress(len(recs), progress)
-            for res in _results(recs, jobs):
+            for res in _results(recs, jobs, out_dir):
                 stem, split = res["stem"], res["split"]
                 name = f"{stem}.aedat"
                 expected = published["recordings"].get(name)

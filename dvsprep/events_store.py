@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,10 @@ class EventsWriter:
         self.tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
         self.f = h5py.File(self.tmp, "w")
         self._hash: dict[str, Any] = {}
+        # hashlib releases the GIL on large buffers: hashing in one background thread (in
+        # append order) overlaps with the HDF5 writes, which hold it.
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="events-sha256")
+        self._hash_jobs: list[Future] = []
         self._n_events = {s: 0 for s in SPLITS}
         self._samples: dict[str, dict[str, list]] = {
             s: {k: [] for k in (*SAMPLE_FIELDS, "recording", "n")} for s in SPLITS
@@ -86,6 +91,11 @@ class EventsWriter:
         g = self.f[split]
         n_new = int(np.sum(lengths))
         a = self._n_events[split]
+        # The previous append's hashes finish while this one writes: at most two appends of
+        # events are alive at once.
+        for job in self._hash_jobs:
+            job.result()
+        self._hash_jobs.clear()
         for name, dt in EVENT_FIELDS.items():
             arr = np.ascontiguousarray(events[name], dtype=dt)
             if arr.shape[0] != n_new:
@@ -93,7 +103,7 @@ class EventsWriter:
             ds = g[name]
             ds.resize((a + n_new,))
             ds[a:] = arr
-            self._hash[f"{split}/{name}"].update(arr.tobytes())
+            self._hash_jobs.append(self._hasher.submit(self._hash[f"{split}/{name}"].update, arr))
         self._n_events[split] = a + n_new
         acc = self._samples[split]
         for k in SAMPLE_FIELDS:
@@ -104,6 +114,7 @@ class EventsWriter:
     def finish(self, attrs: dict[str, Any]) -> str:
         """Write per-sample datasets, attributes and the manifest; rename into place.
         Returns the fingerprint."""
+        self._drain_hashes()
         datasets: dict[str, dict] = {}
         for s in SPLITS:
             g = self.f[s]
@@ -116,7 +127,7 @@ class EventsWriter:
                 cols[k] = (np.concatenate(acc[k]) if acc[k] else np.zeros(0)).astype(dt)
             for k, arr in cols.items():
                 g.create_dataset(k, data=arr, **FILTERS if arr.size else {})
-                datasets[f"{s}/{k}"] = _ds_entry(arr.dtype, arr.shape, hashlib.sha256(arr.tobytes()).hexdigest())
+                datasets[f"{s}/{k}"] = _ds_entry(arr.dtype, arr.shape, hashlib.sha256(arr).hexdigest())
             recs = list(acc["recording"])
             g.create_dataset("recording", data=np.array(recs, dtype=object), dtype=STR_DTYPE)
             datasets[f"{s}/recording"] = _ds_entry("str", (len(recs),), _str_digest(recs))
@@ -144,8 +155,15 @@ class EventsWriter:
         os.replace(self.tmp, self.path)
         return fp
 
+    def _drain_hashes(self) -> None:
+        for job in self._hash_jobs:
+            job.result()
+        self._hash_jobs.clear()
+        self._hasher.shutdown(wait=True)
+
     def abort(self) -> None:
         try:
+            self._hasher.shutdown(wait=True, cancel_futures=True)
             self.f.close()
         finally:
             self.tmp.unlink(missing_ok=True)
@@ -275,7 +293,7 @@ class EventsFile:
                 h = hashlib.sha256()
                 step = EVENT_CHUNK * 16
                 for a in range(0, ds.shape[0], step):
-                    h.update(np.ascontiguousarray(ds[a : a + step]).tobytes())
+                    h.update(np.ascontiguousarray(ds[a : a + step]))
                 datasets[f"{s}/{k}"] = _ds_entry(ds.dtype, ds.shape, h.hexdigest())
         return {
             "format": MANIFEST_FORMAT,

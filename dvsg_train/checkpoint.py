@@ -22,20 +22,29 @@ LATEST = "checkpoint_latest.pt"
 MAX = "checkpoint_max.pt"
 
 
-def rng_state(data_generator: torch.Generator) -> dict[str, Any]:
-    """Every RNG a run draws from: torch CPU (dropout on CPU, init), CUDA (dropout on GPU), data order."""
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "data": data_generator.get_state(),
-    }
+def rng_state(data_generator: torch.Generator, cuda_device: torch.device | None = None) -> dict[str, Any]:
+    """Every RNG a run draws from: torch CPU (dropout on CPU, init), CUDA (dropout on GPU), data order.
+
+    The data-order generator is the same on every DDP rank, so rank 0's state is the global
+    one. cuda_device: save only that GPU's state (a DDP rank touches no other GPU); None: all."""
+    if not torch.cuda.is_available():
+        cuda: list = []
+    elif cuda_device is not None:
+        cuda = [torch.cuda.get_rng_state(cuda_device)]
+    else:
+        cuda = torch.cuda.get_rng_state_all()
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "data": data_generator.get_state()}
 
 
-def set_rng_state(state: dict[str, Any], data_generator: torch.Generator) -> None:
+def set_rng_state(state: dict[str, Any], data_generator: torch.Generator, *, data_only: bool = False) -> None:
+    """Restore the RNGs of ``rng_state``; data_only: only the data order (DDP ranks reseed
+    their dropout RNG per epoch, see `dvsg_train.distributed.rank_seed`)."""
+    data_generator.set_state(state["data"])
+    if data_only:
+        return
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
-    data_generator.set_state(state["data"])
 
 
 def atomic_write(path: Path, write) -> None:

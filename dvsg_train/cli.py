@@ -1,13 +1,15 @@
 """`dvsg-train` and `dvsg-eval`: thin click layers that build a TrainConfig / call the engine.
 
 Library errors become one line on stderr and exit 1 (click's usage errors exit 2); --debug
-shows the traceback instead.
+shows the traceback instead. Under torchrun only rank 0 prints: epoch lines, the summary, info
+logs and errors that every rank agreed on (other ranks log warnings and their own errors).
 """
 from __future__ import annotations
 
 import functools
 import logging
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -15,15 +17,27 @@ import click
 from dvsprep.errors import DvsprepError
 
 from .config import OPTIMIZERS, PRELOAD, TrainConfig
+from .distributed import FAILED_RANK_ATTR, env_rank
 from .errors import TrainError
 from .model import NETS, NEURONS
 
 log = logging.getLogger("dvsg_train")
 
+AGREED_EXIT_DELAY_S = 5.0
+
+
+def _rank() -> int:
+    try:
+        return env_rank()
+    except TrainError:
+        return 0
+
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s: %(message)s", stream=sys.stderr)
+    rank = _rank()
+    logging.basicConfig(level=logging.INFO if verbose and rank == 0 else logging.WARNING,
+                        format="%(levelname)s: %(message)s" if rank == 0 else f"rank {rank}: %(levelname)s: %(message)s",
+                        stream=sys.stderr)
 
 
 def _one_line_errors(fn):
@@ -37,12 +51,18 @@ def _one_line_errors(fn):
         except (TrainError, DvsprepError, OSError) as exc:
             if debug:
                 raise
+            if _rank() != 0 and getattr(exc, FAILED_RANK_ATTR, None) is not None:
+                # every rank raised it and rank 0 says it once; wait a little so that rank 0
+                # exits first (torchrun stops the other ranks as soon as one exits)
+                time.sleep(AGREED_EXIT_DELAY_S)
+                sys.exit(1)
             if isinstance(exc, OSError) and not isinstance(exc, (TrainError, DvsprepError)):
                 where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
                 msg = f"{where}{exc.strerror or exc}"
             else:
                 msg = str(exc)
-            click.echo(f"error: {msg}", err=True)
+            rank = _rank()
+            click.echo(f"{f'rank {rank}: ' if rank else ''}error: {msg}", err=True)
             sys.exit(1)
 
     return wrapper
@@ -52,10 +72,12 @@ _CHOICE = functools.partial(click.Choice, case_sensitive=False)
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--data", required=True, type=click.Path(path_type=Path),
-              help="Frame store (frames_T<T>_<split>.zarr) or the DATA_ROOT holding frames_T<T>_number.zarr.")
+@click.option("--data", required=True, metavar="PATH|URL",
+              help="Frame store (frames_T<T>_<split>.zarr, its .zip from dvsprep pack, or an http(s) URL "
+                   "of either) or the DATA_ROOT holding frames_T<T>_number.zarr.")
 @click.option("-T", "T", type=click.IntRange(min=1), default=16, show_default=True, help="Time steps (frames per sample).")
-@click.option("-b", "batch_size", type=click.IntRange(min=1), default=16, show_default=True, help="Batch size.")
+@click.option("-b", "batch_size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Batch size per process (under torchrun the global batch is -b x WORLD_SIZE).")
 @click.option("--epochs", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("-j", "workers", type=click.IntRange(min=0), default=None,
               help="DataLoader workers when not preloading (default: min(4, CPUs)).")
@@ -83,18 +105,27 @@ _CHOICE = functools.partial(click.Choice, case_sensitive=False)
               help="Hold the store in memory (auto: when it fits, on the GPU first).")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
               help="Hold out this share of train for model selection (PLIF paper's accuracy-B).")
+@click.option("--sync-bn", is_flag=True,
+              help="Under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm).")
+@click.option("--data-fingerprint", default=None, metavar="SHA256",
+              help="Refuse to train unless the store's fingerprint is this (or starts with it, >= 12 hex digits).")
 @click.option("-q", "--quiet", is_flag=True, help="Only the per-epoch lines and errors.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @click.version_option(package_name="dvsgesture-kit")
 @_one_line_errors
 def train_main(data, T, batch_size, epochs, workers, channels, out_dir, run_name, resume, force, amp,
                amp_dtype, cupy, opt, lr, momentum, lr_scheduler, step_size, gamma, t_max, device, seed,
-               net, neuron, preload, val_fraction, quiet, debug) -> None:
-    """Train the PLIF-paper network on a dvsprep frame store."""
+               net, neuron, preload, val_fraction, sync_bn, data_fingerprint, quiet, debug) -> None:
+    """Train the PLIF-paper network on a dvsprep frame store.
+
+    Several GPUs or machines: start it with torchrun, e.g.
+    torchrun --nproc-per-node 8 -m dvsg_train --data STORE -b 16 (global batch 128).
+    """
     from .engine import main
     from .report import epoch_line
 
     _setup_logging(not quiet)
+    main_rank = _rank() == 0
     kw = {} if workers is None else {"workers": workers}
     config = TrainConfig(
         data=str(data), out_dir=str(out_dir), T=T, batch_size=batch_size, epochs=epochs,
@@ -103,9 +134,9 @@ def train_main(data, T, batch_size, epochs, workers, channels, out_dir, run_name
         momentum=momentum, lr_scheduler=lr_scheduler.lower(), step_size=step_size, gamma=gamma,
         T_max=t_max, device=device, seed=seed, preload=preload.lower(), val_fraction=val_fraction,
         resume=str(resume) if resume else None, run_name=run_name, force=force,
-        progress=sys.stderr.isatty(), **kw)
+        progress=sys.stderr.isatty(), sync_bn=sync_bn, data_fingerprint=data_fingerprint, **kw)
     summary = main(config, on_epoch=lambda r: click.echo(epoch_line(r)))
-    if summary["epochs"]:
+    if summary["epochs"] and main_rank:
         click.echo(f"run: {summary['run_dir']}")
         click.echo(f"max test acc {summary['max_test_acc']:.4f}, final epoch ({summary['final_epoch']}) "
                    f"test acc {summary['final_test_acc']:.4f}")
@@ -116,7 +147,7 @@ def train_main(data, T, batch_size, epochs, workers, channels, out_dir, run_name
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="A dvsg-train checkpoint (.pt).")
-@click.option("--data", required=True, type=click.Path(path_type=Path), help="Frame store or DATA_ROOT.")
+@click.option("--data", required=True, metavar="PATH|URL", help="Frame store (directory, .zip or URL) or DATA_ROOT.")
 @click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
 @click.option("--device", default=None, help="Default: cuda when present.")
 @click.option("-b", "batch_size", type=click.IntRange(min=1), default=None, help="Default: the checkpoint's.")

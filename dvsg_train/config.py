@@ -16,6 +16,8 @@ AMP_DTYPES = ("fp16", "bf16")
 
 # Fields that change the numbers a run produces: a checkpoint only resumes a run that agrees
 # on all of them. (epochs may grow; device, workers, paths and preload do not change results.)
+# batch_size stands for the global batch, batch_size * world_size: a run may resume on another
+# number of processes when -b x processes stays the same (see `resume_key`).
 RESUME_FIELDS = ("T", "batch_size", "channels", "net", "neuron", "tau", "opt", "lr", "momentum",
                  "lr_scheduler", "step_size", "gamma", "T_max", "amp", "amp_dtype", "seed",
                  "val_fraction")
@@ -55,6 +57,14 @@ class TrainConfig:
     run_name: str | None = None
     force: bool = False
     progress: bool = False
+    sync_bn: bool = False                  # DDP: BatchNorm statistics over the global batch
+    data_fingerprint: str | None = None    # the store must have this fingerprint (or prefix)
+    world_size: int = 1                    # processes the run is spread over (set by the engine)
+
+    @property
+    def global_batch_size(self) -> int:
+        """Samples per optimizer step over all processes: -b x world size."""
+        return self.batch_size * self.world_size
 
     def __post_init__(self) -> None:
         self.validate()
@@ -64,7 +74,7 @@ class TrainConfig:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
 
-        for name in ("T", "batch_size", "epochs", "channels", "step_size"):
+        for name in ("T", "batch_size", "epochs", "channels", "step_size", "world_size"):
             positive(name)
         if self.workers < 0:
             raise ConfigError(f"workers (-j) must be >= 0, got {self.workers}")
@@ -82,6 +92,11 @@ class TrainConfig:
             raise ConfigError(f"T_max must be >= 1, got {self.T_max}")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.data_fingerprint is not None:
+            fp = str(self.data_fingerprint).strip().lower()
+            if not 12 <= len(fp) <= 64 or any(c not in "0123456789abcdef" for c in fp):
+                raise ConfigError(f"data_fingerprint must be 12 to 64 hex digits (a store's sha256 "
+                                  f"or its prefix), got {self.data_fingerprint!r}")
         if self.cupy and self.net != "multistep":
             raise ConfigError("--cupy runs the multi-step neurons; it cannot be used with --net stepwise")
 
@@ -101,8 +116,8 @@ class TrainConfig:
         return "fp16" if device_type == "cuda" else "bf16"
 
     def default_run_name(self) -> str:
-        """The seed's ``T16_b16_adam_lr0.001_c128[_amp]`` plus what we add to it."""
-        name = f"T{self.T}_b{self.batch_size}_{self.opt}_lr{self.lr}_c{self.channels}"
+        """The seed's ``T16_b16_adam_lr0.001_c128[_amp]`` plus what we add to it (b: the global batch)."""
+        name = f"T{self.T}_b{self.global_batch_size}_{self.opt}_lr{self.lr}_c{self.channels}"
         if self.neuron != "lif":
             name += f"_{self.neuron}"
         if self.net != "multistep":
@@ -113,6 +128,8 @@ class TrainConfig:
             name += "_cupy"
         if self.val_fraction:
             name += f"_val{self.val_fraction:g}"
+        if self.sync_bn:
+            name += "_syncbn"
         return name
 
     def to_dict(self) -> dict[str, Any]:
@@ -127,6 +144,10 @@ class TrainConfig:
     def resume_key(self) -> dict[str, Any]:
         """The values that must agree between a checkpoint and the run that resumes it."""
         d = {k: getattr(self, k) for k in RESUME_FIELDS}
+        # the global batch decides the sample order and the steps; how it is spread over
+        # processes does not (beyond floating-point reduction order)
+        del d["batch_size"]
+        d["global_batch_size"] = self.global_batch_size
         d["T_max"] = self.resolved_T_max() if self.lr_scheduler == "cosalr" else None
         if self.lr_scheduler != "steplr":
             d["step_size"] = d["gamma"] = None

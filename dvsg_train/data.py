@@ -6,6 +6,12 @@ Two ways to feed the network, with the same sample order for the same generator:
   are built by indexing it with a permutation;
 - a DataLoader over `FrameDataset`, whose workers open the store themselves.
 
+Under DDP (``world_size`` > 1) ``batch_size`` is the batch of one rank: every rank draws the same
+permutation and takes its share (`dvsg_train.distributed.rank_share`) of each global batch of
+``batch_size * world_size`` samples. Training drops the last partial global batch (every rank
+steps on equal batches); evaluation keeps it and splits it without padding, so each sample is
+evaluated by exactly one rank.
+
 A batch leaves here as integer frames [B, T, 2, H, W] and int64 labels [B]; `to_network_input`
 moves it to the device, transposes once to [T, B, 2, H, W] and converts to float there.
 """
@@ -24,6 +30,7 @@ from torch import Tensor
 from dvsprep.constants import N_CLASSES
 from dvsprep.frames_store import FrameSplit, FrameStore, frame_store_name, open_frame_store
 
+from .distributed import rank_share, share_size
 from .errors import ConfigError, DataMismatchError
 
 log = logging.getLogger(__name__)
@@ -42,12 +49,16 @@ def resolve_store_path(path: str | os.PathLike, T: int | None) -> str:
     return str(path)
 
 
-def open_store(path: str | os.PathLike, T: int | None = None) -> FrameStore:
+def open_store(path: str | os.PathLike, T: int | None = None, *, verify: bool = False,
+               expected_fingerprint: str | None = None) -> FrameStore:
     """Open a frame store (or DATA_ROOT/frames_T<T>_number.zarr) and check its T when given.
 
-    Raises dvsprep's MissingFileError / StoreError for a missing or broken store and
-    DataMismatchError when its T is not the one asked for."""
-    store = open_frame_store(resolve_store_path(path, T))
+    ``verify`` hashes every file against the store's manifest; ``expected_fingerprint`` (sha256
+    or a prefix of >= 12 hex digits) must match the store's. Raises dvsprep's MissingFileError /
+    StoreError (IntegrityError) for a missing, broken or different store and DataMismatchError
+    when its T is not the one asked for."""
+    store = open_frame_store(resolve_store_path(path, T), verify=verify,
+                             expected_fingerprint=expected_fingerprint)
     if T is not None and store.T != T:
         raise DataMismatchError(f"{path}: store has T={store.T} frames per sample, but -T {T} was "
                                 f"asked for (make a store with dvsprep frames -T {T} or pass -T {store.T})")
@@ -109,25 +120,39 @@ class FrameDataset(torch.utils.data.Dataset):
 
 
 def batch_order(n: int, batch_size: int, shuffle: bool, drop_last: bool,
-                generator: torch.Generator | None) -> list[Tensor]:
-    """Index batches for one epoch: a randperm from ``generator`` when shuffling, else 0..n-1."""
+                generator: torch.Generator | None, rank: int = 0, world_size: int = 1) -> list[Tensor]:
+    """This rank's index batches for one epoch.
+
+    The epoch's order is a randperm from ``generator`` when shuffling, else 0..n-1, cut into
+    global batches of ``batch_size * world_size`` (the last, short one dropped with
+    ``drop_last``); the rank takes `rank_share` of each and skips shares that come out empty
+    (only a short last batch can give one). world_size 1 is the single-process order."""
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    stop = n - n % batch_size if drop_last else n
-    return [order[i:i + batch_size] for i in range(0, stop, batch_size)]
+    step = batch_size * world_size
+    stop = n - n % step if drop_last else n
+    shares = (rank_share(order[i:i + step], rank, world_size) for i in range(0, stop, step))
+    return [b for b in shares if len(b)]
+
+
+def n_batches(n: int, batch_size: int, drop_last: bool, rank: int = 0, world_size: int = 1) -> int:
+    """len(batch_order(...)) without drawing the permutation."""
+    step = batch_size * world_size
+    full, rest = divmod(n, step)
+    return full if drop_last else full + (1 if share_size(rest, rank, world_size) else 0)
 
 
 class _BatchSampler(torch.utils.data.Sampler):
     def __init__(self, n: int, batch_size: int, shuffle: bool, drop_last: bool,
-                 generator: torch.Generator | None):
-        self.args = (n, batch_size, shuffle, drop_last, generator)
+                 generator: torch.Generator | None, rank: int = 0, world_size: int = 1):
+        self.args = (n, batch_size, shuffle, drop_last, generator, rank, world_size)
 
     def __iter__(self) -> Iterator[list[int]]:
         for b in batch_order(*self.args):
             yield b.tolist()
 
     def __len__(self) -> int:
-        n, batch_size, _, drop_last, _ = self.args
-        return n // batch_size if drop_last else -(-n // batch_size)
+        n, batch_size, _, drop_last, _, rank, world_size = self.args
+        return n_batches(n, batch_size, drop_last, rank, world_size)
 
 
 class Batches:
@@ -135,14 +160,20 @@ class Batches:
 
     frames: preloaded tensor [N, T, 2, H, W] (uint8/uint16, CPU or GPU) or None to read through
     a DataLoader over ``dataset``. generator: the data-order generator (its state is what a
-    checkpoint saves); None with shuffle=False.
+    checkpoint saves); None with shuffle=False. batch_size: per rank; rank / world_size: this
+    process's share of each global batch (see the module docstring).
     """
 
     def __init__(self, labels: Tensor, batch_size: int, *, shuffle: bool, drop_last: bool,
                  generator: torch.Generator | None = None, frames: Tensor | None = None,
-                 dataset: FrameDataset | None = None, workers: int = 0, pin_memory: bool = False):
+                 dataset: FrameDataset | None = None, workers: int = 0, pin_memory: bool = False,
+                 rank: int = 0, world_size: int = 1):
         if (frames is None) == (dataset is None):
             raise ValueError("Batches needs exactly one of frames (preloaded) or dataset")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside a world of {world_size}")
+        self.rank = rank
+        self.world_size = world_size
         self.labels = labels
         self.frames = frames
         self.dataset = dataset
@@ -156,23 +187,26 @@ class Batches:
 
     @property
     def n_samples(self) -> int:
+        """Samples in the split (all ranks together)."""
         return len(self.labels)
 
     def __len__(self) -> int:
-        n = self.n_samples
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        """Batches this rank takes per epoch."""
+        return n_batches(self.n_samples, self.batch_size, self.drop_last, self.rank, self.world_size)
+
+    def _order_args(self) -> tuple:
+        return (self.n_samples, self.batch_size, self.shuffle, self.drop_last, self.generator,
+                self.rank, self.world_size)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         if self.frames is not None:
             labels = self.labels.to(self.frames.device)
-            for idx in batch_order(self.n_samples, self.batch_size, self.shuffle, self.drop_last,
-                                   self.generator):
+            for idx in batch_order(*self._order_args()):
                 idx = idx.to(self.frames.device)
                 yield self.frames[idx], labels[idx]
             return
         if self._loader is None:
-            sampler = _BatchSampler(self.n_samples, self.batch_size, self.shuffle, self.drop_last,
-                                    self.generator)
+            sampler = _BatchSampler(*self._order_args())
             # A private generator for worker seeds, so the loader never draws from the global
             # RNG (that one drives dropout and must not depend on how data is read).
             self._loader = torch.utils.data.DataLoader(
@@ -206,11 +240,13 @@ def _available_bytes(device: torch.device) -> int:
         return 0
 
 
-def resolve_preload(preload: str, nbytes: int, device: torch.device) -> torch.device | None:
+def resolve_preload(preload: str, nbytes: int, device: torch.device,
+                    cpu_copies: int = 1) -> torch.device | None:
     """Where to hold the frames: a device, or None for the DataLoader path.
 
     "auto" picks the training device when the frames fit in PRELOAD_SHARE of its free memory,
-    else CPU memory under the same rule, else None."""
+    else CPU memory under the same rule, else None. cpu_copies: processes on this machine that
+    each hold their own copy in CPU memory (DDP ranks)."""
     if preload == "none":
         return None
     if preload == "cpu":
@@ -220,7 +256,8 @@ def resolve_preload(preload: str, nbytes: int, device: torch.device) -> torch.de
             raise ConfigError(f"--preload gpu needs a CUDA device, but the run uses {device}")
         return device
     for where in ([device, torch.device("cpu")] if device.type == "cuda" else [torch.device("cpu")]):
-        if nbytes <= PRELOAD_SHARE * _available_bytes(where):
+        need = nbytes * (cpu_copies if where.type == "cpu" else 1)
+        if need <= PRELOAD_SHARE * _available_bytes(where):
             return where
     return None
 
@@ -239,31 +276,40 @@ class RunData:
 
 def load_run_data(path: str | os.PathLike, *, T: int, batch_size: int, device: torch.device,
                   preload: str = "auto", val_fraction: float = 0.0, seed: int = 0,
-                  workers: int = 0, generator: torch.Generator | None = None) -> RunData:
+                  workers: int = 0, generator: torch.Generator | None = None,
+                  rank: int = 0, world_size: int = 1, local_world_size: int = 1,
+                  expected_fingerprint: str | None = None) -> RunData:
     """Open the store, split off validation and build the three batch streams.
 
-    The train stream draws its order from ``generator`` (the run's data-order generator)."""
-    store = open_store(path, T)
+    The train stream draws its order from ``generator`` (the run's data-order generator, the
+    same on every rank). batch_size is per rank; rank / world_size pick this process's share of
+    every global batch; local_world_size ranks on this machine each preload their own copy."""
+    store = open_store(path, T, expected_fingerprint=expected_fingerprint)
     path = str(store.path)
     train_sp, test_sp = store.split("train"), store.split("test")
-    if len(train_sp) < batch_size:
-        raise DataMismatchError(f"{path}: train split has {len(train_sp)} samples, fewer than one "
-                                f"batch of {batch_size} (batches drop the last partial one)")
+    step = batch_size * world_size
+    what = f"one batch of {batch_size}" if world_size == 1 else \
+        f"one global batch of {step} (-b {batch_size} x {world_size} processes)"
+    if len(train_sp) < step:
+        raise DataMismatchError(f"{path}: train split has {len(train_sp)} samples, fewer than "
+                                f"{what} (batches drop the last partial one)")
     if len(test_sp) == 0:
         raise DataMismatchError(f"{path}: test split is empty")
     train_idx, val_idx = split_train_val(train_sp.labels, val_fraction, seed)
-    if len(train_idx) < batch_size:
+    if len(train_idx) < step:
         raise DataMismatchError(f"{path}: after holding out {len(val_idx)} samples for validation, "
-                                f"{len(train_idx)} train samples remain, fewer than one batch of {batch_size}")
+                                f"{len(train_idx)} train samples remain, fewer than {what}")
     sample_bytes = int(np.prod(train_sp.frames.shape[1:])) * store.dtype.itemsize
-    where = resolve_preload(preload, sample_bytes * (len(train_sp) + len(test_sp)), device)
+    where = resolve_preload(preload, sample_bytes * (len(train_sp) + len(test_sp)), device,
+                            cpu_copies=local_world_size)
     pin = device.type == "cuda" and where is None
 
     loaded: dict[str, np.ndarray] = {}
 
     def make(sp: FrameSplit, idx: np.ndarray | None, train: bool) -> Batches:
         labels = torch.from_numpy(sp.labels if idx is None else sp.labels[idx])
-        kw = dict(shuffle=train, drop_last=train, generator=generator if train else None)
+        kw = dict(shuffle=train, drop_last=train, generator=generator if train else None,
+                  rank=rank, world_size=world_size)
         if where is None:
             return Batches(labels, batch_size, dataset=FrameDataset(path, sp.name, idx),
                            workers=workers, pin_memory=pin, **kw)

@@ -1,4 +1,9 @@
-"""Training and evaluation loops, and ``main(config)``: a whole run as the CLI starts it."""
+"""Training and evaluation loops, and ``main(config)``: a whole run as the CLI starts it.
+
+``main`` runs single-process or, under torchrun (WORLD_SIZE > 1), as one rank of a DDP run (see
+`dvsg_train.distributed`): every rank trains its replica on its share of each global batch,
+metrics are summed over ranks, and rank 0 alone logs, draws progress bars and writes files.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -16,6 +21,7 @@ from torch import nn
 from dvsprep.constants import N_CLASSES
 
 from . import __version__
+from . import distributed
 from .checkpoint import (
     LATEST,
     MAX,
@@ -30,7 +36,8 @@ from .checkpoint import (
 )
 from .config import MODEL_FIELDS, TrainConfig
 from .data import Batches, FrameDataset, load_run_data, open_store, resolve_preload, to_network_input
-from .errors import CheckpointError, ConfigError, TrainError
+from .distributed import DistEnv, resolve_device
+from .errors import CheckpointError, DataMismatchError, TrainError
 from .model import build_model
 from .neuron import check_backend
 from .report import Scalars, epoch_line, write_curves, write_json, write_metrics
@@ -38,22 +45,6 @@ from .report import Scalars, epoch_line, write_curves, write_json, write_metrics
 log = logging.getLogger(__name__)
 
 AMP_TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def resolve_device(device: str | None) -> torch.device:
-    """``None`` -> cuda when present, else cpu. A CUDA device that is not there is a ConfigError."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise ConfigError(f"--device {device!r} is not a device torch knows ({exc})") from exc
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: torch sees no CUDA device here")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
-    return dev
 
 
 def _autocast(device: torch.device, amp_dtype: str | None):
@@ -77,11 +68,13 @@ def _progress(iterable, enabled: bool, desc: str, total: int):
 
 def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer,
                     device: torch.device, *, scaler: torch.amp.GradScaler | None = None,
-                    amp_dtype: str | None = None, progress: bool = False) -> dict[str, float]:
+                    amp_dtype: str | None = None, progress: bool = False,
+                    dist_env: DistEnv | None = None) -> dict[str, float]:
     """One pass over ``batches`` with one optimizer step per batch.
 
     amp_dtype: None, "fp16" (needs ``scaler``) or "bf16" (no scaler); autocast covers forward
-    and loss. Returns loss (mean MSE), acc, samples, seconds, samples_per_s.
+    and loss. Returns loss (mean MSE), acc, samples, seconds, samples_per_s; under DDP
+    (``dist_env``, ``model`` wrapped in DDP) over the samples of all ranks.
     """
     if amp_dtype == "fp16" and scaler is None:
         raise ValueError("fp16 autocast needs a GradScaler")
@@ -109,16 +102,25 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
+    totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(n), dtype=torch.float64, device=device)])
+    if dist_env is not None:
+        distributed.all_reduce_sum(dist_env, totals)
+    loss_total, correct_total, n_total = totals.tolist()
+    n = int(n_total)
     if n == 0:
         raise TrainError("the train split produced no batch")
-    return {"loss": loss_sum.item() / n, "acc": correct.item() / n, "samples": n,
+    return {"loss": loss_total / n, "acc": correct_total / n, "samples": n,
             "seconds": seconds, "samples_per_s": n / seconds}
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Batches, device: torch.device, *,
-             amp_dtype: str | None = None, progress: bool = False) -> dict[str, Any]:
-    """Loss and accuracy over ``batches`` (eval mode), plus confusion [11, 11] (rows = true)."""
+             amp_dtype: str | None = None, progress: bool = False,
+             dist_env: DistEnv | None = None) -> dict[str, Any]:
+    """Loss and accuracy over ``batches`` (eval mode), plus confusion [11, 11] (rows = true).
+
+    Under DDP each rank passes its unwrapped model and its share of the split (every sample in
+    exactly one rank's share); sums are reduced over ranks, so the result covers the split once."""
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     confusion = torch.zeros(N_CLASSES * N_CLASSES, dtype=torch.int64, device=device)
@@ -133,8 +135,13 @@ def evaluate(model: nn.Module, batches: Batches, device: torch.device, *,
         confusion += torch.bincount(y * N_CLASSES + out.argmax(1), minlength=N_CLASSES * N_CLASSES)
         n += len(y)
     seconds = time.perf_counter() - start
-    conf = confusion.view(N_CLASSES, N_CLASSES).cpu().numpy()
-    return {"loss": loss_sum.item() / max(n, 1), "acc": float(np.trace(conf)) / max(n, 1),
+    totals = torch.cat([loss_sum.view(1), torch.tensor([float(n)], dtype=torch.float64, device=device),
+                        confusion.double()])
+    if dist_env is not None:
+        distributed.all_reduce_sum(dist_env, totals)
+    loss_total, n = totals[0].item(), int(totals[1].item())
+    conf = totals[2:].round().long().view(N_CLASSES, N_CLASSES).cpu().numpy()
+    return {"loss": loss_total / max(n, 1), "acc": float(np.trace(conf)) / max(n, 1),
             "samples": n, "seconds": seconds, "confusion": conf}
 
 
@@ -153,9 +160,9 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
     return None
 
 
-def _resolved(config: TrainConfig, device: torch.device) -> TrainConfig:
+def _resolved(config: TrainConfig, device: torch.device, world_size: int = 1) -> TrainConfig:
     """The config with the choices made for this machine written in (saved with the run)."""
-    return dataclasses.replace(config, device=str(device),
+    return dataclasses.replace(config, device=str(device), world_size=world_size,
                                amp_dtype=config.resolved_amp_dtype(device.type),
                                T_max=config.resolved_T_max() if config.lr_scheduler == "cosalr" else config.T_max)
 
@@ -181,25 +188,71 @@ def main(config: TrainConfig, on_epoch: Callable[[dict[str, Any]], None] | None 
     Writes into ``config.out_dir/<run name>/``: config.json, metrics.jsonl, curves.png,
     TensorBoard scalars, checkpoint_latest.pt and checkpoint_max.pt (chosen on validation
     accuracy when --val-fraction holds some out, else on test accuracy as the seed did).
+
+    Under torchrun (WORLD_SIZE > 1) this is one rank of a DDP run: it joins the process group
+    from the environment (and leaves it at the end), and only rank 0 writes files, logs epoch
+    lines and calls ``on_epoch``; every rank returns the same summary.
     """
     config.validate()
-    device = resolve_device(config.device)
-    check_backend(config.backend)
-    rc = _resolved(config, device)
-    run_dir = Path(config.out_dir) / (config.run_name or config.default_run_name())
-    ckpt = None
-    if config.resume:
-        ckpt = load_checkpoint(config.resume)
-        check_resume(ckpt, config.resume, rc)
-    elif (run_dir / LATEST).exists() and not config.force:
-        raise TrainError(f"{run_dir} already holds a run; continue it with --resume "
-                         f"{run_dir / LATEST}, start over with --force, or pick --run-name")
+    env = distributed.setup(config.device)
+    try:
+        return _run(config, env, on_epoch)
+    finally:
+        distributed.teardown(env)
 
+
+def _verify_store(config: TrainConfig) -> str:
+    """Hash every file of the store against its manifest (and the expected fingerprint); on a
+    URL this is also the download into the machine's cache. Returns the fingerprint."""
+    t0 = time.perf_counter()
+    store = open_store(config.data, config.T, verify=True, expected_fingerprint=config.data_fingerprint)
+    log.info("verified %s: %d files match fingerprint %s (%.1f s)", store.source,
+             len(store.manifest["files"]), store.fingerprint, time.perf_counter() - t0)
+    return store.fingerprint
+
+
+def _run(config: TrainConfig, env: DistEnv, on_epoch: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+    device = env.device
+    check_backend(config.backend)
+    rc = _resolved(config, device, env.world_size)
+    run_dir = Path(config.out_dir) / (config.run_name or rc.default_run_name())
+    if env.enabled:
+        log.info("DDP over %d processes: -b %d per process, global batch %d%s", env.world_size,
+                 config.batch_size, rc.global_batch_size, ", SyncBatchNorm" if config.sync_bn else "")
+
+    def previous_run() -> dict[str, Any] | None:
+        # rank 0 reads the checkpoint and hands it over: other machines need not see the file
+        if config.resume:
+            ckpt = load_checkpoint(config.resume)
+            check_resume(ckpt, config.resume, rc)
+            return ckpt
+        if (run_dir / LATEST).exists() and not config.force:
+            raise TrainError(f"{run_dir} already holds a run; continue it with --resume "
+                             f"{run_dir / LATEST}, start over with --force, or pick --run-name")
+        return None
+
+    ckpt = distributed.on_main(env, previous_run)
+
+    # The store is checked before any training: once per machine (local rank 0 hashes every
+    # file, and downloads a URL into the cache once), then every rank opens its local copy.
+    verified = distributed.local_main_first(env, lambda: _verify_store(config), lambda: None)
     torch.manual_seed(config.seed)
     data_gen = torch.Generator().manual_seed(config.seed)
-    data = load_run_data(config.data, T=config.T, batch_size=config.batch_size, device=device,
-                         preload=config.preload, val_fraction=config.val_fraction, seed=config.seed,
-                         workers=config.workers, generator=data_gen)
+    data = distributed.agree(env, lambda: load_run_data(
+        config.data, T=config.T, batch_size=config.batch_size, device=device, preload=config.preload,
+        val_fraction=config.val_fraction, seed=config.seed, workers=config.workers, generator=data_gen,
+        rank=env.rank, world_size=env.world_size, local_world_size=env.local_world_size,
+        expected_fingerprint=config.data_fingerprint))
+    if verified is not None and data.fingerprint != verified:
+        raise DataMismatchError(f"{config.data}: the store changed while it was opened "
+                                f"(fingerprint {verified[:16]} became {data.fingerprint[:16]})")
+    prints = distributed.all_gather_object(env, data.fingerprint)
+    if len(set(prints)) > 1:
+        other = next(r for r, fp in enumerate(prints) if fp != prints[0])
+        err = DataMismatchError(f"{config.data}: rank {other} has a store with fingerprint {prints[other][:16]}, "
+                                f"rank 0 one with {prints[0][:16]}: every machine must hold the same store")
+        setattr(err, distributed.FAILED_RANK_ATTR, other)
+        raise err
     log.info("data %s (fingerprint %s): %d train, %d val, %d test samples", config.data,
              data.fingerprint, data.train.n_samples, data.val.n_samples if data.val else 0,
              data.test.n_samples)
@@ -207,6 +260,8 @@ def main(config: TrainConfig, on_epoch: Callable[[dict[str, Any]], None] | None 
         check_data(ckpt, config.resume, data.fingerprint, config.data)
 
     model = build_model(config.channels, config.net, config.neuron, config.backend, config.tau).to(device)
+    if config.sync_bn and env.enabled:
+        model = distributed.convert_sync_batchnorm(model, device)
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config)
     amp_dtype = rc.amp_dtype
@@ -222,41 +277,51 @@ def main(config: TrainConfig, on_epoch: Callable[[dict[str, Any]], None] | None 
                 scheduler.load_state_dict(ckpt["scheduler"])
             if scaler is not None:
                 scaler.load_state_dict(ckpt["scaler"])
-            set_rng_state(ckpt["rng"], data_gen)
+            set_rng_state(ckpt["rng"], data_gen, data_only=env.enabled)
         except (ValueError, KeyError, TypeError, RuntimeError) as exc:
             raise CheckpointError(f"{config.resume}: optimizer/scheduler/RNG state does not fit "
                                   f"this run ({str(exc).splitlines()[0][:160]})") from exc
         history = [dict(r) for r in ckpt["history"]]
         start_epoch = int(ckpt["epoch"]) + 1
         log.info("resuming from %s after epoch %d", config.resume, start_epoch - 1)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if ckpt is None:
-        # a fresh start (--force) must not leave the previous run's outputs mixed with ours
-        for old in [run_dir / LATEST, run_dir / MAX, run_dir / "metrics.jsonl", run_dir / "curves.png",
-                    *run_dir.glob("events.out.tfevents.*")]:
-            old.unlink(missing_ok=True)
-    write_json(run_dir / "config.json", {**rc.to_dict(), "run_dir": str(run_dir),
-                                         "data_fingerprint": data.fingerprint, "version": __version__,
-                                         "torch": torch.__version__})
+    net = distributed.wrap_model(env, model)       # DDP: rank 0's weights go to every rank
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if ckpt is None:
+            # a fresh start (--force) must not leave the previous run's outputs mixed with ours
+            for old in [run_dir / LATEST, run_dir / MAX, run_dir / "metrics.jsonl", run_dir / "curves.png",
+                        *run_dir.glob("events.out.tfevents.*")]:
+                old.unlink(missing_ok=True)
+        write_json(run_dir / "config.json", {**rc.to_dict(), "run_dir": str(run_dir),
+                                             "data_fingerprint": data.fingerprint, "version": __version__,
+                                             "torch": torch.__version__})
     if start_epoch >= config.epochs:
         log.info("checkpoint already at epoch %d of %d; nothing to train", start_epoch - 1, config.epochs)
+        distributed.barrier(env)
         return _summary(history, run_dir, data.fingerprint)
 
     def select(r: dict[str, Any]) -> float:
         return r["val_acc"] if r.get("val_acc") is not None else r["test_acc"]
 
     best_so_far = max((select(r) for r in history), default=-1.0)
-    scalars = Scalars(run_dir, purge_step=start_epoch)
+    scalars = Scalars(run_dir, purge_step=start_epoch) if env.is_main else None
+    progress = config.progress and env.is_main
+    dist_env = env if env.enabled else None
+    cuda_rng = device if env.enabled and device.type == "cuda" else None
     try:
         for epoch in range(start_epoch, config.epochs):
+            if env.enabled:
+                # each rank its own dropout masks, reproducible on resume whatever the world size was
+                torch.manual_seed(distributed.rank_seed(config.seed, epoch, env.rank))
             t0 = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
-            train = train_one_epoch(model, data.train, optimizer, device, scaler=scaler,
-                                    amp_dtype=amp_dtype, progress=config.progress)
+            train = train_one_epoch(net, data.train, optimizer, device, scaler=scaler,
+                                    amp_dtype=amp_dtype, progress=progress, dist_env=dist_env)
             if scheduler is not None:
                 scheduler.step()
-            val = evaluate(model, data.val, device, amp_dtype=amp_dtype) if data.val else None
-            test = evaluate(model, data.test, device, amp_dtype=amp_dtype, progress=config.progress)
+            distributed.broadcast_buffers(env, model)
+            val = evaluate(model, data.val, device, amp_dtype=amp_dtype, dist_env=dist_env) if data.val else None
+            test = evaluate(model, data.test, device, amp_dtype=amp_dtype, progress=progress, dist_env=dist_env)
             record = {
                 "epoch": epoch, "lr": lr,
                 "train_loss": train["loss"], "train_acc": train["acc"],
@@ -266,14 +331,20 @@ def main(config: TrainConfig, on_epoch: Callable[[dict[str, Any]], None] | None 
                 "epoch_seconds": time.perf_counter() - t0,
                 "train_samples_per_s": train["samples_per_s"],
             }
+            if env.enabled:
+                # rank 0's clock, so every rank keeps the same history
+                record["epoch_seconds"], record["train_samples_per_s"] = distributed.on_main(
+                    env, lambda: (record["epoch_seconds"], record["train_samples_per_s"]))
             history.append(record)
             improved = select(record) > best_so_far
             best_so_far = max(best_so_far, select(record))
+            if not env.is_main:
+                continue
             payload = {
                 "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "scaler": scaler.state_dict() if scaler is not None else None,
-                "rng": rng_state(data_gen), "config": rc.to_dict(),
+                "rng": rng_state(data_gen, cuda_rng), "config": rc.to_dict(),
                 "data_fingerprint": data.fingerprint, "history": history,
             }
             save_checkpoint(run_dir / LATEST, payload)
@@ -287,7 +358,9 @@ def main(config: TrainConfig, on_epoch: Callable[[dict[str, Any]], None] | None 
             else:
                 log.info("%s", epoch_line(record))
     finally:
-        scalars.close()
+        if scalars is not None:
+            scalars.close()
+    distributed.barrier(env)        # the run's files are complete when any rank returns
     return _summary(history, run_dir, data.fingerprint)
 
 

@@ -101,3 +101,31 @@ def test_python_dash_m_runs_dvsg_train():
     res = subprocess.run([sys.executable, "-m", "dvsg_train", "--help"], capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0 and "--cupy" in res.stdout and "Usage: dvsg-train" in res.stdout
+
+
+def test_store_is_verified_before_training(trained, tmp_path):
+    import shutil
+
+    from dvsprep.frames_store import open_frame_store
+
+    root, _ = trained
+    store = root / "frames_T4_number.zarr"
+    fp = open_frame_store(store).fingerprint
+    out = tmp_path / "runs"
+    res = CliRunner().invoke(train_main, ["--data", str(store), "--out-dir", str(out), *TINY,
+                                          "--data-fingerprint", "0123456789ab"])
+    msg = error_line(res)
+    assert "fingerprint" in msg and fp[:16] in msg and "0123456789ab" in msg
+    assert not out.exists()                                     # refused before anything was written
+    assert "12 to 64 hex digits" in error_line(CliRunner().invoke(
+        train_main, ["--data", str(store), "--out-dir", str(out), *TINY, "--data-fingerprint", "xyz"]))
+    # one flipped byte in a shard: found before the first epoch
+    bad = tmp_path / "frames_T4_number.zarr"
+    shutil.copytree(store, bad)
+    shard = next(p for p in sorted((bad / "train" / "frames").rglob("*")) if p.is_file() and p.name != "zarr.json")
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    msg = error_line(CliRunner().invoke(train_main, ["--data", str(bad), "--out-dir", str(out), *TINY]))
+    assert "NOT intact: 1 corrupt" in msg and "train/frames" in msg and str(bad) in msg
+    assert not out.exists()

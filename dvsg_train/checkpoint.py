@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from dvsprep.atomic import atomic_write
+
 from . import __version__
 from .config import MODEL_FIELDS, TrainConfig
 from .errors import CheckpointError, ConfigError, ConfigMismatchError, DataMismatchError
@@ -45,18 +47,6 @@ def set_rng_state(state: dict[str, Any], data_generator: torch.Generator, *, dat
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` and rename the result onto ``path``; nothing half-written remains."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 
 from dvsprep.constants import GESTURE_NAMES
 
-from .checkpoint import atomic_write
+from dvsprep.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 

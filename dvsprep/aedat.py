@@ -25,6 +25,7 @@ from .constants import (
     T_DTYPE,
     XY_DTYPE,
 )
+from .atomic import atomic_write
 from .errors import AedatFormatError
 
 PACKET_HEADER = np.dtype(
@@ -346,14 +347,10 @@ def special_packet(n: int = 2, ts: int = 0) -> bytes:
 
 def write_aedat(path: str | os.PathLike, packets: Iterable[bytes], header: bytes | None = None) -> None:
     """Write header + packets to `path` atomically (temp file then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             f.write(header_bytes() if header is None else header)
             for pk in packets:
                 f.write(pk)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+
+    atomic_write(path, write)

@@ -94,20 +94,28 @@ class StoreFiles(ABC):
         with open(sp.path, "rb") as f:
             return os.pread(f.fileno(), min(n, sp.size), sp.offset)
 
-    def sha256(self, name: str) -> tuple[str, int]:
-        """(sha256 hex, bytes read) of `name`, streamed."""
+    def chunks(self, name: str, missing: str | None = None) -> Iterator[bytes]:
+        """The bytes of `name` in pieces of at most 4 MiB (fewer bytes than its size when the
+        underlying file is truncated). MissingFileError (with `missing` as message) when absent."""
         sp = self.span(name)
         if sp is None:
-            raise MissingFileError(f"{self.path}: no {name} in the store")
-        h = hashlib.sha256()
+            raise MissingFileError(missing or f"{self.path}: no {name} in the store")
         n = 0
         with open(sp.path, "rb") as f:
             while n < sp.size:
                 chunk = os.pread(f.fileno(), min(_BUF, sp.size - n), sp.offset + n)
                 if not chunk:
-                    break
-                h.update(chunk)
+                    return
                 n += len(chunk)
+                yield chunk
+
+    def sha256(self, name: str) -> tuple[str, int]:
+        """(sha256 hex, bytes read) of `name`, streamed."""
+        h = hashlib.sha256()
+        n = 0
+        for chunk in self.chunks(name):
+            h.update(chunk)
+            n += len(chunk)
         return h.hexdigest(), n
 
     @abstractmethod

@@ -21,6 +21,7 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
+from .atomic import remove_path, temp_sibling
 from .constants import N_POLARITIES, SENSOR_SIZE, SPLITS
 from .errors import MissingFileError, StoreError
 from .events_store import EventsFile
@@ -31,11 +32,9 @@ from .frames_store import (
     create_frames_array,
     create_layout,
     finish_store,
-    remove_tree,
     samples_per_shard,
     split_counts,
     store_attributes,
-    temp_path_for,
     write_metadata,
 )
 from .framing import integrate, narrowest_dtype
@@ -184,7 +183,7 @@ def build_frame_store(
     dtype = np.dtype("u1")
     tasks = [(s, a, min(a + shard, len(meta[s]["label"])))
              for s in SPLITS for a in range(0, len(meta[s]["label"]), shard)]
-    tmp = temp_path_for(final)
+    tmp = temp_sibling(final)
     bar = None
     pool = None
     try:
@@ -256,7 +255,7 @@ def build_frame_store(
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
             pool = None
-        remove_tree(tmp)
+        remove_path(tmp)
         raise
     finally:
         if pool is not None:

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -33,6 +31,7 @@ import zarr.codecs
 from zarr.storage import LocalStore
 
 from . import frames_schema as schema
+from .atomic import publish_dir, remove_path, temp_sibling
 from .container import MAX_MANIFEST_BYTES, StoreFiles, open_store_files, parse_manifest, read_json
 
 from . import __version__
@@ -99,32 +98,11 @@ def check_output(path: str | os.PathLike, force: bool) -> Path:
     return path
 
 
-def temp_path_for(path: Path) -> Path:
-    """A unique hidden sibling of `path` to build the store in (same filesystem: rename is atomic)."""
-    return path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
 def publish(tmp: Path, final: Path, force: bool) -> None:
     """Move the completed store `tmp` to `final`; the old store (force) is removed only after."""
-    if final.exists() or final.is_symlink():
-        if not force:
-            raise StoreExistsError(f"{final}: already exists (use --force to replace it)")
-        trash = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(final, trash)
-        os.replace(tmp, final)
-        if trash.is_dir() and not trash.is_symlink():
-            shutil.rmtree(trash)
-        else:
-            trash.unlink()
-    else:
-        os.replace(tmp, final)
-
-
-def remove_tree(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists():
-        path.unlink()
+    if (final.exists() or final.is_symlink()) and not force:
+        raise StoreExistsError(f"{final}: already exists (use --force to replace it)")
+    publish_dir(tmp, final)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -285,7 +263,7 @@ def write_frame_store_from_arrays(
         dtypes.add(fr.dtype)
     dtype = max(dtypes, key=lambda d: d.itemsize) if dtypes else FRAME_DTYPES[0]
     shard = samples_per_shard(T, dtype)
-    tmp = temp_path_for(final)
+    tmp = temp_sibling(final)
     try:
         sizes = {name: int(np.asarray(sp["frames"]).shape[0]) for name, sp in splits.items()}
         group = create_layout(tmp, T=T, sizes=sizes, dtype=dtype, codec=codec, shard_samples=shard)
@@ -301,7 +279,7 @@ def write_frame_store_from_arrays(
                                             shard_samples=shard))
         return finish_store(tmp, final, force)
     except BaseException:
-        remove_tree(tmp)
+        remove_path(tmp)
         raise
 
 

@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write
+
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "dvsprep-manifest/1"
 _BUF = 1 << 22
@@ -54,7 +56,5 @@ def write_dir_manifest(root: str | os.PathLike, manifest: dict) -> str:
     """Write `root/manifest.json` atomically; returns the store fingerprint."""
     root = Path(root)
     data = canonical_json(manifest)
-    tmp = root / f".{MANIFEST_NAME}.tmp{os.getpid()}"
-    tmp.write_bytes(data)
-    os.replace(tmp, root / MANIFEST_NAME)
+    atomic_write(root / MANIFEST_NAME, lambda tmp: tmp.write_bytes(data))
     return sha256_bytes(data)

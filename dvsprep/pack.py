@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .container import MAX_MANIFEST_BYTES, StoreFiles, is_zip_path, parse_manifest
-from .errors import IntegrityError, StoreError
-from .frames_store import check_output, open_frame_store, publish, remove_tree, temp_path_for
+from .errors import IntegrityError, MissingFileError, StoreError
+from .atomic import atomic_write, remove_path, temp_sibling
+from .frames_store import check_output, open_frame_store, publish
 from .manifest import MANIFEST_NAME, sha256_bytes
 
-_BUF = 1 << 22
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
 
@@ -39,19 +39,15 @@ class PackSummary:
 
 def _copy_checked(files: StoreFiles, name: str, want: dict, dst, where: str) -> int:
     """Copy one stored file to `dst`, hashing as it goes; IntegrityError when it differs."""
-    span = files.span(name)
-    if span is None:
-        raise IntegrityError(f"{where}: {name} is listed in the manifest but missing (run dvsprep verify)")
     h = hashlib.sha256()
     n = 0
-    with open(span.path, "rb") as f:
-        while n < span.size:
-            chunk = os.pread(f.fileno(), min(_BUF, span.size - n), span.offset + n)
-            if not chunk:
-                break
+    try:
+        for chunk in files.chunks(name):
             h.update(chunk)
             dst.write(chunk)
             n += len(chunk)
+    except MissingFileError:
+        raise IntegrityError(f"{where}: {name} is listed in the manifest but missing (run dvsprep verify)") from None
     if n != want["size"] or h.hexdigest() != want["sha256"]:
         raise IntegrityError(f"{where}: {name} differs from the manifest (run dvsprep verify); nothing written")
     return n
@@ -87,18 +83,16 @@ def pack_store(store: str | os.PathLike, out: str | os.PathLike | None = None, f
     check_output(out, force)
     if out.is_dir():
         raise StoreError(f"{out}: is a directory")
-    tmp = temp_path_for(out)
-    try:
+
+    def write(tmp: Path) -> None:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
             for name in sorted(manifest["files"]):
                 want = manifest["files"][name]
                 with zf.open(_zip_info(name, want["size"]), "w", force_zip64=want["size"] >= zipfile.ZIP64_LIMIT) as dst:
                     _copy_checked(files, name, want, dst, str(store))
             zf.writestr(_zip_info(MANIFEST_NAME, len(raw)), raw)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    atomic_write(out, write)
     return PackSummary(store, out, len(manifest["files"]) + 1, out.stat().st_size, sha256_bytes(raw))
 
 
@@ -121,7 +115,7 @@ def unpack_store(archive: str | os.PathLike, out: str | os.PathLike | None = Non
         out = archive.with_name(archive.name[: -len(".zip")])
     out = check_output(Path(out), force)
     files, manifest, raw = _checked_source(archive)
-    tmp = temp_path_for(out)
+    tmp = temp_sibling(out)
     try:
         tmp.mkdir()
         for name in sorted(manifest["files"]):
@@ -132,7 +126,7 @@ def unpack_store(archive: str | os.PathLike, out: str | os.PathLike | None = Non
         (tmp / MANIFEST_NAME).write_bytes(raw)  # last, as when the store was written
         publish(tmp, out, force)
     except BaseException:
-        remove_tree(tmp)
+        remove_path(tmp)
         raise
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     return PackSummary(archive, out, len(manifest["files"]) + 1, size, sha256_bytes(raw))

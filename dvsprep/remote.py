@@ -32,11 +32,11 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from . import __version__
+from .atomic import publish_dir, temp_sibling
 from .container import MAX_MANIFEST_BYTES, ZipFiles, check_member_name, iter_problems_against, parse_manifest
 from .errors import IntegrityError, MissingFileError, StoreError
 from .manifest import MANIFEST_NAME, sha256_bytes
@@ -227,16 +227,6 @@ def _cached(entry: Path, url: str) -> tuple[Path, str] | None:
         return None
 
 
-def _replace_entry(tmp: Path, entry: Path) -> None:
-    if entry.exists():
-        trash = entry.parent / f".{entry.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(entry, trash)
-        os.replace(tmp, entry)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, entry)
-
-
 def fetch_store(url: str, cache_dir: str | os.PathLike | None = None, refresh: bool = False) -> tuple[Path, str | None]:
     """The local copy of the store at `url` (downloading and verifying it once), and the
     fingerprint pinned in the URL (or None)."""
@@ -249,7 +239,7 @@ def fetch_store(url: str, cache_dir: str | os.PathLike | None = None, refresh: b
         if hit is not None and (pinned is None or hit[1].startswith(pinned)):
             log.info("using cached %s (%s)", base, hit[0])
             return hit[0], pinned
-        tmp = entry.parent / f".{entry.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = temp_sibling(entry)
         tmp.mkdir()
         try:
             local = tmp / name
@@ -258,7 +248,7 @@ def fetch_store(url: str, cache_dir: str | os.PathLike | None = None, refresh: b
             (tmp / SOURCE_NAME).write_text(json.dumps({"url": base, "name": name, "fingerprint": fp,
                                                        "kind": "zip" if is_zip else "dir",
                                                        "fetched": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
-            _replace_entry(tmp, entry)
+            publish_dir(tmp, entry)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -51,6 +51,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .constants import GESTURE_NAMES, N_CLASSES, N_POLARITIES, SENSOR_SIZE, SPLITS
+from .atomic import atomic_write
 from .errors import MissingFileError, StoreError
 
 log = logging.getLogger(__name__)
@@ -310,13 +311,7 @@ def _atomic_save(path: Path, write: Any) -> None:
     path = Path(path)
     if not path.parent.is_dir():
         raise MissingFileError(f"{path.parent}: output directory does not exist")
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, write)
 
 
 def save_png(picture: Picture, path: str | os.PathLike) -> None:

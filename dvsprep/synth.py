@@ -31,6 +31,7 @@ import numpy as np
 
 from . import __version__
 from .aedat import polarity_packets, write_aedat
+from .atomic import publish_dir
 from .constants import GESTURE_NAMES, LIGHTINGS, N_CLASSES, SENSOR_H, SENSOR_W, SPLITS, T_DTYPE, XY_DTYPE
 from .errors import DvsprepError, StoreExistsError
 from .release import RELEASE_DIR, TRIAL_LISTS, load_published_manifest
@@ -825,16 +826,7 @@ def write_release(
         for fname, data in texts.items():
             (tmp / fname).write_bytes(data)
             summary.bytes += len(data)
-        if target.exists() or target.is_symlink():
-            old = out_dir / f".{RELEASE_DIR}.old-{os.getpid()}"
-            os.replace(target, old)
-            os.replace(tmp, target)
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old)
-            else:
-                old.unlink()
-        else:
-            os.replace(tmp, target)
+        publish_dir(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

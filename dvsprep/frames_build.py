@@ -11,7 +11,7 @@ import os
 import shutil
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 import multiprocessing as mp
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +75,18 @@ def _events_split(events_path: str, split: str):
     if ef is None:
         ef = _WORKER_FILES[events_path] = EventsFile(events_path)
     return ef.split(split)
+
+
+class _InlineExecutor:
+    """`-j 1`: runs each task at submit time, so one scheduling loop serves both cases."""
+
+    def submit(self, fn, *args) -> Future:
+        fut: Future = Future()
+        try:
+            fut.set_result(fn(*args))
+        except Exception as exc:
+            fut.set_exception(exc)
+        return fut
 
 
 def _ready(_: int) -> int:
@@ -204,45 +216,31 @@ def build_frame_store(
         top = 0
         pending = list(reversed(tasks))
         args = (str(events_path), str(tmp))
-        if pool is None:
-            while pending:
+        runner = pool if pool is not None else _InlineExecutor()
+        running: dict[Any, tuple[str, int, int]] = {}
+        promote_wanted = False
+        while pending or running:
+            while pending and not promote_wanted and len(running) < 2 * jobs:
                 s, a, b = pending.pop()
+                running[runner.submit(frame_block, *args, s, a, b, T, split_by, dtype.str)] = (s, a, b)
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                s, a, b = running.pop(fut)
                 try:
-                    _, _, m = frame_block(*args, s, a, b, T, split_by, dtype.str)
+                    _, _, m = fut.result()
                 except _Overflow:
-                    _promote(tmp, SPLITS, written, T, codec, shard)
-                    dtype = np.dtype("u2")
+                    promote_wanted = True
                     pending.append((s, a, b))
                     continue
                 written[s].append((a, b))
                 top = max(top, m)
                 if bar is not None:
                     bar.update(b - a)
-        else:
-            running: dict[Any, tuple[str, int, int]] = {}
-            promote_wanted = False
-            while pending or running:
-                while pending and not promote_wanted and len(running) < 2 * jobs:
-                    s, a, b = pending.pop()
-                    running[pool.submit(frame_block, *args, s, a, b, T, split_by, dtype.str)] = (s, a, b)
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    s, a, b = running.pop(fut)
-                    try:
-                        _, _, m = fut.result()
-                    except _Overflow:
-                        promote_wanted = True
-                        pending.append((s, a, b))
-                        continue
-                    written[s].append((a, b))
-                    top = max(top, m)
-                    if bar is not None:
-                        bar.update(b - a)
-                if promote_wanted and not running:
-                    # Every in-flight block has finished (as uint8 or overflowed): rewrite and go on.
-                    _promote(tmp, SPLITS, written, T, codec, shard)
-                    dtype = np.dtype("u2")
-                    promote_wanted = False
+            if promote_wanted and not running:
+                # Every in-flight block has finished (as uint8 or overflowed): rewrite and go on.
+                _promote(tmp, SPLITS, written, T, codec, shard)
+                dtype = np.dtype("u2")
+                promote_wanted = False
         group = zarr.open_group(LocalStore(tmp), mode="r+", zarr_format=3)
         counts = {}
         for s in SPLITS:

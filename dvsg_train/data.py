@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from dvsprep.constants import N_CLASSES
+from dvsprep.errors import MissingFileError
 from dvsprep.frames_store import FrameSplit, FrameStore, frame_store_name, open_frame_store
 
 from .distributed import rank_share, share_size
@@ -46,6 +47,11 @@ def resolve_store_path(path: str | os.PathLike, T: int | None) -> str:
         candidate = p / frame_store_name(T, "number")
         if candidate.is_dir():
             return str(candidate)
+        others = sorted(q.name for q in p.glob("frames_T*_*.zarr") if q.is_dir())
+        if others or (p / "events.h5").is_file():
+            have = f"it holds {', '.join(others)}" if others else "it holds no frame store"
+            raise MissingFileError(f"{p}: no {candidate.name} for -T {T} ({have}; make one with "
+                                   f"dvsprep frames -T {T} -d {p}, or pass the store path)")
     return str(path)
 
 

@@ -40,6 +40,10 @@ def test_open_store_checks_T_and_finds_store_in_data_root(store, tmp_path):
     (tmp_path / "empty.zarr").mkdir()
     with pytest.raises(StoreError):
         open_store(tmp_path / "empty.zarr", 3)
+    # A DATA_ROOT with stores of other T: the error names what is there and how to make the one asked for.
+    with pytest.raises(MissingFileError, match=r"no frames_T5_number.zarr for -T 5 \(it holds frames_T3_number.zarr; "
+                                               r"make one with dvsprep frames -T 5"):
+        open_store(store.parent, 5)
 
 
 def test_dataset_items_and_worker_loading(store):

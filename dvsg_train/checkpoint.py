@@ -6,6 +6,7 @@ strings, lists and dicts only. RNG states are uint8 tensors, the config a plain 
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # zip, pickle and EOF errors all mean the same thing here
+    except pickle.UnpicklingError as exc:
+        # torch's own message here is a page about weights_only; one line says what matters.
+        raise CheckpointError(f"{path}: not a readable checkpoint (not a torch file, or it holds pickled "
+                              f"objects that weights_only loading refuses)") from exc
+    except Exception as exc:  # zip and EOF errors mean the same thing here
         first = (str(exc).strip().splitlines() or [""])[0][:160]
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {first})") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:

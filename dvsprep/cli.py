@@ -108,7 +108,8 @@ def convert(raw: Path, out_dir: Path, jobs: int | None, strict: bool, force: boo
 def frames(T: int, split_by: str, data_root: Path, out_path: Path | None, jobs: int | None, force: bool) -> None:
     """Integrate DATA_ROOT/events.h5 into a zarr frame store, exactly as SpikingJelly frames it."""
     from .frames_build import EVENTS_NAME, build_frame_store
-    from .frames_store import check_params, frame_store_name
+    from .frames_store import frame_store_name
+    from .framing import check_params
 
     T, split_by = check_params(T, split_by)
     out = out_path or data_root / frame_store_name(T, split_by)

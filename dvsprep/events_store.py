@@ -142,12 +142,7 @@ class EventsWriter:
         for k, v in full_attrs.items():
             # Dicts travel as JSON text; lists as native HDF5 arrays.
             self.f.attrs[k] = json.dumps(v, sort_keys=True) if isinstance(v, dict) else v
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "kind": "events",
-            "datasets": datasets,
-            "attrs": hashlib.sha256(canonical_json(_plain_attrs(self.f.attrs))).hexdigest(),
-        }
+        manifest = _events_manifest(datasets, self.f.attrs)
         fp = fingerprint(manifest)
         self.f.attrs["manifest"] = canonical_json(manifest).decode("ascii")
         self.f.attrs["fingerprint"] = fp
@@ -171,6 +166,16 @@ class EventsWriter:
 
 def _ds_entry(dtype: Any, shape: tuple, digest: str) -> dict:
     return {"dtype": str(np.dtype(dtype).str) if dtype != "str" else "str", "shape": list(shape), "sha256": digest}
+
+
+def _events_manifest(datasets: dict[str, dict], attrs: h5py.AttributeManager) -> dict:
+    """The manifest: per-dataset entries plus the sha256 of the other root attributes."""
+    return {
+        "format": MANIFEST_FORMAT,
+        "kind": "events",
+        "datasets": datasets,
+        "attrs": hashlib.sha256(canonical_json(_plain_attrs(attrs))).hexdigest(),
+    }
 
 
 def _plain_attrs(attrs: h5py.AttributeManager) -> dict:
@@ -295,9 +300,4 @@ class EventsFile:
                 for a in range(0, ds.shape[0], step):
                     h.update(np.ascontiguousarray(ds[a : a + step]))
                 datasets[f"{s}/{k}"] = _ds_entry(ds.dtype, ds.shape, h.hexdigest())
-        return {
-            "format": MANIFEST_FORMAT,
-            "kind": "events",
-            "datasets": datasets,
-            "attrs": hashlib.sha256(canonical_json(_plain_attrs(self.f.attrs))).hexdigest(),
-        }
+        return _events_manifest(datasets, self.f.attrs)

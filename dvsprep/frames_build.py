@@ -28,7 +28,6 @@ from .events_store import EventsFile
 from .frames_store import (
     DEFAULT_CODEC,
     check_output,
-    check_params,
     create_frames_array,
     create_layout,
     finish_store,
@@ -37,7 +36,7 @@ from .frames_store import (
     store_attributes,
     write_metadata,
 )
-from .framing import integrate, narrowest_dtype
+from .framing import check_params, integrate, narrowest_dtype
 
 log = logging.getLogger(__name__)
 

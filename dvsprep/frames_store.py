@@ -32,6 +32,7 @@ from zarr.storage import LocalStore
 
 from . import frames_schema as schema
 from .atomic import publish_dir, remove_path, temp_sibling
+from .framing import check_params
 from .container import MAX_MANIFEST_BYTES, StoreFiles, open_store_files, parse_manifest, read_json
 
 from . import __version__
@@ -42,7 +43,6 @@ from .constants import (
     N_POLARITIES,
     ROW_DTYPE,
     SENSOR_SIZE,
-    SPLIT_METHODS,
     SPLITS,
     T_DTYPE,
 )
@@ -77,15 +77,6 @@ def samples_per_shard(T: int, dtype: np.dtype | str) -> int:
     """Samples per shard so a shard holds about `SHARD_TARGET_BYTES` of raw frames."""
     sample_bytes = T * N_POLARITIES * SENSOR_SIZE[0] * SENSOR_SIZE[1] * np.dtype(dtype).itemsize
     return int(max(1, min(256, SHARD_TARGET_BYTES // sample_bytes)))
-
-
-def check_params(T: Any, split_by: Any) -> tuple[int, str]:
-    """Validate the framing parameters; raises ValueError subclasses with one-line messages."""
-    if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or int(T) <= 0:
-        raise StoreError(f"T must be a positive integer, got {T!r}")
-    if split_by not in SPLIT_METHODS:
-        raise StoreError(f"unknown split method {split_by!r}; expected one of {', '.join(SPLIT_METHODS)}")
-    return int(T), str(split_by)
 
 
 def check_output(path: str | os.PathLike, force: bool) -> Path:

@@ -31,11 +31,13 @@ from .constants import N_POLARITIES, SENSOR_SIZE, SPLIT_METHODS
 from .errors import StoreError
 
 
-def _check(T: int, split_by: str) -> None:
-    if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or T <= 0:
+def check_params(T: object, split_by: object) -> tuple[int, str]:
+    """Validate the framing parameters (StoreError with a one-line message); returns them."""
+    if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or int(T) <= 0:
         raise StoreError(f"T must be a positive integer, got {T!r}")
     if split_by not in SPLIT_METHODS:
         raise StoreError(f"unknown split method {split_by!r}; expected one of {', '.join(SPLIT_METHODS)}")
+    return int(T), str(split_by)
 
 
 def frame_bounds(t: np.ndarray, T: int, split_by: str) -> tuple[np.ndarray, np.ndarray]:
@@ -45,7 +47,7 @@ def frame_bounds(t: np.ndarray, T: int, split_by: str) -> tuple[np.ndarray, np.n
 
     t: [N] int timestamps in file order.
     """
-    _check(T, split_by)
+    check_params(T, split_by)
     N = int(t.shape[0])
     j_l = np.zeros(T, dtype=np.int64)
     j_r = np.zeros(T, dtype=np.int64)
@@ -82,7 +84,7 @@ def frame_bounds(t: np.ndarray, T: int, split_by: str) -> tuple[np.ndarray, np.n
 def frame_starts(t: np.ndarray | None, N: int, T: int, split_by: str) -> np.ndarray | None:
     """First event index of each frame, int64 [T+1] (last entry N), when the frames tile the
     events in order (always for "number", for "time" when t is non-decreasing); else None."""
-    _check(T, split_by)
+    check_params(T, split_by)
     if split_by == "number":
         starts = np.arange(T + 1, dtype=np.int64) * (N // T)
         starts[T] = N

@@ -397,7 +397,7 @@ class _Source:
             self._frames = sp
         else:
             from .events_store import EventsFile
-            from .frames_store import check_params
+            from .framing import check_params
 
             self.T, self.split_by = check_params(8 if T is None else T, split_by or "number")
             self._events_file = EventsFile(path)

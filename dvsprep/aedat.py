@@ -26,7 +26,7 @@ from .constants import (
     XY_DTYPE,
 )
 from .atomic import atomic_write
-from .errors import AedatFormatError
+from .errors import AedatFormatError, MissingFileError
 
 PACKET_HEADER = np.dtype(
     [
@@ -238,23 +238,22 @@ def _decode_block(
     return w + m
 
 
-def read_aedat(path: str | os.PathLike) -> Events:
-    """Decode an AEDAT 3.1 file. Raises AedatFormatError naming file, byte offset and problem."""
+def map_file(path: str | os.PathLike) -> np.ndarray:
+    """The bytes of an AEDAT file, memory-mapped read-only: uint8 [nbytes]."""
     path = Path(path)
     try:
         size = path.stat().st_size
     except FileNotFoundError:
-        from .errors import MissingFileError
-
         raise MissingFileError(f"{path}: no such file") from None
     if size == 0:
         raise AedatFormatError(f"{path}: empty file")
     # A plain ndarray view of the map: slicing np.memmap subclasses costs per packet.
-    mm = np.memmap(path, dtype=np.uint8, mode="r")
-    try:
-        return decode_buffer(mm.view(np.ndarray), path)
-    finally:
-        del mm
+    return np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
+
+
+def read_aedat(path: str | os.PathLike) -> Events:
+    """Decode an AEDAT 3.1 file. Raises AedatFormatError naming file, byte offset and problem."""
+    return decode_buffer(map_file(path), path)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .aedat import read_aedat
+from .aedat import decode_buffer, map_file
 from .constants import N_CLASSES, SPLITS, T_DTYPE, XY_DTYPE
 from .errors import ReleaseError, StoreExistsError
 from .events_store import EventsWriter
@@ -59,14 +59,6 @@ class ConvertSummary:
         return out
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def process_recording(rec: Recording, spill_dir: str | None = None) -> dict[str, Any]:
     """Decode one recording and cut it into samples (one row of its label csv each).
 
@@ -75,7 +67,8 @@ def process_recording(rec: Recording, spill_dir: str | None = None) -> dict[str,
     where pickling through the pool's pipe costs several.
     """
     rows = parse_labels(rec.labels)
-    ev = read_aedat(rec.aedat)
+    buf = map_file(rec.aedat)  # one mapping serves decoding and the md5
+    ev = decode_buffer(buf, rec.aedat)
     parts = cut_samples(ev.t, rows)
     lengths = np.array(
         [(p.stop - p.start) if isinstance(p, slice) else p.shape[0] for p in parts], dtype=np.int64
@@ -83,7 +76,7 @@ def process_recording(rec: Recording, spill_dir: str | None = None) -> dict[str,
     res = {
         "stem": rec.stem,
         "split": rec.split,
-        "md5": _md5(rec.aedat),
+        "md5": hashlib.md5(buf).hexdigest(),
         "n_events": len(ev),
         "n_invalid": ev.n_invalid,
         "lengths": lengths,

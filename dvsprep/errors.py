@@ -43,3 +43,16 @@ class UntrustedStoreError(StoreError):
 
 class IntegrityError(StoreError):
     """Stored bytes do not match their manifest."""
+
+
+class OutputLockedError(DvsprepError, BlockingIOError):
+    """Another process is writing the same output (store, events.h5, run folder) right now."""
+
+
+class InputOutputClashError(DvsprepError, ValueError):
+    """A command was asked to write onto its own input."""
+
+
+class ResourceLimitError(DvsprepError, OSError):
+    """Not enough disk or memory for what an input declares, or a declared size over a bound."""
+

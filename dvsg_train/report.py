@@ -27,6 +27,23 @@ def epoch_line(r: dict[str, Any]) -> str:
     return line
 
 
+def check_output_file(path: Path) -> None:
+    """Refuse at once (TrainError naming ``path``) an output file that cannot be written: its
+    folder is missing or not a writable folder, or ``path`` is a folder."""
+    from .errors import TrainError
+
+    path = Path(path)
+    parent = path.parent
+    if path.is_dir():
+        raise TrainError(f"{path}: is a directory, not a file to write")
+    if not parent.is_dir():
+        raise TrainError(f"{path}: no such directory {parent}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise TrainError(f"{path}: directory {parent} is not writable")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise TrainError(f"{path}: file is not writable")
+
+
 def write_metrics(path: Path, history: Sequence[dict[str, Any]]) -> None:
     """metrics.jsonl: one JSON object per finished epoch (rewritten whole, so resume truncates)."""
     text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in history)

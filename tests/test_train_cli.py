@@ -58,9 +58,11 @@ def test_train_errors_are_one_line(trained, tmp_path):
     assert "not a readable checkpoint" in error_line(
         run(train_main, ["--data", str(root), *out, *TINY, "--resume", str(bad)]))
     ckpt = root / "runs" / "T4_b6_adam_lr0.001_c4" / "checkpoint_latest.pt"
-    msg = error_line(run(train_main, ["--data", str(root), *out, *TINY[:-6], "--channels", "8",
+    msg = error_line(run(train_main, ["--data", str(root), *TINY[:-6], "--channels", "8",
                                       "--device", "cpu", "--resume", str(ckpt)]))
-    assert "another configuration" in msg and "channels 4 vs 8" in msg
+    assert msg.startswith(f"error: {ckpt}: ") and "--channels gives channels 8, the run has 4" in msg
+    msg = error_line(run(train_main, ["--resume", str(ckpt), *out]))
+    assert f"--out-dir name {tmp_path / ckpt.parent.name}, but the checkpoint's run is in {ckpt.parent}" in msg
     assert "no CUDA" in error_line(run(train_main, ["--data", str(root), *out, *TINY[:-4], "--device", "cuda"])) \
         or torch.cuda.is_available()
 

@@ -144,7 +144,8 @@ def _train_config(ctx: click.Context) -> TrainConfig:
 @click.option("--resume", type=click.Path(path_type=Path), default=None,
               help="Continue the run of this checkpoint, in its folder, with its saved settings.")
 @click.option("--force", is_flag=True, help="Start over in a run folder that already holds a run.")
-@click.option("--amp", is_flag=True, help="Automatic mixed precision (autocast around forward and loss).")
+@click.option("--amp/--no-amp", default=False, show_default=True,
+              help="Automatic mixed precision (autocast around forward and loss); --no-amp overrides a preset.")
 @click.option("--amp-dtype", type=_CHOICE(["fp16", "bf16"]), default=None,
               help="fp16 with a GradScaler or bf16 without (default: fp16 on CUDA, bf16 on CPU).")
 @click.option("--cupy/--no-cupy", default=False, show_default=True,

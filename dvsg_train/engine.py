@@ -280,7 +280,9 @@ def _run_dir(config: TrainConfig, rc: TrainConfig) -> Path:
     """Where the run writes: the checkpoint's own folder on resume (an explicit run_name that
     names another folder is refused), else out_dir/<run_name or the default name>."""
     if not config.resume:
-        return Path(config.out_dir) / (config.run_name or rc.default_run_name())
+        # named from the options as given (the seed's "_amp", not the dtype it resolved to here)
+        default = dataclasses.replace(config, world_size=rc.world_size).default_run_name()
+        return Path(config.out_dir) / (config.run_name or default)
     folder = checkpoint_run_dir(config.resume)
     if config.run_name is not None:
         asked = Path(config.out_dir) / config.run_name

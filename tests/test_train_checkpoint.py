@@ -1,11 +1,15 @@
-"""dvsg_train.checkpoint: safe loading, clear errors, resume checks."""
+"""dvsg_train.checkpoint: safe loading, the digest, field checks, clear errors, resume checks."""
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
 import os
+import shutil
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from dvsg_train.checkpoint import (
     FORMAT,
@@ -100,8 +104,6 @@ def test_checkpoint_from_other_data(run, tmp_path):
 
 
 def test_resume_continues_and_extends(run, tmp_path):
-    import shutil
-
     store, root, ckpt = run
     copy = tmp_path / "copy"                    # a resumed run continues in its checkpoint's folder
     shutil.copytree(os.path.dirname(ckpt), copy)
@@ -123,14 +125,6 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
 
 
 # ----------------------------------------------------------------------------- digest and field checks
-
-import hashlib  # noqa: E402
-import io  # noqa: E402
-
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
-
-from dvsg_train.checkpoint import CheckpointError as _CE, validate_checkpoint  # noqa: E402,F401
-
 
 def same(a, b) -> bool:
     if isinstance(a, torch.Tensor):

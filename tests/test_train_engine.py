@@ -133,8 +133,6 @@ def test_validation_selects_checkpoint_and_reports_accuracy_b(small, tmp_path):
 
 
 def test_threads_are_set_for_the_run_and_restored(small, tmp_path):
-    import logging
-
     before = torch.get_num_threads()
     seen = []
     main(cfg(small, tmp_path, epochs=1, threads=1), on_epoch=lambda r: seen.append(torch.get_num_threads()))

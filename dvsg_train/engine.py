@@ -282,7 +282,7 @@ def _run_dir(config: TrainConfig, rc: TrainConfig) -> Path:
     if not config.resume:
         # named from the options as given (the seed's "_amp", not the dtype it resolved to here)
         default = dataclasses.replace(config, world_size=rc.world_size).default_run_name()
-        return Path(config.out_dir) / (config.run_name or default)
+        return Path(os.path.abspath(Path(config.out_dir) / (config.run_name or default)))
     folder = checkpoint_run_dir(config.resume)
     if config.run_name is not None:
         asked = Path(config.out_dir) / config.run_name

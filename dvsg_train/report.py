@@ -13,6 +13,8 @@ from dvsprep.constants import GESTURE_NAMES
 
 from dvsprep.atomic import atomic_write
 
+from .errors import TrainError
+
 log = logging.getLogger(__name__)
 
 
@@ -30,8 +32,6 @@ def epoch_line(r: dict[str, Any]) -> str:
 def check_output_file(path: Path) -> None:
     """Refuse at once (TrainError naming ``path``) an output file that cannot be written: its
     folder is missing or not a writable folder, or ``path`` is a folder."""
-    from .errors import TrainError
-
     path = Path(path)
     parent = path.parent
     if path.is_dir():

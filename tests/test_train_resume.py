@@ -64,6 +64,8 @@ def test_resume_never_touches_another_run(store, tmp_path, monkeypatch):
     b = tmp_path / "logs" / "B"
     before = snapshot(a)
     assert "checkpoint_latest.pt" in before and "metrics.jsonl" in before
+    assert load_checkpoint(a / "checkpoint_latest.pt")["run"] == {
+        "id": json.loads((a / "config.json").read_text())["run_id"], "name": a.name, "dir": str(a)}
     out = train("--data", str(store), *TINY, "--epochs", "3", "--resume", "logs/B/checkpoint_latest.pt")
     assert f"run: {b}" in out
     assert snapshot(a) == before

@@ -113,7 +113,7 @@ def _train_config(ctx: click.Context) -> TrainConfig:
         raise click.UsageError("Missing option '--data' (needed unless --resume CKPT continues a run).")
     defaults = {_FIELD.get(k, k): (str(v) if isinstance(v, Path) else v.lower() if isinstance(v, str)
                                    and k in ("opt", "lr_scheduler", "net", "neuron", "preload") else v)
-                for k, v in p.items() if k not in _NOT_FIELDS and k not in given}
+                for k, v in p.items() if k not in _NOT_FIELDS and _FIELD.get(k, k) not in given}
     if defaults.get("workers", 0) is None:
         del defaults["workers"]
     values = apply_preset(p["preset"], given, defaults)

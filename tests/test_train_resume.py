@@ -182,3 +182,14 @@ def test_run_folder_is_locked_while_training(one_run, store, tmp_path):
     assert snapshot(copy) == before
     train("--resume", str(copy / "checkpoint_latest.pt"), "--epochs", "2")     # free again
     assert not (tmp_path / ".R.lock").exists()
+
+
+def test_resume_under_torchrun_splits_the_saved_global_batch(one_run):
+    from dvsg_train.checkpoint import resume_config
+    from dvsg_train.errors import ConfigMismatchError
+
+    cfg = resume_config(one_run, {}, world_size=2)
+    assert (cfg.batch_size, cfg.world_size, cfg.out_dir, cfg.run_name) == (3, 1, str(one_run.parent.parent), "R")
+    with pytest.raises(ConfigMismatchError, match="the run's global batch of 6 does not split over 4 processes"):
+        resume_config(one_run, {}, world_size=4)
+    assert resume_config(one_run, {"batch_size": 2}, world_size=3).batch_size == 2

@@ -1,12 +1,34 @@
-"""Checkpoints: atomic writes, safe loads (``weights_only=True``), and resume checks.
+"""Checkpoints: atomic writes, safe loads (``weights_only=True``), a digest, field checks, and
+resume checks.
 
-A checkpoint is a plain dict that ``torch.load(..., weights_only=True)`` accepts: tensors, numbers,
-strings, lists and dicts only. RNG states are uint8 tensors, the config a plain dict.
+File format (``dvsg-train-checkpoint/2``). The file is a torch file that ``torch.load(...,
+weights_only=True)`` reads as a small container dict::
+
+    {"format": "dvsg-train-checkpoint/2", "sha256": <64 hex>, "payload": uint8 tensor [n]}
+
+``payload`` holds the bytes of ``torch.save(checkpoint dict)`` and ``sha256`` is their digest. The
+digest covers exactly the bytes that are later deserialized, so it does not depend on how torch
+lays out its zip archive (alignment padding, record order, CRCs it may or may not check): one
+changed byte of the checkpoint changes either the container (unreadable, wrong format or digest
+string) or the payload bytes (digest mismatch), and both are refused before the payload is
+unpickled. Only then is the payload loaded (again ``weights_only=True``: tensors, numbers,
+strings, lists and dicts) and every field checked for type and range before anything uses it
+(`validate_checkpoint`). The digest detects accidents and tampering without a key; it is not a
+signature (whoever can write the file can write a new digest), and the field checks keep even a
+re-signed file from reaching the code as anything but well-formed values.
+
+The checkpoint dict: format, version, epoch, model (state dict), optimizer, scheduler, scaler,
+rng (uint8 tensors), config (TrainConfig as a dict), data_fingerprint, history (one dict of
+numbers per finished epoch) and run (id, name: the run folder relative to --out-dir, dir: the
+absolute folder when it was saved).
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +37,21 @@ import torch
 from dvsprep.atomic import atomic_write
 
 from . import __version__
-from .config import MODEL_FIELDS, TrainConfig
+from .config import CARRIED_FIELDS, MODEL_FIELDS, RESUME_FIELDS, TrainConfig
 from .errors import CheckpointError, ConfigError, ConfigMismatchError, DataMismatchError
 
-FORMAT = "dvsg-train-checkpoint/1"
+FORMAT = "dvsg-train-checkpoint/2"
+OLD_FORMATS = ("dvsg-train-checkpoint/1",)
 REQUIRED_KEYS = ("format", "epoch", "model", "optimizer", "scheduler", "scaler", "rng", "config",
-                 "data_fingerprint", "history")
+                 "data_fingerprint", "history", "run")
+CONTAINER_KEYS = {"format", "sha256", "payload"}
 LATEST = "checkpoint_latest.pt"
 MAX = "checkpoint_max.pt"
+# what one epoch's record may hold, and which of its numbers the trainer reads
+HISTORY_REQUIRED = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX32 = re.compile(r"^[0-9a-f]{32}$")
+MAX_DEPTH = 8
 
 
 def rng_state(data_generator: torch.Generator, cuda_device: torch.device | None = None) -> dict[str, Any]:
@@ -50,41 +79,197 @@ def set_rng_state(state: dict[str, Any], data_generator: torch.Generator, *, dat
         torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
 
 
+def _payload_bytes(payload: dict[str, Any]) -> bytes:
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    return buf.getvalue()
+
+
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
-    payload = {"format": FORMAT, "version": __version__, **payload}
-    atomic_write(Path(path), lambda tmp: torch.save(payload, tmp))
+    """Write ``payload`` (plus format and version) in the digest container, atomically."""
+    data = _payload_bytes({"format": FORMAT, "version": __version__, **payload})
+    container = {"format": FORMAT, "sha256": hashlib.sha256(data).hexdigest(),
+                 "payload": torch.frombuffer(bytearray(data), dtype=torch.uint8)}
+    atomic_write(Path(path), lambda tmp: torch.save(container, tmp))
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load and sanity-check a checkpoint (on CPU). Raises CheckpointError with one line."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+def _torch_load(source: Any, path: Path) -> Any:
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # torch's own message here is a page about weights_only; one line says what matters.
         raise CheckpointError(f"{path}: not a readable checkpoint (not a torch file, or it holds pickled "
                               f"objects that weights_only loading refuses)") from exc
-    except Exception as exc:  # zip and EOF errors mean the same thing here
+    except Exception as exc:  # zip, EOF, unicode, overflow... errors mean the same thing here
         first = (str(exc).strip().splitlines() or [""])[0][:160]
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {first})") from exc
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CheckpointError(f"{path}: not a dvsg-train checkpoint (format {found!r}, expected {FORMAT!r})")
-    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
-    if not isinstance(ckpt["config"], dict) or not isinstance(ckpt["model"], dict):
-        raise CheckpointError(f"{path}: checkpoint config or model is not a dict")
+
+
+def _open_container(obj: Any, path: Path) -> bytes:
+    """The payload bytes of a container whose digest matches; CheckpointError otherwise."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("format"), str):
+        raise CheckpointError(f"{path}: not a dvsg-train checkpoint (no format field)")
+    fmt = obj["format"]
+    if fmt in OLD_FORMATS:
+        raise CheckpointError(f"{path}: checkpoint format {fmt!r} carries no digest and cannot be checked "
+                              f"(written by an older dvsg-train; expected {FORMAT!r})")
+    if fmt != FORMAT:
+        raise CheckpointError(f"{path}: not a dvsg-train checkpoint (format {fmt[:60]!r}, expected {FORMAT!r})")
+    if set(obj) != CONTAINER_KEYS:
+        raise CheckpointError(f"{path}: checkpoint container has keys {sorted(map(str, obj))[:6]}, "
+                              f"expected {sorted(CONTAINER_KEYS)}")
+    digest, payload = obj["sha256"], obj["payload"]
+    if not isinstance(digest, str) or not _HEX64.match(digest):
+        raise CheckpointError(f"{path}: checkpoint digest is not a sha256 hex string")
+    if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8 or payload.dim() != 1:
+        raise CheckpointError(f"{path}: checkpoint payload is not a byte tensor")
+    data = payload.contiguous().numpy().tobytes()
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != digest:
+        raise CheckpointError(f"{path}: checkpoint is corrupt: its payload has sha256 {actual[:16]}, "
+                              f"but the checkpoint records {digest[:16]}")
+    return data
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a checkpoint on CPU: container, digest, payload, then `validate_checkpoint`.
+
+    Raises CheckpointError with one line naming ``path`` for anything that is not an intact,
+    well-formed dvsg-train checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    data = _open_container(_torch_load(path, path), path)
+    ckpt = _torch_load(io.BytesIO(data), path)
+    validate_checkpoint(ckpt, path)
     return ckpt
 
 
+# ----------------------------------------------------------------------------- field checks
+
+def _bad(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(f"{path}: checkpoint {what}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_tree(value: Any, path: Path, where: str, depth: int = 0) -> None:
+    """Only tensors, numbers, strings, None, and dicts (str/int keys), lists and tuples of them."""
+    if depth > MAX_DEPTH:
+        raise _bad(path, f"{where} is nested deeper than {MAX_DEPTH} levels")
+    if isinstance(value, (torch.Tensor, int, float, str, type(None))):
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, (str, int)):
+                raise _bad(path, f"{where} has a key of type {type(k).__name__}")
+            _check_tree(v, path, f"{where}[{k!r:.40}]", depth + 1)
+        return
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_tree(v, path, f"{where}[{i}]", depth + 1)
+        return
+    raise _bad(path, f"{where} holds a {type(value).__name__}")
+
+
+def _check_rng(rng: Any, path: Path) -> None:
+    if not isinstance(rng, dict) or set(rng) != {"torch", "cuda", "data"}:
+        raise _bad(path, "rng must be a dict of torch, cuda and data states")
+    size = torch.get_rng_state().numel()
+    for name in ("torch", "data"):
+        t = rng[name]
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1 or t.numel() != size:
+            raise _bad(path, f"rng {name} state must be a uint8 tensor of {size} bytes")
+    if not isinstance(rng["cuda"], list) or not all(
+            isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() == 1 for t in rng["cuda"]):
+        raise _bad(path, "rng cuda states must be a list of uint8 tensors")
+
+
+def _check_history(history: Any, epoch: int, path: Path) -> None:
+    if not isinstance(history, list) or len(history) != epoch + 1:
+        n = len(history) if isinstance(history, list) else type(history).__name__
+        raise _bad(path, f"history must list the {epoch + 1} finished epochs, found {n}")
+    for i, r in enumerate(history):
+        if not isinstance(r, dict) or not all(isinstance(k, str) for k in r):
+            raise _bad(path, f"history[{i}] is not a dict of named numbers")
+        missing = [k for k in HISTORY_REQUIRED if k not in r]
+        if missing:
+            raise _bad(path, f"history[{i}] lacks {', '.join(missing)}")
+        for k, v in r.items():
+            if not (v is None or _is_number(v)):
+                raise _bad(path, f"history[{i}][{k!r:.40}] is {type(v).__name__}, not a number")
+        if r["epoch"] != i or not _is_int(r["epoch"]):
+            raise _bad(path, f"history[{i}] is for epoch {r['epoch']!r}, expected {i}")
+        for k in ("train_acc", "test_acc", "val_acc", "max_test_acc"):
+            v = r.get(k)
+            if v is not None and not (0.0 <= v <= 1.0):
+                raise _bad(path, f"history[{i}][{k!r}] = {v!r} is not an accuracy in [0, 1]")
+        for k in HISTORY_REQUIRED[1:]:
+            if r[k] is None:
+                raise _bad(path, f"history[{i}][{k!r}] is missing a value")
+
+
+def _check_run(run: Any, path: Path) -> None:
+    if not isinstance(run, dict) or set(run) != {"id", "name", "dir"}:
+        raise _bad(path, "run must be a dict of id, name and dir")
+    if not isinstance(run["id"], str) or not _HEX32.match(run["id"]):
+        raise _bad(path, "run id is not 32 hex digits")
+    name = run["name"]
+    if not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise _bad(path, f"run name {name!r:.60} is not a folder name")
+    if not isinstance(run["dir"], str) or "\0" in run["dir"]:
+        raise _bad(path, "run dir is not a path")
+
+
+def validate_checkpoint(ckpt: Any, path: str | os.PathLike) -> None:
+    """Check every field's type and range (see the module docstring); CheckpointError otherwise."""
+    path = Path(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise _bad(path, f"payload is not a {FORMAT} dict")
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    if not isinstance(ckpt.get("version", ""), str):
+        raise _bad(path, "version is not a string")
+    _check_tree(ckpt, path, "payload")
+    config = checkpoint_config(ckpt, path)
+    epoch = ckpt["epoch"]
+    if not _is_int(epoch) or not 0 <= epoch < config.epochs:
+        raise _bad(path, f"epoch {epoch!r:.40} is not an epoch of its run (0 to {config.epochs - 1})")
+    model = ckpt["model"]
+    if not isinstance(model, dict) or not model or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model.items()):
+        raise _bad(path, "model is not a state dict of named tensors")
+    opt = ckpt["optimizer"]
+    if not isinstance(opt, dict) or not isinstance(opt.get("state"), dict) or \
+            not isinstance(opt.get("param_groups"), list) or not all(isinstance(g, dict) for g in opt["param_groups"]):
+        raise _bad(path, "optimizer is not an optimizer state dict")
+    for name in ("scheduler", "scaler"):
+        if ckpt[name] is not None and not isinstance(ckpt[name], dict):
+            raise _bad(path, f"{name} state is neither None nor a dict")
+    if not isinstance(ckpt["data_fingerprint"], str) or not _HEX64.match(ckpt["data_fingerprint"]):
+        raise _bad(path, "data_fingerprint is not a sha256 hex string")
+    _check_rng(ckpt["rng"], path)
+    _check_history(ckpt["history"], epoch, path)
+    _check_run(ckpt["run"], path)
+
+
 def checkpoint_config(ckpt: dict[str, Any], path: str | os.PathLike) -> TrainConfig:
+    """The checkpoint's TrainConfig; every field type- and range-checked (CheckpointError)."""
+    cfg = ckpt.get("config") if isinstance(ckpt, dict) else None
+    if not isinstance(cfg, dict) or not all(isinstance(k, str) for k in cfg):
+        raise CheckpointError(f"{path}: checkpoint config is not a dict")
     try:
-        return TrainConfig.from_dict(ckpt["config"])
-    except (ConfigError, TypeError) as exc:
-        raise CheckpointError(f"{path}: checkpoint holds an invalid config ({exc})") from exc
+        return TrainConfig.from_dict(cfg)
+    except (ConfigError, TypeError, ValueError) as exc:
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{path}: checkpoint holds an invalid config ({first})") from exc
 
 
 def check_resume(ckpt: dict[str, Any], path: str | os.PathLike, config: TrainConfig) -> None:
@@ -110,3 +295,62 @@ def load_model_state(model: torch.nn.Module, ckpt: dict[str, Any], path: str | o
         cfg = {k: ckpt["config"].get(k) for k in MODEL_FIELDS}
         first = (str(exc).strip().splitlines() or [""])[0][:160]
         raise CheckpointError(f"{path}: model weights do not fit the network {cfg} ({first})") from exc
+
+
+# ----------------------------------------------------------------------------- bare --resume
+
+# The option that sets each field a resumed run must keep (for messages).
+OPTION_NAMES = {"T": "-T", "batch_size": "-b", "global_batch_size": "-b", "channels": "--channels",
+                "net": "--net", "neuron": "--neuron", "tau": "tau", "opt": "--opt", "lr": "--lr",
+                "momentum": "--momentum", "lr_scheduler": "--lr-scheduler", "step_size": "--step-size",
+                "gamma": "--gamma", "T_max": "--T-max", "amp": "--amp", "amp_dtype": "--amp-dtype",
+                "seed": "--seed", "val_fraction": "--val-fraction"}
+# Fields of a run's place and of one invocation: never taken from a checkpoint.
+_NOT_SETTINGS = ("out_dir", "run_name", "resume", "force", "preset")
+
+
+def resume_config(path: str | os.PathLike, given: dict[str, Any], world_size: int = 1) -> TrainConfig:
+    """The TrainConfig that continues the run of checkpoint ``path`` (``dvsg-train --resume``).
+
+    Every setting that shapes the run's numbers (RESUME_FIELDS) and the carried ones
+    (CARRIED_FIELDS: epochs, data, cupy, threads, ...) come from the checkpoint; ``given`` holds
+    the options typed on the command line (field name -> value): those that do not change the
+    numbers (device, workers, preload, epochs, data, ...) are used, and one that conflicts with
+    the checkpoint is refused (ConfigMismatchError naming the option). The run folder is the
+    one the checkpoint file is in; an --out-dir/--run-name that names another folder is refused.
+    world_size: processes of this run (-b defaults to the saved global batch / world_size).
+    """
+    ckpt = load_checkpoint(path)
+    saved = checkpoint_config(ckpt, path)
+    folder = Path(os.path.realpath(path)).parent
+    problems: list[str] = []
+    if "out_dir" in given or "run_name" in given:
+        asked = Path(given.get("out_dir", folder.parent)) / given.get("run_name", folder.name)
+        if Path(os.path.realpath(asked)) != folder:
+            opts = " and ".join(o for o, k in (("--out-dir", "out_dir"), ("--run-name", "run_name")) if k in given)
+            problems.append(f"{opts} name {asked}, but the checkpoint's run is in {folder} "
+                            f"(copy that folder to branch off)")
+    if "preset" in given and given["preset"] != saved.preset:
+        problems.append(f"--preset {given['preset']} (the run used {saved.preset or 'no preset'})")
+    values = {k: getattr(saved, k) for k in RESUME_FIELDS + CARRIED_FIELDS}
+    values.update({k: v for k, v in given.items() if k not in _NOT_SETTINGS})
+    values.update(out_dir=str(folder.parent), run_name=folder.name, resume=str(path), world_size=world_size)
+    if "batch_size" not in given:
+        gb = saved.global_batch_size
+        if gb % world_size:
+            problems.append(f"the run's global batch of {gb} does not split over {world_size} processes (pass -b)")
+        else:
+            values["batch_size"] = gb // world_size
+    try:
+        config = TrainConfig.from_dict(values)
+    except TypeError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    was, now = saved.resume_key(), config.resume_key()
+    for k in was:
+        if was[k] != now[k]:
+            problems.append(f"{OPTION_NAMES.get(k, k)} gives {k} {now[k]!r}, the run has {was[k]!r}")
+    if problems:
+        raise ConfigMismatchError(f"{path}: {'; '.join(problems)}: a resumed run keeps its checkpoint's "
+                                  f"settings (leave those options out, or start a new run)")
+    config.world_size = 1               # the engine sets it from the environment
+    return config

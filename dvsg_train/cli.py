@@ -11,15 +11,18 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from dvsprep.errors import DvsprepError
 
-from .config import OPTIMIZERS, PRELOAD, TrainConfig
+from .config import OPTIMIZERS, PRELOAD, SCHEDULERS, TrainConfig
 from .distributed import FAILED_RANK_ATTR, env_rank
 from .errors import TrainError
 from .model import NETS, NEURONS
+from .presets import PRESETS
 
 log = logging.getLogger("dvsg_train")
 
@@ -71,29 +74,86 @@ def _one_line_errors(fn):
 _CHOICE = functools.partial(click.Choice, case_sensitive=False)
 
 
+# dvsg-train's options that set a TrainConfig field of another name
+_FIELD = {"t_max": "T_max"}
+_NOT_FIELDS = ("quiet", "debug")
+
+
+def _explicit_options(ctx: click.Context) -> dict[str, Any]:
+    """TrainConfig field -> value for every option typed on the command line (or set in the
+    environment), as opposed to left at its default."""
+    given = {}
+    for name, value in ctx.params.items():
+        if name in _NOT_FIELDS or ctx.get_parameter_source(name) not in (ParameterSource.COMMANDLINE,
+                                                                        ParameterSource.ENVIRONMENT):
+            continue
+        if isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, str) and name not in ("data", "run_name", "device", "data_fingerprint"):
+            value = value.lower()
+        given[_FIELD.get(name, name)] = value
+    return given
+
+
+def _train_config(ctx: click.Context) -> TrainConfig:
+    """A fresh run: defaults < --preset < explicit options. --resume: the checkpoint's settings
+    with the explicit options that do not change its numbers (see `resume_config`)."""
+    from .checkpoint import resume_config
+    from .distributed import _env_int
+    from .presets import apply_preset
+
+    p = ctx.params
+    given = _explicit_options(ctx)
+    given["progress"] = sys.stderr.isatty()
+    if p["resume"] is not None:
+        if p["force"]:
+            raise click.UsageError("--force starts a run over and cannot be combined with --resume")
+        return resume_config(p["resume"], given, world_size=max(1, _env_int("WORLD_SIZE", 1)))
+    if p["data"] is None:
+        raise click.UsageError("Missing option '--data' (needed unless --resume CKPT continues a run).")
+    defaults = {_FIELD.get(k, k): (str(v) if isinstance(v, Path) else v.lower() if isinstance(v, str)
+                                   and k in ("opt", "lr_scheduler", "net", "neuron", "preload") else v)
+                for k, v in p.items() if k not in _NOT_FIELDS and _FIELD.get(k, k) not in given}
+    if defaults.get("workers", 0) is None:
+        del defaults["workers"]
+    values = apply_preset(p["preset"], given, defaults)
+    return TrainConfig(**values)
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--data", required=True, metavar="PATH|URL",
+@click.option("--data", default=None, metavar="PATH|URL",
               help="Frame store (frames_T<T>_<split>.zarr, its .zip from dvsprep pack, or an http(s) URL "
-                   "of either) or the DATA_ROOT holding frames_T<T>_number.zarr.")
+                   "of either) or the DATA_ROOT holding frames_T<T>_number.zarr. With --resume: default "
+                   "the checkpoint's store.")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
+              help="A whole recipe: seed (SpikingJelly's tutorial: T 16, 256 epochs, AMP, CUDA neurons) or "
+                   "plif (the PLIF paper: T 20, PLIF neurons, 1024 epochs). Options given explicitly win.")
 @click.option("-T", "T", type=click.IntRange(min=1), default=16, show_default=True, help="Time steps (frames per sample).")
 @click.option("-b", "batch_size", type=click.IntRange(min=1), default=16, show_default=True,
               help="Batch size per process (under torchrun the global batch is -b x WORLD_SIZE).")
 @click.option("--epochs", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("-j", "workers", type=click.IntRange(min=0), default=None,
               help="DataLoader workers when not preloading (default: min(4, CPUs)).")
+@click.option("--threads", type=click.IntRange(min=0), default=1, show_default=True,
+              help="torch CPU threads of this process (0: torch's default, one per core). 1 holds up "
+                   "when the machine is shared and keeps results independent of the load; see the README.")
 @click.option("--channels", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--out-dir", type=click.Path(path_type=Path), default=Path("./logs"), show_default=True)
 @click.option("--run-name", default=None, help="Run folder under --out-dir (default: T16_b16_adam_lr0.001_c128...).")
-@click.option("--resume", type=click.Path(path_type=Path), default=None, help="Continue from this checkpoint.")
+@click.option("--resume", type=click.Path(path_type=Path), default=None,
+              help="Continue the run of this checkpoint, in its folder, with its saved settings.")
 @click.option("--force", is_flag=True, help="Start over in a run folder that already holds a run.")
-@click.option("--amp", is_flag=True, help="Automatic mixed precision (autocast around forward and loss).")
+@click.option("--amp/--no-amp", default=False, show_default=True,
+              help="Automatic mixed precision (autocast around forward and loss); --no-amp overrides a preset.")
 @click.option("--amp-dtype", type=_CHOICE(["fp16", "bf16"]), default=None,
               help="fp16 with a GradScaler or bf16 without (default: fp16 on CUDA, bf16 on CPU).")
-@click.option("--cupy", is_flag=True, help="CUDA neuron kernels (needs pip install 'dvsgesture-kit[cuda]').")
+@click.option("--cupy/--no-cupy", default=False, show_default=True,
+              help="CUDA neuron kernels (needs pip install 'dvsgesture-kit[cuda]'). Presets use them when "
+                   "the run is on CUDA with CuPy installed; --no-cupy turns that off.")
 @click.option("--opt", type=_CHOICE(OPTIMIZERS), default="adam", show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD momentum.")
-@click.option("--lr-scheduler", type=_CHOICE(["CosALR", "StepLR", "none"]), default="CosALR", show_default=True)
+@click.option("--lr-scheduler", type=_CHOICE(SCHEDULERS), default="cosalr", show_default=True)
 @click.option("--step-size", type=click.IntRange(min=1), default=32, show_default=True, help="StepLR step (epochs).")
 @click.option("--gamma", type=float, default=0.1, show_default=True, help="StepLR factor.")
 @click.option("--T-max", "t_max", type=click.IntRange(min=1), default=None, help="CosALR period in epochs (default: --epochs).")
@@ -113,10 +173,11 @@ _CHOICE = functools.partial(click.Choice, case_sensitive=False)
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @click.version_option(package_name="dvsgesture-kit")
 @_one_line_errors
-def train_main(data, T, batch_size, epochs, workers, channels, out_dir, run_name, resume, force, amp,
-               amp_dtype, cupy, opt, lr, momentum, lr_scheduler, step_size, gamma, t_max, device, seed,
-               net, neuron, preload, val_fraction, sync_bn, data_fingerprint, quiet, debug) -> None:
+def train_main(quiet: bool, debug: bool, **options: Any) -> None:
     """Train the PLIF-paper network on a dvsprep frame store.
+
+    Reproduce SpikingJelly's tutorial: dvsg-train --data DATA_ROOT --preset seed.
+    Continue a run: dvsg-train --resume logs/RUN/checkpoint_latest.pt [--epochs N].
 
     Several GPUs or machines: start it with torchrun, e.g.
     torchrun --nproc-per-node 8 -m dvsg_train --data STORE -b 16 (global batch 128).
@@ -126,15 +187,7 @@ def train_main(data, T, batch_size, epochs, workers, channels, out_dir, run_name
 
     _setup_logging(not quiet)
     main_rank = _rank() == 0
-    kw = {} if workers is None else {"workers": workers}
-    config = TrainConfig(
-        data=str(data), out_dir=str(out_dir), T=T, batch_size=batch_size, epochs=epochs,
-        channels=channels, net=net.lower(), neuron=neuron.lower(), cupy=cupy, amp=amp,
-        amp_dtype=amp_dtype.lower() if amp_dtype else None, opt=opt.lower(), lr=lr,
-        momentum=momentum, lr_scheduler=lr_scheduler.lower(), step_size=step_size, gamma=gamma,
-        T_max=t_max, device=device, seed=seed, preload=preload.lower(), val_fraction=val_fraction,
-        resume=str(resume) if resume else None, run_name=run_name, force=force,
-        progress=sys.stderr.isatty(), sync_bn=sync_bn, data_fingerprint=data_fingerprint, **kw)
+    config = _train_config(click.get_current_context())
     summary = main(config, on_epoch=lambda r: click.echo(epoch_line(r)))
     if summary["epochs"] and main_rank:
         click.echo(f"run: {summary['run_dir']}")
@@ -160,15 +213,19 @@ def train_main(data, T, batch_size, epochs, workers, channels, out_dir, run_name
 def eval_main(checkpoint, data, split, device, batch_size, workers, preload, png, debug) -> None:
     """Accuracy, per-class accuracy and confusion matrix of a checkpoint on a frame store."""
     from .engine import evaluate_checkpoint
-    from .report import confusion_text, write_confusion_png
+    from .report import check_output_file, confusion_text, write_confusion_png
 
     _setup_logging(False)
+    png = png or checkpoint.with_name(f"confusion_{split}.png")
+    check_output_file(png)              # before the work, naming the user's path
     r = evaluate_checkpoint(str(checkpoint), str(data), split=split, device=device,
                             batch_size=batch_size, workers=workers, preload=preload.lower())
     correct = int(r["confusion"].trace())
     click.echo(f"{checkpoint} (epoch {r['epoch']}) on {split} of {data}: accuracy {r['acc']:.4f} "
                f"({correct}/{r['samples']}), loss {r['loss']:.4f}")
     click.echo(confusion_text(r["confusion"]))
-    png = png or checkpoint.with_name(f"confusion_{split}.png")
-    write_confusion_png(png, r["confusion"], f"{checkpoint.name} on {split}: accuracy {r['acc']:.4f}")
+    try:
+        write_confusion_png(png, r["confusion"], f"{checkpoint.name} on {split}: accuracy {r['acc']:.4f}")
+    except OSError as exc:
+        raise TrainError(f"{png}: cannot write the confusion matrix ({exc.strerror or exc})") from exc
     click.echo(f"confusion matrix written to {png}")

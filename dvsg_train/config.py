@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,12 @@ RESUME_FIELDS = ("T", "batch_size", "channels", "net", "neuron", "tau", "opt", "
                  "val_fraction")
 # Fields that fix the model's shape: dvsg-eval needs these from a checkpoint.
 MODEL_FIELDS = ("channels", "net", "neuron", "tau")
+# Fields a bare --resume takes from the checkpoint besides RESUME_FIELDS: they do not change the
+# numbers of a run's epochs (or, like cupy and threads, only within rounding), but a resumed run
+# keeps them unless they are given again.
+CARRIED_FIELDS = ("epochs", "data", "data_fingerprint", "cupy", "threads", "sync_bn", "preset")
+# The types each field may hold (checked before use: a checkpoint's config comes from a file).
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),)}
 
 
 @dataclass
@@ -39,7 +46,7 @@ class TrainConfig:
     net: str = "multistep"
     neuron: str = "lif"
     tau: float = 2.0
-    cupy: bool = False
+    cupy: bool | None = False              # None: the CUDA kernels when the run is on CUDA (presets)
     amp: bool = False
     amp_dtype: str | None = None           # None: fp16 on CUDA, bf16 on CPU
     opt: str = "adam"
@@ -60,6 +67,8 @@ class TrainConfig:
     sync_bn: bool = False                  # DDP: BatchNorm statistics over the global batch
     data_fingerprint: str | None = None    # the store must have this fingerprint (or prefix)
     world_size: int = 1                    # processes the run is spread over (set by the engine)
+    threads: int = 1                       # torch CPU threads; 0: torch's default (one per core)
+    preset: str | None = None              # the --preset the values came from (recorded only)
 
     @property
     def global_batch_size(self) -> int:
@@ -69,7 +78,21 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.validate()
 
+    def check_types(self) -> None:
+        """Every field holds a value of its annotated type (bool is not an int, floats are finite)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            allowed = tuple(t for name in str(f.type).split("|") for t in _TYPES[name.strip()])
+            if isinstance(value, bool) and bool not in allowed:
+                allowed = ()
+            if not isinstance(value, allowed):
+                raise ConfigError(f"{f.name} must be {f.type}, got {type(value).__name__} {value!r:.60}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, got {value!r}")
+
     def validate(self) -> None:
+        self.check_types()
+
         def positive(name: str) -> None:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -78,6 +101,8 @@ class TrainConfig:
             positive(name)
         if self.workers < 0:
             raise ConfigError(f"workers (-j) must be >= 0, got {self.workers}")
+        if self.threads < 0:
+            raise ConfigError(f"threads must be >= 0 (0: torch's default), got {self.threads}")
         for name, allowed in (("net", NETS), ("neuron", NEURONS), ("opt", OPTIMIZERS),
                               ("lr_scheduler", SCHEDULERS), ("preload", PRELOAD)):
             if getattr(self, name) not in allowed:
@@ -97,12 +122,15 @@ class TrainConfig:
             if not 12 <= len(fp) <= 64 or any(c not in "0123456789abcdef" for c in fp):
                 raise ConfigError(f"data_fingerprint must be 12 to 64 hex digits (a store's sha256 "
                                   f"or its prefix), got {self.data_fingerprint!r}")
+        if self.preset is not None and not isinstance(self.preset, str):
+            raise ConfigError(f"preset must be a name, got {self.preset!r}")
         if self.cupy and self.net != "multistep":
             raise ConfigError("--cupy runs the multi-step neurons; it cannot be used with --net stepwise")
 
     @property
     def backend(self) -> str:
-        return "cupy" if self.cupy else "torch"
+        """The neuron backend asked for: "cupy", "torch", or "auto" (cupy when on CUDA)."""
+        return "auto" if self.cupy is None else "cupy" if self.cupy else "torch"
 
     def resolved_T_max(self) -> int:
         return self.epochs if self.T_max is None else self.T_max

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
+import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dvsprep.atomic import clean_stale_temps, output_lock
 from dvsprep.constants import N_CLASSES
 
 from . import __version__
@@ -35,9 +39,10 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import MODEL_FIELDS, TrainConfig
-from .data import Batches, FrameDataset, load_run_data, open_store, resolve_preload, to_network_input
+from .data import (Batches, FrameDataset, load_run_data, open_store, resolve_preload, resolve_store_path,
+                   to_network_input)
 from .distributed import DistEnv, resolve_device
-from .errors import CheckpointError, DataMismatchError, TrainError
+from .errors import BackendUnavailableError, CheckpointError, ConfigError, DataMismatchError, TrainError
 from .model import build_model
 from .neuron import check_backend
 from .report import Scalars, epoch_line, write_curves, write_json, write_metrics
@@ -161,10 +166,55 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
 
 
 def _resolved(config: TrainConfig, device: torch.device, world_size: int = 1) -> TrainConfig:
-    """The config with the choices made for this machine written in (saved with the run)."""
-    return dataclasses.replace(config, device=str(device), world_size=world_size,
+    """The config with the choices made for this machine written in (saved with the run).
+
+    Local data paths become absolute (a bare --resume finds the store from anywhere); cupy stays
+    as asked (None: auto), the backend it resolved to is recorded beside it in config.json."""
+    data = config.data if "://" in config.data else os.path.abspath(config.data)
+    return dataclasses.replace(config, device=str(device), world_size=world_size, data=data,
                                amp_dtype=config.resolved_amp_dtype(device.type),
                                T_max=config.resolved_T_max() if config.lr_scheduler == "cosalr" else config.T_max)
+
+
+def resolve_backend(config: TrainConfig, device: torch.device) -> str:
+    """"torch" or "cupy". --cupy must work here (BackendUnavailableError otherwise); the presets'
+    auto (cupy None) takes the CUDA kernels on a CUDA device when CuPy is installed, else torch."""
+    if config.backend != "auto":
+        check_backend(config.backend)
+        return config.backend
+    if device.type != "cuda" or config.net != "multistep":
+        return "torch"
+    try:
+        check_backend("cupy")
+    except BackendUnavailableError as exc:
+        log.warning("torch neurons instead of the CUDA kernels: %s", exc)
+        return "torch"
+    return "cupy"
+
+
+def cpu_has_bf16() -> bool | None:
+    """Whether this CPU computes bf16 in hardware (x86 avx512_bf16 / amx_bf16, Arm bf16);
+    None where /proc/cpuinfo does not say."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f
+                          if line.startswith(("flags", "Features"))), None)
+    except (OSError, IndexError):
+        return None
+    if flags is None:
+        return None
+    return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(flags))
+
+
+def _warn_slow_amp(rc: TrainConfig, device: torch.device) -> None:
+    """AMP on a CPU without bf16 hardware is emulated: say so once (the run still does what was asked)."""
+    if device.type != "cpu" or rc.amp_dtype is None:
+        return
+    if rc.amp_dtype == "fp16":
+        log.warning("--amp fp16 on the CPU is emulated and usually slower than fp32; leave --amp out on CPU")
+    elif cpu_has_bf16() is False:
+        log.warning("--amp on this CPU (no avx512_bf16/amx_bf16) emulates bf16: expect it several times "
+                    "slower than fp32; leave --amp out on CPU")
 
 
 def _summary(history: list[dict[str, Any]], run_dir: Path, fingerprint: str) -> dict[str, Any]:
@@ -187,7 +237,11 @@ def main(config: TrainConfig, on_epoch: Callable[[dict[str, Any]], None] | None 
 
     Writes into ``config.out_dir/<run name>/``: config.json, metrics.jsonl, curves.png,
     TensorBoard scalars, checkpoint_latest.pt and checkpoint_max.pt (chosen on validation
-    accuracy when --val-fraction holds some out, else on test accuracy as the seed did).
+    accuracy when --val-fraction holds some out, else on test accuracy as the seed did). A
+    resumed run continues in the folder its checkpoint is in and never writes anywhere else; the
+    run holds a lock on its folder while it trains (a second writer is refused).
+
+    ``config.threads`` sets torch's CPU threads for the run (restored afterwards).
 
     Under torchrun (WORLD_SIZE > 1) this is one rank of a DDP run: it joins the process group
     from the environment (and leaves it at the end), and only rank 0 writes files, logs epoch
@@ -195,9 +249,13 @@ def main(config: TrainConfig, on_epoch: Callable[[dict[str, Any]], None] | None 
     """
     config.validate()
     env = distributed.setup(config.device)
+    threads = torch.get_num_threads()
     try:
+        if config.threads > 0:
+            torch.set_num_threads(config.threads)
         return _run(config, env, on_epoch)
     finally:
+        torch.set_num_threads(threads)
         distributed.teardown(env)
 
 
@@ -211,35 +269,52 @@ def _verify_store(config: TrainConfig) -> str:
     return store.fingerprint
 
 
-def _run(config: TrainConfig, env: DistEnv, on_epoch: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
-    device = env.device
-    check_backend(config.backend)
-    rc = _resolved(config, device, env.world_size)
-    run_dir = Path(config.out_dir) / (config.run_name or rc.default_run_name())
-    if env.enabled:
-        log.info("DDP over %d processes: -b %d per process, global batch %d%s", env.world_size,
-                 config.batch_size, rc.global_batch_size, ", SyncBatchNorm" if config.sync_bn else "")
+# ----------------------------------------------------------------------------- the run's steps
 
-    def previous_run() -> dict[str, Any] | None:
-        # rank 0 reads the checkpoint and hands it over: other machines need not see the file
-        if config.resume:
-            ckpt = load_checkpoint(config.resume)
-            check_resume(ckpt, config.resume, rc)
-            return ckpt
-        if (run_dir / LATEST).exists() and not config.force:
-            raise TrainError(f"{run_dir} already holds a run; continue it with --resume "
-                             f"{run_dir / LATEST}, start over with --force, or pick --run-name")
-        return None
+def checkpoint_run_dir(checkpoint: str | os.PathLike) -> Path:
+    """The run folder of a checkpoint: the folder the file is in (wherever it was moved to)."""
+    return Path(os.path.realpath(checkpoint)).parent
 
-    ckpt = distributed.on_main(env, previous_run)
 
-    # The store is checked before any training: once per machine (local rank 0 hashes every
-    # file, and downloads a URL into the cache once), then every rank opens its local copy.
+def _run_dir(config: TrainConfig, rc: TrainConfig) -> Path:
+    """Where the run writes: the checkpoint's own folder on resume (an explicit run_name that
+    names another folder is refused), else out_dir/<run_name or the default name>."""
+    if not config.resume:
+        # named from the options as given (the seed's "_amp", not the dtype it resolved to here)
+        default = dataclasses.replace(config, world_size=rc.world_size).default_run_name()
+        return Path(os.path.abspath(Path(config.out_dir) / (config.run_name or default)))
+    folder = checkpoint_run_dir(config.resume)
+    if config.run_name is not None:
+        asked = Path(config.out_dir) / config.run_name
+        if Path(os.path.realpath(asked)) != folder:
+            raise ConfigError(f"{config.resume}: --run-name/--out-dir name {asked}, but the checkpoint "
+                              f"belongs to the run in {folder}; a resumed run continues in its own "
+                              f"folder (copy that folder to branch off)")
+    return folder
+
+
+def _previous_run(config: TrainConfig, rc: TrainConfig, run_dir: Path) -> dict[str, Any] | None:
+    """The checkpoint to continue (checked against this run's settings), or None for a fresh run."""
+    if config.resume:
+        ckpt = load_checkpoint(config.resume)
+        check_resume(ckpt, config.resume, rc)
+        return ckpt
+    if (run_dir / LATEST).exists() and not config.force:
+        raise TrainError(f"{run_dir} already holds a run; continue it with --resume "
+                         f"{run_dir / LATEST}, start over with --force, or pick --run-name")
+    return None
+
+
+def _load_data(config: TrainConfig, env: DistEnv, ckpt: dict[str, Any] | None) -> tuple[Any, torch.Generator]:
+    """Verify the store (once per machine), open it on every rank, agree on its fingerprint and
+    check it against the checkpoint's. Seeds the run and returns (RunData, data-order generator)."""
+    # local rank 0 hashes every file (and downloads a URL into the cache once), then every rank
+    # opens its local copy
     verified = distributed.local_main_first(env, lambda: _verify_store(config), lambda: None)
     torch.manual_seed(config.seed)
     data_gen = torch.Generator().manual_seed(config.seed)
     data = distributed.agree(env, lambda: load_run_data(
-        config.data, T=config.T, batch_size=config.batch_size, device=device, preload=config.preload,
+        config.data, T=config.T, batch_size=config.batch_size, device=env.device, preload=config.preload,
         val_fraction=config.val_fraction, seed=config.seed, workers=config.workers, generator=data_gen,
         rank=env.rank, world_size=env.world_size, local_world_size=env.local_world_size,
         expected_fingerprint=config.data_fingerprint))
@@ -258,56 +333,110 @@ def _run(config: TrainConfig, env: DistEnv, on_epoch: Callable[[dict[str, Any]],
              data.test.n_samples)
     if ckpt is not None:
         check_data(ckpt, config.resume, data.fingerprint, config.data)
+    return data, data_gen
 
-    model = build_model(config.channels, config.net, config.neuron, config.backend, config.tau).to(device)
+
+def _folder_run_id(run_dir: Path) -> str | None:
+    """The run id in a folder's config.json; None when there is none. TrainError if unreadable."""
+    path = run_dir / "config.json"
+    if not path.exists():
+        return None
+    try:
+        run_id = json.loads(path.read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError, RecursionError) as exc:
+        raise TrainError(f"{path}: unreadable run config ({type(exc).__name__}); "
+                         f"not writing into a folder whose run is unknown") from exc
+    return run_id if isinstance(run_id, str) else ""
+
+
+def _claim_run_folder(held: contextlib.ExitStack, run_dir: Path, config: TrainConfig,
+                      ckpt: dict[str, Any] | None) -> str:
+    """Lock the run folder for this run (kept until ``held`` closes) and make sure it is this
+    run's: a resumed run's folder holds its own run or nothing; a fresh run's holds no
+    checkpoint unless --force. Returns the run id (new for a fresh run)."""
+    held.enter_context(output_lock(run_dir, "training run"))
+    clean_stale_temps(run_dir)
+    found = _folder_run_id(run_dir)
+    if ckpt is None:
+        if (run_dir / LATEST).exists() and not config.force:
+            raise TrainError(f"{run_dir} already holds a run; continue it with --resume "
+                             f"{run_dir / LATEST}, start over with --force, or pick --run-name")
+        return uuid.uuid4().hex
+    run_id = ckpt["run"]["id"]
+    latest = run_dir / LATEST
+    if found is not None and found != run_id:
+        raise TrainError(f"{run_dir} holds another run (id {found[:12] or 'unknown'}, the checkpoint's is "
+                         f"{run_id[:12]}); a resumed run never writes into another run's folder")
+    if found is None and latest.exists() and not os.path.samefile(latest, config.resume):
+        raise TrainError(f"{run_dir} holds another run's {LATEST}; a resumed run never writes into "
+                         f"another run's folder")
+    if ckpt["run"]["dir"] != str(run_dir):
+        log.info("run folder %s was moved here from %s", run_dir, ckpt["run"]["dir"])
+    return run_id
+
+
+def _build_training(config: TrainConfig, env: DistEnv, backend: str, amp_dtype: str | None):
+    """Model (SyncBatchNorm when asked under DDP), optimizer, scheduler and fp16 GradScaler."""
+    device = env.device
+    model = build_model(config.channels, config.net, config.neuron, backend, config.tau).to(device)
     if config.sync_bn and env.enabled:
         model = distributed.convert_sync_batchnorm(model, device)
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config)
-    amp_dtype = rc.amp_dtype
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == "fp16" else None
+    return model, optimizer, scheduler, scaler
 
-    history: list[dict[str, Any]] = []
-    start_epoch = 0
-    if ckpt is not None:
-        load_model_state(model, ckpt, config.resume)
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            if scheduler is not None:
-                scheduler.load_state_dict(ckpt["scheduler"])
-            if scaler is not None:
-                scaler.load_state_dict(ckpt["scaler"])
-            set_rng_state(ckpt["rng"], data_gen, data_only=env.enabled)
-        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
-            raise CheckpointError(f"{config.resume}: optimizer/scheduler/RNG state does not fit "
-                                  f"this run ({str(exc).splitlines()[0][:160]})") from exc
-        history = [dict(r) for r in ckpt["history"]]
-        start_epoch = int(ckpt["epoch"]) + 1
-        log.info("resuming from %s after epoch %d", config.resume, start_epoch - 1)
-    net = distributed.wrap_model(env, model)       # DDP: rank 0's weights go to every rank
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if ckpt is None:
-            # a fresh start (--force) must not leave the previous run's outputs mixed with ours
-            for old in [run_dir / LATEST, run_dir / MAX, run_dir / "metrics.jsonl", run_dir / "curves.png",
-                        *run_dir.glob("events.out.tfevents.*")]:
-                old.unlink(missing_ok=True)
-        write_json(run_dir / "config.json", {**rc.to_dict(), "run_dir": str(run_dir),
-                                             "data_fingerprint": data.fingerprint, "version": __version__,
-                                             "torch": torch.__version__})
-    if start_epoch >= config.epochs:
-        log.info("checkpoint already at epoch %d of %d; nothing to train", start_epoch - 1, config.epochs)
-        distributed.barrier(env)
-        return _summary(history, run_dir, data.fingerprint)
 
-    def select(r: dict[str, Any]) -> float:
-        return r["val_acc"] if r.get("val_acc") is not None else r["test_acc"]
+def _restore(ckpt: dict[str, Any], path: str, model: nn.Module, optimizer, scheduler, scaler,
+             data_gen: torch.Generator, env: DistEnv) -> tuple[list[dict[str, Any]], int]:
+    """Load every state of a checkpoint into the run; returns (history, first epoch to train)."""
+    load_model_state(model, ckpt, path)
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(ckpt["scheduler"])
+        if scaler is not None:
+            scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"], data_gen, data_only=env.enabled)
+    except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: optimizer/scheduler/RNG state does not fit "
+                              f"this run ({(str(exc).splitlines() or [''])[0][:160]})") from exc
+    log.info("resuming from %s after epoch %d", path, ckpt["epoch"])
+    return [dict(r) for r in ckpt["history"]], ckpt["epoch"] + 1
 
-    best_so_far = max((select(r) for r in history), default=-1.0)
+
+def _start_run_folder(run_dir: Path, rc: TrainConfig, fresh: bool, run_id: str, backend: str,
+                      fingerprint: str) -> None:
+    """config.json with the resolved settings; a fresh start (--force) first removes the outputs
+    of the run it replaces, so that nothing of it is left mixed with ours."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if fresh:
+        for old in [run_dir / LATEST, run_dir / MAX, run_dir / "metrics.jsonl", run_dir / "curves.png",
+                    *run_dir.glob("events.out.tfevents.*")]:
+            old.unlink(missing_ok=True)
+    write_json(run_dir / "config.json", {**rc.to_dict(), "run_id": run_id, "run_dir": str(run_dir),
+                                         "backend": backend, "data_fingerprint": fingerprint,
+                                         "version": __version__, "torch": torch.__version__})
+
+
+def _select(r: dict[str, Any]) -> float:
+    """The number checkpoint_max.pt is chosen on: validation accuracy when held out, else test."""
+    return r["val_acc"] if r.get("val_acc") is not None else r["test_acc"]
+
+
+def _train_epochs(config: TrainConfig, rc: TrainConfig, env: DistEnv, run_dir: Path, run_id: str,
+                  parts: tuple, data: Any, data_gen: torch.Generator, history: list[dict[str, Any]],
+                  start_epoch: int, on_epoch: Callable[[dict[str, Any]], None] | None) -> None:
+    """Epochs start_epoch..epochs-1: train, step the scheduler, evaluate, then (rank 0) save the
+    checkpoints, metrics, curves and scalars of each epoch."""
+    model, net, optimizer, scheduler, scaler = parts
+    device, amp_dtype = env.device, rc.amp_dtype
+    best_so_far = max((_select(r) for r in history), default=-1.0)
     scalars = Scalars(run_dir, purge_step=start_epoch) if env.is_main else None
     progress = config.progress and env.is_main
     dist_env = env if env.enabled else None
     cuda_rng = device if env.enabled and device.type == "cuda" else None
+    run = {"id": run_id, "name": run_dir.name, "dir": str(run_dir)}
     try:
         for epoch in range(start_epoch, config.epochs):
             if env.enabled:
@@ -336,8 +465,8 @@ def _run(config: TrainConfig, env: DistEnv, on_epoch: Callable[[dict[str, Any]],
                 record["epoch_seconds"], record["train_samples_per_s"] = distributed.on_main(
                     env, lambda: (record["epoch_seconds"], record["train_samples_per_s"]))
             history.append(record)
-            improved = select(record) > best_so_far
-            best_so_far = max(best_so_far, select(record))
+            improved = _select(record) > best_so_far
+            best_so_far = max(best_so_far, _select(record))
             if not env.is_main:
                 continue
             payload = {
@@ -345,7 +474,7 @@ def _run(config: TrainConfig, env: DistEnv, on_epoch: Callable[[dict[str, Any]],
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "rng": rng_state(data_gen, cuda_rng), "config": rc.to_dict(),
-                "data_fingerprint": data.fingerprint, "history": history,
+                "data_fingerprint": data.fingerprint, "history": history, "run": run,
             }
             save_checkpoint(run_dir / LATEST, payload)
             if improved:
@@ -360,7 +489,38 @@ def _run(config: TrainConfig, env: DistEnv, on_epoch: Callable[[dict[str, Any]],
     finally:
         if scalars is not None:
             scalars.close()
-    distributed.barrier(env)        # the run's files are complete when any rank returns
+
+
+def _run(config: TrainConfig, env: DistEnv, on_epoch: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
+    device = env.device
+    backend = resolve_backend(config, device)
+    rc = _resolved(config, device, env.world_size)
+    _warn_slow_amp(rc, device)
+    if env.enabled:
+        log.info("DDP over %d processes: -b %d per process, global batch %d%s", env.world_size,
+                 config.batch_size, rc.global_batch_size, ", SyncBatchNorm" if config.sync_bn else "")
+    # rank 0 reads the checkpoint and hands it over: other machines need not see the file
+    run_dir, ckpt = distributed.on_main(env, lambda: (lambda d: (d, _previous_run(config, rc, d)))(
+        _run_dir(config, rc)))
+    data, data_gen = _load_data(config, env, ckpt)
+    with contextlib.ExitStack() as held:
+        # the folder is locked only once the store checked out: a refused store writes nothing
+        run_id = distributed.on_main(env, lambda: _claim_run_folder(held, run_dir, config, ckpt))
+        model, optimizer, scheduler, scaler = _build_training(config, env, backend, rc.amp_dtype)
+        history: list[dict[str, Any]] = []
+        start_epoch = 0
+        if ckpt is not None:
+            history, start_epoch = _restore(ckpt, config.resume, model, optimizer, scheduler, scaler,
+                                            data_gen, env)
+        net = distributed.wrap_model(env, model)       # DDP: rank 0's weights go to every rank
+        if env.is_main:
+            _start_run_folder(run_dir, rc, ckpt is None, run_id, backend, data.fingerprint)
+        if start_epoch >= config.epochs:
+            log.info("checkpoint already at epoch %d of %d; nothing to train", start_epoch - 1, config.epochs)
+        else:
+            _train_epochs(config, rc, env, run_dir, run_id, (model, net, optimizer, scheduler, scaler),
+                          data, data_gen, history, start_epoch, on_epoch)
+        distributed.barrier(env)        # the run's files are complete when any rank returns
     return _summary(history, run_dir, data.fingerprint)
 
 
@@ -371,7 +531,11 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "test", devi
     ckpt = load_checkpoint(checkpoint)
     cfg = checkpoint_config(ckpt, checkpoint)
     dev = resolve_device(device)
-    store = open_store(data, cfg.T)
+    # opened without a T check, to say what dvsg-eval (which has no -T) needs
+    store = open_store(resolve_store_path(data, cfg.T))
+    if store.T != cfg.T:
+        raise DataMismatchError(f"{data}: store has T={store.T} frames per sample, but {checkpoint} was trained "
+                                f"with T={cfg.T}; evaluate it on a store made with dvsprep frames -T {cfg.T}")
     data = str(store.path)
     if store.fingerprint != ckpt["data_fingerprint"]:
         log.warning("%s was trained on a store with another fingerprint than %s", checkpoint, data)

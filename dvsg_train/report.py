@@ -13,6 +13,8 @@ from dvsprep.constants import GESTURE_NAMES
 
 from dvsprep.atomic import atomic_write
 
+from .errors import TrainError
+
 log = logging.getLogger(__name__)
 
 
@@ -25,6 +27,21 @@ def epoch_line(r: dict[str, Any]) -> str:
              f"max_test_acc ={r['max_test_acc']: .4f}, epoch_time ={r['epoch_seconds']: .1f} s, "
              f"train speed ={r['train_samples_per_s']: .1f} samples/s")
     return line
+
+
+def check_output_file(path: Path) -> None:
+    """Refuse at once (TrainError naming ``path``) an output file that cannot be written: its
+    folder is missing or not a writable folder, or ``path`` is a folder."""
+    path = Path(path)
+    parent = path.parent
+    if path.is_dir():
+        raise TrainError(f"{path}: is a directory, not a file to write")
+    if not parent.is_dir():
+        raise TrainError(f"{path}: no such directory {parent}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise TrainError(f"{path}: directory {parent} is not writable")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise TrainError(f"{path}: file is not writable")
 
 
 def write_metrics(path: Path, history: Sequence[dict[str, Any]]) -> None:

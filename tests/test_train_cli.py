@@ -58,9 +58,11 @@ def test_train_errors_are_one_line(trained, tmp_path):
     assert "not a readable checkpoint" in error_line(
         run(train_main, ["--data", str(root), *out, *TINY, "--resume", str(bad)]))
     ckpt = root / "runs" / "T4_b6_adam_lr0.001_c4" / "checkpoint_latest.pt"
-    msg = error_line(run(train_main, ["--data", str(root), *out, *TINY[:-6], "--channels", "8",
+    msg = error_line(run(train_main, ["--data", str(root), *TINY[:-6], "--channels", "8",
                                       "--device", "cpu", "--resume", str(ckpt)]))
-    assert "another configuration" in msg and "channels 4 vs 8" in msg
+    assert msg.startswith(f"error: {ckpt}: ") and "--channels gives channels 8, the run has 4" in msg
+    msg = error_line(run(train_main, ["--resume", str(ckpt), *out]))
+    assert f"--out-dir name {tmp_path / ckpt.parent.name}, but the checkpoint's run is in {ckpt.parent}" in msg
     assert "no CUDA" in error_line(run(train_main, ["--data", str(root), *out, *TINY[:-4], "--device", "cuda"])) \
         or torch.cuda.is_available()
 
@@ -129,3 +131,35 @@ def test_store_is_verified_before_training(trained, tmp_path):
     msg = error_line(CliRunner().invoke(train_main, ["--data", str(bad), "--out-dir", str(out), *TINY]))
     assert "NOT intact: 1 corrupt" in msg and "train/frames" in msg and str(bad) in msg
     assert not out.exists()
+
+
+def test_eval_checks_the_png_location_before_the_work(trained, tmp_path, monkeypatch):
+    root, _ = trained
+    ckpt = root / "runs" / "T4_b6_adam_lr0.001_c4" / "checkpoint_max.pt"
+    monkeypatch.chdir(tmp_path)
+    import dvsg_train.engine as engine
+
+    monkeypatch.setattr(engine, "evaluate", lambda *a, **k: pytest.fail("evaluated before checking --png"))
+    res = CliRunner().invoke(eval_main, ["--checkpoint", str(ckpt), "--data", str(root), "--device", "cpu",
+                                         "--png", "nodir/c.png"])
+    assert error_line(res) == "error: nodir/c.png: no such directory nodir"
+    (tmp_path / "adir").mkdir()
+    assert error_line(CliRunner().invoke(eval_main, ["--checkpoint", str(ckpt), "--data", str(root),
+                                                     "--png", "adir"])) == "error: adir: is a directory, not a file to write"
+    assert not list(tmp_path.rglob(".*tmp*"))
+
+
+def test_eval_on_a_store_of_another_T_says_what_it_needs(trained, tmp_path):
+    root, _ = trained
+    ckpt = root / "runs" / "T4_b6_adam_lr0.001_c4" / "checkpoint_max.pt"
+    make_store(tmp_path / "frames_T2_number.zarr", T=2, n_train=11, n_test=11)
+    msg = error_line(CliRunner().invoke(eval_main, ["--checkpoint", str(ckpt), "--data",
+                                                    str(tmp_path / "frames_T2_number.zarr")]))
+    assert "store has T=2" in msg and f"{ckpt} was trained with T=4" in msg and "dvsprep frames -T 4" in msg
+    assert "pass -T" not in msg
+
+
+def test_lr_scheduler_help_is_lowercase():
+    out = CliRunner().invoke(train_main, ["--help"], terminal_width=200).output
+    line = " ".join(out.split("--lr-scheduler", 1)[1].split("--step-size")[0].split())
+    assert line == "[cosalr|steplr|none] [default: cosalr]"

@@ -9,6 +9,7 @@ import http.server
 import json
 import os
 import socket
+import shutil
 import subprocess
 import sys
 import threading
@@ -195,8 +196,11 @@ def test_two_ranks_equal_one_process_with_the_global_batch(store, tmp_path, monk
     monkeypatch.setattr(engine, "build_model", _without_dropout(engine.build_model))
     # one process, -b 6: epoch 0, then resumed to epoch 1
     r1 = engine.main(TrainConfig(**cfg(store, tmp_path / "single")))
+    # a resumed run continues in its checkpoint's folder: continue copies, keep r1 at epoch 0
+    for copy in ("single2", "single3"):
+        shutil.copytree(r1["run_dir"], tmp_path / copy)
     r2 = engine.main(TrainConfig(**cfg(store, tmp_path / "single2", epochs=2,
-                                       resume=f"{r1['run_dir']}/checkpoint_latest.pt")))
+                                       resume=f"{tmp_path / 'single2'}/checkpoint_latest.pt")))
     ref1, ref2 = load_checkpoint(f"{r1['run_dir']}/checkpoint_latest.pt"), weights(r2)
 
     # two processes, -b 3 each, SyncBatchNorm, dropout off: epoch 0
@@ -230,7 +234,7 @@ def test_two_ranks_equal_one_process_with_the_global_batch(store, tmp_path, monk
     # resume on another world size: 2 ranks continue the 1-process run (reading through the
     # DataLoader this time), 1 process continues the 2-rank run
     ranks = run_ranks(tmp_path, cfg(store, tmp_path / "ddp_resumed", batch_size=B, epochs=2, preload="none",
-                                    resume=f"{r1['run_dir']}/checkpoint_latest.pt"), "resumed")
+                                    resume=f"{tmp_path / 'single3'}/checkpoint_latest.pt"), "resumed")
     assert_same_weights(weights(ranks[0]["summary"]), ref2)
     d2 = engine.main(TrainConfig(**cfg(store, tmp_path / "ddp2", epochs=2,
                                        resume=f"{d1['run_dir']}/checkpoint_latest.pt")))

@@ -130,3 +130,49 @@ def test_validation_selects_checkpoint_and_reports_accuracy_b(small, tmp_path):
     assert best["history"][-1]["test_acc"] == summary["test_acc_at_best_val"]
     assert summary["run_dir"].endswith("T4_b6_adam_lr0.01_c4_plif_stepwise_val0.2")
     assert any(k.endswith(".w") for k in best["model"])       # PLIF's learnable tau is saved
+
+
+def test_threads_are_set_for_the_run_and_restored(small, tmp_path):
+    before = torch.get_num_threads()
+    seen = []
+    main(cfg(small, tmp_path, epochs=1, threads=1), on_epoch=lambda r: seen.append(torch.get_num_threads()))
+    assert seen == [1] and torch.get_num_threads() == before
+    seen.clear()
+    main(cfg(small, tmp_path / "all", epochs=1, threads=0), on_epoch=lambda r: seen.append(torch.get_num_threads()))
+    assert seen == [before]                      # 0: torch's own default is left alone
+
+
+def test_amp_on_a_cpu_without_bf16_warns_once(monkeypatch, caplog):
+    import dataclasses
+    import logging
+
+    from dvsg_train import engine
+
+    rc = TrainConfig(data="x", amp=True, device="cpu")
+    rc = dataclasses.replace(rc, amp_dtype=rc.resolved_amp_dtype("cpu"))
+    monkeypatch.setattr(engine, "cpu_has_bf16", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="dvsg_train.engine"):
+        engine._warn_slow_amp(rc, torch.device("cpu"))
+    assert [r.getMessage() for r in caplog.records] == [
+        "--amp on this CPU (no avx512_bf16/amx_bf16) emulates bf16: expect it several times slower than fp32; "
+        "leave --amp out on CPU"]
+    caplog.clear()
+    monkeypatch.setattr(engine, "cpu_has_bf16", lambda: True)
+    engine._warn_slow_amp(rc, torch.device("cpu"))
+    engine._warn_slow_amp(dataclasses.replace(rc, amp=False, amp_dtype=None), torch.device("cpu"))
+    assert caplog.records == []
+
+
+def test_cpu_bf16_detection_reads_cpuinfo(monkeypatch, tmp_path):
+    import builtins
+
+    from dvsg_train import engine
+
+    real_open = builtins.open
+    for flags, want in (("fpu sse avx2 avx512f", False), ("fpu avx512f avx512_bf16", True), ("fpu amx_bf16", True)):
+        info = tmp_path / "cpuinfo"
+        info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        monkeypatch.setattr(builtins, "open", lambda p, *a, **k: real_open(info if p == "/proc/cpuinfo" else p, *a, **k))
+        assert engine.cpu_has_bf16() is want
+    info.write_text("processor\t: 0\n")
+    assert engine.cpu_has_bf16() is None

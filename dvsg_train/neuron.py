@@ -47,7 +47,8 @@ class _LIFMultiStep(torch.autograd.Function):
         # fp32 state for fp16/bf16/fp32 inputs; float64 stays float64 (for exact checks).
         state_dtype = torch.promote_types(x_seq.dtype, torch.float32)
         d = decay.detach().to(state_dtype)
-        h_seq = torch.empty(x_seq.shape, dtype=state_dtype, device=x_seq.device)
+        # x's strides (e.g. channels_last): dL/dx then comes back in the layout x came in
+        h_seq = torch.empty_like(x_seq, dtype=state_dtype)
         spikes = torch.empty_like(x_seq)
         v = torch.full_like(h_seq[0], v_reset)
         for t in range(x_seq.shape[0]):

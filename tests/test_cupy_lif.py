@@ -175,8 +175,9 @@ def _compare(run_kernel, run_ref, x, grad, w0, dtype_name, plif):
     assert s_k.dtype == x.dtype and s_k.stride() == x.stride()
     assert torch.equal(s_k, s_r)
     del s_k, s_r
-    torch.testing.assert_close(gx_k.float(), gx_r.float(), rtol=GRAD_RTOL[dtype_name],
-                               atol=GRAD_ATOL[dtype_name])
+    for t in range(x.shape[0]):       # step by step: the big GPU case holds 2**31 elements
+        torch.testing.assert_close(gx_k[t].float(), gx_r[t].float(), rtol=GRAD_RTOL[dtype_name],
+                                   atol=GRAD_ATOL[dtype_name])
     if plif:
         assert gw_k is not None and gw_r is not None
         # d decay / d w = decay * (1 - decay); the fp32 reference's own rounding is bounded by
@@ -347,6 +348,12 @@ def test_kernel_index_arithmetic_is_64_bit():
 
 # --------------------------------------------------------------------------- CUDA
 
+def cuda_run(detach=True):
+    def run(xi, decay):
+        return cupy_lif.lif_multistep_cupy(xi, decay, 1.0, 0.0, 2.0, detach)
+    return run
+
+
 @pytest.mark.cuda
 def test_cuda_design_check_value():
     x = torch.tensor(DESIGN_X, device="cuda")
@@ -356,42 +363,92 @@ def test_cuda_design_check_value():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype_name", sorted(DTYPES))
-@pytest.mark.parametrize("T", [1, 16, 64])
+@pytest.mark.parametrize("T", [1, 5, 16, 19])
 @pytest.mark.parametrize("shape", [(1,), (7, 333), (2, 3, 17, 19), (40001,)])
 @pytest.mark.parametrize("plif,detach", [(False, True), (True, True), (False, False),
                                          (True, False)])
 def test_cuda_kernels_match_torch_reference(dtype_name, T, shape, plif, detach):
-    x, grad = _random_case(T, shape, DTYPES[dtype_name], seed=T * 7 + math.prod(shape))
-    x, grad = x.cuda(), grad.cuda()
+    x, grad = _random_case(T, shape, DTYPES[dtype_name], seed=T * 7 + math.prod(shape),
+                           device="cuda")
+    _compare(cuda_run(detach), torch_run(detach), x, grad, 0.3 if plif else 0.0, dtype_name, plif)
 
-    def kernel(xi, decay):
-        return cupy_lif.lif_multistep_cupy(xi, decay.cuda(), 1.0, 0.0, 2.0, detach)
 
-    def ref(xi, decay):
-        return lif_multistep_torch(xi, decay.cuda(), 1.0, 0.0, 2.0, detach)
-
-    _compare(kernel, ref, x, grad, 0.3 if plif else 0.0, dtype_name, plif)
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype_name", sorted(DTYPES))
+@pytest.mark.parametrize("T", [7, 16])
+@pytest.mark.parametrize("plif", [False, True])
+def test_cuda_small_grid_walks_several_neurons_per_thread(dtype_name, T, plif, monkeypatch):
+    """One SM's worth of blocks for 40001 neurons: each thread takes about 20 of them."""
+    monkeypatch.setattr(cupy_lif, "_sm_count", lambda device_index: 1)
+    n = 40001
+    blocks = [b for _, b in cupy_lif._kernels(dtype_name, torch.cuda.current_device())]
+    assert all(cupy_lif.launch_grid(n, 1, b) * cupy_lif.THREADS * 2 < n for b in blocks)
+    x, grad = _random_case(T, (n,), DTYPES[dtype_name], seed=T + n, device="cuda")
+    _compare(cuda_run(), torch_run(), x, grad, 0.3 if plif else 0.0, dtype_name, plif)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("plif", [False, True])
-def test_cuda_side_stream_and_permuted_layout(plif):
-    """A channels_last-like (permuted, dense) input runs without a copy on a side stream."""
-    x, grad = _random_case(16, (64, 50), torch.float16, seed=3)
-    x_perm = x.cuda().transpose(1, 2)          # [T, 50, 64], dense but not contiguous
-    grad = grad.cuda().transpose(1, 2).contiguous()   # a layout unlike the saved h: copied
+def test_cuda_launches_on_the_current_stream(plif):
+    """On a side stream whose work is delayed (torch.cuda._sleep), the input and dL/ds are
+    written after the delay: a kernel launched on any other stream would read the zeros that
+    were there before, and the spikes or gradients would be wrong. The layout is a dense
+    permutation (as channels_last gives), run without a copy."""
+    x, grad = _random_case(16, (64, 50), torch.float16, seed=3, device="cuda")
+    w0 = 0.3 if plif else 0.0
+    xr = x.clone().requires_grad_(True)
+    wr = torch.tensor(w0, device="cuda", requires_grad=plif)
+    s_ref = torch_run()(xr, wr.sigmoid() if plif else torch.tensor(0.5, device="cuda"))
+    s_ref.backward(grad)
+    xbuf = torch.zeros(16, 50, 64, dtype=torch.float16, device="cuda").transpose(1, 2)
+    gbuf = torch.zeros_like(grad)
+    torch.cuda.synchronize()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        def kernel(xi, decay):
-            return cupy_lif.lif_multistep_cupy(xi, decay.cuda(), 1.0, 0.0, 2.0, True)
-
-        def ref(xi, decay):
-            return lif_multistep_torch(xi, decay.cuda(), 1.0, 0.0, 2.0, True)
-
-        _compare(kernel, ref, x_perm, grad, 0.3 if plif else 0.0, "half", plif)
+        torch.cuda._sleep(100_000_000)                  # ~50 ms of GPU time on this stream
+        xbuf.copy_(x)
+        xi = xbuf.detach().requires_grad_(True)         # [16, 64, 50], stored as [16, 50, 64]
+        assert not xi.is_contiguous() and cupy_lif.dense_time_major(xi)
+        w = torch.tensor(w0, device="cuda", requires_grad=plif)
+        s = cupy_lif.lif_multistep_cupy(xi, w.sigmoid() if plif else torch.tensor(0.5, device="cuda"),
+                                        1.0, 0.0, 2.0, True)
+        torch.cuda._sleep(100_000_000)
+        gbuf.copy_(grad)
+        s.backward(gbuf)                                # contiguous: copied to h's layout
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
+    assert torch.equal(s, s_ref) and s.stride() == xi.stride()
+    torch.testing.assert_close(xi.grad.float(), xr.grad.float(),
+                               rtol=GRAD_RTOL["half"], atol=GRAD_ATOL["half"])
+    if plif:
+        torch.testing.assert_close(w.grad, wr.grad, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype_name", sorted(DTYPES))
+@pytest.mark.parametrize("T", [7, 16])
+@pytest.mark.parametrize("plif", [False, True])
+def test_cuda_big_n(dtype_name, T, plif):
+    """n = 2**20 + 37 neurons: more blocks than are resident, and a ragged last block."""
+    x, grad = _random_case(T, (2 ** 20 + 37,), DTYPES[dtype_name], seed=T, device="cuda")
+    _compare(cuda_run(), torch_run(), x, grad, 0.3 if plif else 0.0, dtype_name, plif)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("plif", [False, True])
+def test_cuda_big_tensor_index_math(plif):
+    """T * n = 18 * (2**27 + 3) > 2**31 elements in fp16 (4.8 GB per tensor): 11% of the
+    elements sit above index 2**31, where 32-bit index arithmetic would wrap."""
+    T, n = 18, 2 ** 27 + 3
+    assert T * n > 2 ** 31 * 1.1
+    free, _ = torch.cuda.mem_get_info()
+    if free < 80 * 2 ** 30:
+        pytest.skip(f"needs 80 GiB of free GPU memory, {free / 2 ** 30:.0f} GiB free")
+    g = torch.Generator(device="cuda").manual_seed(4)
+    x = (torch.randn(T, n, device="cuda", generator=g) * 0.8 + 0.6).half()
+    grad = torch.randn(T, n, device="cuda", generator=g).half()
+    _compare(cuda_run(), torch_run(), x, grad, 0.3 if plif else 0.0, "half", plif)
 
 
 @pytest.mark.cuda

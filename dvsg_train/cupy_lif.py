@@ -313,7 +313,11 @@ def _external_stream(stream_ptr: int, device_index: int):
     with cupy.cuda.Device(device_index):
         from_external = getattr(cupy.cuda.Stream, "from_external", None)
         if from_external is not None:        # CuPy >= 14 (ExternalStream is deprecated there)
-            return from_external(_StreamRef(stream_ptr))
+            stream = from_external(_StreamRef(stream_ptr))
+            if stream.ptr != stream_ptr:
+                raise RuntimeError(f"cupy.cuda.Stream.from_external wrapped stream {stream.ptr:#x}, "
+                                   f"not torch's {stream_ptr:#x}")
+            return stream
         return cupy.cuda.ExternalStream(stream_ptr, device_index)
 
 

@@ -127,7 +127,8 @@ def test_gpu_check_step_over_its_limit_is_cut_and_recorded(tmp_path):
     r = _gpu_check("--cpu", "--limit", "d_train_cli=2",
                    env_extra={"OUT": str(out), "WORK": str(tmp_path / "w")})
     assert r.returncode == 1
-    assert re.search(r"\| d_train_cli \| 2 \| 124 \| [23] \|", (out / "summary.md").read_text())
+    row = re.search(r"\| d_train_cli \| 2 \| 124 \| (\d+) \|", (out / "summary.md").read_text())
+    assert row and int(row.group(1)) <= 8          # cut at 2 s (+ 5 s grace for a KILL)
     assert "TIMED OUT after 2 s" in (out / "d_train_cli.log").read_text()
 
 

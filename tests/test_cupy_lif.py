@@ -416,6 +416,8 @@ def test_cuda_launches_on_the_current_stream(plif):
         torch.cuda._sleep(100_000_000)
         gbuf.copy_(grad)
         s.backward(gbuf)                                # contiguous: copied to h's layout
+        wrapped = cupy_lif._external_stream(side.cuda_stream, torch.cuda.current_device())
+        assert wrapped.ptr == side.cuda_stream
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     assert torch.equal(s, s_ref) and s.stride() == xi.stride()

@@ -13,7 +13,7 @@
 #                   SpikingJelly 2.0's DVSGestureNet (torch and triton backends)
 #   f_bandwidth     the neuron kernels' GB/s beside the GPU's memory bandwidth
 # The step limits add up to BUDGET (480 s) at most, checked before anything runs; the wheel
-# install has its own 60 s limit. $OUT gets at most 8 files: summary.md, one .log per step,
+# install (45 s) and two version/import checks (30 s each) have their own limits: 585 s at most. $OUT gets at most 8 files: summary.md, one .log per step,
 # e_epoch_bench.json.
 #
 # Usage: scripts/gpu_check.sh [--dry-run] [--cpu] [--only a,d,...]
@@ -42,7 +42,7 @@ while [ $# -gt 0 ]; do
 done
 
 BUDGET=480
-INSTALL_LIMIT=60
+INSTALL_LIMIT=45
 # name:limit (seconds). Order is run order.
 STEPS=(a_cuda_tests:90 b_kernels_big:60 c_network:45 d_train_cli:75 e_epoch_bench:180 f_bandwidth:30)
 # --limit NAME=SECONDS replaces a step's limit (the budget check below still applies)
@@ -169,9 +169,17 @@ SUMMARY="$OUT/summary.md"
     echo
     echo '```'
     if command -v nvidia-smi >/dev/null; then nvidia-smi -L 2>&1; else echo "no nvidia-smi"; fi
-    "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO CUDA')" 2>&1
-    "$PY" -c "import cupy; print('cupy', cupy.__version__)" 2>&1 | tail -1
-    "$PY" -c "import triton; print('triton', triton.__version__)" 2>&1 | tail -1
+    timeout 30 "$PY" - <<'EOF' 2>&1
+import sys
+import torch
+print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda,
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO CUDA")
+for name in ("cupy", "triton"):
+    try:
+        print(name, __import__(name).__version__)
+    except Exception as exc:
+        print(name, "not importable:", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+EOF
     echo '```'
 } >"$SUMMARY"
 
@@ -187,7 +195,7 @@ if [ "$MODE" = gpu ]; then
 fi
 # The source tree first: the tests, benchmarks and CLIs all use this checkout's code.
 export PYTHONPATH="$ROOT${SITE:+:$SITE}${PYTHONPATH:+:$PYTHONPATH}"
-"$PY" -c "import zarr, dvsg_train, dvsprep; print('zarr', zarr.__version__, '- imports ok')" \
+timeout 30 "$PY" -c "import zarr, dvsg_train, dvsprep; print('zarr', zarr.__version__, '- imports ok')" \
     >>"$SUMMARY" 2>&1 || { echo "imports failed" | tee -a "$SUMMARY"; exit 1; }
 { echo; echo "| step | limit s | exit | seconds |"; echo "| --- | --- | --- | --- |"; } >>"$SUMMARY"
 

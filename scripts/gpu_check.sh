@@ -13,8 +13,8 @@
 #                   SpikingJelly 2.0's DVSGestureNet (torch and triton backends)
 #   f_bandwidth     the neuron kernels' GB/s beside the GPU's memory bandwidth
 # The step limits add up to BUDGET (480 s) at most, checked before anything runs; the wheel
-# install (45 s) and two version/import checks (30 s each) have their own limits: 585 s at most. $OUT gets at most 8 files: summary.md, one .log per step,
-# e_epoch_bench.json.
+# install (45 s) and two version/import checks (30 s each) have their own limits: 585 s at
+# most in all. $OUT gets at most 8 files: summary.md, one .log per step, e_epoch_bench.json.
 #
 # Usage: scripts/gpu_check.sh [--dry-run] [--cpu] [--only a,d,...]
 #   --dry-run  print every step's limit and commands, check the limits' sum and every step's

@@ -27,6 +27,7 @@ cupy is imported lazily; :func:`kernel_source` needs neither cupy nor CUDA.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import threading
@@ -248,8 +249,7 @@ def kernel_names(dtype: str) -> tuple[str, str, str]:
     return f"lif_forward_{dtype}", f"lif_backward_{dtype}", f"plif_backward_{dtype}"
 
 
-def cupy_available() -> tuple[bool, str]:
-    """Whether the cupy backend can run here, and if not, one line saying why and what to do."""
+def _cuda_cupy_available() -> tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, f"--cupy needs a CUDA GPU, and torch sees none (then: {INSTALL_HINT})"
     try:
@@ -290,22 +290,102 @@ def resident_blocks(num_regs: int) -> int:
     return max(1, min(_MAX_THREADS_PER_SM // THREADS, _REGS_PER_SM // (per_thread * THREADS)))
 
 
+def launch_grid(n: int, sm_count: int, blocks_per_sm: int) -> int:
+    """Blocks to launch for n neurons: one per THREADS neurons, at most the blocks resident at
+    once (sm_count * blocks_per_sm); the grid-stride loop covers the rest."""
+    return max(1, min(-(-n // THREADS), sm_count * blocks_per_sm))
+
+
+class _StreamRef:
+    """A raw stream handle behind the CUDA stream protocol (what Stream.from_external takes)."""
+
+    def __init__(self, ptr: int):
+        self.ptr = ptr
+
+    def __cuda_stream__(self) -> tuple[int, int]:
+        return (0, self.ptr)
+
+
 @functools.lru_cache(maxsize=64)
 def _external_stream(stream_ptr: int, device_index: int):
     import cupy
 
     with cupy.cuda.Device(device_index):
-        return cupy.cuda.ExternalStream(stream_ptr)
+        from_external = getattr(cupy.cuda.Stream, "from_external", None)
+        if from_external is not None:        # CuPy >= 14 (ExternalStream is deprecated there)
+            stream = from_external(_StreamRef(stream_ptr))
+            if stream.ptr != stream_ptr:
+                raise RuntimeError(f"cupy.cuda.Stream.from_external wrapped stream {stream.ptr:#x}, "
+                                   f"not torch's {stream_ptr:#x}")
+            return stream
+        return cupy.cuda.ExternalStream(stream_ptr, device_index)
 
 
-def _launch(compiled, device_index: int, n: int, args: tuple) -> None:
-    import cupy
+class CudaLauncher:
+    """Runs the kernels through CuPy on CUDA tensors, on torch's current stream.
 
+    The launch interface the autograd wrapper uses (tests put a host-compiled build of the same
+    source behind it, ``tests/cupy_host.py``): ``available()``, ``check_input(x)``,
+    ``device_index(x)``, ``kernels(dtype, device_index)`` -> 3 x (kernel, resident blocks per
+    SM), ``sm_count(device_index)`` and ``launch(kernel, device_index, grid, block, args)``
+    with CuPy's RawKernel argument conventions (numpy scalars; pointers as np.uint64).
+    """
+
+    name = "cuda"
+
+    def available(self) -> tuple[bool, str]:
+        return _cuda_cupy_available()
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if not x.is_cuda:
+            raise BackendUnavailableError(
+                f"the cupy neuron backend runs on CUDA tensors, got a tensor on {x.device}")
+
+    def device_index(self, x: torch.Tensor) -> int:
+        return x.device.index if x.device.index is not None else torch.cuda.current_device()
+
+    def kernels(self, dtype: str, device_index: int):
+        return _kernels(dtype, device_index)
+
+    def sm_count(self, device_index: int) -> int:
+        return _sm_count(device_index)
+
+    def launch(self, kernel, device_index: int, grid: tuple, block: tuple, args: tuple) -> None:
+        import cupy
+
+        stream = _external_stream(torch.cuda.current_stream(device_index).cuda_stream, device_index)
+        with cupy.cuda.Device(device_index), stream:
+            kernel(grid, block, args)
+
+
+_active_launcher = CudaLauncher()
+
+
+def active_launcher():
+    """The launcher lif_multistep_cupy uses now (CudaLauncher unless `use_launcher` swapped it)."""
+    return _active_launcher
+
+
+@contextlib.contextmanager
+def use_launcher(launcher):
+    """Run the cupy backend through ``launcher`` inside the block (tests: a host build)."""
+    global _active_launcher
+    previous, _active_launcher = _active_launcher, launcher
+    try:
+        yield launcher
+    finally:
+        _active_launcher = previous
+
+
+def cupy_available() -> tuple[bool, str]:
+    """Whether the cupy backend can run here, and if not, one line saying why and what to do."""
+    return _active_launcher.available()
+
+
+def _launch(launcher, compiled, device_index: int, n: int, args: tuple) -> None:
     kernel, blocks_per_sm = compiled
-    grid = max(1, min(-(-n // THREADS), _sm_count(device_index) * blocks_per_sm))
-    stream = _external_stream(torch.cuda.current_stream(device_index).cuda_stream, device_index)
-    with cupy.cuda.Device(device_index), stream:
-        kernel((grid,), (THREADS,), args)
+    grid = launch_grid(n, launcher.sm_count(device_index), blocks_per_sm)
+    launcher.launch(kernel, device_index, (grid,), (THREADS,), args)
 
 
 def _ptr(t: torch.Tensor | None):
@@ -352,11 +432,11 @@ def _decay_on_device(decay: torch.Tensor | float, device: torch.device) -> torch
 class _LIFMultiStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_seq: torch.Tensor, decay: torch.Tensor, v_threshold: float,
-                v_reset: float, alpha: float, detach_reset: bool) -> torch.Tensor:
+                v_reset: float, alpha: float, detach_reset: bool, launcher) -> torch.Tensor:
         import numpy as np
 
         dtype_name = _NAME_OF_TORCH_DTYPE[x_seq.dtype]
-        dev = x_seq.device.index if x_seq.device.index is not None else torch.cuda.current_device()
+        dev = launcher.device_index(x_seq)
         # Any dense layout with time outermost runs as is (channels_last included); outputs and
         # saved h share its strides.
         x = x_seq if dense_time_major(x_seq) else x_seq.contiguous()
@@ -368,22 +448,25 @@ class _LIFMultiStep(torch.autograd.Function):
         h_seq = torch.empty_like(x, dtype=torch.float32) if keep_h else None
         decay_dev = _decay_on_device(decay, x.device)
         if n > 0 and T > 0:
-            fwd = _kernels(dtype_name, dev)[0]
-            _launch(fwd, dev, n, (_ptr(x), _ptr(spikes), _ptr(h_seq), _ptr(decay_dev),
-                                  np.float32(v_threshold), np.float32(v_reset),
-                                  np.int64(n), np.int32(T)))
+            fwd = launcher.kernels(dtype_name, dev)[0]
+            _launch(launcher, fwd, dev, n, (_ptr(x), _ptr(spikes), _ptr(h_seq), _ptr(decay_dev),
+                                            np.float32(v_threshold), np.float32(v_reset),
+                                            np.int64(n), np.int32(T)))
         ctx.save_for_backward(h_seq, decay_dev)
         ctx.params = (dtype_name, dev, n, T, float(v_threshold), float(v_reset), float(alpha),
                       bool(detach_reset))
+        ctx.launcher = launcher
         ctx.decay_meta = (decay.shape, decay.device) if isinstance(decay, torch.Tensor) else None
         return spikes
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_spikes: torch.Tensor):
         import numpy as np
 
         h_seq, decay_dev = ctx.saved_tensors
         dtype_name, dev, n, T, v_threshold, v_reset, alpha, detach_reset = ctx.params
+        launcher = ctx.launcher
         need_decay = bool(ctx.needs_input_grad[1])
         g = grad_spikes.to(DTYPES[dtype_name][0])
         if g.stride() != h_seq.stride():
@@ -393,16 +476,17 @@ class _LIFMultiStep(torch.autograd.Function):
         grad_decay = (torch.zeros(1, dtype=torch.float64, device=g.device) if need_decay
                       else torch.empty(0, dtype=torch.float64, device=g.device))
         if n > 0 and T > 0:
-            bwd = _kernels(dtype_name, dev)[2 if need_decay else 1]
-            _launch(bwd, dev, n, (_ptr(g), _ptr(h_seq), _ptr(grad_x), _ptr(grad_decay),
-                                  _ptr(decay_dev), np.float32(v_threshold), np.float32(v_reset),
-                                  np.float32(alpha / 2.0), np.float32(math.pi / 2.0 * alpha),
-                                  np.int32(detach_reset), np.int64(n), np.int32(T)))
+            bwd = launcher.kernels(dtype_name, dev)[2 if need_decay else 1]
+            _launch(launcher, bwd, dev, n, (
+                _ptr(g), _ptr(h_seq), _ptr(grad_x), _ptr(grad_decay), _ptr(decay_dev),
+                np.float32(v_threshold), np.float32(v_reset), np.float32(alpha / 2.0),
+                np.float32(math.pi / 2.0 * alpha), np.int32(detach_reset), np.int64(n),
+                np.int32(T)))
         out_decay = None
         if need_decay and ctx.decay_meta is not None:
             shape, device = ctx.decay_meta
             out_decay = grad_decay.to(torch.float32).reshape(shape).to(device)
-        return grad_x, out_decay, None, None, None, None
+        return grad_x, out_decay, None, None, None, None, None
 
 
 def lif_multistep_cupy(x_seq: torch.Tensor, decay: torch.Tensor, v_threshold: float,
@@ -412,14 +496,15 @@ def lif_multistep_cupy(x_seq: torch.Tensor, decay: torch.Tensor, v_threshold: fl
     x_seq: [T, ...] CUDA tensor, float32, float16 or bfloat16. decay: 0-dim float32 tensor
     (1/tau for LIF; sigmoid(w) for PLIF, which then receives its gradient). Returns spikes
     [T, ...] in x_seq's dtype. Raises BackendUnavailableError without CUDA or cupy.
+    Launches go through the active launcher (CUDA via CuPy; see `use_launcher`).
     """
-    ok, reason = cupy_available()
+    launcher = _active_launcher
+    ok, reason = launcher.available()
     if not ok:
         raise BackendUnavailableError(reason)
-    if not x_seq.is_cuda:
-        raise ValueError(f"the cupy backend needs a CUDA tensor, got one on {x_seq.device}")
+    launcher.check_input(x_seq)
     if x_seq.dtype not in _NAME_OF_TORCH_DTYPE:
         raise ValueError(f"the cupy backend takes float32, float16 or bfloat16, got {x_seq.dtype}")
     if x_seq.dim() < 1:
         raise ValueError("x_seq must have a leading time dimension [T, ...]")
-    return _LIFMultiStep.apply(x_seq, decay, v_threshold, v_reset, alpha, detach_reset)
+    return _LIFMultiStep.apply(x_seq, decay, v_threshold, v_reset, alpha, detach_reset, launcher)

@@ -207,8 +207,12 @@ class Batches:
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         if self.frames is not None:
             labels = self.labels.to(self.frames.device)
-            for idx in batch_order(*self._order_args()):
-                idx = idx.to(self.frames.device)
+            batches = batch_order(*self._order_args())
+            if not batches:
+                return
+            # The epoch's order goes to the device in one copy, not one blocking copy per batch.
+            order = torch.cat(batches).to(self.frames.device)
+            for idx in order.split([len(b) for b in batches]):
                 yield self.frames[idx], labels[idx]
             return
         if self._loader is None:

@@ -1,45 +1,139 @@
-"""CPU smoke test of benchmarks/bench_train_gpu.py: every code path but the GPU timing."""
+"""The CPU-runnable parts of the one-shot GPU check: scripts/gpu_check.sh (its budget, its plan,
+its dry run, its CPU mode, its timeouts) and the two GPU benchmarks it runs."""
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
-import torch
+import numpy as np
+import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train_gpu.py"
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_train_gpu", BENCH)
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_make_frames_shape_and_values():
-    bench = _load()
-    frames, labels = bench.make_frames(3, 2, seed=0, device=torch.device("cpu"))
-    assert frames.shape == (3, 2, 2, 128, 128) and frames.dtype == torch.uint8
-    assert int(frames.max()) <= 3 and 0.05 < float((frames > 0).float().mean()) < 0.15
-    assert labels.shape == (3,) and int(labels.max()) < 11
+def _gpu_check(*args, cwd_script: Path = SCRIPT, env_extra=None, timeout=300):
+    env = {**os.environ, "PY": sys.executable, **(env_extra or {})}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run(["bash", str(cwd_script), *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
 
 
-def test_cpu_smoke_run_writes_json_and_markdown(tmp_path):
-    bench = _load()
-    out_json, out_md = tmp_path / "b.json", tmp_path / "b.md"
-    rc = bench.main(["--device", "cpu", "--train", "4", "--test", "2", "-T", "2", "-b", "2",
-                     "--channels", "2", "--epochs", "1", "--warmup", "0",
-                     "--variants", "torch,cupy,sj_amp", "--json", str(out_json),
-                     "--md", str(out_md)])
+# --------------------------------------------------------------------------- benchmarks
+
+def test_synthetic_split_shape_and_values():
+    bench = _load("bench_train_gpu")
+    sp = bench.synthetic_split(70, 2, seed=0)
+    assert sp["frames"].shape == (70, 2, 2, 128, 128) and sp["frames"].dtype == np.uint8
+    assert set(np.unique(sp["frames"])) <= {0, 1, 2, 3}
+    assert np.array_equal(sp["frames"][64], sp["frames"][0])        # 64 distinct, replicated
+    assert sp["label"].tolist() == [i % 64 % 11 for i in range(70)]
+    assert np.array_equal(sp["n_events"], sp["frames"].reshape(70, -1).sum(1))
+
+
+def test_bench_dry_run_is_dvsg_train_at_the_seed_settings(capsys):
+    bench = _load("bench_train_gpu")
+    assert bench.main(["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    lines = {v: line for v in bench.DEFAULT_ORDER for line in out.splitlines()
+             if line.strip().startswith(f"{v}:")}
+    assert set(lines) == set(bench.DEFAULT_ORDER)
+    for v in bench.OURS:
+        assert re.search(r"dvsg-train .*-T 16 -b 16 --channels 128 --epochs 2 --opt adam --lr 1e-3 "
+                         r"--lr-scheduler CosALR", lines[v])
+        assert "--cupy --preload gpu --device cuda" in lines[v]
+        assert f"--neuron {v.split('_')[0]} --amp --amp-dtype {v.split('_')[1]}" in lines[v]
+    assert "SJ_LIF_CUDA_IMPLEMENTATION=triton" in lines["sj_triton"]
+    assert "1176/288 samples" in out
+
+
+def test_bench_cpu_smoke_run_writes_results_as_it_goes(tmp_path):
+    bench = _load("bench_train_gpu")
+    out_json = tmp_path / "b.json"
+    rc = bench.main(["--device", "cpu", "--work", str(tmp_path / "w"), "--train", "4", "--test",
+                     "2", "-T", "2", "-b", "2", "--channels", "2", "--epochs", "1",
+                     "--variants", "lif_bf16,sj_torch", "--json", str(out_json)])
     assert rc == 0
     report = json.loads(out_json.read_text())
-    assert report["results"]["cupy"] == {"error": "needs CUDA"}
-    for name in ("torch", "sj_amp"):
-        r = report["results"][name]
-        assert r["sec_per_epoch"] > 0 and len(r["epoch_times"]) == 1
-        assert 0.0 <= r["last_epoch"]["test_acc"] <= 1.0
-    assert report["best_ours"] == "torch" and report["speedup_vs_sj_amp"] > 0
-    md = out_md.read_text()
-    assert "| torch |" in md and "| cupy | error: needs CUDA |" in md
-    assert list(tmp_path.iterdir()) and not list(tmp_path.glob("*.tmp"))
+    assert list(report["results"]) == ["lif_bf16", "sj_torch"]
+    for r in report["results"].values():
+        assert r["sec_per_epoch"] > 0 and len(r["epoch_seconds"]) == 1, r
+        assert 0.0 <= r["test_acc"] <= 1.0
+    assert report["best_ours"] == "lif_bf16" and report["sj_fastest"] == "sj_torch"
+    assert report["speedup_vs_sj_fastest"] > 0
+    md = (tmp_path / "w" / "bench.md").read_text()
+    assert "| lif_bf16 |" in md and "| sj_torch |" in md
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_bandwidth_accounting_and_dry_run(capsys):
+    bw = _load("bench_lif_bandwidth")
+    assert bw.bytes_per_element("forward", "half") == 8         # x, spikes (2 B), h (4 B)
+    assert bw.bytes_per_element("forward_nograd", "bfloat16") == 4
+    assert bw.bytes_per_element("plif_backward", "float") == 12
+    assert bw.main(["--dry-run", "--n", "1000", "-T", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "half      forward         0.00 GB" in out and len(out.splitlines()) == 12
+
+
+# --------------------------------------------------------------------------- gpu_check.sh
+
+def test_gpu_check_dry_run_checks_every_step():
+    r = _gpu_check("--dry-run")
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert "limits add up to 480 s (budget 480 s" in r.stdout
+    steps = re.findall(r"== step (\w+): timeout (\d+) s", r.stdout)
+    assert [s for s, _ in steps] == ["a_cuda_tests", "b_kernels_big", "c_network",
+                                     "d_train_cli", "e_epoch_bench", "f_bandwidth"]
+    assert sum(int(t) for _, t in steps) <= 480
+    counts = [int(n) for n in re.findall(r"collects (\d+) tests", r.stdout)]
+    assert len(counts) == 3 and all(n > 0 for n in counts)
+    assert "dvsg_train \"${args[@]}\" $D_TRAIN --epochs 2 --resume" in r.stdout
+
+
+def test_gpu_check_refuses_limits_over_the_budget(tmp_path):
+    r = _gpu_check("--dry-run", "--limit", "f_bandwidth=31")
+    assert r.returncode == 1
+    assert "error: step limits add up to 481 s, over the 480 s budget" in r.stderr
+
+
+def test_gpu_check_cpu_mode_runs_the_train_resume_eval_step(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    r = _gpu_check("--cpu", env_extra={"OUT": str(out), "WORK": str(work)})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    summary = (out / "summary.md").read_text()
+    assert re.search(r"\| d_train_cli \| 75 \| 0 \| \d+ \|", summary)
+    log = (out / "d_train_cli.log").read_text()
+    assert "d: epochs [0, 1]" in log and "confusion matrix written" in log
+    assert sorted(p.name for p in out.iterdir()) == ["d_train_cli.log", "summary.md"]
+    assert not work.exists()          # the work folder is removed at the end
+
+
+def test_gpu_check_step_over_its_limit_is_cut_and_recorded(tmp_path):
+    out = tmp_path / "out"
+    r = _gpu_check("--cpu", "--limit", "d_train_cli=2",
+                   env_extra={"OUT": str(out), "WORK": str(tmp_path / "w")})
+    assert r.returncode == 1
+    row = re.search(r"\| d_train_cli \| 2 \| 124 \| (\d+) \|", (out / "summary.md").read_text())
+    assert row and int(row.group(1)) <= 8          # cut at 2 s (+ 5 s grace for a KILL)
+    assert "TIMED OUT after 2 s" in (out / "d_train_cli.log").read_text()
+
+
+def test_fetch_wheels_script_names_pinned_wheels():
+    text = (ROOT / "scripts" / "fetch_gpu_wheels.sh").read_text()
+    assert re.search(r"zarr==\S+", text) and "spikingjelly==2.0.0" in text
+    assert shutil.which("bash")
+    assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / "fetch_gpu_wheels.sh")]).returncode == 0

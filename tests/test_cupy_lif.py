@@ -1,14 +1,15 @@
 """Tests of the cupy LIF/PLIF kernels (dvsg_train/cupy_lif.py).
 
 Three layers, so that most of it runs without a GPU:
-- CPU: the kernel source for every dtype, the unavailable-backend error, and the kernel BODIES
-  themselves, built with g++ against a small emulation of the CUDA built-ins (one OS thread per
-  CUDA thread, a real barrier for __syncthreads) and compared with the torch reference
-  ``dvsg_train.neuron.lif_multistep_torch``. Only the two PTX fp16 conversion helpers are
-  swapped for host versions; everything else is the exact text CuPy compiles.
+- CPU: the kernel source for every dtype, the unavailable-backend error, and the REAL autograd
+  wrapper ``lif_multistep_cupy`` running the kernel source built for the host
+  (``tests/cupy_host.py``: g++ against a small emulation of the CUDA built-ins, behind the same
+  launcher interface as CuPy; arguments type-checked against the kernel signatures), compared
+  with the torch reference ``dvsg_train.neuron.lif_multistep_torch``.
 - nvcc: the exact source CuPy gets compiles to PTX for sm_80 and sm_90 (skipped without nvcc).
-- CUDA (@pytest.mark.cuda): the real kernels through CuPy against the torch reference, and a
-  short ``--cupy --amp`` training run.
+- CUDA (@pytest.mark.cuda): the real kernels through CuPy against the torch reference (small
+  grids, T % 4 != 0, a delayed side stream; ``test_cuda_big_*``: n = 2**20 + 37 and
+  T * n > 2**31), and a short ``--cupy --amp`` training run.
 
 Tolerances: forward spikes are compared exactly (h is computed with round-to-nearest intrinsics,
 op by op as in PyTorch). fp32 gradients to 1e-6 (rtol and atol). fp16/bf16 gradients: the kernel
@@ -18,8 +19,8 @@ dL/ddecay (PLIF) is summed in double; it must match to rtol 1e-5 of the sum of |
 """
 from __future__ import annotations
 
-import ctypes
 import math
+import re
 import shutil
 import subprocess
 
@@ -29,6 +30,8 @@ import torch
 from dvsg_train import cupy_lif
 from dvsg_train.errors import BackendUnavailableError
 from dvsg_train.neuron import lif_multistep_torch
+
+from cupy_host import HostLauncher, host_library
 
 DTYPES = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16}
 GRAD_RTOL = {"float": 1e-6, "half": 2.0 ** -10, "bfloat16": 2.0 ** -7}
@@ -127,146 +130,34 @@ def test_kernel_source_compiles_to_ptx(arch, tmp_path):
             assert f".entry {name}(" in ptx
 
 
-# --------------------------------------------------------------------------- host emulation
-
-_HOST_PRELUDE = r"""
-#include <atomic>
-#include <barrier>
-#include <cstring>
-#include <mutex>
-#include <thread>
-#include <vector>
-struct dim3_ { unsigned int x = 0, y = 0, z = 0; };
-thread_local dim3_ threadIdx, blockIdx;
-dim3_ gridDim, blockDim;
-static std::barrier<>* g_barrier = nullptr;
-static std::mutex g_atomic;
-#define __global__
-#define __device__
-#define __forceinline__ inline
-#define __shared__ static
-#define __syncthreads() g_barrier->arrive_and_wait()
-static inline float __fadd_rn(float a, float b) { return a + b; }
-static inline float __fsub_rn(float a, float b) { return a - b; }
-static inline float __fmul_rn(float a, float b) { return a * b; }
-static inline float __uint_as_float(unsigned int u) { float f; std::memcpy(&f, &u, 4); return f; }
-static inline unsigned int __float_as_uint(float f) { unsigned int u; std::memcpy(&u, &f, 4); return u; }
-static inline double atomicAdd(double* p, double v) {
-    std::lock_guard<std::mutex> lock(g_atomic); double old = *p; *p += v; return old;
-}
-"""
-
-_HOST_HALF = r"""
-inline float ld_half(const u16 b) { _Float16 h; std::memcpy(&h, &b, 2); return (float)h; }
-inline u16 st_half(const float f) { _Float16 h = (_Float16)f; u16 b; std::memcpy(&b, &h, 2); return b; }
-"""
-
-_HOST_LAUNCH = r"""
-template <typename F> static void launch(int grid, F body) {
-    gridDim.x = grid; blockDim.x = THREADS;
-    for (int b = 0; b < grid; ++b) {
-        std::barrier<> bar(THREADS);
-        g_barrier = &bar;
-        std::vector<std::thread> ts;
-        for (int t = 0; t < THREADS; ++t)
-            ts.emplace_back([&body, b, t] { blockIdx.x = b; threadIdx.x = t; body(); });
-        for (auto& th : ts) th.join();
-    }
-}
-"""
-
-_HOST_ENTRY = r"""
-extern "C" void host_forward_DTYPE(int grid, const void* x, void* s, float* h, const float* d,
-                                    float vth, float vr, long long n, int T) {
-    launch(grid, [=] { lif_forward_DTYPE((const STORE*)x, (STORE*)s, h, d, vth, vr, n, T); });
-}
-extern "C" void host_narrow_DTYPE(const float* in, STORE* out, float* back, long long n) {
-    for (long long i = 0; i < n; ++i) { out[i] = st_DTYPE(in[i]); back[i] = ld_DTYPE(out[i]); }
-}
-extern "C" void host_backward_DTYPE(int grid, int plif, const void* gs, const float* h, void* gx,
-                                     double* gd, const float* d, float vth, float vr, float scale,
-                                     float slope, int detach, long long n, int T) {
-    if (plif)
-        launch(grid, [=] { plif_backward_DTYPE((const STORE*)gs, h, (STORE*)gx, gd, d, vth, vr,
-                                               scale, slope, detach, n, T); });
-    else
-        launch(grid, [=] { lif_backward_DTYPE((const STORE*)gs, h, (STORE*)gx, gd, d, vth, vr,
-                                              scale, slope, detach, n, T); });
-}
-"""
-
+# --------------------------------------------------------------------------- host launcher
 
 @pytest.fixture(scope="module")
-def host_kernels(tmp_path_factory):
-    """The kernel source of every dtype built as a host shared library (g++, C++20)."""
-    cxx = shutil.which("g++")
-    if cxx is None:
+def host_lib():
+    if shutil.which("g++") is None:
         pytest.skip("g++ not on PATH")
-    parts = [_HOST_PRELUDE, f"#define THREADS {cupy_lif.THREADS}\n", _HOST_LAUNCH]
-    for i, dtype in enumerate(sorted(DTYPES)):
-        src = cupy_lif.kernel_source(dtype)
-        assert cupy_lif.HALF_CONVERSIONS in src
-        src = src.replace(cupy_lif.HALF_CONVERSIONS, _HOST_HALF if i == 0 else "")
-        if i > 0:   # shared helpers are defined once, by the first dtype's source
-            src = src[src.index("// x, spikes: [T, N]"):]
-        store = cupy_lif.DTYPES[dtype][1]
-        parts += [src, _HOST_ENTRY.replace("DTYPE", dtype).replace("STORE", store)]
-    out = tmp_path_factory.mktemp("hostlif")
-    (out / "lif_host.cpp").write_text("\n".join(parts))
-    # -ffp-contract=off: the host has no separate fmad switch; matches the *_rn intrinsics.
-    subprocess.run([cxx, "-std=c++20", "-O1", "-ffp-contract=off", "-shared", "-fPIC",
-                    "-pthread", str(out / "lif_host.cpp"), "-o", str(out / "lif_host.so")],
-                   check=True, capture_output=True, text=True)
-    return ctypes.CDLL(str(out / "lif_host.so"))
+    return host_library()
 
 
-def _p(t: torch.Tensor) -> ctypes.c_void_p:
-    return ctypes.c_void_p(t.data_ptr())
+def host_run(launcher, detach=True, v_threshold=1.0, v_reset=0.0, alpha=2.0):
+    """The real lif_multistep_cupy through ``launcher``, as a (x, decay) -> spikes function."""
+    def run(xi, decay):
+        with cupy_lif.use_launcher(launcher):
+            return cupy_lif.lif_multistep_cupy(xi, decay, v_threshold, v_reset, alpha, detach)
+    return run
 
 
-class _HostLIF(torch.autograd.Function):
-    """The host-built kernels behind the same autograd contract as lif_multistep_cupy."""
-
-    @staticmethod
-    def forward(ctx, lib, grid, x_seq, decay, vth, vr, alpha, detach):
-        name = {v: k for k, v in DTYPES.items()}[x_seq.dtype]
-        x = x_seq.contiguous()
-        T, n = x.shape[0], x.numel() // x.shape[0]
-        s = torch.empty_like(x)
-        h = torch.empty(x.shape, dtype=torch.float32)
-        d = decay.detach().reshape(1).float().contiguous()
-        getattr(lib, f"host_forward_{name}")(
-            grid, _p(x), _p(s), _p(h), _p(d), ctypes.c_float(vth), ctypes.c_float(vr),
-            ctypes.c_longlong(n), T)
-        ctx.save_for_backward(h, d)
-        ctx.cfg = (lib, grid, name, vth, vr, alpha, detach, n, T)
-        return s
-
-    @staticmethod
-    def backward(ctx, grad_s):
-        h, d = ctx.saved_tensors
-        lib, grid, name, vth, vr, alpha, detach, n, T = ctx.cfg
-        g = grad_s.contiguous()
-        gx = torch.empty_like(g)
-        gd = torch.zeros(1, dtype=torch.float64)
-        plif = int(ctx.needs_input_grad[3])
-        getattr(lib, f"host_backward_{name}")(
-            grid, plif, _p(g), _p(h), _p(gx), _p(gd), _p(d), ctypes.c_float(vth),
-            ctypes.c_float(vr), ctypes.c_float(alpha / 2), ctypes.c_float(math.pi / 2 * alpha),
-            int(detach), ctypes.c_longlong(n), T)
-        return (None, None, gx, gd.float().reshape(()) if plif else None,
-                None, None, None, None)
+def torch_run(detach=True, v_threshold=1.0, v_reset=0.0, alpha=2.0):
+    def run(xi, decay):
+        return lif_multistep_torch(xi, decay, v_threshold, v_reset, alpha, detach)
+    return run
 
 
-def _grid_for(n: int, cap: int) -> int:
-    return max(1, min(-(-n // cupy_lif.THREADS), cap))
-
-
-def _random_case(T, shape, dtype, seed):
+def _random_case(T, shape, dtype, seed, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn((T, *shape), generator=g) * 0.8 + 0.6).to(dtype)
     grad = torch.randn((T, *shape), generator=g).to(dtype)
-    return x, grad
+    return x.to(device), grad.to(device)
 
 
 def _compare(run_kernel, run_ref, x, grad, w0, dtype_name, plif):
@@ -274,16 +165,19 @@ def _compare(run_kernel, run_ref, x, grad, w0, dtype_name, plif):
     outs = []
     for run in (run_kernel, run_ref):
         xi = x.clone().requires_grad_(True)
-        w = torch.tensor(w0, requires_grad=plif)
-        decay = w.sigmoid() if plif else torch.tensor(0.5)
+        w = torch.tensor(w0, requires_grad=plif, device=x.device)
+        decay = w.sigmoid() if plif else torch.tensor(0.5, device=x.device)
         s = run(xi, decay)
-        (s.float() * grad.float()).sum().backward()
-        outs.append((s, xi.grad, w.grad))
+        s.backward(grad)
+        outs.append((s.detach(), xi.grad, w.grad))
+        del s, xi
     (s_k, gx_k, gw_k), (s_r, gx_r, gw_r) = outs
-    assert s_k.dtype == x.dtype
+    assert s_k.dtype == x.dtype and s_k.stride() == x.stride()
     assert torch.equal(s_k, s_r)
-    torch.testing.assert_close(gx_k.float(), gx_r.float(), rtol=GRAD_RTOL[dtype_name],
-                               atol=GRAD_ATOL[dtype_name])
+    del s_k, s_r
+    for t in range(x.shape[0]):       # step by step: the big GPU case holds 2**31 elements
+        torch.testing.assert_close(gx_k[t].float(), gx_r[t].float(), rtol=GRAD_RTOL[dtype_name],
+                                   atol=GRAD_ATOL[dtype_name])
     if plif:
         assert gw_k is not None and gw_r is not None
         # d decay / d w = decay * (1 - decay); the fp32 reference's own rounding is bounded by
@@ -291,77 +185,134 @@ def _compare(run_kernel, run_ref, x, grad, w0, dtype_name, plif):
         decay = torch.tensor(w0, dtype=torch.float64).sigmoid().item()
         scale = _decay_terms_abs_sum(x, gx_r, decay) * decay * (1 - decay)
         assert abs(float(gw_k) - float(gw_r)) <= DECAY_RTOL * scale + 1e-12
+    else:
+        assert gw_k is None
 
 
 DECAY_RTOL = 2e-6
 
 
 def _decay_terms_abs_sum(x, gx_ref, decay, v_threshold=1.0, v_reset=0.0) -> float:
-    """sum over t, neurons of |dL/dh[t] * (x[t] - (v[t-1] - v_reset))|, in float64."""
-    xs = x.double().cpu()
-    gh = gx_ref.double().cpu() / decay
-    v = torch.full_like(xs[0], v_reset)
+    """sum over t, neurons of |dL/dh[t] * (x[t] - (v[t-1] - v_reset))|, in float64, step by step."""
+    v = torch.full(x.shape[1:], v_reset, dtype=torch.float64, device=x.device)
     total = 0.0
-    for t in range(xs.shape[0]):
-        bracket = xs[t] - (v - v_reset)
+    for t in range(x.shape[0]):
+        bracket = x[t].double() - (v - v_reset)
         h = v + decay * bracket
-        total += float((gh[t] * bracket).abs().sum())
+        total += float((gx_ref[t].double() / decay * bracket).abs().sum())
         v = torch.where(h >= v_threshold, torch.full_like(h, v_reset), h)
     return total
 
 
-def test_host_kernels_design_check_value(host_kernels):
+def test_host_design_check_value(host_lib):
     x = torch.tensor(DESIGN_X)
-    s = _HostLIF.apply(host_kernels, 1, x, torch.tensor(0.5), 1.0, 0.0, 2.0, True)
+    s = host_run(HostLauncher())(x, torch.tensor(0.5))
     assert s.tolist() == DESIGN_SPIKES
 
 
 @pytest.mark.parametrize("dtype_name", sorted(DTYPES))
-@pytest.mark.parametrize("T,shape,grid_cap", [(1, (257,), 1), (16, (3, 333), 2), (64, (5, 7), 1),
-                                              (19, (1001,), 2)])
+@pytest.mark.parametrize("T,shape,sm_count", [(1, (257,), 1), (16, (3, 333), 2), (5, (5, 7), 1),
+                                              (19, (1001,), 2), (7, (2, 300), 3)])
 @pytest.mark.parametrize("plif,detach", [(False, True), (True, True), (True, False)])
-def test_host_kernels_match_torch_reference(host_kernels, dtype_name, T, shape, grid_cap, plif,
-                                            detach):
+def test_host_wrapper_matches_torch_reference(host_lib, dtype_name, T, shape, sm_count, plif,
+                                             detach):
     x, grad = _random_case(T, shape, DTYPES[dtype_name], seed=T * 1000 + shape[-1])
     n = math.prod(shape)
-    grid = _grid_for(n, grid_cap)   # a small grid also runs the grid-stride loop
-
-    def kernel(xi, decay):
-        return _HostLIF.apply(host_kernels, grid, xi, decay, 1.0, 0.0, 2.0, detach)
-
-    def ref(xi, decay):
-        return lif_multistep_torch(xi, decay, 1.0, 0.0, 2.0, detach)
-
-    _compare(kernel, ref, x, grad, 0.3 if plif else 0.0, dtype_name, plif)
+    launcher = HostLauncher(sm_count=sm_count)   # a small grid: several neurons per thread
+    _compare(host_run(launcher, detach), torch_run(detach), x, grad, 0.3 if plif else 0.0,
+             dtype_name, plif)
+    grid = max(1, min(-(-n // cupy_lif.THREADS), sm_count))
+    kinds = ["lif_forward", "plif_backward" if plif else "lif_backward"]
+    assert launcher.launches == [(f"{k}_{dtype_name}", (grid,), (cupy_lif.THREADS,)) for k in kinds]
 
 
-def test_host_forward_without_saved_h(host_kernels):
-    """Under no_grad the wrapper passes a null h pointer; spikes are unchanged."""
-    x, _ = _random_case(16, (3, 333), torch.float16, seed=9)
-    s = torch.empty_like(x)
-    d = torch.tensor([0.5])
-    host_kernels.host_forward_half(2, _p(x), _p(s), ctypes.c_void_p(0), _p(d),
-                                   ctypes.c_float(1.0), ctypes.c_float(0.0),
-                                   ctypes.c_longlong(999), 16)
-    assert torch.equal(s, lif_multistep_torch(x, torch.tensor(0.5), 1.0, 0.0, 2.0, True))
-
-
-def test_host_plif_decay_gradient_without_cancellation(host_kernels):
+def test_host_plif_decay_gradient_without_cancellation(host_lib):
     """Positive dL/ds: the decay gradient's terms barely cancel, so its relative error shows."""
     x, _ = _random_case(64, (2000,), torch.float32, seed=11)
     grad = torch.rand(x.shape, generator=torch.Generator().manual_seed(12))
-
-    def kernel(xi, decay):
-        return _HostLIF.apply(host_kernels, 3, xi, decay, 1.0, 0.0, 2.0, True)
-
-    def ref(xi, decay):
-        return lif_multistep_torch(xi, decay, 1.0, 0.0, 2.0, True)
-
-    _compare(kernel, ref, x, grad, 0.3, "float", True)
+    _compare(host_run(HostLauncher(sm_count=3)), torch_run(), x, grad, 0.3, "float", True)
 
 
-def test_host_bfloat16_narrowing_is_round_to_nearest_even(host_kernels):
+def test_host_nonzero_reset_threshold_and_alpha(host_lib):
+    x, grad = _random_case(8, (300,), torch.float32, seed=5)
+    for detach in (True, False):
+        _compare(host_run(HostLauncher(), detach, 0.7, -0.2, 3.0),
+                 torch_run(detach, 0.7, -0.2, 3.0), x, grad, -0.4, "float", True)
+
+
+@pytest.mark.parametrize("dtype_name", ["float", "half"])
+def test_host_permuted_layout_runs_without_copy(host_lib, dtype_name):
+    """A channels_last batch [T*N, C, H, W] viewed as [T, N, ...] runs in place: spikes share
+    its strides; a gradient in another layout is copied to h's strides first."""
+    x, grad = _random_case(6, (3, 5, 4, 4), DTYPES[dtype_name], seed=21)
+    x_cl = x.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, (6, 3))
+    assert not x_cl.is_contiguous() and cupy_lif.dense_time_major(x_cl)
+    _compare(host_run(HostLauncher()), torch_run(), x_cl, grad, 0.3, dtype_name, True)
+    xt = x.transpose(0, 1)                                  # time not outermost: copied
+    s = host_run(HostLauncher())(xt, torch.tensor(0.5))
+    assert s.is_contiguous() and torch.equal(s, torch_run()(xt.contiguous(), torch.tensor(0.5)))
+
+
+def test_host_no_grad_skips_h_and_decay_as_plain_tensor(host_lib):
+    """Under no_grad the wrapper passes a null h pointer; spikes are unchanged."""
+    x, _ = _random_case(16, (3, 333), torch.float16, seed=9)
+    launcher = HostLauncher()
+    with torch.no_grad():
+        s = host_run(launcher)(x, torch.tensor(0.5))
+    assert torch.equal(s, lif_multistep_torch(x, torch.tensor(0.5), 1.0, 0.0, 2.0, True))
+    assert [name for name, _, _ in launcher.launches] == ["lif_forward_half"]
+
+
+def test_host_backward_is_once_differentiable(host_lib):
+    x, _ = _random_case(4, (10,), torch.float32, seed=2)
+    x.requires_grad_(True)
+    s = host_run(HostLauncher())(x, torch.tensor(0.5))
+    v = torch.ones_like(s, requires_grad=True)   # a differentiable dL/ds asks for double backward
+    (gx,) = torch.autograd.grad(s, x, grad_outputs=v, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gx.sum().backward()
+
+
+def test_host_empty_input_launches_nothing(host_lib):
+    launcher = HostLauncher()
+    x = torch.zeros(3, 0, requires_grad=True)
+    s = host_run(launcher)(x, torch.tensor(0.5))
+    s.sum().backward()
+    assert s.shape == (3, 0) and x.grad.shape == (3, 0) and launcher.launches == []
+
+
+def test_host_launch_rejects_what_cuda_would_misread(host_lib):
+    """The host kernels take arguments as the driver does: each of its parameter's width."""
+    import numpy as np
+
+    fwd, _ = HostLauncher().kernels("float", 0)[0]
+    x, s, d = torch.tensor([[2.0, 0, 0], [0, 3, 0]]), torch.empty(2, 3), torch.tensor([0.5])
+    ok = [np.uint64(x.data_ptr()), np.uint64(s.data_ptr()), np.uint64(0), np.uint64(d.data_ptr()),
+          np.float32(1.0), np.float32(0.0), np.int64(3), np.int32(2)]
+    fwd((1,), (cupy_lif.THREADS,), tuple(ok))
+    assert s.tolist() == [[1, 0, 0], [0, 1, 0]]
+    for k, bad in [(4, np.float64(1.0)), (6, np.int32(3)), (7, np.int64(2)), (1, 5)]:
+        args = list(ok)
+        args[k] = bad
+        with pytest.raises(TypeError, match=fwd.params[k][1]):
+            fwd((1,), (cupy_lif.THREADS,), tuple(args))
+    with pytest.raises(ValueError, match="grid"):
+        fwd((0,), (cupy_lif.THREADS,), tuple(ok))
+    with pytest.raises(ValueError, match="compiled for"):
+        fwd((1,), (128,), tuple(ok))
+
+
+def test_launch_grid_caps_at_resident_blocks():
+    assert cupy_lif.launch_grid(1, 132, 8) == 1
+    assert cupy_lif.launch_grid(256 * 5 + 1, 132, 8) == 6
+    assert cupy_lif.launch_grid(2 ** 20 + 37, 132, 8) == 1056
+    assert cupy_lif.launch_grid(0, 132, 8) == 1
+
+
+def test_host_bfloat16_narrowing_is_round_to_nearest_even(host_lib):
     """st_bfloat16/ld_bfloat16 equal torch's float32 -> bfloat16 -> float32, bit for bit."""
+    import ctypes
+
     bits = torch.tensor([0x3F808000, 0x3F818000, 0x3F808001, 0x7F7FFFFF, 0x7F7F7FFF, 0x00000001,
                          0x80000000, 0x7F800000, 0xFF800000, 0x7FC00000, 0x7F800001, 0xFF800001,
                          0x00FFFFFF, 0xBF7FC000],
@@ -370,8 +321,8 @@ def test_host_bfloat16_narrowing_is_round_to_nearest_even(host_kernels):
                         torch.randn(4096, generator=torch.Generator().manual_seed(1)) * 1e3])
     out = torch.empty(values.shape, dtype=torch.bfloat16)
     back = torch.empty_like(values)
-    host_kernels.host_narrow_bfloat16(_p(values), _p(out), _p(back),
-                                      ctypes.c_longlong(values.numel()))
+    host_lib.host_narrow_bfloat16(ctypes.c_void_p(values.data_ptr()), ctypes.c_void_p(out.data_ptr()),
+                                  ctypes.c_void_p(back.data_ptr()), ctypes.c_longlong(values.numel()))
     expected = values.to(torch.bfloat16)
     nan = expected.isnan()
     assert torch.equal(out.view(torch.int16)[~nan], expected.view(torch.int16)[~nan])
@@ -379,19 +330,29 @@ def test_host_bfloat16_narrowing_is_round_to_nearest_even(host_kernels):
     assert torch.equal(back[~nan], expected.float()[~nan])
 
 
-def test_host_kernels_nonzero_reset(host_kernels):
-    x, grad = _random_case(8, (300,), torch.float32, seed=5)
-    for detach in (True, False):
-        def kernel(xi, decay, detach=detach):
-            return _HostLIF.apply(host_kernels, 2, xi, decay, 0.7, -0.2, 3.0, detach)
-
-        def ref(xi, decay, detach=detach):
-            return lif_multistep_torch(xi, decay, 0.7, -0.2, 3.0, detach)
-
-        _compare(kernel, ref, x, grad, -0.4, "float", True)
+def test_kernel_index_arithmetic_is_64_bit():
+    """T * n may pass 2**31 (fp16 at T=16 needs only 4 GiB per tensor): every element index is
+    built from 64-bit values. Checked on the source, since a host run would need >16 GiB; the
+    GPU run is test_cuda_big_tensor_index_math."""
+    src = cupy_lif.kernel_source("half")
+    for name, params in re.findall(r'__global__ void (\w+)\(([^)]*)\)', src):
+        assert "const long long n" in params and "const int T" in params, name
+    # every product with n is (long long)<step> * n; the grid-stride index is long long too
+    products = re.findall(r"\*\s*n\b", src)
+    wide = re.findall(r"\(long long\)(?:\(t[^()]*\)|t) \* n\b", src)
+    assert len(products) == len(wide) == 9, (products, wide)
+    assert "for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x" in src
+    assert "const long long stride = (long long)gridDim.x * blockDim.x" in src
+    assert "const long long j" in src and not re.search(r"\bint j\b|\bint i\b", src)
 
 
 # --------------------------------------------------------------------------- CUDA
+
+def cuda_run(detach=True):
+    def run(xi, decay):
+        return cupy_lif.lif_multistep_cupy(xi, decay, 1.0, 0.0, 2.0, detach)
+    return run
+
 
 @pytest.mark.cuda
 def test_cuda_design_check_value():
@@ -402,42 +363,94 @@ def test_cuda_design_check_value():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype_name", sorted(DTYPES))
-@pytest.mark.parametrize("T", [1, 16, 64])
+@pytest.mark.parametrize("T", [1, 5, 16, 19])
 @pytest.mark.parametrize("shape", [(1,), (7, 333), (2, 3, 17, 19), (40001,)])
 @pytest.mark.parametrize("plif,detach", [(False, True), (True, True), (False, False),
                                          (True, False)])
 def test_cuda_kernels_match_torch_reference(dtype_name, T, shape, plif, detach):
-    x, grad = _random_case(T, shape, DTYPES[dtype_name], seed=T * 7 + math.prod(shape))
-    x, grad = x.cuda(), grad.cuda()
+    x, grad = _random_case(T, shape, DTYPES[dtype_name], seed=T * 7 + math.prod(shape),
+                           device="cuda")
+    _compare(cuda_run(detach), torch_run(detach), x, grad, 0.3 if plif else 0.0, dtype_name, plif)
 
-    def kernel(xi, decay):
-        return cupy_lif.lif_multistep_cupy(xi, decay.cuda(), 1.0, 0.0, 2.0, detach)
 
-    def ref(xi, decay):
-        return lif_multistep_torch(xi, decay.cuda(), 1.0, 0.0, 2.0, detach)
-
-    _compare(kernel, ref, x, grad, 0.3 if plif else 0.0, dtype_name, plif)
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype_name", sorted(DTYPES))
+@pytest.mark.parametrize("T", [7, 16])
+@pytest.mark.parametrize("plif", [False, True])
+def test_cuda_small_grid_walks_several_neurons_per_thread(dtype_name, T, plif, monkeypatch):
+    """One SM's worth of blocks for 40001 neurons: each thread takes about 20 of them."""
+    monkeypatch.setattr(cupy_lif, "_sm_count", lambda device_index: 1)
+    n = 40001
+    blocks = [b for _, b in cupy_lif._kernels(dtype_name, torch.cuda.current_device())]
+    assert all(cupy_lif.launch_grid(n, 1, b) * cupy_lif.THREADS * 2 < n for b in blocks)
+    x, grad = _random_case(T, (n,), DTYPES[dtype_name], seed=T + n, device="cuda")
+    _compare(cuda_run(), torch_run(), x, grad, 0.3 if plif else 0.0, dtype_name, plif)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("plif", [False, True])
-def test_cuda_side_stream_and_permuted_layout(plif):
-    """A channels_last-like (permuted, dense) input runs without a copy on a side stream."""
-    x, grad = _random_case(16, (64, 50), torch.float16, seed=3)
-    x_perm = x.cuda().transpose(1, 2)          # [T, 50, 64], dense but not contiguous
-    grad = grad.cuda().transpose(1, 2).contiguous()   # a layout unlike the saved h: copied
+def test_cuda_launches_on_the_current_stream(plif):
+    """On a side stream whose work is delayed (torch.cuda._sleep), the input and dL/ds are
+    written after the delay: a kernel launched on any other stream would read the zeros that
+    were there before, and the spikes or gradients would be wrong. The layout is a dense
+    permutation (as channels_last gives), run without a copy."""
+    x, grad = _random_case(16, (64, 50), torch.float16, seed=3, device="cuda")
+    w0 = 0.3 if plif else 0.0
+    xr = x.clone().requires_grad_(True)
+    wr = torch.tensor(w0, device="cuda", requires_grad=plif)
+    s_ref = torch_run()(xr, wr.sigmoid() if plif else torch.tensor(0.5, device="cuda"))
+    s_ref.backward(grad)
+    xbuf = torch.zeros(16, 50, 64, dtype=torch.float16, device="cuda").transpose(1, 2)
+    gbuf = torch.zeros_like(grad)
+    torch.cuda.synchronize()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        def kernel(xi, decay):
-            return cupy_lif.lif_multistep_cupy(xi, decay.cuda(), 1.0, 0.0, 2.0, True)
-
-        def ref(xi, decay):
-            return lif_multistep_torch(xi, decay.cuda(), 1.0, 0.0, 2.0, True)
-
-        _compare(kernel, ref, x_perm, grad, 0.3 if plif else 0.0, "half", plif)
+        torch.cuda._sleep(100_000_000)                  # ~50 ms of GPU time on this stream
+        xbuf.copy_(x)
+        xi = xbuf.detach().requires_grad_(True)         # [16, 64, 50], stored as [16, 50, 64]
+        assert not xi.is_contiguous() and cupy_lif.dense_time_major(xi)
+        w = torch.tensor(w0, device="cuda", requires_grad=plif)
+        s = cupy_lif.lif_multistep_cupy(xi, w.sigmoid() if plif else torch.tensor(0.5, device="cuda"),
+                                        1.0, 0.0, 2.0, True)
+        torch.cuda._sleep(100_000_000)
+        gbuf.copy_(grad)
+        s.backward(gbuf)                                # contiguous: copied to h's layout
+        wrapped = cupy_lif._external_stream(side.cuda_stream, torch.cuda.current_device())
+        assert wrapped.ptr == side.cuda_stream
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
+    assert torch.equal(s, s_ref) and s.stride() == xi.stride()
+    torch.testing.assert_close(xi.grad.float(), xr.grad.float(),
+                               rtol=GRAD_RTOL["half"], atol=GRAD_ATOL["half"])
+    if plif:
+        torch.testing.assert_close(w.grad, wr.grad, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype_name", sorted(DTYPES))
+@pytest.mark.parametrize("T", [7, 16])
+@pytest.mark.parametrize("plif", [False, True])
+def test_cuda_big_n(dtype_name, T, plif):
+    """n = 2**20 + 37 neurons: more blocks than are resident, and a ragged last block."""
+    x, grad = _random_case(T, (2 ** 20 + 37,), DTYPES[dtype_name], seed=T, device="cuda")
+    _compare(cuda_run(), torch_run(), x, grad, 0.3 if plif else 0.0, dtype_name, plif)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("plif", [False, True])
+def test_cuda_big_tensor_index_math(plif):
+    """T * n = 18 * (2**27 + 3) > 2**31 elements in fp16 (4.8 GB per tensor): 11% of the
+    elements sit above index 2**31, where 32-bit index arithmetic would wrap."""
+    T, n = 18, 2 ** 27 + 3
+    assert T * n > 2 ** 31 * 1.1
+    free, _ = torch.cuda.mem_get_info()
+    if free < 80 * 2 ** 30:
+        pytest.skip(f"needs 80 GiB of free GPU memory, {free / 2 ** 30:.0f} GiB free")
+    g = torch.Generator(device="cuda").manual_seed(4)
+    x = (torch.randn(T, n, device="cuda", generator=g) * 0.8 + 0.6).half()
+    grad = torch.randn(T, n, device="cuda", generator=g).half()
+    _compare(cuda_run(), torch_run(), x, grad, 0.3 if plif else 0.0, "half", plif)
 
 
 @pytest.mark.cuda

@@ -1,0 +1,1 @@
+"""Trained networks out of the toolkit (work in progress)."""

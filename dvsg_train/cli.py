@@ -85,6 +85,9 @@ _CHOICE = functools.partial(click.Choice, case_sensitive=False)
 @click.option("--out-dir", type=click.Path(path_type=Path), default=Path("./logs"), show_default=True)
 @click.option("--run-name", default=None, help="Run folder under --out-dir (default: T16_b16_adam_lr0.001_c128...).")
 @click.option("--resume", type=click.Path(path_type=Path), default=None, help="Continue from this checkpoint.")
+@click.option("--init", type=click.Path(path_type=Path), default=None,
+              help="Start a new run from the weights of this checkpoint (dvsg-train's, or the SpikingJelly "
+                   "tutorial's): fresh optimizer, epoch 0.")
 @click.option("--force", is_flag=True, help="Start over in a run folder that already holds a run.")
 @click.option("--amp", is_flag=True, help="Automatic mixed precision (autocast around forward and loss).")
 @click.option("--amp-dtype", type=_CHOICE(["fp16", "bf16"]), default=None,
@@ -113,7 +116,7 @@ _CHOICE = functools.partial(click.Choice, case_sensitive=False)
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @click.version_option(package_name="dvsgesture-kit")
 @_one_line_errors
-def train_main(data, T, batch_size, epochs, workers, channels, out_dir, run_name, resume, force, amp,
+def train_main(data, T, batch_size, epochs, workers, channels, out_dir, run_name, resume, init, force, amp,
                amp_dtype, cupy, opt, lr, momentum, lr_scheduler, step_size, gamma, t_max, device, seed,
                net, neuron, preload, val_fraction, sync_bn, data_fingerprint, quiet, debug) -> None:
     """Train the PLIF-paper network on a dvsprep frame store.
@@ -124,6 +127,9 @@ def train_main(data, T, batch_size, epochs, workers, channels, out_dir, run_name
     from .engine import main
     from .report import epoch_line
 
+    if init is not None and resume is not None:
+        raise click.UsageError("--init starts a new run from a checkpoint's weights, --resume continues a run: "
+                               "give one of them")
     _setup_logging(not quiet)
     main_rank = _rank() == 0
     kw = {} if workers is None else {"workers": workers}
@@ -133,7 +139,7 @@ def train_main(data, T, batch_size, epochs, workers, channels, out_dir, run_name
         amp_dtype=amp_dtype.lower() if amp_dtype else None, opt=opt.lower(), lr=lr,
         momentum=momentum, lr_scheduler=lr_scheduler.lower(), step_size=step_size, gamma=gamma,
         T_max=t_max, device=device, seed=seed, preload=preload.lower(), val_fraction=val_fraction,
-        resume=str(resume) if resume else None, run_name=run_name, force=force,
+        resume=str(resume) if resume else None, init=str(init) if init else None, run_name=run_name, force=force,
         progress=sys.stderr.isatty(), sync_bn=sync_bn, data_fingerprint=data_fingerprint, **kw)
     summary = main(config, on_epoch=lambda r: click.echo(epoch_line(r)))
     if summary["epochs"] and main_rank:
@@ -166,9 +172,43 @@ def eval_main(checkpoint, data, split, device, batch_size, workers, preload, png
     r = evaluate_checkpoint(str(checkpoint), str(data), split=split, device=device,
                             batch_size=batch_size, workers=workers, preload=preload.lower())
     correct = int(r["confusion"].trace())
-    click.echo(f"{checkpoint} (epoch {r['epoch']}) on {split} of {data}: accuracy {r['acc']:.4f} "
+    epoch = "" if r["epoch"] is None else f" (epoch {r['epoch']})"
+    click.echo(f"{checkpoint}{epoch} on {split} of {data}: accuracy {r['acc']:.4f} "
                f"({correct}/{r['samples']}), loss {r['loss']:.4f}")
     click.echo(confusion_text(r["confusion"]))
     png = png or checkpoint.with_name(f"confusion_{split}.png")
     write_confusion_png(png, r["confusion"], f"{checkpoint.name} on {split}: accuracy {r['acc']:.4f}")
     click.echo(f"confusion matrix written to {png}")
+
+
+# --- dvsg-export ---------------------------------------------------------------------------
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+              help="File to write (model.nir, net.pth).")
+@click.option("--format", "fmt", type=_CHOICE(["nir", "spikingjelly"]), default="nir", show_default=True,
+              help="nir: the eval-mode network as an exact NIR graph (needs pip install "
+                   "'dvsgesture-kit[nir]'); spikingjelly: a state dict for SpikingJelly's "
+                   "DVSGestureNet(channels=128).")
+@click.option("--dt", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
+              help="NIR: seconds per time step; SpikingJelly's import_from_nir must be given the same dt "
+                   "(1e-4 is its default).")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@_one_line_errors
+def export_main(checkpoint, output, fmt, dt, debug) -> None:
+    """Export the network of CHECKPOINT (dvsg-train's, or the SpikingJelly tutorial's) to NIR or
+    to a SpikingJelly state dict."""
+    from .export import export_checkpoint
+
+    _setup_logging(False)
+    info = export_checkpoint(checkpoint, output, fmt.lower(), dt=dt)
+    what = f"channels {info['channels']}, {info['neuron'].upper()}"
+    if fmt.lower() == "nir":
+        click.echo(f"wrote {output}: NIR graph ({what}), dt {dt:g} s; in SpikingJelly: "
+                   f"import_from_nir({str(output)!r}, dt={dt:g}); output = mean over T of its votes")
+    else:
+        neuron = "neuron.ParametricLIFNode" if info["neuron"] == "plif" else "neuron.LIFNode"
+        tau = f", tau={info['tau']!r}" if info["neuron"] == "lif" and info["tau"] != 2.0 else ""
+        click.echo(f"wrote {output}: state dict for DVSGestureNet(channels=128, spiking_neuron={neuron}{tau}, "
+                   f"surrogate_function=surrogate.ATan(), detach_reset=True), load_state_dict(strict=True)")

@@ -37,6 +37,7 @@ from .checkpoint import (
 from .config import MODEL_FIELDS, TrainConfig
 from .data import Batches, FrameDataset, load_run_data, open_store, resolve_preload, to_network_input
 from .distributed import DistEnv, resolve_device
+from .export.network import has_linear_bias, load_network, load_weights, read_init_weights
 from .errors import CheckpointError, DataMismatchError, TrainError
 from .model import build_model
 from .neuron import check_backend
@@ -232,6 +233,9 @@ def _run(config: TrainConfig, env: DistEnv, on_epoch: Callable[[dict[str, Any]],
         return None
 
     ckpt = distributed.on_main(env, previous_run)
+    # --init: a new run from a checkpoint's weights (ours or SpikingJelly's), checked before any work
+    init = distributed.on_main(env, lambda: read_init_weights(
+        config.init, config.channels, config.net, config.neuron, config.tau)) if config.init and ckpt is None else None
 
     # The store is checked before any training: once per machine (local rank 0 hashes every
     # file, and downloads a URL into the cache once), then every rank opens its local copy.
@@ -259,7 +263,12 @@ def _run(config: TrainConfig, env: DistEnv, on_epoch: Callable[[dict[str, Any]],
     if ckpt is not None:
         check_data(ckpt, config.resume, data.fingerprint, config.data)
 
-    model = build_model(config.channels, config.net, config.neuron, config.backend, config.tau).to(device)
+    linear_bias = has_linear_bias(ckpt["model"]) if ckpt is not None else bool(init and init.linear_bias)
+    model = build_model(config.channels, config.net, config.neuron, config.backend, config.tau,
+                        linear_bias).to(device)
+    if init is not None:
+        load_weights(model, init)
+        log.info("starting from the weights of %s (%s checkpoint)", config.init, init.source)
     if config.sync_bn and env.enabled:
         model = distributed.convert_sync_batchnorm(model, device)
     optimizer = make_optimizer(model, config)
@@ -367,17 +376,18 @@ def _run(config: TrainConfig, env: DistEnv, on_epoch: Callable[[dict[str, Any]],
 def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "test", device: str | None = None,
                         batch_size: int | None = None, workers: int = 0,
                         preload: str = "auto") -> dict[str, Any]:
-    """Evaluate a checkpoint's model on one split of a store: loss, acc, confusion [11, 11]."""
-    ckpt = load_checkpoint(checkpoint)
-    cfg = checkpoint_config(ckpt, checkpoint)
+    """Evaluate a checkpoint's model on one split of a store: loss, acc, confusion [11, 11].
+
+    The checkpoint is ours or a SpikingJelly DVSGestureNet one (the seed tutorial's; any T)."""
+    net = load_network(checkpoint)
     dev = resolve_device(device)
-    store = open_store(data, cfg.T)
+    store = open_store(data, net.weights.T)
     data = str(store.path)
-    if store.fingerprint != ckpt["data_fingerprint"]:
+    if net.weights.data_fingerprint is not None and store.fingerprint != net.weights.data_fingerprint:
         log.warning("%s was trained on a store with another fingerprint than %s", checkpoint, data)
     sp = store.split(split)
     labels = torch.from_numpy(sp.labels)
-    b = batch_size or cfg.batch_size
+    b = batch_size or net.weights.batch_size
     nbytes = int(np.prod(sp.frames.shape)) * store.dtype.itemsize
     where = resolve_preload(preload, nbytes, dev)
     if where is None:
@@ -387,9 +397,8 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "test", devi
     else:
         batches = Batches(labels, b, shuffle=False, drop_last=False,
                           frames=torch.from_numpy(sp.load_all()).to(where))
-    model = build_model(*(getattr(cfg, k) for k in ("channels", "net", "neuron")), "torch", cfg.tau)
-    load_model_state(model, ckpt, checkpoint)
-    model.to(dev)
+    model = net.model.to(dev)
     result = evaluate(model, batches, dev)
-    result.update(epoch=int(ckpt["epoch"]), split=split, config={k: getattr(cfg, k) for k in MODEL_FIELDS + ("T",)})
+    result.update(epoch=net.weights.epoch, split=split, config={**net.config, "T": store.T},
+                  source=net.weights.source)
     return result

@@ -114,7 +114,8 @@ def test_exported_state_dict_runs_identically_in_dvsgesturenet(kind, x, tmp_path
     rates = [float(s.mean()) for s in ours[1]]
     assert all(0.005 < r < 0.9 for r in rates), rates
     assert_same(ours, sj_run(net, x, "m"))
-    assert_same(ours, sj_run(net, x, "s"))
+    if kind == "lif":                       # step by step too (the same numbers, slower)
+        assert_same(ours, sj_run(net, x, "s"))
 
 
 def test_export_refuses_channels_without_a_dvsgesturenet(tmp_path):
@@ -161,7 +162,7 @@ def test_tutorial_checkpoint_runs_identically_as_our_network(tutorial, x):
 
 def test_dvsg_eval_accepts_the_tutorial_checkpoint(tutorial, tmp_path):
     path, net = tutorial
-    make_store(tmp_path / "frames_T2_number.zarr", T=T, n_train=2, n_test=3)
+    make_store(tmp_path / "frames_T2_number.zarr", T=T, n_train=2, n_test=2)
     res = CliRunner().invoke(eval_main, ["--checkpoint", str(path), "--data", str(tmp_path / "frames_T2_number.zarr"),
                                          "--device", "cpu", "--png", str(tmp_path / "c.png")])
     assert res.exit_code == 0, res.output
@@ -170,7 +171,24 @@ def test_dvsg_eval_accepts_the_tutorial_checkpoint(tutorial, tmp_path):
     predicted = sj_run(net, frames, "m")[0].argmax(1)
     correct = int((predicted == torch.from_numpy(split.labels)).sum())
     assert f"{path} (epoch 7) on test of " in res.output
-    assert f"({correct}/3)" in res.output
+    assert f"({correct}/2)" in res.output
+
+
+def test_tutorial_checkpoint_exports_to_nir_and_back_to_spikingjelly(tutorial, tmp_path):
+    nir = pytest.importorskip("nir")
+    path, net = tutorial
+    run = CliRunner().invoke
+    res = run(export_main, [str(path), "-o", str(tmp_path / "t.nir")])
+    assert res.exit_code == 0, res.output
+    graph = nir.read(tmp_path / "t.nir")
+    for fc in (22, 25):                     # Linear layers with biases become Affine nodes
+        assert isinstance(graph.nodes[f"fc{fc}"], nir.Affine)
+        assert (graph.nodes[f"fc{fc}"].bias == net.conv_fc[fc].bias.detach().numpy()).all()
+    res = run(export_main, [str(path), "--format", "spikingjelly", "-o", str(tmp_path / "t.pth")])
+    assert res.exit_code == 0, res.output
+    back = torch.load(tmp_path / "t.pth", weights_only=True)
+    theirs = net.state_dict()
+    assert list(back) == list(theirs) and all(torch.equal(back[k], theirs[k]) for k in theirs)
 
 
 def test_init_from_the_tutorial_checkpoint_fine_tunes_its_weights(tutorial, tmp_path):

@@ -37,7 +37,7 @@ from .checkpoint import (
 from .config import MODEL_FIELDS, TrainConfig
 from .data import Batches, FrameDataset, load_run_data, open_store, resolve_preload, to_network_input
 from .distributed import DistEnv, resolve_device
-from .export.network import has_linear_bias, load_network, load_weights, read_init_weights
+from .export.network import has_linear_bias, load_network, load_weights, read_init_weights, store_T
 from .errors import CheckpointError, DataMismatchError, TrainError
 from .model import build_model
 from .neuron import check_backend
@@ -381,7 +381,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "test", devi
     The checkpoint is ours or a SpikingJelly DVSGestureNet one (the seed tutorial's; any T)."""
     net = load_network(checkpoint)
     dev = resolve_device(device)
-    store = open_store(data, net.weights.T)
+    store = open_store(data, store_T(data, net.weights))
     data = str(store.path)
     if net.weights.data_fingerprint is not None and store.fingerprint != net.weights.data_fingerprint:
         log.warning("%s was trained on a store with another fingerprint than %s", checkpoint, data)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..checkpoint import checkpoint_config, load_checkpoint
-from ..errors import CheckpointError
+from ..errors import CheckpointError, DataMismatchError
 from ..model import build_model
 from .sj_state import FC1, find_spikingjelly_state, spikingjelly_fields
 
@@ -67,6 +68,22 @@ class TrainedNetwork:
 def has_linear_bias(state: dict[str, Any]) -> bool:
     """Whether a state dict of our layout carries Linear biases (SpikingJelly-trained weights)."""
     return f"conv_fc.{FC1}.bias" in state
+
+
+def store_T(data: str | os.PathLike, weights: NetworkWeights) -> int | None:
+    """The T to open ``data`` with for these weights: the checkpoint's; for a SpikingJelly
+    checkpoint (which does not record T) None for a store path or URL, and for a DATA_ROOT the T
+    of its one ``frames_T<T>_number.zarr``."""
+    root = Path(data)
+    if weights.T is not None or not root.is_dir() or (root / "zarr.json").exists():
+        return weights.T
+    found = sorted((int(m.group(1)), p.name) for p in root.glob("frames_T*_number.zarr")
+                   if (m := re.fullmatch(r"frames_T(\d+)_number\.zarr", p.name)))
+    if len(found) != 1:
+        have = ", ".join(name for _, name in found) or "no frames_T<T>_number.zarr"
+        raise DataMismatchError(f"{root}: {weights.path} does not record T and this folder holds {have}; "
+                                "pass the frame store's path")
+    return found[0][0]
 
 
 def _load_weights_only(path: Path) -> Any:

@@ -91,7 +91,7 @@ def assert_identical(model: torch.nn.Module, path: Path, x: torch.Tensor, step_m
     return ours
 
 
-def test_trained_network_runs_identically_in_spikingjelly(trained, samples, from_nir, tmp_path):
+def test_trained_network_runs_identically_in_spikingjelly(from_nir, trained, samples, tmp_path):
     path = export(trained, tmp_path / "model.nir")
     net = load_network(trained)
     assert net.weights.T == T and net.config["channels"] == 4
@@ -99,7 +99,7 @@ def test_trained_network_runs_identically_in_spikingjelly(trained, samples, from
     assert ours[0].sum() > 0            # the first layer fires (deeper ones may not after one epoch)
 
 
-def test_active_network_runs_identically_step_by_step_and_multi_step(trained, samples, from_nir, tmp_path):
+def test_active_network_runs_identically_step_by_step_and_multi_step(from_nir, trained, samples, tmp_path):
     """The trained network with BatchNorm statistics and Linear weights set so that every layer
     fires: every spike of every layer agrees, in both of SpikingJelly's step modes."""
     net = load_network(trained)
@@ -113,7 +113,7 @@ def test_active_network_runs_identically_step_by_step_and_multi_step(trained, sa
     assert_identical(model, path, samples[:, ::10], step_mode="s")
 
 
-def test_plif_time_constants(trained, samples, from_nir, tmp_path):
+def test_plif_time_constants(from_nir, trained, samples, tmp_path):
     """PLIF: SpikingJelly divides by a float32 tau where we multiply by decay; the export picks the
     tau that agrees best. Predictions and output spikes are identical here; hidden spikes may
     differ where a membrane lands within float32 rounding of the threshold (measured, bounded)."""
@@ -141,7 +141,7 @@ def test_plif_time_constants(trained, samples, from_nir, tmp_path):
     assert torch.equal(out.argmax(1), sj_out.argmax(1))
 
 
-def test_spikingjelly_builds_the_documented_nodes(trained, from_nir, tmp_path):
+def test_spikingjelly_builds_the_documented_nodes(from_nir, trained, tmp_path):
     path = export(trained, tmp_path / "model.nir")
     gm = from_nir(str(path))
     names = {n for n, _ in gm.named_children()}
@@ -162,7 +162,7 @@ def test_spikingjelly_builds_the_documented_nodes(trained, from_nir, tmp_path):
         from_nir(str(path))
 
 
-def test_maxpool_on_spikes_is_exact_as_avgpool_and_if(trained, from_nir, tmp_path):
+def test_maxpool_on_spikes_is_exact_as_avgpool_and_if(from_nir, trained, tmp_path):
     """Every 2x2 spike pattern after every other one (all 256 transitions), then random binary
     sequences: AvgPool2d + IF as SpikingJelly builds them equals max pooling at every step, so
     the IF neuron keeps nothing from one step to the next."""
@@ -186,7 +186,7 @@ def test_maxpool_on_spikes_is_exact_as_avgpool_and_if(trained, from_nir, tmp_pat
     assert 0 < POOL_THRESHOLD < 0.25
 
 
-def test_voting_is_exact(trained, from_nir, tmp_path):
+def test_voting_is_exact(from_nir, trained, tmp_path):
     """The two voting nodes give our average pooling's float32 result for every spike pattern of a
     group, in SpikingJelly's Linear layers (any summation order)."""
     gm = from_nir(str(export(trained, tmp_path / "model.nir")))

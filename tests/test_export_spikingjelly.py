@@ -116,6 +116,10 @@ def test_exported_state_dict_runs_identically_in_dvsgesturenet(kind, x, tmp_path
     assert_same(ours, sj_run(net, x, "m"))
     if kind == "lif":                       # step by step too (the same numbers, slower)
         assert_same(ours, sj_run(net, x, "s"))
+        # and the written state dict is itself a checkpoint dvsg-eval / --init read (zero biases kept)
+        back = load_network(tmp_path / "net.pth")
+        assert back.weights.source == "spikingjelly" and back.config["linear_bias"]
+        assert_same(ours, our_run(back.model, x))
 
 
 def test_export_refuses_channels_without_a_dvsgesturenet(tmp_path):

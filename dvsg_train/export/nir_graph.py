@@ -136,6 +136,63 @@ def _full(shape: tuple[int, ...], value: float, dtype=np.float32) -> np.ndarray:
     return np.full(shape, value, dtype=dtype)
 
 
+Shape = tuple[int, ...]
+Nodes = dict[str, Any]
+
+
+def _conv_nodes(nir, i: int, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, shape: Shape) -> tuple[Nodes, Shape]:
+    if conv.groups != 1 or conv.stride != (1, 1) or conv.dilation != (1, 1):
+        raise ExportError(f"conv_fc.{i}: only plain stride-1 convolutions are exported")
+    if bn is not None:
+        weight, bias = fold_batchnorm(conv, bn)
+    else:
+        weight = conv.weight.detach().float().numpy()
+        bias = (conv.bias.detach().float().numpy() if conv.bias is not None
+                else np.zeros(weight.shape[0], np.float32))
+    node = nir.Conv2d(input_shape=shape[1:], weight=weight, stride=(1, 1), padding=tuple(conv.padding),
+                      dilation=(1, 1), groups=1, bias=bias)
+    (kh, kw), (ph, pw) = conv.kernel_size, conv.padding
+    return {f"conv{i}": node}, (weight.shape[0], shape[1] + 2 * ph - kh + 1, shape[2] + 2 * pw - kw + 1)
+
+
+def _lif_nodes(nir, i: int, m: nn.Module, shape: Shape, dt: float) -> tuple[Nodes, Shape]:
+    decay, v_th, v_reset = _neuron_params(m)
+    tau = nir_tau(sj_tau(decay), dt)
+    node = nir.LIF(tau=_full(shape, tau, np.float64), r=_full(shape, 1.0), v_leak=_full(shape, v_reset),
+                   v_threshold=_full(shape, v_th), v_reset=_full(shape, v_reset))
+    return {f"lif{i}": node}, shape
+
+
+def _maxpool_nodes(nir, i: int, m: nn.MaxPool2d, shape: Shape, dt: float) -> tuple[Nodes, Shape]:
+    if m.kernel_size not in (2, (2, 2)) or m.stride not in (2, (2, 2)) or m.padding not in (0, (0, 0)):
+        raise ExportError(f"conv_fc.{i}: only 2x2 max-pooling with stride 2 is exported")
+    out = (shape[0], shape[1] // 2, shape[2] // 2)
+    return {f"pool{i}_avg": nir.AvgPool2d(kernel_size=np.array([2, 2]), stride=np.array([2, 2]),
+                                          padding=np.array([0, 0])),
+            f"pool{i}_if": nir.IF(r=_full(out, 1.0 / dt), v_threshold=_full(out, POOL_THRESHOLD),
+                                  v_reset=_full(out, 0.0))}, out
+
+
+def _linear_nodes(nir, i: int, m: nn.Linear) -> tuple[Nodes, Shape]:
+    weight = m.weight.detach().float().numpy()
+    if m.bias is not None:
+        node = nir.Affine(weight=weight, bias=m.bias.detach().float().numpy())
+    else:
+        node = nir.Linear(weight=weight)
+    return {f"fc{i}": node}, (weight.shape[0],)
+
+
+def _vote_nodes(nir, i: int, m: Voting, shape: Shape) -> tuple[Nodes, Shape]:
+    v = m.voting_size
+    groups = shape[0] // v
+    k, w = vote_factors(v)
+    summed = np.zeros((groups, shape[0]), np.float32)
+    for g in range(groups):
+        summed[g, g * v:(g + 1) * v] = k
+    return {f"vote{i}_sum": nir.Linear(weight=summed),
+            f"vote{i}_mean": nir.Linear(weight=np.diag(np.full(groups, w, np.float32)))}, (groups,)
+
+
 def network_to_nir(model: nn.Module, *, dt: float = DT, metadata: dict[str, Any] | None = None):
     """``model`` (our MultiStepNet or StepwiseNet) as a ``nir.NIRGraph``: one chain of nodes
     named after the layers they come from (``conv0``, ``lif2``, ``pool3_avg``, ``pool3_if``, ...)
@@ -144,66 +201,32 @@ def network_to_nir(model: nn.Module, *, dt: float = DT, metadata: dict[str, Any]
     if not dt > 0:
         raise ExportError(f"dt must be > 0, got {dt}")
     layers = list(model.conv_fc)
-    nodes: dict[str, Any] = {"input": nir.Input(input_type={"input": np.array([N_POLARITIES, SENSOR_H, SENSOR_W])})}
-    shape: tuple[int, ...] = (N_POLARITIES, SENSOR_H, SENSOR_W)
+    shape: Shape = (N_POLARITIES, SENSOR_H, SENSOR_W)
+    nodes: Nodes = {"input": nir.Input(input_type={"input": np.array(shape)})}
     i = 0
     while i < len(layers):
-        m = layers[i]
+        m, step = layers[i], 1
         if isinstance(m, nn.Conv2d):
-            if m.groups != 1 or m.stride != (1, 1) or m.dilation != (1, 1):
-                raise ExportError(f"conv_fc.{i}: only plain stride-1 convolutions are exported")
             bn = layers[i + 1] if i + 1 < len(layers) and isinstance(layers[i + 1], nn.BatchNorm2d) else None
-            if bn is not None:
-                weight, bias = fold_batchnorm(m, bn)
-            else:
-                weight = m.weight.detach().float().numpy()
-                bias = (m.bias.detach().float().numpy() if m.bias is not None
-                        else np.zeros(weight.shape[0], np.float32))
-            nodes[f"conv{i}"] = nir.Conv2d(input_shape=shape[1:], weight=weight, stride=(1, 1),
-                                          padding=tuple(m.padding), dilation=(1, 1), groups=1, bias=bias)
-            k, p = m.kernel_size, m.padding
-            shape = (weight.shape[0], shape[1] + 2 * p[0] - k[0] + 1, shape[2] + 2 * p[1] - k[1] + 1)
-            i += 2 if bn is not None else 1
-            continue
-        if isinstance(m, (MultiStepLIF, MultiStepPLIF, LIF, PLIF)):
-            decay, v_th, v_reset = _neuron_params(m)
-            tau = nir_tau(sj_tau(decay), dt)
-            nodes[f"lif{i}"] = nir.LIF(tau=_full(shape, tau, np.float64), r=_full(shape, 1.0),
-                                       v_leak=_full(shape, v_reset), v_threshold=_full(shape, v_th),
-                                       v_reset=_full(shape, v_reset))
+            new, shape = _conv_nodes(nir, i, m, bn, shape)
+            step += bn is not None
+        elif isinstance(m, (MultiStepLIF, MultiStepPLIF, LIF, PLIF)):
+            new, shape = _lif_nodes(nir, i, m, shape, dt)
         elif isinstance(m, nn.MaxPool2d):
-            if m.kernel_size not in (2, (2, 2)) or m.stride not in (2, (2, 2)) or m.padding not in (0, (0, 0)):
-                raise ExportError(f"conv_fc.{i}: only 2x2 max-pooling with stride 2 is exported")
-            shape = (shape[0], shape[1] // 2, shape[2] // 2)
-            nodes[f"pool{i}_avg"] = nir.AvgPool2d(kernel_size=np.array([2, 2]), stride=np.array([2, 2]),
-                                                  padding=np.array([0, 0]))
-            nodes[f"pool{i}_if"] = nir.IF(r=_full(shape, 1.0 / dt), v_threshold=_full(shape, POOL_THRESHOLD),
-                                          v_reset=_full(shape, 0.0))
+            new, shape = _maxpool_nodes(nir, i, m, shape, dt)
         elif isinstance(m, nn.Flatten):
-            nodes[f"flatten{i}"] = nir.Flatten(input_type={"input": np.array(shape)}, start_dim=0, end_dim=-1)
+            new = {f"flatten{i}": nir.Flatten(input_type={"input": np.array(shape)}, start_dim=0, end_dim=-1)}
             shape = (int(np.prod(shape)),)
         elif isinstance(m, (SequenceDropout, nn.Dropout)):
-            pass                                   # identity in eval mode
+            new = {}                               # identity in eval mode
         elif isinstance(m, nn.Linear):
-            weight = m.weight.detach().float().numpy()
-            if m.bias is not None:
-                nodes[f"fc{i}"] = nir.Affine(weight=weight, bias=m.bias.detach().float().numpy())
-            else:
-                nodes[f"fc{i}"] = nir.Linear(weight=weight)
-            shape = (weight.shape[0],)
+            new, shape = _linear_nodes(nir, i, m)
         elif isinstance(m, Voting):
-            v = m.voting_size
-            groups = shape[0] // v
-            k, w = vote_factors(v)
-            summed = np.zeros((groups, shape[0]), np.float32)
-            for g in range(groups):
-                summed[g, g * v:(g + 1) * v] = k
-            nodes[f"vote{i}_sum"] = nir.Linear(weight=summed)
-            nodes[f"vote{i}_mean"] = nir.Linear(weight=np.diag(np.full(groups, w, np.float32)))
-            shape = (groups,)
+            new, shape = _vote_nodes(nir, i, m, shape)
         else:
             raise ExportError(f"conv_fc.{i}: no NIR form for {type(m).__name__}")
-        i += 1
+        nodes.update(new)
+        i += step
     nodes["output"] = nir.Output(output_type={"output": np.array(shape)})
     names = list(nodes)
     meta = {"producer": f"dvsgesture-kit {__version__}", "dt": float(dt),

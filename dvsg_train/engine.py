@@ -37,8 +37,8 @@ from .checkpoint import (
 from .config import MODEL_FIELDS, TrainConfig
 from .data import Batches, FrameDataset, load_run_data, open_store, resolve_preload, to_network_input
 from .distributed import DistEnv, resolve_device
-from .export.network import has_linear_bias, load_network, load_weights, read_init_weights, store_T
 from .errors import CheckpointError, DataMismatchError, TrainError
+from .export.network import has_linear_bias, load_network, load_weights, read_init_weights, store_T
 from .model import build_model
 from .neuron import check_backend
 from .report import Scalars, epoch_line, write_curves, write_json, write_metrics

@@ -105,6 +105,9 @@ def _train_config(ctx: click.Context) -> TrainConfig:
     p = ctx.params
     given = _explicit_options(ctx)
     given["progress"] = sys.stderr.isatty()
+    if p["init"] is not None and p["resume"] is not None:
+        raise click.UsageError("--init starts a new run from a checkpoint's weights, --resume continues a run: "
+                               "give one of them")
     if p["resume"] is not None:
         if p["force"]:
             raise click.UsageError("--force starts a run over and cannot be combined with --resume")
@@ -142,6 +145,9 @@ def _train_config(ctx: click.Context) -> TrainConfig:
 @click.option("--run-name", default=None, help="Run folder under --out-dir (default: T16_b16_adam_lr0.001_c128...).")
 @click.option("--resume", type=click.Path(path_type=Path), default=None,
               help="Continue the run of this checkpoint, in its folder, with its saved settings.")
+@click.option("--init", type=click.Path(path_type=Path), default=None,
+              help="Start a new run from the weights of this checkpoint (dvsg-train's, or the SpikingJelly "
+                   "tutorial's): fresh optimizer, epoch 0.")
 @click.option("--force", is_flag=True, help="Start over in a run folder that already holds a run.")
 @click.option("--amp/--no-amp", default=False, show_default=True,
               help="Automatic mixed precision (autocast around forward and loss); --no-amp overrides a preset.")
@@ -221,7 +227,8 @@ def eval_main(checkpoint, data, split, device, batch_size, workers, preload, png
     r = evaluate_checkpoint(str(checkpoint), str(data), split=split, device=device,
                             batch_size=batch_size, workers=workers, preload=preload.lower())
     correct = int(r["confusion"].trace())
-    click.echo(f"{checkpoint} (epoch {r['epoch']}) on {split} of {data}: accuracy {r['acc']:.4f} "
+    epoch = "" if r["epoch"] is None else f" (epoch {r['epoch']})"
+    click.echo(f"{checkpoint}{epoch} on {split} of {data}: accuracy {r['acc']:.4f} "
                f"({correct}/{r['samples']}), loss {r['loss']:.4f}")
     click.echo(confusion_text(r["confusion"]))
     try:
@@ -229,3 +236,36 @@ def eval_main(checkpoint, data, split, device, batch_size, workers, preload, png
     except OSError as exc:
         raise TrainError(f"{png}: cannot write the confusion matrix ({exc.strerror or exc})") from exc
     click.echo(f"confusion matrix written to {png}")
+
+
+# --- dvsg-export ---------------------------------------------------------------------------
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+              help="File to write (model.nir, net.pth).")
+@click.option("--format", "fmt", type=_CHOICE(["nir", "spikingjelly"]), default="nir", show_default=True,
+              help="nir: the eval-mode network as an exact NIR graph (needs pip install "
+                   "'dvsgesture-kit[nir]'); spikingjelly: a state dict for SpikingJelly's "
+                   "DVSGestureNet(channels=128).")
+@click.option("--dt", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
+              help="NIR: seconds per time step; SpikingJelly's import_from_nir must be given the same dt "
+                   "(1e-4 is its default).")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@_one_line_errors
+def export_main(checkpoint, output, fmt, dt, debug) -> None:
+    """Export the network of CHECKPOINT (dvsg-train's, or the SpikingJelly tutorial's) to NIR or
+    to a SpikingJelly state dict."""
+    from .export import export_checkpoint
+
+    _setup_logging(False)
+    info = export_checkpoint(checkpoint, output, fmt.lower(), dt=dt)
+    what = f"channels {info['channels']}, {info['neuron'].upper()}"
+    if fmt.lower() == "nir":
+        click.echo(f"wrote {output}: NIR graph ({what}), dt {dt:g} s; in SpikingJelly: "
+                   f"import_from_nir({str(output)!r}, dt={dt:g}); output = mean over T of its votes")
+    else:
+        neuron = "neuron.ParametricLIFNode" if info["neuron"] == "plif" else "neuron.LIFNode"
+        tau = f", tau={info['tau']!r}" if info["neuron"] == "lif" and info["tau"] != 2.0 else ""
+        click.echo(f"wrote {output}: state dict for DVSGestureNet(channels=128, spiking_neuron={neuron}{tau}, "
+                   f"surrogate_function=surrogate.ATan(), detach_reset=True), load_state_dict(strict=True)")

@@ -61,6 +61,7 @@ class TrainConfig:
     preload: str = "auto"
     val_fraction: float = 0.0
     resume: str | None = None
+    init: str | None = None                # start from these weights (ours or SpikingJelly's)
     run_name: str | None = None
     force: bool = False
     progress: bool = False

@@ -31,18 +31,18 @@ from .checkpoint import (
     MAX,
     check_data,
     check_resume,
-    checkpoint_config,
     load_checkpoint,
     load_model_state,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
-from .config import MODEL_FIELDS, TrainConfig
+from .config import TrainConfig
 from .data import (Batches, FrameDataset, load_run_data, open_store, resolve_preload, resolve_store_path,
                    to_network_input)
 from .distributed import DistEnv, resolve_device
 from .errors import BackendUnavailableError, CheckpointError, ConfigError, DataMismatchError, TrainError
+from .export.network import NetworkWeights, has_linear_bias, load_network, load_weights, read_init_weights, store_T
 from .model import build_model
 from .neuron import check_backend
 from .report import Scalars, epoch_line, write_curves, write_json, write_metrics
@@ -377,10 +377,16 @@ def _claim_run_folder(held: contextlib.ExitStack, run_dir: Path, config: TrainCo
     return run_id
 
 
-def _build_training(config: TrainConfig, env: DistEnv, backend: str, amp_dtype: str | None):
-    """Model (SyncBatchNorm when asked under DDP), optimizer, scheduler and fp16 GradScaler."""
+def _build_training(config: TrainConfig, env: DistEnv, backend: str, amp_dtype: str | None,
+                    ckpt: dict[str, Any] | None = None, init: NetworkWeights | None = None):
+    """Model (SyncBatchNorm when asked under DDP), optimizer, scheduler and fp16 GradScaler.
+    ``init``: start from these weights (--init); Linear biases only for SpikingJelly's weights."""
     device = env.device
-    model = build_model(config.channels, config.net, config.neuron, backend, config.tau).to(device)
+    linear_bias = has_linear_bias(ckpt["model"]) if ckpt is not None else bool(init and init.linear_bias)
+    model = build_model(config.channels, config.net, config.neuron, backend, config.tau, linear_bias).to(device)
+    if init is not None:
+        load_weights(model, init)
+        log.info("starting from the weights of %s (%s checkpoint)", config.init, init.source)
     if config.sync_bn and env.enabled:
         model = distributed.convert_sync_batchnorm(model, device)
     optimizer = make_optimizer(model, config)
@@ -506,11 +512,14 @@ def _run(config: TrainConfig, env: DistEnv, on_epoch: Callable[[dict[str, Any]],
     # rank 0 reads the checkpoint and hands it over: other machines need not see the file
     run_dir, ckpt = distributed.on_main(env, lambda: (lambda d: (d, _previous_run(config, rc, d)))(
         _run_dir(config, rc)))
+    # --init: a new run from a checkpoint's weights (ours or SpikingJelly's), checked before any work
+    init = distributed.on_main(env, lambda: read_init_weights(
+        config.init, config.channels, config.net, config.neuron, config.tau)) if config.init and ckpt is None else None
     data, data_gen = _load_data(config, env, ckpt)
     with contextlib.ExitStack() as held:
         # the folder is locked only once the store checked out: a refused store writes nothing
         run_id = distributed.on_main(env, lambda: _claim_run_folder(held, run_dir, config, ckpt))
-        model, optimizer, scheduler, scaler = _build_training(config, env, backend, rc.amp_dtype)
+        model, optimizer, scheduler, scaler = _build_training(config, env, backend, rc.amp_dtype, ckpt, init)
         history: list[dict[str, Any]] = []
         start_epoch = 0
         if ckpt is not None:
@@ -531,21 +540,23 @@ def _run(config: TrainConfig, env: DistEnv, on_epoch: Callable[[dict[str, Any]],
 def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "test", device: str | None = None,
                         batch_size: int | None = None, workers: int = 0,
                         preload: str = "auto") -> dict[str, Any]:
-    """Evaluate a checkpoint's model on one split of a store: loss, acc, confusion [11, 11]."""
-    ckpt = load_checkpoint(checkpoint)
-    cfg = checkpoint_config(ckpt, checkpoint)
+    """Evaluate a checkpoint's model on one split of a store: loss, acc, confusion [11, 11].
+
+    The checkpoint is ours or a SpikingJelly DVSGestureNet one (the seed tutorial's; any T)."""
+    net = load_network(checkpoint)
     dev = resolve_device(device)
+    T = store_T(data, net.weights)     # a SpikingJelly checkpoint records no T
     # opened without a T check, to say what dvsg-eval (which has no -T) needs
-    store = open_store(resolve_store_path(data, cfg.T))
-    if store.T != cfg.T:
+    store = open_store(resolve_store_path(data, T))
+    if T is not None and store.T != T:
         raise DataMismatchError(f"{data}: store has T={store.T} frames per sample, but {checkpoint} was trained "
-                                f"with T={cfg.T}; evaluate it on a store made with dvsprep frames -T {cfg.T}")
+                                f"with T={T}; evaluate it on a store made with dvsprep frames -T {T}")
     data = str(store.path)
-    if store.fingerprint != ckpt["data_fingerprint"]:
+    if net.weights.data_fingerprint is not None and store.fingerprint != net.weights.data_fingerprint:
         log.warning("%s was trained on a store with another fingerprint than %s", checkpoint, data)
     sp = store.split(split)
     labels = torch.from_numpy(sp.labels)
-    b = batch_size or cfg.batch_size
+    b = batch_size or net.weights.batch_size
     nbytes = int(np.prod(sp.frames.shape)) * store.dtype.itemsize
     where = resolve_preload(preload, nbytes, dev)
     if where is None:
@@ -555,9 +566,8 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "test", devi
     else:
         batches = Batches(labels, b, shuffle=False, drop_last=False,
                           frames=torch.from_numpy(sp.load_all()).to(where))
-    model = build_model(*(getattr(cfg, k) for k in ("channels", "net", "neuron")), "torch", cfg.tau)
-    load_model_state(model, ckpt, checkpoint)
-    model.to(dev)
+    model = net.model.to(dev)
     result = evaluate(model, batches, dev)
-    result.update(epoch=int(ckpt["epoch"]), split=split, config={k: getattr(cfg, k) for k in MODEL_FIELDS + ("T",)})
+    result.update(epoch=net.weights.epoch, split=split, config={**net.config, "T": store.T},
+                  source=net.weights.source)
     return result

@@ -27,3 +27,7 @@ class DataMismatchError(TrainError, ValueError):
 
 class BackendUnavailableError(TrainError, RuntimeError):
     """The requested neuron backend (cupy) cannot run here; the message says what to install."""
+
+
+class ExportError(TrainError, ValueError):
+    """A network cannot be exported as asked (no ``nir`` installed, a shape the target lacks)."""

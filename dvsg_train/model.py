@@ -4,7 +4,7 @@
 ``channels`` in place of 128 (FC512 is channels*4). Both forms hold their layers in
 ``self.conv_fc`` at the same indices as SpikingJelly 2.0's ``DVSGestureNet``, so state_dicts are
 interchangeable between our two forms and map 1:1 onto SpikingJelly's (whose Linear layers have
-biases; ours have none).
+biases; ours have none unless ``linear_bias``, which networks from SpikingJelly checkpoints need).
 
 Input [T, N, 2, 128, 128] float; output [N, 11], the firing rate of the voting layer averaged
 over T.
@@ -76,7 +76,7 @@ class Voting(nn.Module):
         return F.avg_pool1d(x.unsqueeze(1), self.voting_size, self.voting_size).squeeze(1)
 
 
-def _layers(channels: int, neuron_factory, dropout_factory) -> list[nn.Module]:
+def _layers(channels: int, neuron_factory, dropout_factory, linear_bias: bool = False) -> list[nn.Module]:
     if channels < 1:
         raise ConfigError(f"--channels must be >= 1, got {channels}")
     layers: list[nn.Module] = []
@@ -90,10 +90,10 @@ def _layers(channels: int, neuron_factory, dropout_factory) -> list[nn.Module]:
     hidden = channels * 4
     layers += [nn.Flatten(),
                dropout_factory(),
-               nn.Linear(channels * side_h * side_w, hidden, bias=False),
+               nn.Linear(channels * side_h * side_w, hidden, bias=linear_bias),
                neuron_factory(),
                dropout_factory(),
-               nn.Linear(hidden, N_CLASSES * VOTE, bias=False),
+               nn.Linear(hidden, N_CLASSES * VOTE, bias=linear_bias),
                neuron_factory(),
                Voting(VOTE)]
     return layers
@@ -103,11 +103,12 @@ class MultiStepNet(nn.Module):
     """Stateless layers run on the folded [T*N, ...] batch; neurons and dropout see [T, N, ...]."""
 
     def __init__(self, channels: int = 128, neuron: str = "lif", tau: float = 2.0,
-                 backend: str = "torch"):
+                 backend: str = "torch", linear_bias: bool = False):
         super().__init__()
         neuron_cls = _neuron_class(neuron, MultiStepLIF, MultiStepPLIF)
         self.conv_fc = nn.Sequential(*_layers(
-            channels, lambda: neuron_cls(tau, detach_reset=True, backend=backend), SequenceDropout))
+            channels, lambda: neuron_cls(tau, detach_reset=True, backend=backend), SequenceDropout,
+            linear_bias))
         # Indices of the layers that need the time axis; all others run on [T*N, ...].
         self._sequence_layers = frozenset(
             i for i, m in enumerate(self.conv_fc)
@@ -133,11 +134,12 @@ class MultiStepNet(nn.Module):
 class StepwiseNet(nn.Module):
     """Single-step layers called once per time step in a Python loop (the tutorial's PythonNet)."""
 
-    def __init__(self, channels: int = 128, neuron: str = "lif", tau: float = 2.0):
+    def __init__(self, channels: int = 128, neuron: str = "lif", tau: float = 2.0,
+                 linear_bias: bool = False):
         super().__init__()
         neuron_cls = _neuron_class(neuron, LIF, PLIF)
         self.conv_fc = nn.Sequential(*_layers(
-            channels, lambda: neuron_cls(tau, detach_reset=True), StepDropout))
+            channels, lambda: neuron_cls(tau, detach_reset=True), StepDropout, linear_bias))
 
     def reset(self) -> None:
         for m in self.modules():
@@ -161,13 +163,14 @@ def _neuron_class(neuron: str, lif_cls, plif_cls):
 
 
 def build_model(channels: int = 128, net: str = "multistep", neuron: str = "lif",
-                backend: str = "torch", tau: float = 2.0) -> nn.Module:
-    """The network as configured. ``backend`` ("torch"/"cupy") applies to the multi-step form."""
+                backend: str = "torch", tau: float = 2.0, linear_bias: bool = False) -> nn.Module:
+    """The network as configured. ``backend`` ("torch"/"cupy") applies to the multi-step form;
+    ``linear_bias`` gives both Linear layers a bias (as SpikingJelly's DVSGestureNet has)."""
     if net == "multistep":
-        return MultiStepNet(channels, neuron, tau, backend)
+        return MultiStepNet(channels, neuron, tau, backend, linear_bias)
     if net == "stepwise":
         if backend != "torch":
             raise ConfigError(f"the {backend} backend is for --net multistep; the stepwise net "
                               "runs single-step neurons in torch")
-        return StepwiseNet(channels, neuron, tau)
+        return StepwiseNet(channels, neuron, tau, linear_bias)
     raise ConfigError(f"unknown net {net!r}; choose one of {', '.join(NETS)}")

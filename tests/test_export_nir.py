@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from dvsg_train.checkpoint import save_checkpoint
+from dvsg_train.checkpoint import load_checkpoint, save_checkpoint
 from dvsg_train.cli import export_main
 from dvsg_train.config import TrainConfig
 from dvsg_train.engine import main as train
@@ -70,7 +70,7 @@ def export(ckpt: Path, out: Path, *args: str) -> Path:
 
 def variant(ckpt: Path, out: Path, model: torch.nn.Module, **config) -> Path:
     """``ckpt`` with ``model``'s weights (and config changes) as a checkpoint at ``out``."""
-    payload = torch.load(ckpt, weights_only=True)
+    payload = load_checkpoint(ckpt)
     payload["model"] = model.state_dict()
     payload["config"].update(config)
     save_checkpoint(out, {k: v for k, v in payload.items() if k not in ("format", "version")})
@@ -253,9 +253,9 @@ def test_bad_inputs_are_one_line_errors(trained, tmp_path):
     torch.save({"format": "something-else/1", "model": {}}, other)
     assert "not a dvsg-train checkpoint" in one_line_error(run(export_main, [str(other), "-o", str(tmp_path / "c.nir")]))
     bad_shape = tmp_path / "shape.pt"
-    payload = torch.load(trained, weights_only=True)
+    payload = load_checkpoint(trained)
     payload["model"]["conv_fc.0.weight"] = torch.zeros(5, 2, 3, 3)
-    torch.save(payload, bad_shape)
+    save_checkpoint(bad_shape, {k: v for k, v in payload.items() if k not in ("format", "version")})
     assert "do not fit" in one_line_error(run(export_main, [str(bad_shape), "-o", str(tmp_path / "d.nir")]))
     missing = tmp_path / "nope" / "m.nir"
     assert "output directory does not exist" in one_line_error(run(export_main, [str(trained), "-o", str(missing)]))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from dvsg_train.checkpoint import save_checkpoint
+from dvsg_train.checkpoint import load_checkpoint, rng_state, save_checkpoint
 from dvsg_train.cli import eval_main, export_main, train_main
 from dvsg_train.config import TrainConfig
 from dvsg_train.engine import main as train
@@ -58,9 +58,12 @@ def set_statistics(model: torch.nn.Module, x: torch.Tensor, fc_gain: float = 6.0
 
 def our_checkpoint(path: Path, model: torch.nn.Module, **config) -> Path:
     cfg = TrainConfig(data="unused", T=T, **config)
-    save_checkpoint(path, {"epoch": 3, "model": model.state_dict(), "optimizer": {}, "scheduler": None,
-                           "scaler": None, "rng": {}, "config": cfg.to_dict(), "data_fingerprint": "0" * 64,
-                           "history": []})
+    record = {"epoch": 0, "train_loss": 0.1, "train_acc": 0.5, "test_loss": 0.1, "test_acc": 0.5}
+    save_checkpoint(path, {"epoch": 0, "model": model.state_dict(), "optimizer": {"state": {}, "param_groups": []},
+                           "scheduler": None, "scaler": None,
+                           "rng": rng_state(torch.Generator().manual_seed(0)), "config": cfg.to_dict(),
+                           "data_fingerprint": "0" * 64, "history": [record],
+                           "run": {"id": "0" * 32, "name": path.parent.name, "dir": str(path.parent)}})
     return path
 
 
@@ -201,7 +204,7 @@ def test_init_from_the_tutorial_checkpoint_fine_tunes_its_weights(tutorial, tmp_
     make_store(tmp_path / "s.zarr", T=T, n_train=2, n_test=1)
     summary = train(TrainConfig(data=str(tmp_path / "s.zarr"), out_dir=str(tmp_path / "runs"), T=T, batch_size=2,
                                 epochs=1, channels=128, lr=1e-12, device="cpu", workers=0, init=str(path)))
-    ckpt = torch.load(Path(summary["run_dir"]) / "checkpoint_latest.pt", weights_only=True)
+    ckpt = load_checkpoint(Path(summary["run_dir"]) / "checkpoint_latest.pt")
     assert ckpt["epoch"] == 0 and ckpt["config"]["init"] == str(path)
     assert all(s["step"] == 1 for s in ckpt["optimizer"]["state"].values())     # a fresh optimizer
     theirs = net.state_dict()
@@ -239,7 +242,7 @@ def test_init_from_our_own_checkpoint(tmp_path):
     make_store(tmp_path / "s.zarr", T=T, n_train=4, n_test=2)
     summary = train(TrainConfig(data=str(tmp_path / "s.zarr"), out_dir=str(tmp_path / "runs"), T=T, batch_size=2,
                                 epochs=1, channels=4, lr=1e-12, device="cpu", workers=0, init=str(own)))
-    ckpt = torch.load(Path(summary["run_dir"]) / "checkpoint_latest.pt", weights_only=True)
+    ckpt = load_checkpoint(Path(summary["run_dir"]) / "checkpoint_latest.pt")
     assert ckpt["epoch"] == 0 and "conv_fc.22.bias" not in ckpt["model"]
     # seed 2's weights, not those the run (seed 0) would have drawn
     assert torch.allclose(ckpt["model"]["conv_fc.4.weight"], start.conv_fc[4].weight, rtol=0, atol=1e-8)

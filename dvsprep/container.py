@@ -125,6 +125,10 @@ class StoreFiles(ABC):
     def total_size(self) -> int:
         return sum(self.names().values())
 
+    @abstractmethod
+    def stamps(self) -> dict[str, tuple[int, int, int, int, int]]:
+        """(size, mtime_ns, ctime_ns, inode, device) of what holds the store (see dvsprep.trust)."""
+
     def close(self) -> None:
         pass
 
@@ -137,9 +141,12 @@ class DirFiles(StoreFiles):
     def __init__(self, path: Path):
         self.path = path
         self._names: dict[str, int] | None = None
+        self._stamps: dict[str, tuple[int, int, int, int, int]] = {}
 
     def names(self) -> dict[str, int]:
         if self._names is None:
+            from .trust import stamp
+
             out = {}
             for dirpath, dirnames, filenames in os.walk(self.path):
                 dirnames.sort()
@@ -152,10 +159,15 @@ class DirFiles(StoreFiles):
                     if not stat.S_ISREG(st.st_mode):
                         raise UntrustedStoreError(f"{self.path}: {rel} is a link or special file; refusing it")
                     out[rel] = st.st_size
+                    self._stamps[rel] = stamp(st)
                     if len(out) > MAX_FILES:
                         raise UntrustedStoreError(f"{self.path}: more than {MAX_FILES} files")
             self._names = out
         return self._names
+
+    def stamps(self) -> dict[str, tuple[int, int, int, int, int]]:
+        self.names()
+        return dict(self._stamps)
 
     def span(self, name: str) -> FileSpan | None:
         check_member_name(name, str(self.path))
@@ -238,6 +250,11 @@ class ZipFiles(StoreFiles):
     def span(self, name: str) -> FileSpan | None:
         return self._spans.get(name)
 
+    def stamps(self) -> dict[str, tuple[int, int, int, int, int]]:
+        from .trust import stamp_path
+
+        return {"": stamp_path(self.path)}
+
     def zarr_store(self) -> Any:
         from zarr.storage import ZipStore
 
@@ -266,7 +283,7 @@ def parse_manifest(data: bytes, where: str) -> dict:
         raise UntrustedStoreError(f"{where}: {MANIFEST_NAME} is larger than {MAX_MANIFEST_BYTES} bytes")
     try:
         manifest = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise StoreError(f"{where}: {MANIFEST_NAME} is not valid JSON ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         fmt = manifest.get("format") if isinstance(manifest, dict) else None
@@ -290,7 +307,7 @@ def read_json(files: StoreFiles, name: str, max_bytes: int = MAX_JSON_BYTES) -> 
     data = files.read(name, max_bytes)
     try:
         return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise StoreError(f"{files.path}: {name} is not valid JSON (cannot open as a zarr v3 group: {exc})") from None
 
 

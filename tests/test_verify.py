@@ -185,7 +185,8 @@ def test_library_checks_for_the_trainer(store):
     with pytest.raises(StoreError, match="not 12 to 64 hex digits"):
         check_fingerprint(st, "abc")
     _flip(path / SHARD1)
-    open_frame_store(path)  # structure only: cheap, opens
-    with pytest.raises(IntegrityError, match=f"frame store NOT intact: 1 corrupt \\(of 33 files\\): corrupt {SHARD1}"):
-        open_frame_store(path, verify=True)
+    # every open checks: a changed file misses the verified-marker and is hashed again
+    for force in (False, True):
+        with pytest.raises(IntegrityError, match=f"frame store NOT intact: 1 corrupt \\(of 33 files\\): corrupt {SHARD1}"):
+            open_frame_store(path, verify=force)
     assert not verify_store(path).ok

@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from dvsprep.cli import main
+from dvsprep.errors import StoreError
 from dvsprep.events_store import EventsFile, EventsWriter
 from dvsprep.frames_build import build_frame_store
 from dvsprep.frames_store import open_frame_store
@@ -155,7 +156,9 @@ def test_events_outside_sensor_is_an_error(tmp_path):
     _write_events(tmp_path / "events.h5", sizes=(4, 1))
     with h5py.File(tmp_path / "events.h5", "r+") as f:
         f["train/x"][5] = 200
-    with pytest.raises(Exception, match="outside the 128x128 sensor"):
+    # events.h5 is verified first: the value and the changed bytes are both named
+    with pytest.raises(StoreError, match=r"events.h5: events file NOT intact: invalid train/x \(holds 200, "
+                                         r"outside 0..127\); corrupt train/x"):
         build_frame_store(tmp_path / "events.h5", tmp_path / "f.zarr", T=4, jobs=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["events.h5"]
 

@@ -659,13 +659,15 @@ class Layout:
     metas: dict[str, dict[str, dict[str, Any]]]
 
 
-def _store_layout(files: StoreFiles, attrs: Mapping[str, Any]) -> tuple[dict, set[str], set[str]]:
+def _store_layout(files: StoreFiles, attrs: Mapping[str, Any], listed: int) -> tuple[dict, set[str], set[str]]:
     """Check every group and array document against the schema; returns (array metadata by
     split and array, names the manifest may list, names it must list: every document and every
-    chunk the arrays declare)."""
+    chunk the arrays declare). `listed`: files in the manifest; a store declaring more chunks
+    is refused before their names are even made."""
     where = str(files.path)
     T, dtype = int(attrs["T"]), str(attrs["dtype"])
     metas: dict[str, dict[str, dict[str, Any]]] = {}
+    declared = 0
     required = {"zarr.json"}
     for split in SPLITS:
         if split not in attrs["splits"]:
@@ -683,6 +685,10 @@ def _store_layout(files: StoreFiles, attrs: Mapping[str, Any]) -> tuple[dict, se
             info = schema.check_array_meta(f"{where}: {key}", meta, field=field, n=n, T=T, dtype=dtype)
             metas[split][field] = meta
             required.add(key)
+            declared += -(-n // info["chunk"])
+            if declared > listed:
+                raise StoreError(f"{where}: declares more chunks ({declared} and counting, for {n} {split} "
+                                 f"samples) than its manifest lists files ({listed})")
             required.update(schema.chunk_keys(split, field, n, info["chunk"]))
     return metas, set(required), required
 
@@ -706,7 +712,7 @@ def check_layout(files: StoreFiles) -> Layout:
     manifest = parse_manifest(raw_manifest, str(where))
     if manifest.get("kind") != "frames":
         raise StoreError(f"{where}: manifest is for a {str(manifest.get('kind'))[:40]!r} store, not a frame store")
-    metas, allowed, required = _store_layout(files, attrs)
+    metas, allowed, required = _store_layout(files, attrs, len(manifest["files"]))
     schema.check_manifest_names(str(where), manifest["files"], allowed, required)
     return Layout(attrs=dict(attrs), manifest=manifest, fingerprint=sha256_bytes(raw_manifest), metas=metas)
 

@@ -438,7 +438,7 @@ def verify_path(path: str | os.PathLike, cache_dir: str | os.PathLike | None = N
         return verify_release(p, jobs)
     with open(p, "rb") as f:
         sig = f.read(len(HDF5_SIGNATURE))
-    if sig == HDF5_SIGNATURE:
+    if sig == HDF5_SIGNATURE or p.name.lower().endswith((".h5", ".hdf5")):
         report = verify_events(p)
         if expected_fingerprint and not report.fingerprint.startswith(expected_fingerprint.lower()):
             report.problems.append(Problem("mismatch", "fingerprint", f"{report.fingerprint[:16]}... differs "

@@ -225,6 +225,14 @@ def _set_attr(p: Path, name: str, value) -> None:
         f.attrs[name] = value
 
 
+def _unstored_rows(p: Path) -> None:
+    """Right shape, but only fill value behind it (the bytes are not in the file)."""
+    with h5py.File(p, "r+") as f:
+        del f["train/row"]
+        f.create_dataset("train/row", shape=(5,), dtype="<i4", chunks=(2,))
+    resign_events(p)
+
+
 def _garbage_recordings(p: Path) -> None:
     with h5py.File(p, "r+") as f:
         f.attrs["recordings"] = "{not json"
@@ -238,6 +246,7 @@ EVENTS_CASES = {
     "2**38 samples": (_huge_everything, "declares 274877906944 samples"),
     "offsets decreasing": (lambda p: _set("train/offsets", [0, 50, 20, 400, 500, 0])(p), "train/offsets do not run"),
     "garbage recordings attribute": (_garbage_recordings, "unreadable root attributes"),
+    "per-sample data never stored": (_unstored_rows, "train/row declares 5 entries that are not stored"),
     "nested manifest": (lambda p: _set_attr(p, "manifest", "[" * 50_000 + "]" * 50_000), "no valid embedded manifest"),
 }
 

@@ -235,6 +235,9 @@ def check_structure(f: h5py.File, where: str) -> None:
         raise StoreError(f"{where}: missing datasets {', '.join(missing)}")
     for s in SPLITS:
         g = f[s]
+        extra = sorted(set(g) - set(_ALL_FIELDS))
+        if extra or not isinstance(g, h5py.Group):
+            raise StoreError(f"{where}: {s} holds datasets dvsprep never writes ({', '.join(extra)[:80]})")
         sets = {k: g[k] for k in _ALL_FIELDS}
         for k, ds in sets.items():
             if not isinstance(ds, h5py.Dataset) or ds.ndim != 1:
@@ -259,6 +262,36 @@ def check_structure(f: h5py.File, where: str) -> None:
         for k, ds in sets.items():
             if not _allocated(ds):
                 raise StoreError(f"{where}: {s}/{k} declares {ds.shape[0]} entries that are not stored")
+
+
+def compute_manifest(f: h5py.File, where: str, problems: list[tuple[str, str, str]] | None = None) -> dict:
+    """Recompute the manifest from the stored bytes (what `verify` compares). Events whose
+    x or y lie outside the sensor, or p outside 0..1, are added to `problems` on the way."""
+    datasets = {}
+    H, W = SENSOR_SIZE
+    limits = {"x": W - 1, "y": H - 1, "p": 1}
+    for s in SPLITS:
+        g = f[s]
+        for k in g:
+            ds = g[k]
+            name = f"{s}/{k}"
+            if k == "recording":
+                vals = [r.decode("utf-8", "surrogateescape") if isinstance(r, bytes) else str(r)
+                        for r in _read(ds, where)]
+                datasets[name] = _ds_entry("str", (len(vals),), _str_digest(vals))
+                continue
+            h = hashlib.sha256()
+            step = EVENT_CHUNK * 16
+            top = 0
+            for a in range(0, ds.shape[0], step):
+                piece = np.ascontiguousarray(_read(ds, where, slice(a, a + step)))
+                h.update(piece)
+                if k in limits and piece.size:
+                    top = max(top, int(piece.max()))
+            if k in limits and top > limits[k] and problems is not None:
+                problems.append(("invalid", name, f"holds {top}, outside 0..{limits[k]}"))
+            datasets[name] = _ds_entry(ds.dtype, ds.shape, h.hexdigest())
+    return _events_manifest(datasets, f.attrs)
 
 
 class EventsSplit:
@@ -421,33 +454,9 @@ class EventsFile:
         return self._splits[name]
 
     def compute_manifest(self, problems: list[tuple[str, str, str]] | None = None) -> dict:
-        """Recompute the manifest from the stored bytes (what `verify` compares). Events whose
-        x or y lie outside the sensor, or p outside 0..1, are added to `problems` on the way."""
-        datasets = {}
-        H, W = SENSOR_SIZE
-        limits = {"x": W - 1, "y": H - 1, "p": 1}
-        for s in SPLITS:
-            g = self.f[s]
-            for k in g:
-                ds = g[k]
-                name = f"{s}/{k}"
-                if k == "recording":
-                    vals = [r.decode("utf-8", "surrogateescape") if isinstance(r, bytes) else str(r)
-                            for r in _read(ds, str(self.path))]
-                    datasets[name] = _ds_entry("str", (len(vals),), _str_digest(vals))
-                    continue
-                h = hashlib.sha256()
-                step = EVENT_CHUNK * 16
-                top = 0
-                for a in range(0, ds.shape[0], step):
-                    piece = np.ascontiguousarray(_read(ds, str(self.path), slice(a, a + step)))
-                    h.update(piece)
-                    if k in limits and piece.size:
-                        top = max(top, int(piece.max()))
-                if k in limits and top > limits[k] and problems is not None:
-                    problems.append(("invalid", name, f"holds {top}, outside 0..{limits[k]}"))
-                datasets[name] = _ds_entry(ds.dtype, ds.shape, h.hexdigest())
-        return _events_manifest(datasets, self.f.attrs)
+        """Recompute the manifest from the stored bytes (what `verify` compares); see
+        `compute_manifest`."""
+        return compute_manifest(self.f, str(self.path), problems)
 
     def problems(self) -> list[tuple[str, str, str]]:
         """(kind, name, detail) for everything that keeps this file from being used: datasets

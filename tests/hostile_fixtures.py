@@ -12,7 +12,7 @@ import h5py
 import numcodecs
 import numpy as np
 
-from dvsprep.events_store import EventsFile, EventsWriter
+from dvsprep.events_store import EventsWriter, compute_manifest
 from dvsprep.frames_store import write_frame_store_from_arrays
 from dvsprep.manifest import canonical_json, dir_manifest, fingerprint, write_dir_manifest
 
@@ -59,9 +59,8 @@ def resign(store: Path) -> None:
 
 def resign_events(path: Path) -> None:
     """Make the embedded manifest of a (tampered) events.h5 match its datasets again."""
-    with EventsFile(path, check="none") as ef:
-        manifest = ef.compute_manifest()
     with h5py.File(path, "r+") as f:
+        manifest = compute_manifest(f, str(path))
         f.attrs["manifest"] = canonical_json(manifest).decode("ascii")
         f.attrs["fingerprint"] = fingerprint(manifest)
 

@@ -233,6 +233,11 @@ def _unstored_rows(p: Path) -> None:
     resign_events(p)
 
 
+def _extra_dataset(p: Path) -> None:
+    with h5py.File(p, "r+") as f:
+        f.create_dataset("train/huge", shape=(2**40,), dtype="<i8", chunks=(1 << 16,))
+
+
 def _garbage_recordings(p: Path) -> None:
     with h5py.File(p, "r+") as f:
         f.attrs["recordings"] = "{not json"
@@ -247,6 +252,7 @@ EVENTS_CASES = {
     "offsets decreasing": (lambda p: _set("train/offsets", [0, 50, 20, 400, 500, 0])(p), "train/offsets do not run"),
     "garbage recordings attribute": (_garbage_recordings, "unreadable root attributes"),
     "per-sample data never stored": (_unstored_rows, "train/row declares 5 entries that are not stored"),
+    "an extra 2**40-entry dataset": (lambda p: _extra_dataset(p), "train holds datasets dvsprep never writes (huge)"),
     "nested manifest": (lambda p: _set_attr(p, "manifest", "[" * 50_000 + "]" * 50_000), "no valid embedded manifest"),
 }
 

@@ -140,7 +140,10 @@ def frame_block(
         t = None if ev["t"] is None else ev["t"][lo:hi]
         counts = integrate(t, ev["x"][lo:hi], ev["y"][lo:hi], ev["p"][lo:hi], T, split_by)
         m = int(counts.max())
-        narrowest_dtype(m)  # raises when even uint16 cannot hold it
+        try:
+            narrowest_dtype(m)  # raises when even uint16 cannot hold it
+        except StoreError as exc:
+            raise StoreError(f"{events_path}: {split} sample {a + k}: {exc}") from None
         top = max(top, m)
         block[k] = counts
     if top > np.iinfo(want).max:

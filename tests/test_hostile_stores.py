@@ -386,3 +386,19 @@ def test_eval_refuses_a_store_whose_labels_were_changed(trained, tmp_path):
     assert_one_line(res, store)
     assert "NOT intact" in res.stderr and "test/label/c/0" in res.stderr
     assert snapshot(store) == before
+
+
+def test_frames_counts_beyond_uint16_name_the_events_file(tmp_path):
+    from dvsprep.events_store import EventsWriter
+
+    n = 70_000                                    # one pixel of one frame counts them all
+    w = EventsWriter(tmp_path / "events.h5")
+    for split in ("train", "test"):
+        w.append(split, {"t": np.arange(n, dtype=np.int64), "x": np.full(n, 3, np.uint8), "y": np.full(n, 4, np.uint8),
+                         "p": np.ones(n, np.uint8)}, np.array([n]),
+                 {"label": [1], "row": [0], "t_start": [0], "t_end": [n], "recording": ["user01_lab"]})
+    w.finish({"recordings": {}, "n_invalid_dropped": 0})
+    res = _cli("frames", "-T", "1", "-d", tmp_path, "-j", "1")
+    assert_one_line(res, tmp_path / "events.h5")
+    assert "train sample 0: a frame pixel counts 70000 events, more than uint16 holds" in res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["events.h5"]

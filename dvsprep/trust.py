@@ -83,10 +83,13 @@ def record_verified(kind: str, path: str | os.PathLike, fingerprint: str, stamps
     writable: the store is then simply verified again next time."""
     if any(s[2] >= started_ns - RACY_NS for s in stamps.values()):
         return False
+    from .atomic import clean_stale_temps
+
     marker = _marker_file(kind, path, cache_dir)
     data = json.dumps(_body(kind, path, fingerprint, stamps), sort_keys=True).encode()
     try:
         marker.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_temps(marker.parent)  # markers half-written by killed processes
         atomic_write(marker, lambda tmp: tmp.write_bytes(data))
     except OSError as exc:
         log.debug("no verified-marker for %s: %s", path, exc)

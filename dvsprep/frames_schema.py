@@ -223,14 +223,6 @@ def zstd_content_size(data: bytes) -> int | None:
     return value + 256 if size == 2 else value
 
 
-def check_meta_chunk(where: str, name: str, data: bytes, bound: int) -> None:
-    """Refuse a zstd metadata chunk whose declared decoded size is unknown or beyond `bound`."""
-    size = zstd_content_size(data)
-    if size is None or size > bound:
-        raise UntrustedStoreError(f"{where}: {name} declares {size if size is not None else 'no'} decoded "
-                                  f"size (at most {bound} expected)")
-
-
 def check_manifest_names(where: str, names: Mapping[str, Any], allowed: set[str], required: set[str]) -> None:
     """Every file the manifest lists is one the store's layout expects; the metadata documents are there."""
     unexpected = sorted(set(names) - allowed)

@@ -41,10 +41,8 @@ from .constants import (
     FRAME_AXES,
     N_CLASSES,
     N_POLARITIES,
-    ROW_DTYPE,
     SENSOR_SIZE,
     SPLITS,
-    T_DTYPE,
 )
 from .errors import IntegrityError, MissingFileError, StoreError, StoreExistsError, UntrustedStoreError
 from .manifest import MANIFEST_NAME, dir_manifest, sha256_bytes, write_dir_manifest

@@ -23,7 +23,7 @@ from typing import Any, BinaryIO, Iterable, Mapping
 from .container import MAX_MANIFEST_BYTES, StoreFiles, is_zip_path, iter_problems_against, open_store_files, parse_manifest
 from .errors import MissingFileError, StoreError
 from .frames_store import check_fingerprint
-from .manifest import MANIFEST_NAME, fingerprint as manifest_fingerprint, sha256_bytes
+from .manifest import MANIFEST_NAME, sha256_bytes
 
 log = logging.getLogger(__name__)
 

@@ -247,7 +247,7 @@ def _available_bytes(device: torch.device) -> int:
 
 
 def _gib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB"
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def resolve_preload(preload: str, nbytes: int, device: torch.device,

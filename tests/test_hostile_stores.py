@@ -404,3 +404,19 @@ def test_frames_counts_beyond_uint16_name_the_events_file(tmp_path):
     assert re.search(r"events.h5: (train|test) sample 0: a frame pixel counts 70000 events, more than uint16 holds$",
                      res.stderr.strip()), res.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["events.h5"]
+
+
+def test_eval_explicit_preload_beyond_free_memory_is_one_line(trained, monkeypatch):
+    from dvsg_train import data as D
+    from dvsg_train.cli import eval_main
+
+    root, ckpt = trained
+    store = root / "frames_T4_number.zarr"
+    monkeypatch.setattr(D, "_available_bytes", lambda where: 1 << 20)   # 1 MiB free
+    res = CliRunner().invoke(eval_main, ["--checkpoint", str(ckpt), "--data", str(store), "--device", "cpu",
+                                         "--preload", "cpu"])
+    assert_one_line(res, store)
+    assert "--preload cpu needs 1.4 MiB for the frames, but only 1.0 MiB of cpu memory is free" in res.stderr
+    res = CliRunner().invoke(eval_main, ["--checkpoint", str(ckpt), "--data", str(store), "--device", "cpu",
+                                         "--preload", "auto"])
+    assert res.exit_code == 0, res.output                                # auto streams instead

@@ -250,21 +250,31 @@ def _available_bytes(device: torch.device) -> int:
         return 0
 
 
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def resolve_preload(preload: str, nbytes: int, device: torch.device,
-                    cpu_copies: int = 1) -> torch.device | None:
+                    cpu_copies: int = 1, what: str = "the store") -> torch.device | None:
     """Where to hold the frames: a device, or None for the DataLoader path.
 
     "auto" picks the training device when the frames fit in PRELOAD_SHARE of its free memory,
-    else CPU memory under the same rule, else None. cpu_copies: processes on this machine that
-    each hold their own copy in CPU memory (DDP ranks)."""
+    else CPU memory under the same rule, else None. "cpu" / "gpu" are refused (ConfigError
+    naming `what` and the sizes) when the frames do not fit the memory that is free, before
+    anything is allocated. cpu_copies: processes on this machine that each hold their own copy
+    in CPU memory (DDP ranks)."""
     if preload == "none":
         return None
-    if preload == "cpu":
-        return torch.device("cpu")
-    if preload == "gpu":
-        if device.type != "cuda":
+    if preload in ("cpu", "gpu"):
+        where = torch.device("cpu") if preload == "cpu" else device
+        if preload == "gpu" and device.type != "cuda":
             raise ConfigError(f"--preload gpu needs a CUDA device, but the run uses {device}")
-        return device
+        need = nbytes * (cpu_copies if where.type == "cpu" else 1)
+        have = _available_bytes(where)
+        if need > have:
+            raise ConfigError(f"{what}: --preload {preload} needs {_gib(need)} for the frames, but only "
+                              f"{_gib(have)} of {where.type} memory is free (use --preload auto or none)")
+        return where
     for where in ([device, torch.device("cpu")] if device.type == "cuda" else [torch.device("cpu")]):
         need = nbytes * (cpu_copies if where.type == "cpu" else 1)
         if need <= PRELOAD_SHARE * _available_bytes(where):
@@ -309,9 +319,8 @@ def load_run_data(path: str | os.PathLike, *, T: int, batch_size: int, device: t
     if len(train_idx) < step:
         raise DataMismatchError(f"{path}: after holding out {len(val_idx)} samples for validation, "
                                 f"{len(train_idx)} train samples remain, fewer than {what}")
-    sample_bytes = int(np.prod(train_sp.frames.shape[1:])) * store.dtype.itemsize
-    where = resolve_preload(preload, sample_bytes * (len(train_sp) + len(test_sp)), device,
-                            cpu_copies=local_world_size)
+    where = resolve_preload(preload, train_sp.nbytes + test_sp.nbytes, device,
+                            cpu_copies=local_world_size, what=path)
     pin = device.type == "cuda" and where is None
 
     loaded: dict[str, np.ndarray] = {}

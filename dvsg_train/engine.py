@@ -558,7 +558,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "test", devi
     labels = torch.from_numpy(sp.labels)
     b = batch_size or net.weights.batch_size
     nbytes = int(np.prod(sp.frames.shape)) * store.dtype.itemsize
-    where = resolve_preload(preload, nbytes, dev)
+    where = resolve_preload(preload, nbytes, dev, what=data)
     if where is None:
         batches = Batches(labels, b, shuffle=False, drop_last=False,
                           dataset=FrameDataset(data, split), workers=workers,

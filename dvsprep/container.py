@@ -19,6 +19,7 @@ import re
 import stat
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -109,6 +110,11 @@ class StoreFiles(ABC):
                 n += len(chunk)
                 yield chunk
 
+    def crc_differs(self, name: str) -> bool:
+        """Whether the container's own checksum of `name` (a zip's CRC-32) disagrees with its
+        bytes, as found by the last `sha256` of it (zip readers such as zarr's refuse such members)."""
+        return False
+
     def sha256(self, name: str) -> tuple[str, int]:
         """(sha256 hex, bytes read) of `name`, streamed."""
         h = hashlib.sha256()
@@ -125,6 +131,10 @@ class StoreFiles(ABC):
     def total_size(self) -> int:
         return sum(self.names().values())
 
+    @abstractmethod
+    def stamps(self) -> dict[str, tuple[int, int, int, int, int]]:
+        """(size, mtime_ns, ctime_ns, inode, device) of what holds the store (see dvsprep.trust)."""
+
     def close(self) -> None:
         pass
 
@@ -137,9 +147,12 @@ class DirFiles(StoreFiles):
     def __init__(self, path: Path):
         self.path = path
         self._names: dict[str, int] | None = None
+        self._stamps: dict[str, tuple[int, int, int, int, int]] = {}
 
     def names(self) -> dict[str, int]:
         if self._names is None:
+            from .trust import stamp
+
             out = {}
             for dirpath, dirnames, filenames in os.walk(self.path):
                 dirnames.sort()
@@ -152,10 +165,15 @@ class DirFiles(StoreFiles):
                     if not stat.S_ISREG(st.st_mode):
                         raise UntrustedStoreError(f"{self.path}: {rel} is a link or special file; refusing it")
                     out[rel] = st.st_size
+                    self._stamps[rel] = stamp(st)
                     if len(out) > MAX_FILES:
                         raise UntrustedStoreError(f"{self.path}: more than {MAX_FILES} files")
             self._names = out
         return self._names
+
+    def stamps(self) -> dict[str, tuple[int, int, int, int, int]]:
+        self.names()
+        return dict(self._stamps)
 
     def span(self, name: str) -> FileSpan | None:
         check_member_name(name, str(self.path))
@@ -183,12 +201,16 @@ class ZipFiles(StoreFiles):
     def __init__(self, path: Path):
         self.path = path
         self._spans: dict[str, FileSpan] = {}
+        self._crcs: dict[str, int] = {}
+        self._crc_bad: set[str] = set()
         try:
             zf = zipfile.ZipFile(path, "r")
         except zipfile.BadZipFile as exc:
             raise StoreError(f"{path}: not a complete zip file (truncated or not a zip: {exc})") from None
         except FileNotFoundError:
             raise MissingFileError(f"{path}: no such file") from None
+        except (NotImplementedError, ValueError, EOFError, OverflowError) as exc:  # mangled directory fields
+            raise StoreError(f"{path}: not a readable zip file ({exc})") from None
         with zf:
             infos = zf.infolist()
             if len(infos) > MAX_FILES:
@@ -226,17 +248,47 @@ class ZipFiles(StoreFiles):
         head = os.pread(fd, _ZIP_LOCAL_HEADER.size, info.header_offset)
         if len(head) != _ZIP_LOCAL_HEADER.size or head[:4] != _ZIP_LOCAL_SIG:
             raise StoreError(f"{where}: member {name!r} has no local header (truncated or corrupt zip)")
-        n_name, n_extra = _ZIP_LOCAL_HEADER.unpack(head)[-2:]
+        fields = _ZIP_LOCAL_HEADER.unpack(head)
+        flags, n_name, n_extra = fields[2], fields[-2], fields[-1]
+        local = os.pread(fd, n_name, info.header_offset + _ZIP_LOCAL_HEADER.size)
+        try:
+            local_name = local.decode("utf-8" if flags & 0x800 else "cp437")
+        except UnicodeDecodeError:
+            local_name = None
+        if local_name != info.orig_filename:  # zipfile (and so zarr) refuses such a member
+            raise StoreError(f"{where}: member {name!r} has another name in its local header (corrupt zip)")
         offset = info.header_offset + _ZIP_LOCAL_HEADER.size + n_name + n_extra
         if offset + info.file_size > archive_size:
             raise StoreError(f"{where}: member {name!r} runs past the end of the archive (truncated)")
         self._spans[name] = FileSpan(self.path, offset, info.file_size)
+        self._crcs[name] = info.CRC
+
+    def sha256(self, name: str) -> tuple[str, int]:
+        h = hashlib.sha256()
+        crc = n = 0
+        for chunk in self.chunks(name):
+            h.update(chunk)
+            crc = zlib.crc32(chunk, crc)
+            n += len(chunk)
+        if crc != self._crcs.get(name, crc):
+            self._crc_bad.add(name)
+        else:
+            self._crc_bad.discard(name)
+        return h.hexdigest(), n
+
+    def crc_differs(self, name: str) -> bool:
+        return name in self._crc_bad
 
     def names(self) -> dict[str, int]:
         return {k: v.size for k, v in self._spans.items()}
 
     def span(self, name: str) -> FileSpan | None:
         return self._spans.get(name)
+
+    def stamps(self) -> dict[str, tuple[int, int, int, int, int]]:
+        from .trust import stamp_path
+
+        return {"": stamp_path(self.path)}
 
     def zarr_store(self) -> Any:
         from zarr.storage import ZipStore
@@ -266,7 +318,7 @@ def parse_manifest(data: bytes, where: str) -> dict:
         raise UntrustedStoreError(f"{where}: {MANIFEST_NAME} is larger than {MAX_MANIFEST_BYTES} bytes")
     try:
         manifest = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise StoreError(f"{where}: {MANIFEST_NAME} is not valid JSON ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         fmt = manifest.get("format") if isinstance(manifest, dict) else None
@@ -290,7 +342,7 @@ def read_json(files: StoreFiles, name: str, max_bytes: int = MAX_JSON_BYTES) -> 
     data = files.read(name, max_bytes)
     try:
         return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise StoreError(f"{files.path}: {name} is not valid JSON (cannot open as a zarr v3 group: {exc})") from None
 
 
@@ -310,5 +362,7 @@ def iter_problems_against(files: StoreFiles, manifest: dict) -> Iterator[tuple[s
         digest, _ = files.sha256(name)
         if digest != want["sha256"]:
             yield "corrupt", name, "sha256 differs from the manifest"
+        elif files.crc_differs(name):
+            yield "corrupt", name, "the zip's CRC-32 of this member does not match its bytes"
     for name in sorted(set(present) - set(listed) - {MANIFEST_NAME}):
         yield "extra", name, "not in the manifest"

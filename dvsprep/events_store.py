@@ -29,7 +29,7 @@ from .constants import (
     T_DTYPE,
     XY_DTYPE,
 )
-from .errors import MissingFileError, StoreError
+from .errors import DvsprepError, IntegrityError, MissingFileError, ResourceLimitError, StoreError
 from .manifest import MANIFEST_FORMAT, canonical_json, fingerprint
 
 EVENT_FIELDS = {"t": T_DTYPE, "x": XY_DTYPE, "y": XY_DTYPE, "p": P_DTYPE}
@@ -194,18 +194,146 @@ def _plain_attrs(attrs: h5py.AttributeManager) -> dict:
     return out
 
 
+# Bounds on what an events.h5 may declare, checked before anything is read or allocated.
+MAX_SAMPLES = 1_000_000
+MAX_EVENTS = 1 << 40
+MAX_ATTR_BYTES = 64 << 20
+_ALL_FIELDS = (*EVENT_FIELDS, *SAMPLE_FIELDS, "offsets", "recording")
+
+
+def _read(ds: h5py.Dataset, where: str, sl: Any = ()) -> Any:
+    """ds[sl], with any HDF5 / filter failure as a StoreError naming the dataset."""
+    try:
+        return ds[sl]
+    except Exception as exc:  # h5py raises OSError, ValueError, RuntimeError... on corrupt chunks
+        raise StoreError(f"{where}: cannot read {ds.name.lstrip('/')} ({str(exc).splitlines()[0][:160]})") from None
+
+
+def _allocated(ds: h5py.Dataset) -> bool:
+    """Whether every chunk (or the contiguous block) a dataset declares is stored: a dataset
+    whose data is mostly implicit fill value would make a tiny file declare terabytes."""
+    if ds.size == 0:
+        return True
+    if ds.chunks is not None:
+        expected = 1
+        for n, c in zip(ds.shape, ds.chunks):
+            expected *= -(-n // c)
+        return ds.id.get_num_chunks() == expected
+    if h5py.check_string_dtype(ds.dtype) is not None:
+        return ds.id.get_storage_size() > 0
+    return ds.id.get_storage_size() >= ds.size * ds.dtype.itemsize
+
+
+def check_structure(f: h5py.File, where: str) -> None:
+    """Datasets, dtypes and shapes of an open events.h5 as `EventsWriter` writes them, and
+    every declared size backed by stored data, before any of it is read. StoreError."""
+    fmt = f.attrs.get("format")
+    if fmt != EVENTS_FORMAT:
+        raise StoreError(f"{where}: not a dvsprep events file (format {str(fmt)[:40]!r})")
+    missing = [f"{s}/{k}" for s in SPLITS for k in _ALL_FIELDS if f"{s}/{k}" not in f]
+    if missing:
+        raise StoreError(f"{where}: missing datasets {', '.join(missing)}")
+    for s in SPLITS:
+        g = f[s]
+        extra = sorted(set(g) - set(_ALL_FIELDS))
+        if extra or not isinstance(g, h5py.Group):
+            raise StoreError(f"{where}: {s} holds datasets dvsprep never writes ({', '.join(extra)[:80]})")
+        sets = {k: g[k] for k in _ALL_FIELDS}
+        for k, ds in sets.items():
+            if not isinstance(ds, h5py.Dataset) or ds.ndim != 1:
+                raise StoreError(f"{where}: {s}/{k} is not a one-dimensional dataset")
+            want = {**EVENT_FIELDS, **SAMPLE_FIELDS, "offsets": OFFSET_DTYPE}.get(k)
+            if k == "recording":
+                if h5py.check_string_dtype(ds.dtype) is None:
+                    raise StoreError(f"{where}: {s}/recording holds {ds.dtype}, not strings")
+            elif ds.dtype != want:
+                raise StoreError(f"{where}: {s}/{k} holds {ds.dtype}, expected {want}")
+        n_ev = sets["t"].shape[0]
+        n = sets["label"].shape[0]
+        if any(sets[k].shape[0] != n_ev for k in EVENT_FIELDS):
+            raise StoreError(f"{where}: {s} event datasets t, x, y, p differ in length")
+        if any(sets[k].shape[0] != n for k in (*SAMPLE_FIELDS, "recording")):
+            raise StoreError(f"{where}: {s} per-sample datasets differ in length")
+        if sets["offsets"].shape[0] != n + 1:
+            raise StoreError(f"{where}: {s}/offsets has {sets['offsets'].shape[0]} entries for {n} samples")
+        if n > MAX_SAMPLES or n_ev > MAX_EVENTS:
+            raise ResourceLimitError(f"{where}: {s} declares {n} samples and {n_ev} events "
+                                     f"(at most {MAX_SAMPLES} and {MAX_EVENTS} allowed)")
+        for k, ds in sets.items():
+            if not _allocated(ds):
+                raise StoreError(f"{where}: {s}/{k} declares {ds.shape[0]} entries that are not stored")
+
+
+def compute_manifest(f: h5py.File, where: str, problems: list[tuple[str, str, str]] | None = None) -> dict:
+    """Recompute the manifest from the stored bytes (what `verify` compares). Events whose
+    x or y lie outside the sensor, or p outside 0..1, are added to `problems` on the way."""
+    datasets = {}
+    H, W = SENSOR_SIZE
+    limits = {"x": W - 1, "y": H - 1, "p": 1}
+    for s in SPLITS:
+        g = f[s]
+        for k in g:
+            ds = g[k]
+            name = f"{s}/{k}"
+            if k == "recording":
+                vals = [r.decode("utf-8", "surrogateescape") if isinstance(r, bytes) else str(r)
+                        for r in _read(ds, where)]
+                datasets[name] = _ds_entry("str", (len(vals),), _str_digest(vals))
+                continue
+            h = hashlib.sha256()
+            step = EVENT_CHUNK * 16
+            top = 0
+            for a in range(0, ds.shape[0], step):
+                piece = np.ascontiguousarray(_read(ds, where, slice(a, a + step)))
+                h.update(piece)
+                if k in limits and piece.size:
+                    top = max(top, int(piece.max()))
+            if k in limits and top > limits[k] and problems is not None:
+                problems.append(("invalid", name, f"holds {top}, outside 0..{limits[k]}"))
+            datasets[name] = _ds_entry(ds.dtype, ds.shape, h.hexdigest())
+    return _events_manifest(datasets, f.attrs)
+
+
 class EventsSplit:
     """One split of an open events.h5. Arrays of per-sample metadata are loaded eagerly
-    (small); events are read on demand."""
+    (small, bounded by `check_structure`) and checked (`check_content`); events are read on demand."""
 
-    def __init__(self, group: h5py.Group):
+    def __init__(self, group: h5py.Group, where: str = ""):
         self.group = group
-        self.offsets = group["offsets"][()]
-        self.labels = group["label"][()].astype(np.int64)
-        self.rows = group["row"][()]
-        self.t_start = group["t_start"][()]
-        self.t_end = group["t_end"][()]
-        self.recordings = [r.decode() if isinstance(r, bytes) else str(r) for r in group["recording"][()]]
+        self.where = where or str(group.file.filename)
+        self.offsets = _read(group["offsets"], self.where)
+        self.labels = _read(group["label"], self.where).astype(np.int64)
+        self.rows = _read(group["row"], self.where)
+        self.t_start = _read(group["t_start"], self.where)
+        self.t_end = _read(group["t_end"], self.where)
+        recs = []
+        for r in _read(group["recording"], self.where):
+            try:
+                recs.append(r.decode("utf-8") if isinstance(r, bytes) else str(r))
+            except UnicodeDecodeError:
+                raise StoreError(f"{self.where}: {group.name.lstrip('/')}/recording: a name is not valid UTF-8") from None
+        self.recordings = recs
+        self.check_content()
+
+    def check_content(self) -> None:
+        """Offsets start at 0, never decrease and end at the event count; labels 0..10; rows
+        >= 0; t_start <= t_end; recording names that are file stems."""
+        from .frames_store import recording_name_ok
+
+        split = self.group.name.lstrip("/")
+        off, n_ev = self.offsets, int(self.group["t"].shape[0])
+        if int(off[0]) != 0 or int(off[-1]) != n_ev or (off.size > 1 and bool(np.any(np.diff(off) < 0))):
+            raise StoreError(f"{self.where}: {split}/offsets do not run from 0 to {n_ev} without decreasing")
+        if len(self) and (int(self.labels.max()) > 10 or int(self.labels.min()) < 0):
+            raise StoreError(f"{self.where}: {split}/label holds {int(self.labels.max())}, outside 0..10")
+        if len(self) and int(self.rows.min()) < 0:
+            raise StoreError(f"{self.where}: {split}/row holds a negative row")
+        bad = np.flatnonzero(self.t_start > self.t_end)
+        if bad.size:
+            raise StoreError(f"{self.where}: {split} sample {int(bad[0])} ends (t_end) before it starts (t_start)")
+        for i, name in enumerate(self.recordings):
+            if not recording_name_ok(name):
+                raise StoreError(f"{self.where}: {split}/recording {i} is {name[:40]!r}, not a recording name")
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -215,39 +343,44 @@ class EventsSplit:
         if not 0 <= i < len(self):
             raise IndexError(f"sample {i} out of range for {len(self)} samples")
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-        return {k: self.group[k][a:b] for k in EVENT_FIELDS}
+        return {k: _read(self.group[k], self.where, slice(a, b)) for k in EVENT_FIELDS}
 
     def events(self, a: int, b: int) -> dict[str, np.ndarray]:
         """Events of samples a..b-1 in one read, plus `offsets` [b-a+1] relative to them."""
         lo, hi = int(self.offsets[a]), int(self.offsets[b])
-        out = {k: self.group[k][lo:hi] for k in EVENT_FIELDS}
+        out = {k: _read(self.group[k], self.where, slice(lo, hi)) for k in EVENT_FIELDS}
         out["offsets"] = self.offsets[a : b + 1] - lo
         return out
 
 
 class EventsFile:
-    """Read access to events.h5: `with EventsFile(p) as ef: ef.split("train").sample(0)`."""
+    """Read access to events.h5: `with EventsFile(p) as ef: ef.split("train").sample(0)`.
 
-    def __init__(self, path: str | os.PathLike):
+    check: "auto" (default) refuses a file that does not verify against its embedded manifest,
+    cheaply when a verified-marker says this exact file was verified on this machine
+    (`dvsprep.trust`); "full" verifies regardless of markers; "none" checks the structure only
+    (for `verify` itself, and worker processes of a parent that checked the file)."""
+
+    def __init__(self, path: str | os.PathLike, *, check: str = "auto"):
         self.path = Path(path)
         if not self.path.is_file():
             raise MissingFileError(f"{self.path}: no such events file")
         try:
             self.f = h5py.File(self.path, "r")
-        except OSError as exc:
-            raise StoreError(f"{self.path}: not a readable HDF5 file ({exc})") from None
+        except Exception as exc:  # OSError mostly; h5py raises others on mangled superblocks
+            raise StoreError(f"{self.path}: not a readable HDF5 file ({str(exc).splitlines()[0][:160]})") from None
+        self._splits: dict[str, EventsSplit] = {}
         try:
-            fmt = self.f.attrs.get("format")
-            if fmt != EVENTS_FORMAT:
-                raise StoreError(f"{self.path}: not a dvsprep events file (format {fmt!r})")
-            missing = [f"{s}/{k}" for s in SPLITS for k in (*EVENT_FIELDS, *SAMPLE_FIELDS, "offsets", "recording")
-                       if f"{s}/{k}" not in self.f]
-            if missing:
-                raise StoreError(f"{self.path}: missing datasets {', '.join(missing)}")
-        except Exception:
+            check_structure(self.f, str(self.path))
+            if check != "none":
+                self._ensure_verified(force=check == "full")
+        except DvsprepError:
             self.f.close()
             raise
-        self._splits: dict[str, EventsSplit] = {}
+        except Exception as exc:  # a mangled file can make h5py raise anything: still one line
+            self.f.close()
+            raise StoreError(f"{self.path}: unreadable events file ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
 
     def __enter__(self) -> "EventsFile":
         return self
@@ -258,46 +391,117 @@ class EventsFile:
     def close(self) -> None:
         self.f.close()
 
+    def _ensure_verified(self, force: bool) -> None:
+        from . import trust
+
+        fp = self.fingerprint
+        stamps = {"": trust.stamp_path(self.path)}
+        if not force and trust.is_verified("events", self.path, fp, stamps):
+            return
+        started = trust.now_ns()
+        problems = self.problems()
+        if problems:
+            trust.forget("events", self.path)
+            listed = "; ".join(f"{k} {name} ({detail})" for k, name, detail in problems[:3])
+            raise IntegrityError(f"{self.path}: events file NOT intact: {listed}"
+                                 f"{' ...' if len(problems) > 3 else ''} (dvsprep verify lists them)")
+        trust.record_verified("events", self.path, fp, stamps, started)
+
     @property
     def attrs(self) -> dict[str, Any]:
-        out = _plain_attrs(self.f.attrs)
-        for k in ("recordings",):
-            if isinstance(out.get(k), str):
-                out[k] = json.loads(out[k])
+        try:
+            out = _plain_attrs(self.f.attrs)
+            for k in ("recordings",):
+                if isinstance(out.get(k), str):
+                    if len(out[k]) > MAX_ATTR_BYTES:
+                        raise ValueError("too large")
+                    out[k] = json.loads(out[k])
+                    if not isinstance(out[k], dict):
+                        raise ValueError("not an object")
+        except (ValueError, TypeError, RecursionError, OSError) as exc:
+            raise StoreError(f"{self.path}: unreadable root attributes ({str(exc)[:120]})") from None
         return out
 
     @property
     def fingerprint(self) -> str:
-        return str(self.f.attrs["fingerprint"])
+        fp = self.f.attrs.get("fingerprint")
+        fp = fp.decode("ascii", "replace") if isinstance(fp, bytes) else fp
+        if not isinstance(fp, str) or len(fp) != 64 or any(c not in "0123456789abcdef" for c in fp):
+            raise StoreError(f"{self.path}: no valid fingerprint (incomplete file?)")
+        return fp
 
     @property
     def manifest(self) -> dict:
-        return json.loads(self.f.attrs["manifest"])
+        raw = self.f.attrs.get("manifest")
+        try:
+            if not isinstance(raw, (str, bytes)) or len(raw) > MAX_ATTR_BYTES:
+                raise ValueError("absent or too large")
+            manifest = json.loads(raw)
+            if not isinstance(manifest, dict) or not isinstance(manifest.get("datasets"), dict):
+                raise ValueError("not a manifest")
+        except (ValueError, RecursionError) as exc:
+            raise StoreError(f"{self.path}: no valid embedded manifest ({str(exc)[:80]})") from None
+        return manifest
 
     def split(self, name: str) -> EventsSplit:
         if name not in SPLITS:
             raise StoreError(f"{self.path}: unknown split {name!r} (have {', '.join(SPLITS)})")
-        try:
-            if name not in self._splits:
-                self._splits[name] = EventsSplit(self.f[name])
-            return self._splits[name]
-        except (OSError, KeyError) as exc:
-            raise StoreError(f"{self.path}: cannot read split {name!r} ({exc})") from None
+        if name not in self._splits:
+            try:
+                self._splits[name] = EventsSplit(self.f[name], str(self.path))
+            except (OSError, KeyError) as exc:
+                raise StoreError(f"{self.path}: cannot read split {name!r} ({exc})") from None
+        return self._splits[name]
 
-    def compute_manifest(self) -> dict:
-        """Recompute the manifest from the stored bytes (what `verify` compares)."""
-        datasets = {}
+    def compute_manifest(self, problems: list[tuple[str, str, str]] | None = None) -> dict:
+        """Recompute the manifest from the stored bytes (what `verify` compares); see
+        `compute_manifest`."""
+        return compute_manifest(self.f, str(self.path), problems)
+
+    def problems(self) -> list[tuple[str, str, str]]:
+        """(kind, name, detail) for everything that keeps this file from being used: datasets
+        whose bytes differ from the embedded manifest, attributes, fingerprint, values the
+        readers refuse. Never raises for what the file holds."""
+        out: list[tuple[str, str, str]] = []
+        where = str(self.path)
+        try:
+            stored = self.manifest
+            stored_fp = self.fingerprint
+        except StoreError as exc:
+            return [("missing", "manifest", str(exc).split(": ", 1)[-1])]
+        try:
+            computed = self.compute_manifest(out)
+        except Exception as exc:  # noqa: BLE001 - unreadable bytes are a listed problem
+            return out + [("corrupt", "datasets", _strip(str(exc), where))]
+        want, got = stored["datasets"], computed["datasets"]
+        for name in sorted(set(want) | set(got)):
+            if name not in got:
+                out.append(("missing", name, "in the manifest, not in the file"))
+            elif name not in want:
+                out.append(("extra", name, "not in the manifest"))
+            elif want[name] != got[name]:
+                diff = [k for k in ("dtype", "shape", "sha256")
+                        if not isinstance(want[name], dict) or want[name].get(k) != got[name].get(k)]
+                out.append(("corrupt", name, f"{' and '.join(diff)} differ from the manifest"))
+        if stored.get("attrs") != computed["attrs"]:
+            out.append(("corrupt", "root attributes", "differ from the manifest"))
+        try:
+            self.attrs
+        except StoreError as exc:
+            out.append(("invalid", "root attributes", _strip(str(exc), where)))
+        try:
+            if fingerprint(stored) != stored_fp:
+                out.append(("corrupt", "fingerprint", "the stored fingerprint is not the manifest's hash"))
+        except (TypeError, ValueError) as exc:
+            out.append(("corrupt", "manifest", f"not canonical JSON ({exc})"))
         for s in SPLITS:
-            g = self.f[s]
-            for k in g:
-                ds = g[k]
-                if k == "recording":
-                    vals = [r.decode() if isinstance(r, bytes) else str(r) for r in ds[()]]
-                    datasets[f"{s}/{k}"] = _ds_entry("str", (len(vals),), _str_digest(vals))
-                    continue
-                h = hashlib.sha256()
-                step = EVENT_CHUNK * 16
-                for a in range(0, ds.shape[0], step):
-                    h.update(np.ascontiguousarray(ds[a : a + step]))
-                datasets[f"{s}/{k}"] = _ds_entry(ds.dtype, ds.shape, h.hexdigest())
-        return _events_manifest(datasets, self.f.attrs)
+            try:
+                self._splits.pop(s, None)
+                self.split(s)
+            except StoreError as exc:
+                out.append(("invalid", s, _strip(str(exc), where)))
+        return out
+
+
+def _strip(msg: str, where: str) -> str:
+    return msg[len(where) + 2:] if msg.startswith(f"{where}: ") else msg

@@ -6,13 +6,15 @@ integrates them (`framing.integrate`) and writes the shard into the temporary st
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
-import sys
+import signal
+import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-import multiprocessing as mp
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -21,9 +23,10 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
-from .atomic import remove_path, temp_sibling
+from . import frames_schema as schema
+from .atomic import output_lock, remove_path, temp_sibling
 from .constants import N_POLARITIES, SENSOR_SIZE, SPLITS
-from .errors import MissingFileError, StoreError
+from .errors import MissingFileError, ResourceLimitError, StoreError
 from .events_store import EventsFile
 from .frames_store import (
     DEFAULT_CODEC,
@@ -35,6 +38,7 @@ from .frames_store import (
     split_counts,
     store_attributes,
     write_metadata,
+    writing_every_chunk,
 )
 from .framing import check_params, integrate, narrowest_dtype
 
@@ -69,10 +73,16 @@ class _Overflow(Exception):
 _WORKER_FILES: dict[str, Any] = {}
 
 
-def _events_split(events_path: str, split: str):
+def _events_split(events_path: str, split: str, stamp: tuple | None = None):
+    """The split of events.h5 a worker reads. The parent verified the file: the worker only
+    makes sure it is still that very file (same size, times and inode)."""
+    from .trust import stamp_path
+
     ef = _WORKER_FILES.get(events_path)
     if ef is None:
-        ef = _WORKER_FILES[events_path] = EventsFile(events_path)
+        if stamp is not None and stamp_path(events_path) != tuple(stamp):
+            raise StoreError(f"{events_path}: changed while the frame store was being written")
+        ef = _WORKER_FILES[events_path] = EventsFile(events_path, check="none" if stamp is not None else "auto")
     return ef.split(split)
 
 
@@ -99,7 +109,8 @@ def _close_worker_files() -> None:
 
 
 def frame_block(
-    events_path: str, store_path: str, split: str, a: int, b: int, T: int, split_by: str, dtype: str
+    events_path: str, store_path: str, split: str, a: int, b: int, T: int, split_by: str, dtype: str,
+    stamp: tuple | None = None,
 ) -> tuple[int, int, int]:
     """Integrate samples a..b-1 of `split` and write them to `store_path`'s frames array.
 
@@ -107,7 +118,7 @@ def frame_block(
     `dtype`. Runs in worker processes: everything is passed by path.
     """
     H, W = SENSOR_SIZE
-    sp = _events_split(events_path, split)
+    sp = _events_split(events_path, split, stamp)
     # split_by "number" never looks at timestamps: skip reading t (8 of the 11 bytes per event).
     fields = ("x", "y", "p") if split_by == "number" else ("t", "x", "y", "p")
     try:
@@ -129,13 +140,17 @@ def frame_block(
         t = None if ev["t"] is None else ev["t"][lo:hi]
         counts = integrate(t, ev["x"][lo:hi], ev["y"][lo:hi], ev["p"][lo:hi], T, split_by)
         m = int(counts.max())
-        narrowest_dtype(m)  # raises when even uint16 cannot hold it
+        try:
+            narrowest_dtype(m)  # raises when even uint16 cannot hold it
+        except StoreError as exc:
+            raise StoreError(f"{events_path}: {split} sample {a + k}: {exc}") from None
         top = max(top, m)
         block[k] = counts
     if top > np.iinfo(want).max:
         raise _Overflow(top)
     group = zarr.open_group(LocalStore(store_path), mode="r+", zarr_format=3)
-    group[split]["frames"][a:b] = block.astype(want, copy=False)
+    with writing_every_chunk():
+        group[split]["frames"][a:b] = block.astype(want, copy=False)
     return a, b, top
 
 
@@ -146,12 +161,72 @@ def _promote(root: Path, splits: Sequence[str], written: Mapping[str, list[tuple
     for split in splits:
         g = group[split]
         old = g["frames"]
-        new = create_frames_array(g, n=old.shape[0], T=T, dtype=np.dtype("u2"), codec=codec,
-                                  shard_samples=shard, name="frames_u16")
-        for a, b in written.get(split, []):
-            new[a:b] = np.asarray(old[a:b]).astype(np.uint16)
+        with writing_every_chunk():  # zarr takes the setting when the array object is made
+            new = create_frames_array(g, n=old.shape[0], T=T, dtype=np.dtype("u2"), codec=codec,
+                                      shard_samples=shard, name="frames_u16")
+            for a, b in written.get(split, []):
+                new[a:b] = np.asarray(old[a:b]).astype(np.uint16)
         shutil.rmtree(root / split / "frames")
         os.replace(root / split / "frames_u16", root / split / "frames")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def task_bytes(T: int, shard: int) -> int:
+    """Peak memory of one framing task: the block of uint16 frames, plus the int64 counts and
+    their sum index of one sample (`framing.integrate`)."""
+    frame = N_POLARITIES * SENSOR_SIZE[0] * SENSOR_SIZE[1]
+    return shard * T * frame * 2 + 2 * T * frame * 8
+
+
+def _check_resources(final: Path, T: int, shard: int, jobs: int) -> None:
+    if T > schema.MAX_T:
+        raise StoreError(f"{final}: -T {T} is more frames per sample than a frame store may hold "
+                         f"({schema.MAX_T}; readers refuse larger stores)")
+    need, have = jobs * task_bytes(T, shard), available_memory()
+    if have is not None and need > have:
+        raise ResourceLimitError(f"{final}: framing at -T {T} with -j {jobs} needs about {need / 2**30:.1f} GiB "
+                                 f"of memory, {have / 2**30:.1f} GiB are available (use fewer jobs or a smaller -T)")
+
+
+def _read_events_meta(events_path: Path) -> tuple[str, tuple, dict[str, dict[str, Any]]]:
+    """(fingerprint, file stamp, per-split metadata) of a verified events.h5 (EventsFile checks
+    it against its own manifest, cheaply when a verified-marker exists)."""
+    from .trust import stamp_path
+
+    with EventsFile(events_path) as ef:
+        stamp = stamp_path(events_path)
+        meta = {}
+        for s in SPLITS:
+            sp = ef.split(s)
+            meta[s] = {
+                "label": sp.labels, "recording": sp.recordings, "row": sp.rows,
+                "t_start": sp.t_start, "t_end": sp.t_end, "n_events": np.diff(sp.offsets),
+            }
+        return ef.fingerprint, stamp, meta
+
+
+@contextmanager
+def _no_sigint() -> Any:
+    """Hold off Ctrl-C while cleaning up, so a second Ctrl-C cannot leave a temporary behind."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def build_frame_store(
@@ -168,6 +243,11 @@ def build_frame_store(
     """events.h5 -> frame store. Streams one shard of samples per task over `jobs` worker
     processes (1: in this process); peak memory is about jobs x one shard's events and frames.
 
+    events.h5 is verified first (against its embedded manifest, and everything the frame-store
+    readers would refuse: labels, names, offsets); T is bounded by what readers accept and the
+    work by the memory available. The output is locked while written (a second writer refuses),
+    built in a PID-named temporary that is removed on any error, Ctrl-C included.
+
     The store starts as uint8; if any sample's counts exceed 255 the frames written so far are
     rewritten as uint16 and the rest is written as uint16 (no count is ever clipped).
     """
@@ -176,20 +256,29 @@ def build_frame_store(
     events_path = Path(events_path)
     if not events_path.is_file():
         raise MissingFileError(f"{events_path}: no such events file (run `dvsprep convert` first)")
-    final = check_output(out_path, force)
-    codec = dict(codec or DEFAULT_CODEC)
+    out_path = Path(out_path)
     jobs = max(1, int(jobs or os.cpu_count() or 1))
-    with EventsFile(events_path) as ef:
-        events_fp = ef.fingerprint
-        meta = {}
-        for s in SPLITS:
-            sp = ef.split(s)
-            meta[s] = {
-                "label": sp.labels, "recording": sp.recordings, "row": sp.rows,
-                "t_start": sp.t_start, "t_end": sp.t_end, "n_events": np.diff(sp.offsets),
-            }
-            if sp.offsets.shape != (len(sp) + 1,):
-                raise StoreError(f"{events_path}: {s}/offsets has {sp.offsets.shape[0]} entries for {len(sp)} samples")
+    shard = samples_per_shard(T, np.uint8)
+    _check_resources(out_path, T, shard, jobs)
+    check_output(out_path, force)
+    with output_lock(out_path, "frame store"):
+        final = check_output(out_path, force)
+        events_fp, stamp, meta = _read_events_meta(events_path)
+        try:
+            return _build(events_path, final, events_fp, stamp, meta, T=T, split_by=split_by, jobs=jobs,
+                          force=force, codec=dict(codec or DEFAULT_CODEC), progress=progress, t_begin=t_begin)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise ResourceLimitError(f"{final}: no space left on the device while writing the frame store "
+                                         f"(nothing was kept)") from None
+            raise
+
+
+def _build(events_path: Path, final: Path, events_fp: str, stamp: tuple, meta: dict[str, dict[str, Any]], *,
+           T: int, split_by: str, jobs: int, force: bool, codec: dict[str, Any], progress: bool,
+           t_begin: float) -> BuildSummary:
+    from .workers import process_pool, stop_pool
+
     shard = samples_per_shard(T, np.uint8)
     dtype = np.dtype("u1")
     tasks = [(s, a, min(a + shard, len(meta[s]["label"])))
@@ -200,10 +289,8 @@ def build_frame_store(
     try:
         if jobs > 1 and len(tasks) > 1:
             # Start the workers before this process touches zarr: zarr runs an event-loop thread
-            # that a forked child must not inherit. Fork is used where it is safe (Linux) since
-            # workers then start in milliseconds instead of re-importing numpy/zarr/h5py.
-            ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-            pool = ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=ctx)
+            # that a forked child must not inherit. Workers ignore SIGINT (dvsprep.workers).
+            pool = process_pool(min(jobs, len(tasks)))
             list(pool.map(_ready, range(min(jobs, len(tasks)))))
         create_layout(tmp, T=T, sizes={s: len(meta[s]["label"]) for s in SPLITS}, dtype=dtype,
                       codec=codec, shard_samples=shard)
@@ -221,7 +308,7 @@ def build_frame_store(
         while pending or running:
             while pending and not promote_wanted and len(running) < 2 * jobs:
                 s, a, b = pending.pop()
-                running[runner.submit(frame_block, *args, s, a, b, T, split_by, dtype.str)] = (s, a, b)
+                running[runner.submit(frame_block, *args, s, a, b, T, split_by, dtype.str, stamp)] = (s, a, b)
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for fut in done:
                 s, a, b = running.pop(fut)
@@ -249,14 +336,13 @@ def build_frame_store(
                                             events_fingerprint=events_fp, codec=codec, shard_samples=shard))
         fp = finish_store(tmp, final, force)
     except BaseException:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+        with _no_sigint():
+            stop_pool(pool)
             pool = None
-        remove_path(tmp)
+            remove_path(tmp)
         raise
     finally:
-        if pool is not None:
-            pool.shutdown(wait=True)
+        stop_pool(pool)
         if bar is not None:
             bar.close()
         _close_worker_files()

@@ -42,12 +42,19 @@ ARRAYS = ("frames", *META_FIELDS)
 _ARRAY_KEYS = {"shape", "data_type", "chunk_grid", "chunk_key_encoding", "fill_value", "codecs", "attributes",
                "dimension_names", "zarr_format", "node_type", "storage_transformers"}
 _GROUP_KEYS = {"attributes", "zarr_format", "node_type", "consolidated_metadata"}
+ZSTD_LEVELS = range(-131072, 23)  # what libzstd accepts
 _BLOSC_CNAMES = {"lz4", "lz4hc", "blosclz", "zstd", "zlib"}
 _BLOSC_SHUFFLES = {"noshuffle", "shuffle", "bitshuffle"}
 
 
 def _int(v: Any) -> bool:
     return type(v) is int
+
+
+def _in(v: Any, allowed: range) -> bool:
+    """An int (not a bool or float) within `allowed`: codec levels beyond what the codec
+    libraries take make them raise (or overflow) when the store is read."""
+    return _int(v) and v in allowed
 
 
 def check_root_attrs(where: str, attrs: Any) -> None:
@@ -104,12 +111,13 @@ def _check_compressor(where: str, c: Any, allowed: tuple[str, ...]) -> str:
     if not isinstance(cfg, dict):
         raise _fail(where, f"{name} configuration {cfg!r}")
     ok = {
-        "zstd": lambda: set(cfg) <= {"level", "checksum"} and _int(cfg.get("level", 0))
+        "zstd": lambda: set(cfg) <= {"level", "checksum"} and _in(cfg.get("level", 0), ZSTD_LEVELS)
         and isinstance(cfg.get("checksum", False), bool),
-        "gzip": lambda: set(cfg) <= {"level"} and _int(cfg.get("level", 6)),
+        "gzip": lambda: set(cfg) <= {"level"} and _in(cfg.get("level", 6), range(0, 10)),
         "blosc": lambda: set(cfg) <= {"typesize", "cname", "clevel", "shuffle", "blocksize"}
         and cfg.get("cname", "lz4") in _BLOSC_CNAMES and cfg.get("shuffle", "bitshuffle") in _BLOSC_SHUFFLES
-        and all(_int(cfg.get(k, 0)) for k in ("typesize", "clevel", "blocksize")),
+        and _in(cfg.get("clevel", 5), range(0, 10)) and _in(cfg.get("typesize", 1), range(1, 9))
+        and _in(cfg.get("blocksize", 0), range(0, 1 << 31)),
     }[name]()
     if not ok:
         raise _fail(where, f"{name} configuration {cfg!r}")
@@ -213,14 +221,6 @@ def zstd_content_size(data: bytes) -> int | None:
         return None
     value = int.from_bytes(data[pos : pos + size], "little")
     return value + 256 if size == 2 else value
-
-
-def check_meta_chunk(where: str, name: str, data: bytes, bound: int) -> None:
-    """Refuse a zstd metadata chunk whose declared decoded size is unknown or beyond `bound`."""
-    size = zstd_content_size(data)
-    if size is None or size > bound:
-        raise UntrustedStoreError(f"{where}: {name} declares {size if size is not None else 'no'} decoded "
-                                  f"size (at most {bound} expected)")
 
 
 def check_manifest_names(where: str, names: Mapping[str, Any], allowed: set[str], required: set[str]) -> None:

@@ -41,12 +41,10 @@ from .constants import (
     FRAME_AXES,
     N_CLASSES,
     N_POLARITIES,
-    ROW_DTYPE,
     SENSOR_SIZE,
     SPLITS,
-    T_DTYPE,
 )
-from .errors import IntegrityError, MissingFileError, StoreError, StoreExistsError
+from .errors import IntegrityError, MissingFileError, StoreError, StoreExistsError, UntrustedStoreError
 from .manifest import MANIFEST_NAME, dir_manifest, sha256_bytes, write_dir_manifest
 
 log = logging.getLogger(__name__)
@@ -193,6 +191,13 @@ def create_frames_array(
     )
 
 
+def writing_every_chunk() -> Any:
+    """zarr config under which all-zero chunks and shards are written too: a store holds a
+    file for every chunk it declares, so readers never have to trust an absent chunk to mean
+    zeros (a crafted store could otherwise declare a million samples in a few bytes)."""
+    return zarr.config.set({"array.write_empty_chunks": True})
+
+
 def write_metadata(group: zarr.Group, split: str, meta: Mapping[str, Any]) -> None:
     """Write the per-sample metadata arrays of one split (all of length N)."""
     g = group[split]
@@ -200,6 +205,10 @@ def write_metadata(group: zarr.Group, split: str, meta: Mapping[str, Any]) -> No
     for field in _META_FIELDS:
         if field not in meta:
             raise StoreError(f"split {split!r}: missing {field!r}")
+    # never write what the readers would refuse
+    check_meta_content(f"split {split!r}", split, {f: (list(meta[f]) if f == "recording" else np.asarray(meta[f]))
+                                                   for f in _META_FIELDS})
+    for field in _META_FIELDS:
         values = meta[field]
         if field == "recording":
             arr = np.array([str(r) for r in values], dtype=np.dtypes.StringDType())
@@ -213,7 +222,8 @@ def write_metadata(group: zarr.Group, split: str, meta: Mapping[str, Any]) -> No
         if arr.shape != (n,):
             raise StoreError(f"split {split!r}: {field} has shape {arr.shape}, expected ({n},)")
         if n:
-            g[field][:] = arr
+            with writing_every_chunk():
+                g[field][:] = arr
 
 
 def finish_store(tmp: Path, final: Path, force: bool) -> str:
@@ -262,7 +272,8 @@ def write_frame_store_from_arrays(
         for name, sp in splits.items():
             fr = np.asarray(sp["frames"]).astype(dtype, copy=False)
             if fr.shape[0]:
-                group[name]["frames"][:] = fr
+                with writing_every_chunk():
+                    group[name]["frames"][:] = fr
             write_metadata(group, name, sp)
             counts[name] = split_counts(np.asarray(sp["label"]))
         group.attrs.update(store_attributes(T=T, split_by=split_by, dtype=dtype, counts=counts,
@@ -296,8 +307,11 @@ def _fast_codec(meta: Mapping[str, Any]) -> Any | None:
 
 
 def _blosc_nbytes(buf: bytes) -> int:
-    """Uncompressed size from a blosc frame header (bytes 4..8, little-endian)."""
-    return int.from_bytes(buf[4:8], "little") if len(buf) >= 16 else -1
+    """Uncompressed size from a blosc frame header (bytes 4..8, little-endian), or -1 when the
+    header's compressed size (bytes 12..16) is not the frame's length."""
+    if len(buf) < 16 or int.from_bytes(buf[12:16], "little") != len(buf):
+        return -1
+    return int.from_bytes(buf[4:8], "little")
 
 
 class _ShardReader:
@@ -306,7 +320,8 @@ class _ShardReader:
     Shard layout (zarr v3 sharding, index at the end): the encoded chunks, then per inner chunk
     (offset, nbytes) as little-endian uint64, then a crc32c of that index. Every (offset, nbytes)
     is bounded by the shard's size, and the decoded size a chunk declares must be one sample's,
-    before anything is read or allocated.
+    before anything is read or allocated. Every sample of the split must be stored (dvsprep
+    writes all-zero samples too): an absent shard or inner chunk is an error, not zeros.
     """
 
     def __init__(self, files: StoreFiles, split: str, meta: Mapping[str, Any], decoder: Any):
@@ -318,7 +333,7 @@ class _ShardReader:
         self.dtype = np.dtype(meta["data_type"]).newbyteorder("<")
         self.decoder = decoder
         self.n_inner = self.shard
-        self._indexes: dict[int, np.ndarray | None] = {}
+        self._indexes: dict[int, np.ndarray] = {}
         self._codec = decoder.codec_id
         self._fds: dict[int, tuple[int, int, int]] = {}  # shard -> (fd, offset, size); pread is fork-safe
 
@@ -329,42 +344,39 @@ class _ShardReader:
         return f"{self.files.path}/{self._shard_name(s)}" if self.files.kind == "dir" else \
             f"{self.files.path}: {self._shard_name(s)}"
 
-    def _open(self, s: int) -> tuple[int, int, int] | None:
+    def _open(self, s: int) -> tuple[int, int, int]:
         if s not in self._fds:
             span = self.files.span(self._shard_name(s))
             if span is None:
-                return None
+                raise StoreError(f"{self._where(s)}: shard missing (the store declares its samples)")
             self._fds[s] = (os.open(span.path, os.O_RDONLY), span.offset, span.size)
         return self._fds[s]
 
-    def _index(self, s: int) -> np.ndarray | None:
+    def index(self, s: int) -> np.ndarray:
+        """The (offset, nbytes) of every inner chunk of shard s, [n_inner, 2] uint64, checked."""
         if s in self._indexes:
             return self._indexes[s]
         import google_crc32c
 
-        opened = self._open(s)
+        fd, base, total = self._open(s)
         size = 16 * self.n_inner + 4
-        if opened is None:
-            index = None  # shard never written: every sample is the fill value (all zeros)
-        else:
-            fd, base, total = opened
-            raw = os.pread(fd, size, base + total - size) if total >= size else b""
-            if len(raw) != size or google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
-                raise StoreError(f"{self._where(s)}: corrupt shard index")
-            index = np.frombuffer(raw[:-4], dtype="<u8").reshape(self.n_inner, 2)
-            empty = index[:, 0] == np.iinfo(np.uint64).max
-            ends = index[:, 0].astype(object) + index[:, 1].astype(object)
-            if any(not e and end > total - size for e, end in zip(empty.tolist(), ends.tolist())):
-                raise StoreError(f"{self._where(s)}: shard index points past the end of the shard")
+        raw = os.pread(fd, size, base + total - size) if total >= size else b""
+        if len(raw) != size or google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+            raise StoreError(f"{self._where(s)}: corrupt shard index")
+        index = np.frombuffer(raw[:-4], dtype="<u8").reshape(self.n_inner, 2)
+        empty = index[:, 0] == np.iinfo(np.uint64).max
+        ends = index[:, 0].astype(object) + index[:, 1].astype(object)
+        if any(not e and end > total - size for e, end in zip(empty.tolist(), ends.tolist())):
+            raise StoreError(f"{self._where(s)}: shard index points past the end of the shard")
         self._indexes[s] = index
         return index
 
     def read(self, i: int) -> np.ndarray:
         s, k = divmod(i, self.shard)
-        index = self._index(s)
-        out = np.zeros(self.sample_shape, dtype=self.dtype)
-        if index is None or index[k, 0] == np.iinfo(np.uint64).max:
-            return out
+        index = self.index(s)
+        if index[k, 0] == np.iinfo(np.uint64).max:
+            raise StoreError(f"{self._where(s)}: sample {i} is absent from its shard")
+        out = np.empty(self.sample_shape, dtype=self.dtype)
         off, n = int(index[k, 0]), int(index[k, 1])
         fd, base, _ = self._fds[s]
         buf = os.pread(fd, n, base + off)
@@ -375,9 +387,11 @@ class _ShardReader:
         if declared != out.nbytes:
             raise StoreError(f"{self._where(s)}: sample {i} has the wrong decoded size")
         try:
-            self.decoder.decode(buf, out=out)
+            got = self.decoder.decode(buf, out=out)
         except Exception as exc:  # codec libraries raise assorted types on corrupt input
             raise StoreError(f"{self._where(s)}: cannot decode sample {i}: {exc}") from exc
+        if np.asarray(got).nbytes != out.nbytes:
+            raise StoreError(f"{self._where(s)}: sample {i} decodes to the wrong size")
         return out
 
     def close(self) -> None:
@@ -391,34 +405,134 @@ class _ShardReader:
             pass
 
 
+# ----------------------------------------------------------------------------- metadata arrays
+
+
+def _meta_chunk(files: StoreFiles, key: str, field: str, chunk: int, where: str) -> np.ndarray | list[str]:
+    """One metadata chunk decoded by us, not by zarr: the zstd frame must declare exactly the
+    chunk's size (strings: at most their bound), and every byte must be accounted for."""
+    import numcodecs
+
+    bound = schema.max_decoded_bytes(field, chunk)
+    try:
+        data = files.read(key, bound + (bound >> 7) + 1024)  # zstd's worst-case expansion is smaller
+    except MissingFileError:
+        raise StoreError(f"{where}: {key} is missing (the store declares it)") from None
+    size = schema.zstd_content_size(data)
+    exact = None if field == "recording" else chunk * schema.META_DTYPES[field].itemsize
+    if size is None or size > bound or (exact is not None and size != exact):
+        want = f"{exact}" if exact is not None else f"at most {bound}"
+        raise UntrustedStoreError(f"{where}: {key} declares {size if size is not None else 'no'} decoded "
+                                  f"bytes ({want} expected)")
+    try:
+        raw = bytes(numcodecs.Zstd().decode(data))
+    except Exception as exc:  # zstd raises RuntimeError (and others) on corrupt frames
+        raise StoreError(f"{where}: {key}: cannot decompress ({exc})") from None
+    if len(raw) != size:
+        raise StoreError(f"{where}: {key} decompresses to {len(raw)} bytes, its header says {size}")
+    if field != "recording":
+        return np.frombuffer(raw, dtype=schema.META_DTYPES[field]).copy()
+    return _vlen_utf8(raw, chunk, f"{where}: {key}")
+
+
+def _vlen_utf8(raw: bytes, count: int, where: str) -> list[str]:
+    """zarr's vlen-utf8 chunk: uint32 count, then per item uint32 length + UTF-8 bytes."""
+    if len(raw) < 4 or int.from_bytes(raw[:4], "little") != count:
+        raise StoreError(f"{where}: string chunk does not hold {count} items")
+    out, pos, end = [], 4, len(raw)
+    for _ in range(count):
+        if pos + 4 > end:
+            raise StoreError(f"{where}: string chunk is cut short")
+        n = int.from_bytes(raw[pos:pos + 4], "little")
+        pos += 4
+        if n > schema.MAX_NAME_BYTES or pos + n > end:
+            raise StoreError(f"{where}: string of {n} bytes (at most {schema.MAX_NAME_BYTES}, within the chunk)")
+        try:
+            out.append(raw[pos:pos + n].decode("utf-8"))
+        except UnicodeDecodeError:
+            raise StoreError(f"{where}: a recording name is not valid UTF-8") from None
+        pos += n
+    if pos != end:
+        raise StoreError(f"{where}: {end - pos} bytes after the last string")
+    return out
+
+
+def read_meta_arrays(files: StoreFiles, split: str, metas: Mapping[str, Mapping[str, Any]],
+                     n: int, fields: tuple[str, ...] = _META_FIELDS) -> dict[str, Any]:
+    """The metadata arrays of one split, each of length n: label/row/t_start/t_end/n_events
+    as numpy arrays in the store dtypes, recording as a list of str. StoreError naming the
+    chunk when one is missing or does not decode to what its metadata says."""
+    where = str(files.path)
+    out: dict[str, Any] = {}
+    for field in fields:
+        chunk = int(metas[field]["chunk_grid"]["configuration"]["chunk_shape"][0])
+        parts = [_meta_chunk(files, key, field, chunk, where) for key in schema.chunk_keys(split, field, n, chunk)]
+        if field == "recording":
+            out[field] = [s for part in parts for s in part][:n]
+        else:
+            out[field] = np.concatenate(parts)[:n] if parts else np.zeros(0, schema.META_DTYPES[field])
+    return out
+
+
+def check_meta_content(where: str, split: str, meta: Mapping[str, Any], per_class: Any = None) -> None:
+    """What the readers rely on: labels 0..10, rows >= 0, t_start <= t_end, n_events >= 0,
+    recording names that are plain file stems, and the split's per-class counts (when given)."""
+    labels = np.asarray(meta["label"])
+    n = labels.shape[0]
+    for field in _META_FIELDS:
+        if len(meta[field]) != n:
+            raise StoreError(f"{where}: {split}/{field} has {len(meta[field])} entries, label has {n}")
+    if n and (int(labels.max()) >= N_CLASSES or int(labels.min()) < 0):
+        bad_label = int(labels.max()) if int(labels.max()) >= N_CLASSES else int(labels.min())
+        raise StoreError(f"{where}: {split}/label holds {bad_label}, outside 0..{N_CLASSES - 1}")
+    if n and int(np.min(meta["row"])) < 0:
+        raise StoreError(f"{where}: {split}/row holds {int(np.min(meta['row']))}, a negative row")
+    if n and int(np.min(meta["n_events"])) < 0:
+        raise StoreError(f"{where}: {split}/n_events holds a negative count")
+    bad = np.flatnonzero(np.asarray(meta["t_start"]) > np.asarray(meta["t_end"]))
+    if bad.size:
+        raise StoreError(f"{where}: {split} sample {int(bad[0])} ends (t_end) before it starts (t_start)")
+    for i, name in enumerate(meta["recording"]):
+        if not recording_name_ok(name):
+            raise StoreError(f"{where}: {split}/recording {i} is {name[:40]!r}, not a recording name")
+    if per_class is not None:
+        counts = np.bincount(labels.astype(np.int64), minlength=N_CLASSES).tolist() if n else [0] * N_CLASSES
+        if per_class != counts:
+            raise StoreError(f"{where}: the store's attributes count {per_class!r} samples per class in {split}, "
+                             f"its labels {counts}")
+
+
+def recording_name_ok(name: object) -> bool:
+    """A recording stem as the release names them: printable, no path separator, not '.'/'..'."""
+    return (isinstance(name, str) and 0 < len(name.encode("utf-8", "surrogatepass")) <= 255
+            and name.isprintable() and "/" not in name and "\\" not in name and name not in (".", ".."))
+
+
+# ----------------------------------------------------------------------------- opened stores
+
+
 class FrameSplit:
     """One split of a frame store. Frames are read lazily per sample (`sp[i]`) or all at once
-    (`load_all`); metadata arrays are loaded when the split is opened."""
+    (`load_all`); metadata arrays are decoded and checked when the split is opened."""
 
     def __init__(self, store: "FrameStore", name: str):
         self._store = store
         self.name = name
-        store._check_meta_chunks(name)
+        n = int(store.attrs["splits"][name]["n_samples"])
+        meta = read_meta_arrays(store._files, name, store.array_meta[name], n)
+        check_meta_content(str(store.path), name, meta, store.attrs["splits"][name].get("per_class"))
         try:
-            g = store._group[name]
-            self.frames: zarr.Array = g["frames"]
-        except (KeyError, ValueError) as exc:
+            self.frames: zarr.Array = store._group[name]["frames"]
+        except Exception as exc:  # zarr raises assorted errors for broken metadata
             raise StoreError(f"{store.path}: cannot open split {name!r} ({exc})") from None
-        n = self.frames.shape[0]
-        self.labels = np.asarray(g["label"][:]).astype(np.int64) if n else np.zeros(0, np.int64)
-        recs = g["recording"][:] if n else np.zeros(0, dtype=str)
-        self.recordings: list[str] = [str(r) for r in recs]
-        self.rows = np.asarray(g["row"][:]) if n else np.zeros(0, ROW_DTYPE)
-        self.t_start = np.asarray(g["t_start"][:]) if n else np.zeros(0, T_DTYPE)
-        self.t_end = np.asarray(g["t_end"][:]) if n else np.zeros(0, T_DTYPE)
-        self.n_events = np.asarray(g["n_events"][:]) if n else np.zeros(0, N_EVENTS_DTYPE)
-        for field in ("labels", "rows", "t_start", "t_end", "n_events"):
-            if getattr(self, field).shape != (n,):
-                raise StoreError(f"{store.path}: {name}/{field} does not have {n} entries")
-        if len(self.recordings) != n:
-            raise StoreError(f"{store.path}: {name}/recording does not have {n} entries")
-        if n and int(self.labels.max()) >= N_CLASSES:
-            raise StoreError(f"{store.path}: {name}/label holds {int(self.labels.max())}, outside 0..{N_CLASSES - 1}")
+        if self.frames.shape[0] != n:
+            raise StoreError(f"{store.path}: {name}/frames holds {self.frames.shape[0]} samples, not {n}")
+        self.labels = meta["label"].astype(np.int64)
+        self.recordings: list[str] = meta["recording"]
+        self.rows = meta["row"]
+        self.t_start = meta["t_start"]
+        self.t_end = meta["t_end"]
+        self.n_events = meta["n_events"]
         self._reader = store._make_reader(name)
 
     def __len__(self) -> int:
@@ -439,11 +553,19 @@ class FrameSplit:
             raise IndexError(f"sample {i} out of range for split {self.name!r} of {n} samples")
         if self._reader is not None:
             return self._reader.read(i)
-        return np.asarray(self.frames[i])
+        try:
+            return np.asarray(self.frames[i])
+        except Exception as exc:  # zarr / zipfile raise assorted errors on corrupt chunks
+            raise StoreError(f"{self._store.path}: cannot read {self.name} sample {i} ({exc})") from None
 
     def __iter__(self) -> Iterator[np.ndarray]:
         for i in range(len(self)):
             yield self[i]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all frames of the split in memory (what `load_all` allocates)."""
+        return int(np.prod(self.frames.shape, dtype=np.int64)) * self.frames.dtype.itemsize
 
     def load_all(self) -> np.ndarray:
         """All frames of the split: [N, T, 2, H, W] in the store dtype."""
@@ -454,7 +576,10 @@ class FrameSplit:
             for i in range(len(self)):
                 out[i] = self._reader.read(i)
             return out
-        return np.asarray(self.frames[:])
+        try:
+            return np.asarray(self.frames[:])
+        except Exception as exc:
+            raise StoreError(f"{self._store.path}: cannot read the {self.name} frames ({exc})") from None
 
     def __getstate__(self) -> dict:
         # Picklable for DataLoader workers: reopen from the path on the other side.
@@ -519,29 +644,29 @@ class FrameStore:
         decoder = _fast_codec(meta)
         return None if decoder is None else _ShardReader(self._files, split, meta, decoder)
 
-    def _check_meta_chunks(self, split: str) -> None:
-        """Bound the decoded size every metadata chunk declares before zarr decodes it."""
-        listed = self.manifest["files"]
-        for field in _META_FIELDS:
-            chunk = int(self.array_meta[split][field]["chunk_grid"]["configuration"]["chunk_shape"][0])
-            bound = schema.max_decoded_bytes(field, chunk)
-            for key in schema.chunk_keys(split, field, int(self.attrs["splits"][split]["n_samples"]), chunk):
-                if key in listed and self._files.span(key) is not None:
-                    schema.check_meta_chunk(str(self.path), key, self._files.head(key, 32), bound)
+
+@dataclass
+class Layout:
+    """A store's structure, checked against what dvsprep writes (see `check_layout`).
+
+    metas: array metadata by split and array; fingerprint: sha256 of manifest.json."""
+
+    attrs: dict[str, Any]
+    manifest: dict[str, Any]
+    fingerprint: str
+    metas: dict[str, dict[str, dict[str, Any]]]
 
 
-def _check_attrs(path: Path, attrs: Mapping[str, Any]) -> None:
-    schema.check_root_attrs(str(path), attrs)
-
-
-def _store_layout(files: StoreFiles, attrs: Mapping[str, Any]) -> tuple[dict, set[str], set[str]]:
+def _store_layout(files: StoreFiles, attrs: Mapping[str, Any], listed: int) -> tuple[dict, set[str], set[str]]:
     """Check every group and array document against the schema; returns (array metadata by
-    split and array, names the manifest may list, names it must list)."""
+    split and array, names the manifest may list, names it must list: every document and every
+    chunk the arrays declare). `listed`: files in the manifest; a store declaring more chunks
+    is refused before their names are even made."""
     where = str(files.path)
     T, dtype = int(attrs["T"]), str(attrs["dtype"])
     metas: dict[str, dict[str, dict[str, Any]]] = {}
+    declared = 0
     required = {"zarr.json"}
-    allowed = {"zarr.json"}
     for split in SPLITS:
         if split not in attrs["splits"]:
             continue
@@ -558,8 +683,117 @@ def _store_layout(files: StoreFiles, attrs: Mapping[str, Any]) -> tuple[dict, se
             info = schema.check_array_meta(f"{where}: {key}", meta, field=field, n=n, T=T, dtype=dtype)
             metas[split][field] = meta
             required.add(key)
-            allowed.update(schema.chunk_keys(split, field, n, info["chunk"]))
-    return metas, allowed | required, required
+            declared += -(-n // info["chunk"])
+            if declared > listed:
+                raise StoreError(f"{where}: declares more chunks ({declared} and counting, for {n} {split} "
+                                 f"samples) than its manifest lists files ({listed})")
+            required.update(schema.chunk_keys(split, field, n, info["chunk"]))
+    return metas, set(required), required
+
+
+def check_layout(files: StoreFiles) -> Layout:
+    """Everything about a store that is checked without reading its chunks: the root group and
+    its attributes, the manifest (parsed with bounds, kind "frames"), every group and array
+    document against `frames_schema`, and that the manifest lists exactly the documents and
+    chunks those declare (no implicit fill-value chunks). StoreError naming the store."""
+    where = files.path
+    if files.span(MANIFEST_NAME) is None:
+        raise StoreError(f"{where}: incomplete frame store (no {MANIFEST_NAME})")
+    if files.span("zarr.json") is None:
+        raise StoreError(f"{where}: not a zarr v3 group (no zarr.json)")
+    root = read_json(files, "zarr.json")
+    schema.check_group_meta(f"{where}: zarr.json", {k: v for k, v in root.items() if k != "attributes"}
+                            if isinstance(root, dict) else root)
+    attrs = root.get("attributes")
+    schema.check_root_attrs(str(where), attrs)
+    raw_manifest = files.read(MANIFEST_NAME, MAX_MANIFEST_BYTES)
+    manifest = parse_manifest(raw_manifest, str(where))
+    if manifest.get("kind") != "frames":
+        raise StoreError(f"{where}: manifest is for a {str(manifest.get('kind'))[:40]!r} store, not a frame store")
+    metas, allowed, required = _store_layout(files, attrs, len(manifest["files"]))
+    schema.check_manifest_names(str(where), manifest["files"], allowed, required)
+    return Layout(attrs=dict(attrs), manifest=manifest, fingerprint=sha256_bytes(raw_manifest), metas=metas)
+
+
+def content_problems(files: StoreFiles, layout: Layout, skip: set[str] = frozenset()) -> list[tuple[str, str, str]]:
+    """(kind, name, detail) for every array that does not read back as the readers need it:
+    the metadata arrays decoded and checked (`check_meta_content`), every frames shard's index
+    and every sample decoded. Files named in `skip` (already known corrupt) are not decoded."""
+    problems: list[tuple[str, str, str]] = []
+    where = str(files.path)
+    for split, metas in layout.metas.items():
+        n = int(layout.attrs["splits"][split]["n_samples"])
+        if not any(name.startswith(f"{split}/") and "/frames/" not in name for name in skip):
+            try:
+                meta = read_meta_arrays(files, split, metas, n)
+                check_meta_content(where, split, meta, layout.attrs["splits"][split].get("per_class"))
+            except StoreError as exc:
+                problems.append(("invalid", f"{split} metadata", _detail(exc, where)))
+        decoder = _fast_codec(metas["frames"])
+        if decoder is None or not n:
+            continue
+        reader = _ShardReader(files, split, metas["frames"], decoder)
+        try:
+            for s in range(-(-n // reader.shard)):
+                name = reader._shard_name(s)
+                if name in skip:
+                    continue
+                try:
+                    index = reader.index(s)
+                    last = min(reader.shard, n - s * reader.shard)
+                    if (index[last:, 0] != np.iinfo(np.uint64).max).any():
+                        raise StoreError(f"{reader._where(s)}: holds chunks beyond the split's {n} samples")
+                    for i in range(s * reader.shard, s * reader.shard + last):
+                        reader.read(i)
+                except StoreError as exc:
+                    problems.append(("invalid", name, _detail(exc, where)))
+        finally:
+            reader.close()
+    return problems
+
+
+def _detail(exc: Exception, where: str) -> str:
+    """An error message without the store path it starts with (the report names the store)."""
+    msg = str(exc)
+    for prefix in (f"{where}/", f"{where}: "):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix):]
+    return msg
+
+
+def ensure_verified(files: StoreFiles, layout: Layout, source: str, *, force: bool = False) -> None:
+    """Refuse (IntegrityError) a store that does not verify in full: every file against the
+    manifest and every array decoded (`dvsprep.verify`). Cheap when a verified-marker for
+    this fingerprint and these exact files exists (`dvsprep.trust`); `force` ignores markers."""
+    from . import trust
+    from .verify import full_report
+
+    stamps = files.stamps()
+    if not force and trust.is_verified("frames", files.path, layout.fingerprint, stamps):
+        return
+    started = trust.now_ns()
+    report = full_report(files, layout, source)
+    if not report.ok:
+        trust.forget("frames", files.path)
+        listed = "; ".join(f"{p.kind} {p.name} ({p.detail})" for p in report.problems[:3])
+        raise IntegrityError(f"{source}: {report.headline()}: {listed}"
+                             f"{' ...' if len(report.problems) > 3 else ''} (dvsprep verify lists them)")
+    trust.record_verified("frames", files.path, layout.fingerprint, stamps, started)
+
+
+def check_url(url: str) -> str:
+    """A well-formed http(s) URL with a host, or StoreError naming it (urllib raises ValueError
+    for an unclosed IPv6 bracket or a bad port)."""
+    import urllib.parse
+
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port
+    except ValueError as exc:
+        raise StoreError(f"{url}: malformed URL ({exc})") from None
+    if not parts.hostname:
+        raise StoreError(f"{url}: malformed URL (no host)")
+    return url
 
 
 def open_frame_store(
@@ -574,54 +808,34 @@ def open_frame_store(
     either (fetched once into `cache_dir`, default `$DVSPREP_CACHE` or ~/.cache/dvsprep, and
     checked file by file against its manifest as it arrives; `refresh` fetches it again).
 
-    Metadata is checked against what dvsprep writes before zarr reads any of it. `verify` also
-    recomputes the sha256 of every file (IntegrityError listing what differs);
-    `expected_fingerprint` (the full sha256 or a prefix of at least 12 hex digits) must match the
-    store's manifest hash. Raises MissingFileError when absent, StoreError (UntrustedStoreError,
-    IntegrityError) when the store is incomplete, corrupt, or not one dvsprep would write.
+    Nothing is used before it is checked: the metadata against what dvsprep writes
+    (`check_layout`), then the whole store as `dvsprep verify` does (every file's sha256, every
+    array decoded) unless a verified-marker says this exact store was verified on this machine
+    (`dvsprep.trust`; `verify=True` verifies in full regardless). `expected_fingerprint` (the
+    full sha256 or a prefix of at least 12 hex digits) must match the store's manifest hash.
+    Raises MissingFileError when absent, StoreError (UntrustedStoreError, IntegrityError) when
+    the store is incomplete, corrupt, or not one dvsprep would write.
     """
     from . import remote
 
     source = str(path)
     if remote.is_url(source):
+        check_url(source)
         local, pinned = remote.fetch_store(source, cache_dir=cache_dir, refresh=refresh)
         expected_fingerprint = expected_fingerprint or pinned
     else:
         local = Path(path)
     files = open_store_files(local)
-    where = files.path
-    root = read_json(files, "zarr.json") if files.span("zarr.json") is not None else None
-    if files.span(MANIFEST_NAME) is None:
-        raise StoreError(f"{where}: incomplete frame store (no {MANIFEST_NAME})")
-    if root is None:
-        raise StoreError(f"{where}: not a zarr v3 group (no zarr.json)")
-    schema.check_group_meta(f"{where}: zarr.json", {k: v for k, v in root.items() if k != "attributes"}
-                            if isinstance(root, dict) else root)
-    attrs = root.get("attributes")
-    _check_attrs(where, attrs)
-    raw_manifest = files.read(MANIFEST_NAME, MAX_MANIFEST_BYTES)
-    manifest = parse_manifest(raw_manifest, str(where))
-    fingerprint = sha256_bytes(raw_manifest)
-    if manifest.get("kind") != "frames":
-        raise StoreError(f"{where}: manifest is for a {manifest.get('kind')!r} store, not a frame store")
-    metas, allowed, required = _store_layout(files, attrs)
-    schema.check_manifest_names(str(where), manifest["files"], allowed, required)
+    layout = check_layout(files)
     if expected_fingerprint:
-        check_fingerprint(fingerprint, expected_fingerprint, source)
-    if verify:
-        from .verify import verify_files
-
-        report = verify_files(files, manifest, source)
-        if not report.ok:
-            listed = "; ".join(f"{p.kind} {p.name}" for p in report.problems[:5])
-            raise IntegrityError(f"{source}: {report.headline()}: {listed}"
-                                 f"{' ...' if len(report.problems) > 5 else ''} (dvsprep verify lists them)")
+        check_fingerprint(layout.fingerprint, expected_fingerprint, source)
+    ensure_verified(files, layout, source, force=verify)
     try:
         group = zarr.open_group(files.zarr_store(), mode="r", zarr_format=3)
     except Exception as exc:  # zarr raises assorted errors for broken metadata
-        raise StoreError(f"{where}: cannot open as a zarr v3 group: {exc}") from exc
-    return FrameStore(path=Path(where), attrs=dict(attrs), fingerprint=fingerprint, _group=group, _files=files,
-                      manifest=manifest, array_meta=metas, source=source)
+        raise StoreError(f"{files.path}: cannot open as a zarr v3 group: {exc}") from exc
+    return FrameStore(path=Path(files.path), attrs=layout.attrs, fingerprint=layout.fingerprint, _group=group,
+                      _files=files, manifest=layout.manifest, array_meta=layout.metas, source=source)
 
 
 def check_fingerprint(store: "FrameStore | str", expected: str | None = None, what: str = "") -> str:

@@ -69,6 +69,7 @@ LINE_H = 14        # Pillow's default bitmap font is 11 px tall (6 px per charac
 TEXT_X = 4         # left margin of text lines
 OUTPUT_SUFFIXES = (".png", ".gif")
 MAX_SCALE = 16
+MIN_FPS, MAX_FPS = 0.01, 50.0   # GIF frame durations are 1/100 s units (20 ms: what viewers show)
 PILLOW_HINT = "dvsprep show needs Pillow: pip install 'dvsgesture-kit[show]'"
 
 
@@ -288,6 +289,12 @@ def _palette(arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]
     return colours, [np.searchsorted(uniq, k).astype(np.uint8) for k in keys]
 
 
+def drawable(line: str) -> str:
+    """`line` in the characters the bitmap font has (Latin-1); others become '?' (names of
+    stores, recordings or paths in any script must not stop a picture from being written)."""
+    return line.encode("latin-1", "replace").decode("latin-1")
+
+
 def to_images(pictures: Sequence[Picture]) -> list[Any]:
     """Pillow palette images ("P") of pictures sharing one exact palette, text drawn in TEXT_RGB."""
     Image, ImageDraw, ImageFont = _pil()
@@ -302,7 +309,7 @@ def to_images(pictures: Sequence[Picture]) -> list[Any]:
         im.putpalette(flat)
         draw = ImageDraw.Draw(im)
         for x, y, line in pic.texts:
-            draw.text((x, y), line, fill=text_index, font=font)
+            draw.text((x, y), drawable(line), fill=text_index, font=font)
         images.append(im)
     return images
 
@@ -485,8 +492,9 @@ def show(
         raise StoreError("count applies to a label's contact sheet only")
     if count is not None and count < 1:
         raise StoreError(f"count must be >= 1, got {count}")
-    if scale is not None and not 1 <= scale <= MAX_SCALE or columns < 1 or fps <= 0:
-        raise StoreError(f"scale must be 1..{MAX_SCALE}, columns >= 1 and fps > 0")
+    if scale is not None and not 1 <= scale <= MAX_SCALE or columns < 1 or not MIN_FPS <= fps <= MAX_FPS:
+        raise StoreError(f"scale must be 1..{MAX_SCALE}, columns >= 1 and fps {MIN_FPS}..{MAX_FPS} "
+                         f"(got scale {scale}, columns {columns}, fps {fps})")
     if out is not None:
         suffix = Path(out).suffix.lower()
         if suffix not in OUTPUT_SUFFIXES:

@@ -21,3 +21,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Verified-markers and downloads go to a cache of the test session, never ~/.cache."""
+    import os
+
+    if "DVSPREP_CACHE" not in os.environ or not os.environ["DVSPREP_CACHE"].startswith(str(tmp_path_factory.getbasetemp())):
+        monkeypatch.setenv("DVSPREP_CACHE", str(tmp_path_factory.getbasetemp() / "dvsprep-cache"))

@@ -105,3 +105,32 @@ def test_manifest_entries_are_checked():
         parse_manifest(b"[]", "m")
     with pytest.raises(StoreError, match="not valid JSON"):
         parse_manifest(b"{", "m")
+
+
+def test_zip_members_that_zipfile_would_refuse_are_found(store, tmp_path):
+    """Bytes no manifest hash covers, but that zip readers (zarr's ZipStore) check: found by
+    the fuzz tests."""
+    from click.testing import CliRunner
+
+    from dvsprep.cli import main
+
+    good = _zip(store, tmp_path / "good.zip")
+    data = good.read_bytes()
+    info = zipfile.ZipFile(good).getinfo("train/label/c/0")
+    # the name in the local header differs from the central directory's
+    renamed = bytearray(data)
+    renamed[info.header_offset + 30 + len("train/label")] = ord(".")
+    (tmp_path / "renamed.zip").write_bytes(bytes(renamed))
+    with pytest.raises(StoreError, match="'train/label/c/0' has another name in its local header"):
+        open_frame_store(tmp_path / "renamed.zip")
+    # a CRC-32 in the central directory that does not match the member's bytes
+    bad_crc = bytearray(data)
+    cd = data.index(b"PK\x01\x02")                          # the central directory
+    at = data.index(b"train/label/c/0", cd) - 46 + 16       # central header: CRC at offset 16
+    bad_crc[at] ^= 0xFF
+    (tmp_path / "crc.zip").write_bytes(bytes(bad_crc))
+    res = CliRunner().invoke(main, ["verify", str(tmp_path / "crc.zip")])
+    assert res.exit_code == 1
+    assert "corrupt  train/label/c/0: the zip's CRC-32 of this member does not match its bytes" in res.output
+    with pytest.raises(StoreError, match="CRC-32"):
+        open_frame_store(tmp_path / "crc.zip")

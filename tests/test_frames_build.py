@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from dvsprep.cli import main
+from dvsprep.errors import StoreError
 from dvsprep.events_store import EventsFile, EventsWriter
 from dvsprep.frames_build import build_frame_store
 from dvsprep.frames_store import open_frame_store
@@ -155,7 +156,9 @@ def test_events_outside_sensor_is_an_error(tmp_path):
     _write_events(tmp_path / "events.h5", sizes=(4, 1))
     with h5py.File(tmp_path / "events.h5", "r+") as f:
         f["train/x"][5] = 200
-    with pytest.raises(Exception, match="outside the 128x128 sensor"):
+    # events.h5 is verified first: the value and the changed bytes are both named
+    with pytest.raises(StoreError, match=r"events.h5: events file NOT intact: invalid train/x \(holds 200, "
+                                         r"outside 0..127\); corrupt train/x"):
         build_frame_store(tmp_path / "events.h5", tmp_path / "f.zarr", T=4, jobs=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["events.h5"]
 
@@ -256,3 +259,53 @@ def test_end_to_end_synthetic_release_matches_spikingjelly(synthetic_data, split
     sj = _sj_frames(root / "raw", root / "sj", 16, split_by)
     n = len(sj)
     assert _compare_with_spikingjelly(root / "data" / f"frames_T16_{split_by}.zarr", sj) == n > 20
+
+
+def _big_events(path: Path, n: int = 40, m: int = 60_000) -> None:
+    rng = np.random.default_rng(7)
+    w = EventsWriter(path)
+    for split, k in (("train", n), ("test", 4)):
+        lens = np.full(k, m)
+        ev = {"t": np.sort(rng.integers(0, 1_000_000, k * m)).astype(np.int64),
+              "x": rng.integers(0, 128, k * m).astype(np.uint8), "y": rng.integers(0, 128, k * m).astype(np.uint8),
+              "p": rng.integers(0, 2, k * m).astype(np.uint8)}
+        meta = {"label": np.arange(k) % 11, "row": np.arange(k), "t_start": np.zeros(k), "t_end": np.ones(k),
+                "recording": ["user01_lab"] * k}
+        w.append(split, ev, lens, meta)
+    w.finish({"recordings": {}, "n_invalid_dropped": 0})
+
+
+@pytest.fixture(scope="module")
+def big_events(tmp_path_factory):
+    root = tmp_path_factory.mktemp("big")
+    _big_events(root / "events.h5")
+    return root / "events.h5"
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_with_two_jobs_prints_aborted_and_leaves_nothing(big_events, tmp_path, presses):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while -j 2 workers
+    write: only "Aborted!", no temporary, no lock file; a second Ctrl-C during the clean-up too."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    shutil.copy(big_events, tmp_path / "events.h5")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", "from dvsprep.cli import main; main()", "frames", "-T", "256",
+                             "-d", str(tmp_path), "-j", "2"], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:   # wait until shards are being written
+        if any(any(p.rglob("c/*/0/0/0/0")) for p in tmp_path.glob(".frames_T256_number.zarr.tmp-*")):
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, proc.communicate()
+    for _ in range(presses):
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(0.05)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and err == "\nAborted!\n" and out == "", (proc.returncode, out, err)  # click's words
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["events.h5"]

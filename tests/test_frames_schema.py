@@ -54,6 +54,16 @@ CASES = [
     ("bad sensor", "zarr.json", lambda m: m["attributes"].update(sensor_size=[4096, 4096]), "sensor size"),
     ("unknown split", "zarr.json", lambda m: m["attributes"]["splits"].update(val={"n_samples": 1}), "splits"),
     ("group attrs", "train/zarr.json", lambda m: m.update(consolidated_metadata={"x": 1}), "plain zarr v3 group"),
+    ("root consolidated", "zarr.json", lambda m: m.update(consolidated_metadata={"kind": "inline", "metadata": {}}),
+     "plain zarr v3 group"),
+    ("zstd level 10**30", "train/label/zarr.json",
+     lambda m: m["codecs"][1].update(configuration={"level": 10**30, "checksum": False}), "zstd configuration"),
+    ("zstd level true", "train/row/zarr.json",
+     lambda m: m["codecs"][1].update(configuration={"level": True, "checksum": False}), "zstd configuration"),
+    ("blosc clevel 100", "train/frames/zarr.json",
+     lambda m: _frames_codecs(m)[1]["configuration"].update(clevel=100), "blosc configuration"),
+    ("blosc typesize 0", "train/frames/zarr.json",
+     lambda m: _frames_codecs(m)[1]["configuration"].update(typesize=0), "blosc configuration"),
 ]
 
 
@@ -82,8 +92,8 @@ def test_decompression_bomb_in_a_metadata_chunk_is_refused(store):
     assert zstd_content_size(bomb) == 1 << 24 and len(bomb) < 4096
     (store / "train/label/c/0").write_bytes(bomb)
     write_dir_manifest(store, dir_manifest(store, kind="frames"))
-    with pytest.raises(UntrustedStoreError, match=r"train/label/c/0 declares 16777216 decoded size \(at most 10"):
-        open_frame_store(store).split("train")
+    with pytest.raises(StoreError, match=r"train/label/c/0 declares 16777216 decoded bytes \(10 expected\)"):
+        open_frame_store(store)
 
 
 def test_label_out_of_range_is_refused(store):
@@ -115,5 +125,22 @@ def test_shard_index_and_sample_sizes_are_bounded(store):
     off = int(np.frombuffer(good[-(16 * n_inner + 4):-4], "<u8")[0])
     data[off + 4:off + 8] = (1 << 31).to_bytes(4, "little")
     shard.write_bytes(bytes(data))
+    write_dir_manifest(store, dir_manifest(store, kind="frames"))
     with pytest.raises(StoreError, match="sample 8 has the wrong decoded size"):
         open_frame_store(store).split("train")[8]
+
+
+def test_manifest_kind_and_nested_json_are_refused_like_verify_says(store):
+    from dvsprep.verify import verify_store
+
+    manifest = json.loads((store / "manifest.json").read_text())
+    (store / "manifest.json").write_text(json.dumps({**manifest, "kind": "events"}))
+    with pytest.raises(StoreError, match="manifest is for a 'events' store, not a frame store"):
+        open_frame_store(store)
+    rep = verify_store(store)
+    assert not rep.ok and [(p.kind, p.name) for p in rep.problems] == [("invalid", "layout")]
+    (store / "train/label/zarr.json").write_text("[" * 100_000 + "]" * 100_000)
+    write_dir_manifest(store, dir_manifest(store, kind="frames"))
+    with pytest.raises(StoreError, match="train/label/zarr.json is not valid JSON"):
+        open_frame_store(store)
+    assert not verify_store(store).ok

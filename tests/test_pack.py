@@ -75,13 +75,13 @@ def test_refuses_overwrite_and_corrupt_sources(store, tmp_path):
     data = bytearray(shard.read_bytes())
     data[7] ^= 0x10
     shard.write_bytes(bytes(data))
-    with pytest.raises(IntegrityError, match="train/frames/c/2/0/0/0/0 differs from the manifest"):
+    with pytest.raises(IntegrityError, match="corrupt train/frames/c/2/0/0/0/0 .*differs from the manifest"):
         pack_store(path, tmp_path / "bad.zip")
     data[7] ^= 0x10
     shard.write_bytes(bytes(data))
     (path / "stray.txt").write_text("x")
     r = _run("pack", path, "-o", tmp_path / "bad.zip")
-    assert r.exit_code == 1 and "1 file(s) not in the manifest (stray.txt)" in r.output
+    assert r.exit_code == 1 and "extra stray.txt (not in the manifest)" in r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name, "s.zip"]  # no temp files left
     with pytest.raises(StoreError, match="must end in .zip"):
         pack_store(path, tmp_path / "s.tar")
@@ -99,5 +99,7 @@ def test_unpack_refuses_a_corrupt_member(store, tmp_path):
     z.write_bytes(bytes(data))
     r = _run("unpack", z)
     assert r.exit_code == 1
-    assert r.output == f"error: {z}: test/label/c/0 differs from the manifest (run dvsprep verify); nothing written\n"
+    # the store is verified when opened, before anything is written
+    assert r.output == f"error: {z}: frame store NOT intact: 1 corrupt (of 33 files): corrupt test/label/c/0 " \
+        "(sha256 differs from the manifest) (dvsprep verify lists them)\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name, "s.zip"]

@@ -311,3 +311,17 @@ def test_empty_sample_from_events(events_root, tmp_path):
     img = _rgb(tmp_path / "e.png")
     body = img[3 * S.LINE_H:]
     assert ((body == 0).all(-1) | (body == S.GAP_RGB).all(-1) | (body == S.TEXT_RGB).all(-1)).all()
+
+
+def test_text_in_any_script_and_odd_fps(store, tmp_path):
+    assert S.drawable("日本 ü€") == "?? ü?"
+    named = tmp_path / "日本.zarr"
+    import shutil
+
+    shutil.copytree(store, named)
+    res = _cli("show", named, "--label", "all", "-o", tmp_path / "ü€.png")
+    assert res.exit_code == 0 and (tmp_path / "ü€.png").is_file(), res.output
+    for fps in ("nan", "inf", "0", "1e-300"):
+        res = _cli("show", store, "--fps", fps, "-o", tmp_path / "a.gif")
+        assert res.exit_code == 1 and res.stderr.count("\n") == 1 and "fps 0.01..50.0" in res.stderr, res.output
+    assert not (tmp_path / "a.gif").exists()

@@ -14,7 +14,7 @@ from zarr.storage import LocalStore
 from aedat_fixtures import small_release
 from dvsprep import release
 from dvsprep.cli import main
-from dvsprep.container import ZipFiles
+from dvsprep.container import ZipFiles, open_store_files
 from dvsprep.convert import convert_release
 from dvsprep.pack import pack_store
 from dvsprep.errors import IntegrityError, StoreError
@@ -185,7 +185,61 @@ def test_library_checks_for_the_trainer(store):
     with pytest.raises(StoreError, match="not 12 to 64 hex digits"):
         check_fingerprint(st, "abc")
     _flip(path / SHARD1)
-    open_frame_store(path)  # structure only: cheap, opens
-    with pytest.raises(IntegrityError, match=f"frame store NOT intact: 1 corrupt \\(of 33 files\\): corrupt {SHARD1}"):
-        open_frame_store(path, verify=True)
+    # every open checks: a changed file misses the verified-marker and is hashed again
+    for force in (False, True):
+        with pytest.raises(IntegrityError, match=f"frame store NOT intact: 1 corrupt \\(of 33 files\\): corrupt {SHARD1}"):
+            open_frame_store(path, verify=force)
     assert not verify_store(path).ok
+
+
+def test_verify_writes_the_marker_readers_use(store, tmp_path, monkeypatch):
+    import os
+
+    from dvsprep import trust
+    from dvsprep import verify as V
+
+    path, fp = store
+    monkeypatch.setattr(trust, "RACY_NS", 0)
+    assert verify_store(path).ok
+    assert trust.is_verified("frames", path, fp, open_store_files(path).stamps())
+    monkeypatch.setattr(V, "full_report", lambda *a: pytest.fail("hashed again despite the marker"))
+    assert open_frame_store(path).fingerprint == fp
+    # events.h5: verify writes the marker, EventsFile then only stats the file
+    from dvsprep.events_store import EventsFile
+
+    rel = small_release(tmp_path / "raw")
+    convert_release(rel, tmp_path / "data", jobs=1)
+    ev = tmp_path / "data" / "events.h5"
+    assert verify_path(ev).ok
+    monkeypatch.setattr(EventsFile, "problems", lambda self: pytest.fail("hashed again despite the marker"))
+    EventsFile(ev).close()
+    with h5py.File(ev, "r+") as f:       # any change: verified again (and refused here)
+        f["test/t"][0] += 1
+    with pytest.raises(pytest.fail.Exception):
+        EventsFile(ev)
+    assert os.listdir(trust.marker_dir())
+
+
+@pytest.mark.parametrize("mangle", ["manifest not json", "zarr.json nested", "zarr.json a directory",
+                                    "label chunk empty", "manifest lists itself"])
+def test_verify_never_raises(store, mangle):
+    path, _ = store
+    if mangle == "manifest not json":
+        (path / "manifest.json").write_bytes(b"\xff\xfe{")
+    elif mangle == "zarr.json nested":
+        (path / "zarr.json").write_text("{\"a\":" * 50_000 + "1" + "}" * 50_000)
+    elif mangle == "zarr.json a directory":
+        (path / "train/label/zarr.json").unlink()
+        (path / "train/label/zarr.json").mkdir()
+    elif mangle == "label chunk empty":
+        (path / "train/label/c/0").write_bytes(b"")
+    else:
+        import json
+
+        m = json.loads((path / "manifest.json").read_text())
+        m["files"]["manifest.json"] = {"sha256": "0" * 64, "size": 1}
+        (path / "manifest.json").write_text(json.dumps(m))
+    rep = verify_store(path)
+    assert not rep.ok and rep.problems and all(isinstance(ln, str) for ln in rep.lines())
+    r = _run("verify", path)
+    assert r.exit_code == 1 and "NOT intact" in r.output and "Traceback" not in r.output

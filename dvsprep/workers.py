@@ -3,7 +3,7 @@
 Workers ignore SIGINT: the terminal sends it to the whole process group, and a worker that
 dies of KeyboardInterrupt prints its own traceback and breaks the pool. The parent alone takes
 the interrupt, stops the pool (`stop_pool`), removes its temporaries and lets click print
-"Aborted!".
+"Aborted!". SIGTERM keeps its default action in workers (die at once).
 """
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ from concurrent.futures import ProcessPoolExecutor
 
 def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A forked worker inherits the CLI's SIGTERM handler (which raises SystemExit to run the
+    # parent's cleanup); a worker has nothing to clean up and must simply die when terminated.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def process_pool(jobs: int) -> ProcessPoolExecutor:

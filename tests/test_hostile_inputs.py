@@ -325,15 +325,32 @@ def test_members_outside_the_release_layout(tmp_path, name):
     assert not (tmp_path / "out").exists()
 
 
-def test_extraction_checks_free_space_first(tmp_path, monkeypatch):
+@pytest.mark.parametrize("when", ["before", "per_member"])
+def test_extraction_checks_free_space_first(tmp_path, monkeypatch, when):
     import collections
 
     tgz = _release_tgz(tmp_path)
+    # "before": not even the archive's size is free; "per_member": that is, but not the first member
+    free = release_mod.FREE_SPACE_RESERVE + (tgz.stat().st_size + 100 if when == "per_member" else 0)
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(release_mod.shutil, "disk_usage", lambda p: usage(1 << 30, 1 << 30, 10 << 20))
+    monkeypatch.setattr(release_mod.shutil, "disk_usage", lambda p: usage(1 << 40, 1 << 40, free))
     r = _cli("convert", tgz, "-o", tmp_path / "out")
-    assert "MB free" in _refused(r.exit_code, r.stderr, tgz)
+    line = _refused(r.exit_code, r.stderr, tgz)
+    need = tgz.stat().st_size if when == "before" else None
+    assert "MB free" in line and (need is None or f"needs {need / 1e6:,.1f} MB" in line)
     assert not (tmp_path / "out").exists()
+
+
+def test_library_messages_become_one_line(tmp_path, monkeypatch):
+    import dvsprep.convert as conv
+    from dvsprep.errors import ReleaseError
+
+    def multi_line(*a, **k):
+        raise ReleaseError(f"{tmp_path}: first\n- second\n- third")
+
+    monkeypatch.setattr(conv, "convert_release", multi_line)
+    r = _cli("convert", tmp_path, "-o", tmp_path / "out")
+    assert _refused(r.exit_code, r.stderr) == f"error: {tmp_path}: first - second - third"
 
 
 def test_extract_scratch_is_pid_named_and_removed(tmp_path, monkeypatch):
@@ -466,7 +483,7 @@ def _cache_leftovers(cache: Path) -> list[str]:
 def test_redirect_loop_is_one_line_naming_the_url(hostile_server, tmp_path):
     url = f"{hostile_server}/loop/s.zip"
     r = _cli("verify", url, "--cache-dir", tmp_path / "c")
-    assert "redirect" in _refused(r.exit_code, r.stderr, url)
+    assert _refused(r.exit_code, r.stderr, url) == f"error: {url}: HTTP 302: redirect loop or too many redirects"
     assert _cache_leftovers(tmp_path / "c") == []
 
 
@@ -611,13 +628,15 @@ def _wait_for(folder: Path, prefix: str, proc: subprocess.Popen, timeout: float 
     raise AssertionError(f"{prefix} never appeared in {folder}")
 
 
-def test_ctrl_c_on_convert_j2_prints_aborted_only(tmp_path):
+@pytest.mark.parametrize("slow", ["process_recording", "_load_spill"])
+def test_ctrl_c_on_convert_j2_prints_aborted_only(tmp_path, slow):
+    """Ctrl-C while the workers are busy (slow decoding) or idle (a slow parent)."""
     _bigger_release(tmp_path / "raw", n_recordings=6, n_events=20_000)
     out = tmp_path / "out"
     before = _state(tmp_path / "raw")
-    proc = _slow_dvsprep("convert", "process_recording", 0.5, "convert", tmp_path / "raw", "-o", out, "-j", "2")
+    proc = _slow_dvsprep("convert", slow, 0.5, "convert", tmp_path / "raw", "-o", out, "-j", "2")
     _wait_for(out, ".dvsprep-convert-", proc)  # the pool is running
-    time.sleep(0.2)
+    time.sleep(0.3)
     os.killpg(proc.pid, signal.SIGINT)  # the terminal sends it to the whole group
     stdout, stderr = proc.communicate(timeout=60)
     assert (proc.returncode, stdout, stderr.strip()) == (1, "", "Aborted!"), stderr  # click: "\\nAborted!"

@@ -176,6 +176,21 @@ def test_safe_extract_refuses(tmp_path, name, kind, match):
     assert not (tmp_path / "escape.txt").exists()
 
 
+@pytest.mark.parametrize("content,match", [
+    (b"plain text, not an archive", "not a gzip-compressed tar archive$"),
+    (b"BZh91AY&SY" + bytes(600), "not a gzip-compressed tar archive$"),
+    (b"\x1f\x8b\x08\x00" + bytes(600), r"unreadable archive \([^\n]*\)$"),
+])
+def test_not_a_tar_gz_is_one_line(tmp_path, content, match):
+    f = tmp_path / "DvsGesture.tar.gz"
+    f.write_bytes(content)
+    with pytest.raises(ReleaseError, match=match) as info:
+        with open_release(f, scratch=tmp_path):
+            pass
+    assert "\n" not in str(info.value) and str(info.value).startswith(f"{f}: ")
+    assert list(tmp_path.iterdir()) == [f]  # the scratch folder is gone
+
+
 def test_corrupt_archive(tmp_path):
     f = tmp_path / "DvsGesture.tar.gz"
     f.write_bytes(b"\x1f\x8b not really gzip")

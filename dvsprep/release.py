@@ -193,8 +193,6 @@ def _member_parts(archive: Path, m: tarfile.TarInfo) -> tuple[str, ...] | None:
         raise UnsafeArchiveError(f"{archive}: member {name!r} would be written outside the extraction directory")
     if not (m.isfile() or m.isdir()):
         raise UnsafeArchiveError(f"{archive}: member {name!r} is a link or special file; refusing it")
-    if m.issparse():
-        raise UnsafeArchiveError(f"{archive}: member {name!r} is a sparse file (the release has none); refusing it")
     try:  # tarfile's own "data" rules as a second line of defence
         tarfile.data_filter(m, "/dvsprep-extract")
     except tarfile.FilterError as exc:
@@ -208,14 +206,29 @@ def _member_parts(archive: Path, m: tarfile.TarInfo) -> tuple[str, ...] | None:
         raise ReleaseError(f"{archive}: member {name!r} is not part of the release ({_LAYOUT})")
     if not parts[-1].isprintable():
         raise ReleaseError(f"{archive}: member {name!r} has a name no release file has")
-    recording = parts[-1].endswith(".aedat")
+    check_member_size(archive, m)
+    return parts
+
+
+def check_member_size(archive: Path, m: tarfile.TarInfo, total: int = 0) -> int:
+    """Bound what one member header declares (MAX_RECORDING_BYTES for .aedat, else
+    MAX_OTHER_MEMBER_BYTES; no sparse files) and the running total (MAX_RELEASE_BYTES).
+    Returns the new total. Call it before reading the member's data."""
+    if m.issparse():
+        raise UnsafeArchiveError(f"{archive}: member {m.name!r} is a sparse file (the release has none); refusing it")
+    recording = m.name.endswith(".aedat")
     bound = MAX_RECORDING_BYTES if recording else MAX_OTHER_MEMBER_BYTES
     if m.size > bound:
         raise ResourceLimitError(
-            f"{archive}: member {name!r} declares {m.size:,} bytes, over the {bound:,}-byte bound for "
+            f"{archive}: member {m.name!r} declares {m.size:,} bytes, over the {bound:,}-byte bound for "
             f"{'a recording' if recording else 'a release text file'}; refusing the archive"
         )
-    return parts
+    total += m.size
+    if total > MAX_RELEASE_BYTES:
+        raise ResourceLimitError(
+            f"{archive}: members declare more than {MAX_RELEASE_BYTES:,} bytes in all, over the "
+            f"bound for a DVS128 Gesture release (~5 GB extracted); refusing the archive")
+    return total
 
 
 def _archive_mode(archive: Path, f: BinaryIO) -> str:
@@ -284,11 +297,7 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> None:
                     parts = _member_parts(archive, m)
                     if parts is None:
                         continue
-                    total += m.size
-                    if total > MAX_RELEASE_BYTES:
-                        raise ResourceLimitError(
-                            f"{archive}: members declare more than {MAX_RELEASE_BYTES:,} bytes in all, over the "
-                            f"bound for a DVS128 Gesture release (~5 GB extracted); refusing the archive")
+                    total = check_member_size(archive, m, total)
                     _check_space(archive, dest, m.size)
                     _extract_member(archive, tf, m, dest.joinpath(*parts))
         except DvsprepError:

@@ -1,6 +1,7 @@
 """`dvsprep convert`: raw release -> DATA_ROOT/events.h5, recording by recording, in parallel."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import itertools
@@ -137,9 +138,9 @@ def _results(recs: list[Recording], jobs: int, scratch: Path) -> Iterator[dict[s
         for r in recs:
             yield process_recording(r)
         return
-    spill_dir = scratch_dir(scratch, "convert")
-    pool = None
-    try:
+    spill_dir = pool = None
+    try:  # everything made inside the try, so that a signal at any point leaves nothing behind
+        spill_dir = scratch_dir(scratch, "convert")
         # Workers ignore SIGINT: on Ctrl-C the parent alone stops (workers finish the recording
         # they hold, nothing else starts), removes the spill folder and click prints "Aborted!".
         pool = process_pool(min(jobs, len(recs)))
@@ -156,7 +157,8 @@ def _results(recs: list[Recording], jobs: int, scratch: Path) -> Iterator[dict[s
             yield res
     finally:
         stop_pool(pool)
-        remove_path(spill_dir)
+        if spill_dir is not None:
+            remove_path(spill_dir)
 
 
 def convert_release(
@@ -236,49 +238,18 @@ def _convert_locked(raw: Path, out_dir: Path, out: Path, jobs: int, strict: bool
         recs = list_recordings(release)
         if not recs:
             raise ReleaseError(f"{release}: the trial lists name no recordings")
-        writer = EventsWriter(out, force=force)
-        bar = _progress(len(recs), progress)
+        writer = bar = None
         try:
-            recordings_attr = {}
-            for res in _results(recs, jobs, out_dir):
-                stem, split = res["stem"], res["split"]
-                name = f"{stem}.aedat"
-                expected = published["recordings"].get(name)
-                if expected is not None and expected != res["md5"]:
-                    summary.md5_mismatches.append(name)
-                    if strict:
-                        raise ReleaseError(
-                            f"{release / name}: md5 {res['md5']} differs from the published {expected}"
-                        )
-                n = len(res["lengths"])
-                writer.append(
-                    split,
-                    res["events"],
-                    res["lengths"],
-                    {
-                        "label": res["label"],
-                        "row": np.arange(n),
-                        "t_start": res["t_start"],
-                        "t_end": res["t_end"],
-                        "recording": [stem] * n,
-                    },
-                )
-                recordings_attr[stem] = {
-                    "split": split,
-                    "md5": res["md5"],
-                    "n_events": res["n_events"],
-                    "n_invalid": res["n_invalid"],
-                    "n_samples": n,
-                }
-                summary.recordings += 1
-                summary.samples[split] += n
-                for lab in res["label"].tolist():
-                    summary.per_class[split][lab] += 1
-                summary.events += res["n_events"]
-                summary.events_in_samples += int(res["lengths"].sum())
-                summary.invalid_dropped += res["n_invalid"]
-                if bar is not None:
-                    bar.update(1)
+            writer = EventsWriter(out, force=force)
+            bar = _progress(len(recs), progress)
+            recordings_attr: dict[str, dict] = {}
+            # closing(): on any exception the pool stops and the spill folder goes now, not
+            # whenever the suspended generator happens to be collected (maybe never, if killed).
+            with contextlib.closing(_results(recs, jobs, out_dir)) as results:
+                for res in results:
+                    _add_recording(res, writer, summary, recordings_attr, published, release, strict)
+                    if bar is not None:
+                        bar.update(1)
             summary.fingerprint = writer.finish(
                 {
                     "recordings": recordings_attr,
@@ -286,12 +257,42 @@ def _convert_locked(raw: Path, out_dir: Path, out: Path, jobs: int, strict: bool
                 }
             )
         except BaseException:
-            writer.abort()
+            if writer is not None:
+                writer.abort()
             raise
         finally:
             if bar is not None:
                 bar.close()
     return summary
+
+
+def _add_recording(res: dict[str, Any], writer: EventsWriter, summary: ConvertSummary,
+                   recordings_attr: dict[str, dict], published: dict, release: Path, strict: bool) -> None:
+    """Append one decoded recording's samples to the writer and count them."""
+    stem, split = res["stem"], res["split"]
+    name = f"{stem}.aedat"
+    expected = published["recordings"].get(name)
+    if expected is not None and expected != res["md5"]:
+        summary.md5_mismatches.append(name)
+        if strict:
+            raise ReleaseError(f"{release / name}: md5 {res['md5']} differs from the published {expected}")
+    n = len(res["lengths"])
+    writer.append(
+        split,
+        res["events"],
+        res["lengths"],
+        {"label": res["label"], "row": np.arange(n), "t_start": res["t_start"], "t_end": res["t_end"],
+         "recording": [stem] * n},
+    )
+    recordings_attr[stem] = {"split": split, "md5": res["md5"], "n_events": res["n_events"],
+                             "n_invalid": res["n_invalid"], "n_samples": n}
+    summary.recordings += 1
+    summary.samples[split] += n
+    for lab in res["label"].tolist():
+        summary.per_class[split][lab] += 1
+    summary.events += res["n_events"]
+    summary.events_in_samples += int(res["lengths"].sum())
+    summary.invalid_dropped += res["n_invalid"]
 
 
 def _progress(total: int, enabled: bool):

@@ -328,15 +328,17 @@ def open_release(raw: str | os.PathLike, scratch: str | os.PathLike | None = Non
     if raw.is_file():
         if not raw.name.endswith((".tar.gz", ".tgz", ".tar")):
             raise ReleaseError(f"{raw}: not a release folder or a .tar.gz archive")
-        tmp = scratch_dir(Path(scratch) if scratch is not None else Path(tempfile.gettempdir()), "extract")
+        tmp = None
         try:
+            tmp = scratch_dir(Path(scratch) if scratch is not None else Path(tempfile.gettempdir()), "extract")
             safe_extract(raw, tmp)
             found = find_release_dir(tmp)
             if found is None:
                 raise ReleaseError(f"{raw}: archive holds no {RELEASE_DIR}/{TRIAL_LISTS['train']}")
             yield found
         finally:
-            remove_path(tmp)
+            if tmp is not None:
+                remove_path(tmp)
         return
     if not raw.exists():
         raise MissingFileError(f"{raw}: no such file or directory")

@@ -16,6 +16,7 @@ Determinism: every recording draws from a generator seeded by (seed, recording n
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import logging
@@ -789,12 +790,13 @@ def _write_into(tmp: Path, plan: ReleasePlan, seed: int, scale: str, jobs: int, 
 
         bar = tqdm(total=len(tasks), unit="rec", desc="synth")
     try:
-        for name, n_events, n_bytes in _results(tasks, jobs):
-            log.info("%s: %d events", name, n_events)
-            summary.events += n_events
-            summary.bytes += n_bytes
-            if bar is not None:
-                bar.update(1)
+        with contextlib.closing(_results(tasks, jobs)) as results:  # stop the pool at once on errors
+            for name, n_events, n_bytes in results:
+                log.info("%s: %d events", name, n_events)
+                summary.events += n_events
+                summary.bytes += n_bytes
+                if bar is not None:
+                    bar.update(1)
     finally:
         if bar is not None:
             bar.close()

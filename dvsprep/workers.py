@@ -21,13 +21,13 @@ _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 def _die_with_parent(parent: int) -> None:
-    """Linux: SIGKILL this worker when its parent dies (even of SIGKILL). An orphaned worker
-    would otherwise hold the pool's pipes, and the pipes of whoever ran the command, forever."""
+    """Linux: SIGKILL this worker when the thread that forked it dies (its process killed, even by
+    SIGKILL). A worker forked just after a group-wide SIGTERM was sent would otherwise outlive the
+    command, waiting for work forever and holding the pipes of whoever ran it."""
     try:
         import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
     if os.getppid() != parent:  # the parent died before prctl
@@ -50,9 +50,10 @@ def _noop() -> None:
 
 
 def process_pool(jobs: int) -> ProcessPoolExecutor:
-    """A pool of `jobs` workers that ignore SIGINT. Fork on Linux (workers start in ms instead
-    of re-importing numpy/zarr/h5py); start it before this process starts zarr's event-loop
-    thread, which a forked child must not inherit."""
+    """A pool of `jobs` workers that ignore SIGINT and die with this process. Fork on Linux
+    (workers start in ms instead of re-importing numpy/zarr/h5py); start it before this process
+    starts zarr's event-loop thread, which a forked child must not inherit, and from the thread
+    that will stop it (on Linux the workers die with the thread that forked them)."""
     fork = sys.platform.startswith("linux")
     ctx = mp.get_context("fork" if fork else "spawn")
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_ignore_sigint,

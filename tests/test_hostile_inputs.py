@@ -278,6 +278,8 @@ def test_a_huge_declared_member_is_refused_before_extracting(tmp_path):
     r = _cli("convert", tgz, "-o", tmp_path / "out")
     line = _refused(r.exit_code, r.stderr, tgz, "DvsGesture/user01_lab.aedat", "20,000,000,000 bytes")
     assert "536,870,912-byte bound" in line
+    r = _cli("verify", tgz)  # verify streams the archive: bounded the same way
+    assert "536,870,912-byte bound" in _refused(r.exit_code, r.stderr, tgz)
     assert time.monotonic() - t0 < 10
     assert not (tmp_path / "out").exists()
 
@@ -666,6 +668,7 @@ def test_sigterm_on_convert_removes_its_temporaries(tmp_path):
     out = tmp_path / "out"
     proc = _slow_dvsprep("convert", "process_recording", 0.5, "convert", tgz, "-o", out, "-j", "2")
     _wait_for(out, ".dvsprep-convert-", proc)
+    time.sleep(0.2)  # mid-run: the pool is working (not within microseconds of a mkdir)
     os.killpg(proc.pid, signal.SIGTERM)  # e.g. `timeout` or a batch system
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr
@@ -675,10 +678,10 @@ def test_sigterm_on_convert_removes_its_temporaries(tmp_path):
 def test_sigkill_mid_convert_then_rerun_leaves_nothing(tmp_path):
     tgz = _release_tgz(tmp_path)
     out = tmp_path / "out"
-    proc = _slow_dvsprep("convert", "process_recording", 0.3, "convert", tgz, "-o", out, "-j", "1")
+    proc = _slow_dvsprep("convert", "process_recording", 0.3, "convert", tgz, "-o", out, "-j", "2")
     _wait_for(out, f".{EVENTS}.tmp-", proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=60)
+    os.kill(proc.pid, signal.SIGKILL)  # the parent only: its workers must not outlive it
+    proc.communicate(timeout=20)  # returns once no worker holds our pipes any more
     left = _hidden(out)
     assert any(n.startswith(".dvsprep-extract-") for n in left) and any(n.startswith(f".{EVENTS}.tmp-")
                                                                          for n in left), left

@@ -165,7 +165,8 @@ def label_rows(draw):
     lines, want = [], []
     for _ in range(draw(st.integers(0, 4))):
         cls = draw(st.integers(0, 12))
-        start = draw(st.one_of(st.integers(0, 10 ** 9), st.integers(2 ** 63 - 2, 2 ** 64)))
+        start = draw(st.one_of(st.integers(0, 10 ** 9), st.integers(2 ** 63 - 2, 2 ** 64),
+                               st.sampled_from([2 ** 63 - 1, 2 ** 63, 10 ** 19 - 1, 10 ** 19])))
         end = start + draw(st.integers(-2, 10 ** 6))
         values = [cls, start, max(end, 0)]
         spelled = []

@@ -7,7 +7,6 @@ the run created) and the inputs untouched.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import http.server
 import io

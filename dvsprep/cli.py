@@ -1,9 +1,13 @@
 """`dvsprep` command line: a thin layer that turns library exceptions into one-line errors."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -14,22 +18,68 @@ log = logging.getLogger("dvsprep")
 
 
 class _Group(click.Group):
-    """Library errors (and OS errors such as permissions) become `error: ...` and exit 1."""
+    """Library errors (and OS errors such as permissions) become `error: ...` and exit 1.
+
+    While a command runs, SIGTERM raises SystemExit(143) so that every `finally` removes its
+    temporaries, as Ctrl-C (KeyboardInterrupt, "Aborted!") does. A closed stdout (``| head``)
+    is left to click, which exits 1 without a word."""
 
     def invoke(self, ctx: click.Context):
+        previous = _catch_sigterm()
         try:
             return super().invoke(ctx)
         except (DvsprepError, OSError) as exc:
+            if isinstance(exc, OSError) and exc.errno == errno.EPIPE and not isinstance(exc, DvsprepError):
+                raise  # click's main() exits 1 quietly on EPIPE
             if ctx.obj and ctx.obj.get("debug"):
                 raise
             msg = str(exc) if isinstance(exc, DvsprepError) else _os_error_line(exc)
-            click.echo(f"error: {msg}", err=True)
+            click.echo(f"error: {_one_line(msg)}", err=True)
             ctx.exit(1)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _catch_sigterm():
+    """Install the SIGTERM handler (main thread only); returns the previous one, or None."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _one_line(msg: str) -> str:
+    """Error messages are one line, whatever a library put in them."""
+    return " ".join(msg.split())
 
 
 def _os_error_line(exc: OSError) -> str:
     where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
     return f"{where}{exc.strerror or exc}"
+
+
+_FINGERPRINT = re.compile(r"[0-9a-fA-F]{12,64}")
+
+
+def _fingerprint_arg(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and not _FINGERPRINT.fullmatch(value):
+        raise click.BadParameter(f"{value!r} is not a fingerprint (12 to 64 hex digits: the sha256 or a prefix)")
+    return value.lower() if value is not None else None
+
+
+def _size_arg(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    from .remote import parse_size
+
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def _progress() -> bool:
@@ -61,7 +111,7 @@ def main(ctx: click.Context, debug: bool, verbose: bool) -> None:
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Same seed, same bytes.")
 @click.option("--scale", type=click.Choice(["small", "full"]), default="small", show_default=True,
-              help="small: a few hundred samples in seconds; full: the real release's shape (~5 GB).")
+              help="small: a few hundred samples in seconds; full: the real release's shape (~4.3 GB).")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=None,
               help="Worker processes (default: number of CPUs).")
 @click.option("--force", is_flag=True, help="Replace an existing OUT/DvsGesture.")
@@ -95,7 +145,7 @@ def convert(raw: Path, out_dir: Path, jobs: int | None, strict: bool, force: boo
 
 
 @main.command()
-@click.option("-T", "T", type=int, required=True, help="Frames per sample.")
+@click.option("-T", "T", type=click.IntRange(min=1), required=True, help="Frames per sample.")
 @click.option("--split-by", default="number", show_default=True, metavar="number|time",
               help="Split a sample's events into frames by event count or by time.")
 @click.option("-d", "--data-root", type=click.Path(path_type=Path), default=Path("."), show_default=True,
@@ -174,22 +224,26 @@ def show(ctx: click.Context, path: str, split: str, sample: str | None, label: s
 
 @main.command()
 @click.argument("path")
-@click.option("--fingerprint", "expected", default=None, metavar="SHA256",
+@click.option("--fingerprint", "expected", default=None, metavar="SHA256", callback=_fingerprint_arg,
               help="Also require this fingerprint (the full sha256 or a prefix of at least 12 hex digits).")
 @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
               help="Download cache for URLs (default: $DVSPREP_CACHE or ~/.cache/dvsprep).")
+@click.option("--max-download", default=None, metavar="SIZE", callback=_size_arg,
+              help="Refuse URL downloads larger than SIZE (e.g. 500M, 8G; default: $DVSPREP_MAX_DOWNLOAD or 8G).")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=None,
               help="Threads hashing a raw release folder (default: number of CPUs).")
 @click.option("-v", "--verbose", "list_all", is_flag=True, help="List every problem, not the first few of each kind.")
 @click.pass_context
-def verify(ctx: click.Context, path: str, expected: str | None, cache_dir: Path | None, jobs: int | None,
-           list_all: bool) -> None:
+def verify(ctx: click.Context, path: str, expected: str | None, cache_dir: Path | None, max_download: int | None,
+           jobs: int | None, list_all: bool) -> None:
     """Check PATH is intact: a frame store (directory, .zip or http(s) URL) or events.h5 against
     its manifest, or a raw release (folder or tar.gz) against the published md5s. Exit 0 when
     intact, 1 listing what differs."""
+    from .remote import download_limit
     from .verify import verify_path
 
-    report = verify_path(path, cache_dir=cache_dir, expected_fingerprint=expected, jobs=jobs)
+    with download_limit(max_download):
+        report = verify_path(path, cache_dir=cache_dir, expected_fingerprint=expected, jobs=jobs)
     for line in report.lines(verbose=list_all):
         click.echo(line)
     if not report.ok:

@@ -1,17 +1,14 @@
 """`dvsprep convert`: raw release -> DATA_ROOT/events.h5, recording by recording, in parallel."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import itertools
 import logging
-import multiprocessing as mp
 import os
-import shutil
-import sys
-import tempfile
 import time
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,10 +16,27 @@ from typing import Any, Iterator
 import numpy as np
 
 from .aedat import decode_buffer, map_file
+from .atomic import output_lock, remove_path, scratch_dir
 from .constants import N_CLASSES, SPLITS, T_DTYPE, XY_DTYPE
-from .errors import ReleaseError, StoreExistsError
+from .errors import (
+    DvsprepError,
+    InputOutputClashError,
+    MissingFileError,
+    ReleaseError,
+    ResourceLimitError,
+    StoreExistsError,
+)
 from .events_store import EventsWriter
-from .release import Recording, cut_samples, list_recordings, load_published_manifest, open_release, parse_labels
+from .release import (
+    Recording,
+    cut_samples,
+    find_release_dir,
+    list_recordings,
+    load_published_manifest,
+    open_release,
+    parse_labels,
+)
+from .workers import process_pool, stop_pool
 
 log = logging.getLogger(__name__)
 EVENTS_NAME = "events.h5"
@@ -124,27 +138,27 @@ def _results(recs: list[Recording], jobs: int, scratch: Path) -> Iterator[dict[s
         for r in recs:
             yield process_recording(r)
         return
-    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    spill_dir = tempfile.mkdtemp(prefix=".dvsprep-convert-", dir=scratch)
-    try:
-        with ProcessPoolExecutor(min(jobs, len(recs)), mp_context=ctx) as pool:
-            pending: deque = deque()
-            todo = iter(recs)
-            try:
-                for r in itertools.islice(todo, jobs + 1):
-                    pending.append(pool.submit(process_recording, r, spill_dir))
-                while pending:
-                    res = pending.popleft().result()
-                    nxt = next(todo, None)
-                    if nxt is not None:
-                        pending.append(pool.submit(process_recording, nxt, spill_dir))
-                    res["events"] = _load_spill(res)
-                    yield res
-            finally:
-                for f in pending:
-                    f.cancel()
+    spill_dir = pool = None
+    try:  # everything made inside the try, so that a signal at any point leaves nothing behind
+        spill_dir = scratch_dir(scratch, "convert")
+        # Workers ignore SIGINT: on Ctrl-C the parent alone stops (workers finish the recording
+        # they hold, nothing else starts), removes the spill folder and click prints "Aborted!".
+        pool = process_pool(min(jobs, len(recs)))
+        pending: deque = deque()
+        todo = iter(recs)
+        for r in itertools.islice(todo, jobs + 1):
+            pending.append(pool.submit(process_recording, r, str(spill_dir)))
+        while pending:
+            res = pending.popleft().result()
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append(pool.submit(process_recording, nxt, str(spill_dir)))
+            res["events"] = _load_spill(res)
+            yield res
     finally:
-        shutil.rmtree(spill_dir, ignore_errors=True)
+        stop_pool(pool)
+        if spill_dir is not None:
+            remove_path(spill_dir)
 
 
 def convert_release(
@@ -156,74 +170,40 @@ def convert_release(
     force: bool = False,
     progress: bool = False,
 ) -> ConvertSummary:
-    """Convert a raw release (folder or DvsGesture.tar.gz) into `out_dir/events.h5`."""
+    """Convert a raw release (folder or DvsGesture.tar.gz) into `out_dir/events.h5`.
+
+    The output is locked while written (a second convert into the same DATA_ROOT refuses), an
+    existing events.h5 is replaced only with `force` (checked again when the new file is
+    published), and on any failure nothing is left: no temporary, no half file, and no
+    `out_dir` this call created. A full disk is one ResourceLimitError naming the output.
+    """
     t0 = time.perf_counter()
-    out_dir = Path(out_dir)
+    raw, out_dir = Path(raw), Path(out_dir)
     out = out_dir / EVENTS_NAME
+    if not raw.exists():
+        raise MissingFileError(f"{raw}: no such file or directory")
     if out.exists() and not force:
         raise StoreExistsError(f"{out}: already exists (use --force to replace it)")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    jobs = jobs or os.cpu_count() or 1
-    published = load_published_manifest()
-    summary = ConvertSummary(path=out)
-    with open_release(raw, scratch=out_dir) as release:
-        recs = list_recordings(release)
-        if not recs:
-            raise ReleaseError(f"{release}: the trial lists name no recordings")
-        writer = EventsWriter(out)
-        try:
-            recordings_attr = {}
-            bar = _progress(len(recs), progress)
-            for res in _results(recs, jobs, out_dir):
-                stem, split = res["stem"], res["split"]
-                name = f"{stem}.aedat"
-                expected = published["recordings"].get(name)
-                if expected is not None and expected != res["md5"]:
-                    summary.md5_mismatches.append(name)
-                    if strict:
-                        raise ReleaseError(
-                            f"{release / name}: md5 {res['md5']} differs from the published {expected}"
-                        )
-                n = len(res["lengths"])
-                writer.append(
-                    split,
-                    res["events"],
-                    res["lengths"],
-                    {
-                        "label": res["label"],
-                        "row": np.arange(n),
-                        "t_start": res["t_start"],
-                        "t_end": res["t_end"],
-                        "recording": [stem] * n,
-                    },
-                )
-                recordings_attr[stem] = {
-                    "split": split,
-                    "md5": res["md5"],
-                    "n_events": res["n_events"],
-                    "n_invalid": res["n_invalid"],
-                    "n_samples": n,
-                }
-                summary.recordings += 1
-                summary.samples[split] += n
-                for lab in res["label"].tolist():
-                    summary.per_class[split][lab] += 1
-                summary.events += res["n_events"]
-                summary.events_in_samples += int(res["lengths"].sum())
-                summary.invalid_dropped += res["n_invalid"]
-                if bar is not None:
-                    bar.update(1)
-            if bar is not None:
-                bar.close()
-            summary.fingerprint = writer.finish(
-                {
-                    "recordings": recordings_attr,
-                    "n_invalid_dropped": summary.invalid_dropped,
-                }
-            )
-        except BaseException:
-            writer.abort()
-            raise
+    release_dir = find_release_dir(raw) if raw.is_dir() else None
+    if release_dir is not None and _inside(out_dir, release_dir):
+        raise InputOutputClashError(f"{out_dir}: is inside the release {release_dir} it would read; "
+                                    f"write DATA_ROOT elsewhere")
+    created = _missing_parents(out_dir)
+    try:
+        with output_lock(out, "events.h5"):
+            if out.exists() and not force:  # written meanwhile by someone else
+                raise StoreExistsError(f"{out}: already exists (use --force to replace it)")
+            summary = _convert_locked(raw, out_dir, out, jobs or os.cpu_count() or 1, strict, force, progress)
+    except BaseException as exc:
+        for d in created:  # deepest first; only if still empty
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        if isinstance(exc, OSError) and not isinstance(exc, DvsprepError) and \
+                exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ResourceLimitError(f"{out}: No space left on device") from None
+        raise
     if summary.md5_mismatches:
         log.warning(
             "%d of %d recordings differ from the published DVS128 Gesture md5s (synthetic or modified data?)",
@@ -231,6 +211,88 @@ def convert_release(
         )
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether `path` (existing or not) is `folder` or lies inside it, links resolved."""
+    p, f = path.resolve(), folder.resolve()
+    return p == f or p.is_relative_to(f)
+
+
+def _missing_parents(path: Path) -> list[Path]:
+    """`path` and those of its ancestors that do not exist yet, deepest first."""
+    out = []
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        out.append(p)
+        p = p.parent
+    return out
+
+
+def _convert_locked(raw: Path, out_dir: Path, out: Path, jobs: int, strict: bool, force: bool,
+                    progress: bool) -> ConvertSummary:
+    """The conversion proper, with the output lock held."""
+    published = load_published_manifest()
+    summary = ConvertSummary(path=out)
+    with open_release(raw, scratch=out_dir) as release:
+        recs = list_recordings(release)
+        if not recs:
+            raise ReleaseError(f"{release}: the trial lists name no recordings")
+        writer = bar = None
+        try:
+            writer = EventsWriter(out, force=force)
+            bar = _progress(len(recs), progress)
+            recordings_attr: dict[str, dict] = {}
+            # closing(): on any exception the pool stops and the spill folder goes now, not
+            # whenever the suspended generator happens to be collected (maybe never, if killed).
+            with contextlib.closing(_results(recs, jobs, out_dir)) as results:
+                for res in results:
+                    _add_recording(res, writer, summary, recordings_attr, published, release, strict)
+                    if bar is not None:
+                        bar.update(1)
+            summary.fingerprint = writer.finish(
+                {
+                    "recordings": recordings_attr,
+                    "n_invalid_dropped": summary.invalid_dropped,
+                }
+            )
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+    return summary
+
+
+def _add_recording(res: dict[str, Any], writer: EventsWriter, summary: ConvertSummary,
+                   recordings_attr: dict[str, dict], published: dict, release: Path, strict: bool) -> None:
+    """Append one decoded recording's samples to the writer and count them."""
+    stem, split = res["stem"], res["split"]
+    name = f"{stem}.aedat"
+    expected = published["recordings"].get(name)
+    if expected is not None and expected != res["md5"]:
+        summary.md5_mismatches.append(name)
+        if strict:
+            raise ReleaseError(f"{release / name}: md5 {res['md5']} differs from the published {expected}")
+    n = len(res["lengths"])
+    writer.append(
+        split,
+        res["events"],
+        res["lengths"],
+        {"label": res["label"], "row": np.arange(n), "t_start": res["t_start"], "t_end": res["t_end"],
+         "recording": [stem] * n},
+    )
+    recordings_attr[stem] = {"split": split, "md5": res["md5"], "n_events": res["n_events"],
+                             "n_invalid": res["n_invalid"], "n_samples": n}
+    summary.recordings += 1
+    summary.samples[split] += n
+    for lab in res["label"].tolist():
+        summary.per_class[split][lab] += 1
+    summary.events += res["n_events"]
+    summary.events_in_samples += int(res["lengths"].sum())
+    summary.invalid_dropped += res["n_invalid"]
 
 
 def _progress(total: int, enabled: bool):

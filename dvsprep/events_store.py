@@ -29,7 +29,8 @@ from .constants import (
     T_DTYPE,
     XY_DTYPE,
 )
-from .errors import DvsprepError, IntegrityError, MissingFileError, ResourceLimitError, StoreError
+from .atomic import temp_sibling
+from .errors import DvsprepError, IntegrityError, MissingFileError, ResourceLimitError, StoreError, StoreExistsError
 from .manifest import MANIFEST_FORMAT, canonical_json, fingerprint
 
 EVENT_FIELDS = {"t": T_DTYPE, "x": XY_DTYPE, "y": XY_DTYPE, "p": P_DTYPE}
@@ -65,10 +66,20 @@ class EventsWriter:
     Hashes are updated as data is appended so the manifest costs no second read.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, force: bool = True):
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        self.f = h5py.File(self.tmp, "w")
+        self.force = force
+        self._published = False
+        self.tmp = temp_sibling(self.path)  # .events.h5.tmp-<pid>-<hex>: removable once we are gone
+        # No chunk cache: every write reaches the file at once, so a full disk raises OSError
+        # (ENOSPC) from the write itself; with a cache, HDF5 fails later while freeing objects,
+        # where Python can only print "Exception ignored" (and it crashed). Costs no speed here:
+        # appends are whole recordings.
+        try:
+            self.f = h5py.File(self.tmp, "w", rdcc_nbytes=0)
+        except BaseException:
+            self.tmp.unlink(missing_ok=True)
+            raise
         self._hash: dict[str, Any] = {}
         # hashlib releases the GIL on large buffers: hashing in one background thread (in
         # append order) overlaps with the HDF5 writes, which hold it.
@@ -147,8 +158,27 @@ class EventsWriter:
         self.f.attrs["manifest"] = canonical_json(manifest).decode("ascii")
         self.f.attrs["fingerprint"] = fp
         self.f.close()
-        os.replace(self.tmp, self.path)
+        self._publish()
         return fp
+
+    def _publish(self) -> None:
+        """Rename the complete temporary onto `path`. Without `force`, an events.h5 that
+        appeared meanwhile is never replaced (a hard link publishes only where nothing is)."""
+        if self.force:
+            os.replace(self.tmp, self.path)
+            return
+        try:
+            os.link(self.tmp, self.path)
+            self._published = True  # tmp is now the published file's second name: never truncate it
+        except FileExistsError:
+            raise StoreExistsError(f"{self.path}: already exists (written meanwhile by another process; "
+                                   f"use --force to replace it)") from None
+        except OSError:  # no hard links here: check, then rename
+            if self.path.exists() or self.path.is_symlink():
+                raise StoreExistsError(f"{self.path}: already exists (use --force to replace it)") from None
+            os.replace(self.tmp, self.path)
+            return
+        self.tmp.unlink()
 
     def _drain_hashes(self) -> None:
         for job in self._hash_jobs:
@@ -157,10 +187,22 @@ class EventsWriter:
         self._hasher.shutdown(wait=True)
 
     def abort(self) -> None:
+        """Drop the temporary, quietly, whatever state the file is in (a full disk included).
+
+        The file is emptied first, so that closing it (HDF5 flushes what it holds) has room
+        to write and raises nothing; then it is closed and unlinked."""
         try:
             self._hasher.shutdown(wait=True, cancel_futures=True)
-            self.f.close()
         finally:
+            if not self._published:
+                try:
+                    os.truncate(self.tmp, 0)
+                except OSError:
+                    pass
+            try:
+                self.f.close()
+            except Exception:  # noqa: BLE001 - the file is being thrown away
+                pass
             self.tmp.unlink(missing_ok=True)
 
 

@@ -3,25 +3,54 @@ the published manifest, and cutting a recording's events into samples."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import logging
 import os
+import re
 import shutil
 import tarfile
 import tempfile
+import zlib
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO, Iterator
 
 import numpy as np
 
+from .atomic import remove_path, scratch_dir
 from .constants import LABEL_DTYPE, N_CLASSES
-from .errors import LabelFormatError, MissingFileError, ReleaseError, UnsafeArchiveError
+from .errors import (
+    DvsprepError,
+    LabelFormatError,
+    MissingFileError,
+    ReleaseError,
+    ResourceLimitError,
+    UnsafeArchiveError,
+)
+
+log = logging.getLogger(__name__)
 
 LABEL_HEADER = ("class", "startTime_usec", "endTime_usec")
 RELEASE_DIR = "DvsGesture"
 ARCHIVE_NAME = "DvsGesture.tar.gz"
 TRIAL_LISTS = {"train": "trials_to_train.txt", "test": "trials_to_test.txt"}
 MANIFEST_PATH = Path(__file__).resolve().parent / "data" / "dvs128_gesture.json"
+
+# Text files of the release are a few KB (a label csv ~300 bytes, a trial list ~2 KB).
+MAX_TEXT_BYTES = 1 << 20
+INT64_MAX = (1 << 63) - 1
+_DIGITS = re.compile(r"[0-9]+")  # ASCII digits only: no sign, '_', spaces or other scripts' digits
+
+# Bounds on what an archive may declare, checked on each member's header before its data is
+# read. The real release is ~3 GB as tar.gz, ~5 GB extracted, 249 files; the one published
+# recording size is 67,386,381 bytes (user01_natural.aedat). Synthetic and unknown releases get
+# the same generous bounds.
+MAX_RECORDING_BYTES = 512 << 20      # per .aedat member
+MAX_OTHER_MEMBER_BYTES = 16 << 20    # per other file (csv, txt)
+MAX_RELEASE_BYTES = 8 << 30          # all members together
+MAX_MEMBERS = 10_000
+FREE_SPACE_RESERVE = 64 << 20        # left free on the disk while extracting
 
 
 @dataclass(frozen=True)
@@ -47,12 +76,7 @@ class Recording:
 def parse_labels(path: str | os.PathLike) -> LabelRows:
     """Parse `<recording>_labels.csv` (CRLF or LF). Class 1..11 becomes label 0..10."""
     path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except FileNotFoundError:
-        raise MissingFileError(f"{path}: label file does not exist") from None
-    except UnicodeDecodeError as exc:
-        raise LabelFormatError(f"{path}: not a text file ({exc.reason} at byte {exc.start})") from None
+    text = _read_text(path, "label file")
     lines = [(i + 1, ln.strip()) for i, ln in enumerate(text.splitlines())]
     lines = [(n, ln) for n, ln in lines if ln]
     if not lines:
@@ -67,11 +91,7 @@ def parse_labels(path: str | os.PathLike) -> LabelRows:
         fields = [f.strip() for f in ln.split(",")]
         if len(fields) != 3:
             raise LabelFormatError(f"{path}: line {n}: expected 3 fields, found {len(fields)}")
-        try:
-            cls, start, end = (int(f) for f in fields)
-        except ValueError:
-            bad = next(f for f in fields if not f.lstrip("-").isdigit())
-            raise LabelFormatError(f"{path}: line {n}: non-numeric field {bad!r}") from None
+        cls, start, end = (_number(path, n, f) for f in fields)
         if not 1 <= cls <= N_CLASSES:
             raise LabelFormatError(f"{path}: line {n}: class {cls} outside 1..{N_CLASSES}")
         if start < 0 or end < start:
@@ -81,17 +101,45 @@ def parse_labels(path: str | os.PathLike) -> LabelRows:
     return LabelRows(arr[:, 0].astype(LABEL_DTYPE), arr[:, 1].copy(), arr[:, 2].copy())
 
 
+def _read_text(path: Path, what: str) -> str:
+    """A small UTF-8 text file of the release (BOM allowed); LabelFormatError when it is not one."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_TEXT_BYTES + 1)
+    except FileNotFoundError:
+        raise MissingFileError(f"{path}: {what} does not exist") from None
+    except IsADirectoryError:
+        raise LabelFormatError(f"{path}: is a directory, expected a {what}") from None
+    if len(data) > MAX_TEXT_BYTES:
+        raise LabelFormatError(f"{path}: over {MAX_TEXT_BYTES} bytes, not a {what} of the release")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise LabelFormatError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def _number(path: Path, n: int, field: str) -> int:
+    """A label-csv field: plain ASCII decimal digits (no sign, '_' or other scripts' digits), within int64."""
+    if not _DIGITS.fullmatch(field):
+        shown = field if len(field) <= 32 else field[:32] + "..."
+        what = "negative value" if _DIGITS.fullmatch(field.removeprefix("-")) else "non-numeric field"
+        raise LabelFormatError(f"{path}: line {n}: {what} {shown!r} (expected digits 0-9 only)")
+    # (int() of a very long digit string is slow, or refused by Python: compare lengths first)
+    if len(field) > 19 or int(field) > INT64_MAX:
+        raise LabelFormatError(f"{path}: line {n}: value {field[:24]}... is above the int64 range")
+    return int(field)
+
+
 def parse_trials(path: str | os.PathLike) -> list[str]:
     """Recording file names of a trial list (whitespace and CR stripped, blank lines skipped)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise MissingFileError(f"{path}: trial list does not exist") from None
+    text = _read_text(path, "trial list")
     names = [ln.strip() for ln in text.splitlines() if ln.strip()]
     for name in names:
-        if "/" in name or "\\" in name or not name.endswith(".aedat"):
-            raise LabelFormatError(f"{path}: {name!r} is not a recording file name")
+        if ("/" in name or "\\" in name or not name.endswith(".aedat") or not name.isprintable()
+                or name.startswith(".")):
+            shown = name if len(name) <= 64 else name[:64] + "..."
+            raise LabelFormatError(f"{path}: {shown!r} is not a recording file name")
     if len(set(names)) != len(names):
         raise LabelFormatError(f"{path}: lists a recording twice")
     return names
@@ -129,55 +177,176 @@ def list_recordings(release: str | os.PathLike) -> list[Recording]:
     return recs
 
 
-def _check_member(archive: Path, m: tarfile.TarInfo) -> None:
-    parts = Path(m.name).parts
-    if m.name.startswith(("/", "\\")) or os.path.isabs(m.name) or ".." in parts:
-        raise UnsafeArchiveError(f"{archive}: member {m.name!r} would be written outside the extraction directory")
+_LAYOUT = f"a DvsGesture release holds files at the archive root or in {RELEASE_DIR}/ only"
+_COPY_BUF = 1 << 20
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _member_parts(archive: Path, m: tarfile.TarInfo) -> tuple[str, ...] | None:
+    """Check one member's header (before any of its data is read): where it goes in the
+    extraction folder, or None for the top folders themselves."""
+    name = m.name
+    pure = PurePosixPath(name)
+    if name.startswith(("/", "\\")) or os.path.isabs(name) or ".." in pure.parts or "\\" in name:
+        raise UnsafeArchiveError(f"{archive}: member {name!r} would be written outside the extraction directory")
     if not (m.isfile() or m.isdir()):
-        raise UnsafeArchiveError(f"{archive}: member {m.name!r} is a link or special file; refusing it")
+        raise UnsafeArchiveError(f"{archive}: member {name!r} is a link or special file; refusing it")
+    try:  # tarfile's own "data" rules as a second line of defence
+        tarfile.data_filter(m, "/dvsprep-extract")
+    except tarfile.FilterError as exc:
+        raise UnsafeArchiveError(f"{archive}: member {name!r}: {_one_line(exc)}") from None
+    parts = tuple(p for p in pure.parts if p != ".")
+    if m.isdir():
+        if parts in ((), (RELEASE_DIR,)):
+            return None
+        raise ReleaseError(f"{archive}: member {name!r} is not part of the release ({_LAYOUT})")
+    if not (len(parts) == 1 or (len(parts) == 2 and parts[0] == RELEASE_DIR)):
+        raise ReleaseError(f"{archive}: member {name!r} is not part of the release ({_LAYOUT})")
+    if not parts[-1].isprintable():
+        raise ReleaseError(f"{archive}: member {name!r} has a name no release file has")
+    check_member_size(archive, m)
+    return parts
+
+
+def check_member_size(archive: Path, m: tarfile.TarInfo, total: int = 0) -> int:
+    """Bound what one member header declares (MAX_RECORDING_BYTES for .aedat, else
+    MAX_OTHER_MEMBER_BYTES; no sparse files) and the running total (MAX_RELEASE_BYTES).
+    Returns the new total. Call it before reading the member's data."""
+    if m.issparse():
+        raise UnsafeArchiveError(f"{archive}: member {m.name!r} is a sparse file (the release has none); refusing it")
+    recording = m.name.endswith(".aedat")
+    bound = MAX_RECORDING_BYTES if recording else MAX_OTHER_MEMBER_BYTES
+    if m.size > bound:
+        raise ResourceLimitError(
+            f"{archive}: member {m.name!r} declares {m.size:,} bytes, over the {bound:,}-byte bound for "
+            f"{'a recording' if recording else 'a release text file'}; refusing the archive"
+        )
+    total += m.size
+    if total > MAX_RELEASE_BYTES:
+        raise ResourceLimitError(
+            f"{archive}: members declare more than {MAX_RELEASE_BYTES:,} bytes in all, over the "
+            f"bound for a DVS128 Gesture release (~5 GB extracted); refusing the archive")
+    return total
+
+
+def _archive_mode(archive: Path, f: BinaryIO) -> str:
+    """tarfile's stream mode for a gzip-compressed or plain tar, from the first bytes."""
+    head = f.read(512)
+    f.seek(0)
+    if head[:2] == b"\x1f\x8b":
+        return "r|gz"
+    if head[257:262] == b"ustar":
+        return "r|"
+    raise ReleaseError(f"{archive}: not a gzip-compressed tar archive")
+
+
+def _check_space(archive: Path, dest: Path, need: int) -> None:
+    free = shutil.disk_usage(dest).free
+    if need + FREE_SPACE_RESERVE > free:
+        raise ResourceLimitError(
+            f"{archive}: extracting needs {need / 1e6:,.1f} MB more in {dest.parent}, "
+            f"only {free / 1e6:,.1f} MB free"
+        )
+
+
+def _extract_member(archive: Path, tf: tarfile.TarFile, m: tarfile.TarInfo, target: Path) -> None:
+    src = tf.extractfile(m)
+    target.parent.mkdir(exist_ok=True)
+    try:
+        out = open(target, "xb")
+    except FileExistsError:
+        raise ReleaseError(f"{archive}: member {m.name!r} appears twice") from None
+    with out:
+        left = m.size
+        while left:
+            chunk = src.read(min(left, _COPY_BUF))
+            if not chunk:
+                raise ReleaseError(f"{archive}: member {m.name!r} is truncated")
+            out.write(chunk)
+            left -= len(chunk)
 
 
 def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> None:
-    """Extract a tar(.gz) into `dest`, refusing absolute paths, '..', links and devices."""
-    archive = Path(archive)
+    """Extract a tar(.gz) release into the folder `dest`, streaming, one member at a time.
+
+    Each member's header is checked before its data is read: no absolute paths, '..', links,
+    devices or sparse files; only files at the root or in DvsGesture/; sizes within
+    MAX_RECORDING_BYTES per recording, MAX_OTHER_MEMBER_BYTES per other file, MAX_RELEASE_BYTES
+    and MAX_MEMBERS in all; and free space for the member (plus FREE_SPACE_RESERVE) on `dest`'s
+    disk. A refused archive is refused at the first bad header (a 20 GB member declared in a
+    2 MB archive costs nothing). What was extracted stays in `dest` for the caller to remove.
+    """
+    archive, dest = Path(archive), Path(dest)
     try:
-        with tarfile.open(archive, "r:*") as tf:
-            members = tf.getmembers()
-            for m in members:
-                _check_member(archive, m)
-            for m in members:
-                # filter="data" repeats our checks inside tarfile as a second line of defence.
-                tf.extract(m, dest, filter="data")
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        if isinstance(exc, FileNotFoundError) and not archive.exists():
-            raise MissingFileError(f"{archive}: no such file") from None
-        raise ReleaseError(f"{archive}: unreadable archive ({exc})") from None
+        f = open(archive, "rb")
+    except FileNotFoundError:
+        raise MissingFileError(f"{archive}: no such file") from None
+    with f:
+        mode = _archive_mode(archive, f)
+        _check_space(archive, dest, os.fstat(f.fileno()).st_size)  # never smaller extracted
+        total = count = 0
+        try:
+            with tarfile.open(fileobj=f, mode=mode) as tf:
+                for m in tf:
+                    count += 1
+                    if count > MAX_MEMBERS:
+                        raise ResourceLimitError(f"{archive}: more than {MAX_MEMBERS:,} members; "
+                                                 f"not a DVS128 Gesture release")
+                    parts = _member_parts(archive, m)
+                    if parts is None:
+                        continue
+                    total = check_member_size(archive, m, total)
+                    _check_space(archive, dest, m.size)
+                    _extract_member(archive, tf, m, dest.joinpath(*parts))
+        except DvsprepError:
+            raise
+        except (tarfile.TarError, EOFError, zlib.error) as exc:
+            raise ReleaseError(f"{archive}: unreadable archive ({_one_line(exc)})") from None
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ResourceLimitError(f"{archive}: no space left on device to extract it in {dest.parent}") from None
+            raise ReleaseError(f"{archive}: cannot extract ({exc.strerror or _one_line(exc)})") from None
+
+
+def find_release_dir(raw: str | os.PathLike) -> Path | None:
+    """The DvsGesture folder of a folder RAW (RAW/DvsGesture or RAW itself), or None."""
+    raw = Path(raw)
+    for cand in (raw / RELEASE_DIR, raw):
+        if (cand / TRIAL_LISTS["train"]).is_file():
+            return cand
+    return None
 
 
 @contextlib.contextmanager
 def open_release(raw: str | os.PathLike, scratch: str | os.PathLike | None = None) -> Iterator[Path]:
     """Yield the DvsGesture directory for RAW: a folder holding DvsGesture/, that folder itself,
-    or DvsGesture.tar.gz (extracted into a temporary folder under `scratch`, removed afterwards)."""
+    or DvsGesture.tar.gz (extracted by `safe_extract` into a PID-named scratch folder under
+    `scratch`, default the system temp folder, removed afterwards whatever happens)."""
     raw = Path(raw)
     if raw.is_file():
         if not raw.name.endswith((".tar.gz", ".tgz", ".tar")):
             raise ReleaseError(f"{raw}: not a release folder or a .tar.gz archive")
-        tmp = Path(tempfile.mkdtemp(prefix=".dvsprep-extract-", dir=scratch))
+        tmp = None
         try:
+            tmp = scratch_dir(Path(scratch) if scratch is not None else Path(tempfile.gettempdir()), "extract")
             safe_extract(raw, tmp)
-            found = [p for p in (tmp / RELEASE_DIR, tmp) if (p / TRIAL_LISTS["train"]).is_file()]
-            if not found:
+            found = find_release_dir(tmp)
+            if found is None:
                 raise ReleaseError(f"{raw}: archive holds no {RELEASE_DIR}/{TRIAL_LISTS['train']}")
-            yield found[0]
+            yield found
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:
+                remove_path(tmp)
         return
     if not raw.exists():
         raise MissingFileError(f"{raw}: no such file or directory")
-    for cand in (raw / RELEASE_DIR, raw):
-        if (cand / TRIAL_LISTS["train"]).is_file():
-            yield cand
-            return
+    found = find_release_dir(raw)
+    if found is not None:
+        yield found
+        return
     if (raw / ARCHIVE_NAME).is_file():
         with open_release(raw / ARCHIVE_NAME, scratch) as rel:
             yield rel

@@ -16,13 +16,22 @@ with another fingerprint is fetched again and the new one must match.
 Processes on one machine (DDP ranks, several runs) share the cache: an exclusive `flock` on a
 lock file per URL lets one of them download while the others wait and then use its copy.
 
+Bounds: a download is refused at once when the server declares (Content-Length) more than the
+download limit (`max_download`: ``--max-download`` on `dvsprep verify`, else ``$DVSPREP_MAX_DOWNLOAD``,
+else 8 GiB) or more than the cache's disk has free, and stopped as soon as it streams past the limit
+or the disk's free space falls under a reserve. Partial downloads are PID-named temporaries removed
+on any error, and by the next fetch into the same cache once their process is gone.
+
 Transport is the standard library's urllib: stores are fetched as whole files, so range
 requests, an event loop or extra dependencies (fsspec, aiohttp) would add nothing here.
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import errno
 import hashlib
+import http.client
 import json
 import logging
 import os
@@ -36,9 +45,9 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from . import __version__
-from .atomic import publish_dir, temp_sibling
+from .atomic import clean_stale_temps, publish_dir, remove_path, temp_sibling
 from .container import MAX_MANIFEST_BYTES, ZipFiles, check_member_name, iter_problems_against, parse_manifest
-from .errors import IntegrityError, MissingFileError, StoreError
+from .errors import DvsprepError, IntegrityError, MissingFileError, ResourceLimitError, StoreError
 from .manifest import MANIFEST_NAME, sha256_bytes
 
 log = logging.getLogger(__name__)
@@ -47,6 +56,48 @@ SOURCE_NAME = "source.json"
 TIMEOUT_S = 60
 _BUF = 1 << 20
 _FP = re.compile(r"[0-9a-f]{12,64}")
+DEFAULT_MAX_DOWNLOAD = 8 << 30   # bytes; the real release's frame stores are a few GB at most
+MAX_DOWNLOAD_ENV = "DVSPREP_MAX_DOWNLOAD"
+FREE_SPACE_RESERVE = 64 << 20    # a download stops when the cache's disk has less than this free
+_SPACE_CHECK_EVERY = 64 << 20    # bytes streamed between free-space checks
+_max_download: contextvars.ContextVar[int | None] = contextvars.ContextVar("dvsprep_max_download", default=None)
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``123``, ``512M``, ``8G``, ``1.5GiB`` (K, M, G, T are powers of 1024).
+    ValueError for anything else."""
+    m = _SIZE.fullmatch(str(text).strip())
+    if not m:
+        raise ValueError(f"{text!r} is not a size (bytes, or a number with K, M, G or T)")
+    n = float(m.group(1)) * (1024 ** " kmgt".index(m.group(2).lower() or " "))
+    if n < 1:
+        raise ValueError(f"{text!r}: a size must be at least 1 byte")
+    return int(n)
+
+
+def max_download() -> int:
+    """The download limit in bytes: `download_limit` if set, else $DVSPREP_MAX_DOWNLOAD, else 8 GiB."""
+    override = _max_download.get()
+    if override is not None:
+        return override
+    env = os.environ.get(MAX_DOWNLOAD_ENV)
+    if env:
+        try:
+            return parse_size(env)
+        except ValueError as exc:
+            raise StoreError(f"${MAX_DOWNLOAD_ENV}: {exc}") from None
+    return DEFAULT_MAX_DOWNLOAD
+
+
+@contextlib.contextmanager
+def download_limit(nbytes: int | None) -> Iterator[None]:
+    """Downloads started inside the block are limited to `nbytes` (None: the default)."""
+    token = _max_download.set(nbytes)
+    try:
+        yield
+    finally:
+        _max_download.reset(token)
 
 
 def is_url(path: object) -> bool:
@@ -62,8 +113,21 @@ def default_cache_dir() -> Path:
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "dvsprep"
 
 
+def check_url(url: str) -> None:
+    """StoreError (one line naming it) for a URL urllib cannot use."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        raise StoreError(f"{url}: not a valid URL ({exc})") from None
+    if not host:
+        raise StoreError(f"{url}: not a valid URL (no host)")
+
+
 def split_pin(url: str) -> tuple[str, str | None]:
     """(URL without fragment, pinned fingerprint or None) for ``URL#fingerprint=<hex>``."""
+    check_url(url)
     base, _, frag = url.partition("#")
     if not frag:
         return base, None
@@ -105,53 +169,93 @@ def _locked(lock_path: Path) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
 def _open_url(url: str):
     req = urllib.request.Request(url, headers={"User-Agent": f"dvsprep/{__version__}"})
     try:
         return urllib.request.urlopen(req, timeout=TIMEOUT_S)
     except urllib.error.HTTPError as exc:
+        if 300 <= exc.code < 400:
+            raise StoreError(f"{url}: HTTP {exc.code}: redirect loop or too many redirects") from None
         err = MissingFileError if exc.code == 404 else StoreError
-        raise err(f"{url}: HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise StoreError(f"{url}: cannot download ({reason})") from None
+        raise err(f"{url}: HTTP {exc.code} {_one_line(exc.reason)}") from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise StoreError(f"{url}: cannot download ({_one_line(reason)})") from None
 
 
-def download(url: str, out: BinaryIO, max_bytes: int) -> tuple[str, int]:
-    """Stream `url` into `out`; returns (sha256, size). StoreError when the server sends more than
-    `max_bytes` or fewer bytes than its Content-Length (a cut connection)."""
+def download(url: str, out: BinaryIO, max_bytes: int, *, dest: Path | None = None,
+             limit_name: str = "the manifest's size") -> tuple[str, int]:
+    """Stream `url` into `out`; returns (sha256, size).
+
+    Refused at once when the server declares more than `max_bytes`, or (with `dest`, the file
+    being written) more than `dest`'s disk has free; stopped when it streams past `max_bytes` or
+    the free space falls under FREE_SPACE_RESERVE. StoreError also for fewer bytes than declared
+    (a cut connection) and for network errors and timeouts, naming the URL; a full disk is a
+    ResourceLimitError naming `dest`.
+    """
     h = hashlib.sha256()
     n = 0
+    next_check = _SPACE_CHECK_EVERY
     with _open_url(url) as resp:
-        declared = resp.headers.get("Content-Length")
-        if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-            raise StoreError(f"{url}: {declared} bytes, more than the {max_bytes} expected")
-        while chunk := resp.read(_BUF):
+        declared_text = resp.headers.get("Content-Length")
+        declared = int(declared_text) if declared_text is not None and declared_text.isdigit() else None
+        if declared is not None and declared > max_bytes:
+            raise ResourceLimitError(f"{url}: declares {declared:,} bytes, more than {limit_name} "
+                                     f"({max_bytes:,} bytes); not downloading it")
+        if dest is not None and declared is not None:
+            _check_space(dest.parent, declared, url)
+        while True:
+            try:
+                chunk = resp.read(_BUF)
+            except (OSError, http.client.HTTPException, ValueError) as exc:
+                raise StoreError(f"{url}: download failed after {n:,} bytes ({_one_line(exc) or type(exc).__name__})") \
+                    from None
+            if not chunk:
+                break
             n += len(chunk)
             if n > max_bytes:
-                raise StoreError(f"{url}: more than the {max_bytes} bytes expected")
+                raise ResourceLimitError(f"{url}: more than {limit_name} ({max_bytes:,} bytes); download stopped")
             h.update(chunk)
-            out.write(chunk)
-        if declared is not None and declared.isdigit() and n != int(declared):
+            try:
+                out.write(chunk)
+            except OSError as exc:
+                where = dest if dest is not None else url
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise ResourceLimitError(f"{where}: No space left on device (downloading {url})") from None
+                raise StoreError(f"{where}: cannot write ({exc.strerror or _one_line(exc)})") from None
+            if dest is not None and n >= next_check:
+                next_check += _SPACE_CHECK_EVERY
+                _check_space(dest.parent, 0, url)
+        if declared is not None and n != declared:
             raise StoreError(f"{url}: download ended after {n} of {declared} bytes")
     return h.hexdigest(), n
 
 
 def _check_space(where: Path, need: int, url: str) -> None:
+    """ResourceLimitError unless `where`'s disk has `need` bytes free plus FREE_SPACE_RESERVE."""
     free = shutil.disk_usage(where).free
-    if need > free:
-        raise StoreError(f"{url}: needs {need / 1e9:.2f} GB in {where}, only {free / 1e9:.2f} GB free")
+    if need + FREE_SPACE_RESERVE > free:
+        raise ResourceLimitError(f"{url}: needs {need / 1e6:,.1f} MB in {where} (plus {FREE_SPACE_RESERVE >> 20} MB "
+                                 f"kept free), only {free / 1e6:,.1f} MB free")
 
 
-def _fetch_dir(url: str, dest: Path) -> str:
+def _fetch_dir(url: str, dest: Path, limit: int) -> str:
     """Download a store directory served at `url` into `dest`; returns its fingerprint."""
     base = url.rstrip("/") + "/"
     buf = _MemoryFile()
-    download(base + MANIFEST_NAME, buf, MAX_MANIFEST_BYTES)
+    download(base + MANIFEST_NAME, buf, MAX_MANIFEST_BYTES, limit_name="the manifest size limit")
     raw = buf.getvalue()
     manifest = parse_manifest(raw, base + MANIFEST_NAME)
     files = manifest["files"]
-    _check_space(dest.parent, sum(e["size"] for e in files.values()), url)
+    total = sum(e["size"] for e in files.values())
+    if total > limit:
+        raise ResourceLimitError(f"{url}: its manifest lists {total:,} bytes, more than the download limit "
+                                 f"({limit:,} bytes; --max-download or ${MAX_DOWNLOAD_ENV})")
+    _check_space(dest.parent, total, url)
     dest.mkdir()
     t0 = time.monotonic()
     for name in sorted(files):
@@ -159,7 +263,7 @@ def _fetch_dir(url: str, dest: Path) -> str:
         target = dest.joinpath(*name.split("/"))
         target.parent.mkdir(parents=True, exist_ok=True)
         with open(target, "wb") as f:
-            digest, size = download(base + urllib.parse.quote(name), f, files[name]["size"])
+            digest, size = download(base + urllib.parse.quote(name), f, files[name]["size"], dest=target)
         if size != files[name]["size"] or digest != files[name]["sha256"]:
             raise IntegrityError(f"{base}{name}: arrived with {size} bytes and a sha256 that differs from "
                                  f"the store's manifest (corrupt on the server or in transit)")
@@ -170,11 +274,12 @@ def _fetch_dir(url: str, dest: Path) -> str:
     return sha256_bytes(raw)
 
 
-def _fetch_zip(url: str, dest: Path) -> str:
+def _fetch_zip(url: str, dest: Path, limit: int) -> str:
     """Download a packed store into the file `dest`, check every member; returns its fingerprint."""
     t0 = time.monotonic()
     with open(dest, "wb") as f:
-        _, size = download(url, f, 1 << 42)
+        _, size = download(url, f, limit, dest=dest,
+                           limit_name=f"the download limit (--max-download or ${MAX_DOWNLOAD_ENV})")
     return check_zip(dest, url, size=size, t0=t0)
 
 
@@ -227,14 +332,18 @@ def _cached(entry: Path, url: str) -> tuple[Path, str] | None:
         return None
 
 
-def fetch_store(url: str, cache_dir: str | os.PathLike | None = None, refresh: bool = False) -> tuple[Path, str | None]:
+def fetch_store(url: str, cache_dir: str | os.PathLike | None = None, refresh: bool = False,
+                max_bytes: int | None = None) -> tuple[Path, str | None]:
     """The local copy of the store at `url` (downloading and verifying it once), and the
-    fingerprint pinned in the URL (or None)."""
+    fingerprint pinned in the URL (or None). `max_bytes`: the download limit (default
+    `max_download()`)."""
     base, pinned = split_pin(url)
+    limit = max_bytes if max_bytes is not None else max_download()
     entry = cache_entry(base, cache_dir)
     entry.parent.mkdir(parents=True, exist_ok=True)
     name = _store_name(base)
     with _locked(entry.parent / f"{entry.name}.lock"):
+        clean_stale_temps(entry.parent, entry.name)  # partial downloads of killed processes
         hit = None if refresh else _cached(entry, base)
         if hit is not None and (pinned is None or hit[1].startswith(pinned)):
             log.info("using cached %s (%s)", base, hit[0])
@@ -244,12 +353,15 @@ def fetch_store(url: str, cache_dir: str | os.PathLike | None = None, refresh: b
         try:
             local = tmp / name
             is_zip = name.lower().endswith(".zip")
-            fp = _fetch_zip(base, local) if is_zip else _fetch_dir(base, local)
+            fp = _fetch_zip(base, local, limit) if is_zip else _fetch_dir(base, local, limit)
             (tmp / SOURCE_NAME).write_text(json.dumps({"url": base, "name": name, "fingerprint": fp,
                                                        "kind": "zip" if is_zip else "dir",
                                                        "fetched": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
             publish_dir(tmp, entry)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException as exc:
+            remove_path(tmp)
+            if isinstance(exc, OSError) and not isinstance(exc, DvsprepError) and \
+                    exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ResourceLimitError(f"{entry}: No space left on device (downloading {base})") from None
             raise
     return entry / name, pinned

@@ -16,13 +16,13 @@ Determinism: every recording draws from a generator seeded by (seed, recording n
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import logging
-import multiprocessing as mp
 import os
-import shutil
-import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Sequence
@@ -31,10 +31,11 @@ import numpy as np
 
 from . import __version__
 from .aedat import polarity_packets, write_aedat
-from .atomic import publish_dir
+from .atomic import output_lock, publish_dir, remove_path, temp_sibling
 from .constants import GESTURE_NAMES, LIGHTINGS, N_CLASSES, SENSOR_H, SENSOR_W, SPLITS, T_DTYPE, XY_DTYPE
 from .errors import DvsprepError, StoreExistsError
 from .release import RELEASE_DIR, TRIAL_LISTS, load_published_manifest
+from .workers import process_pool, stop_pool
 
 log = logging.getLogger(__name__)
 
@@ -735,9 +736,21 @@ def _results(tasks: list[tuple[RecordingPlan, int, str, str]], jobs: int) -> Ite
         for task in tasks:
             yield _write_task(task)
         return
-    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with ctx.Pool(min(jobs, len(tasks))) as pool:
-        yield from pool.imap_unordered(_write_task, tasks, chunksize=1)
+    # Workers ignore SIGINT: on Ctrl-C the parent alone stops the pool and removes the
+    # temporary release, and click prints "Aborted!" (no worker tracebacks).
+    pool = process_pool(min(jobs, len(tasks)))
+    try:
+        todo = iter(tasks)
+        running = {pool.submit(_write_task, t) for t in itertools.islice(todo, 2 * jobs)}
+        while running:
+            done, running = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                nxt = next(todo, None)
+                if nxt is not None:
+                    running.add(pool.submit(_write_task, nxt))
+                yield fut.result()
+    finally:
+        stop_pool(pool)
 
 
 @dataclass
@@ -767,6 +780,37 @@ class SynthSummary:
         return out
 
 
+def _write_into(tmp: Path, plan: ReleasePlan, seed: int, scale: str, jobs: int, progress: bool,
+                summary: SynthSummary) -> None:
+    """Write every file of the release into the folder `tmp`, counting into `summary`."""
+    tasks = [(rec, seed, scale, str(tmp)) for rec in plan.recordings]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(tasks), unit="rec", desc="synth")
+    try:
+        with contextlib.closing(_results(tasks, jobs)) as results:  # stop the pool at once on errors
+            for name, n_events, n_bytes in results:
+                log.info("%s: %d events", name, n_events)
+                summary.events += n_events
+                summary.bytes += n_bytes
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    texts = {
+        TRIAL_LISTS["train"]: (CRLF.join(plan.names("train")) + CRLF).encode("ascii"),
+        TRIAL_LISTS["test"]: (CRLF.join(plan.names("test")) + CRLF).encode("ascii"),
+        "gesture_mapping.csv": gesture_mapping_csv(),
+        "README.txt": readme_txt(plan),
+    }
+    for fname, data in texts.items():
+        (tmp / fname).write_bytes(data)
+        summary.bytes += len(data)
+
+
 def write_release(
     out_dir: str | os.PathLike,
     *,
@@ -791,44 +835,21 @@ def write_release(
     target = out_dir / RELEASE_DIR
     if (target.exists() or target.is_symlink()) and not force:
         raise StoreExistsError(f"{target}: already exists (use --force to replace it)")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{RELEASE_DIR}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
     summary = SynthSummary(
         path=target, scale=scale, seed=seed,
         recordings={s: len(plan.names(s)) for s in SPLITS},
         samples={s: plan.n_samples(s) for s in SPLITS},
         per_class={s: list(plan.class_counts(s)) for s in SPLITS},
     )
-    try:
-        tasks = [(rec, seed, scale, str(tmp)) for rec in plan.recordings]
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(tasks), unit="rec", desc="synth")
-        for name, n_events, n_bytes in _results(tasks, jobs or os.cpu_count() or 1):
-            log.info("%s: %d events", name, n_events)
-            summary.events += n_events
-            summary.bytes += n_bytes
-            if bar is not None:
-                bar.update(1)
-        if bar is not None:
-            bar.close()
-        texts = {
-            TRIAL_LISTS["train"]: (CRLF.join(plan.names("train")) + CRLF).encode("ascii"),
-            TRIAL_LISTS["test"]: (CRLF.join(plan.names("test")) + CRLF).encode("ascii"),
-            "gesture_mapping.csv": gesture_mapping_csv(),
-            "README.txt": readme_txt(plan),
-        }
-        for fname, data in texts.items():
-            (tmp / fname).write_bytes(data)
-            summary.bytes += len(data)
-        publish_dir(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with output_lock(target, "synthetic release"):
+        if (target.exists() or target.is_symlink()) and not force:  # written meanwhile
+            raise StoreExistsError(f"{target}: already exists (use --force to replace it)")
+        tmp = temp_sibling(target)
+        try:
+            tmp.mkdir()
+            _write_into(tmp, plan, seed, scale, jobs or os.cpu_count() or 1, progress, summary)
+            publish_dir(tmp, target)
+        finally:
+            remove_path(tmp)
     summary.seconds = time.perf_counter() - t_start
     return summary

@@ -317,15 +317,17 @@ def _md5_file(path: Path) -> str:
 def _release_files_from_tar(archive: Path) -> tuple[dict[str, str], dict[str, bytes], str]:
     """Stream a tar(.gz): ({file name: md5}, {trial list name: bytes}, archive md5). Only files at
     the archive root or in DvsGesture/ are release files."""
-    from .release import RELEASE_DIR, TRIAL_LISTS
+    from .release import RELEASE_DIR, TRIAL_LISTS, check_member_size
 
     md5s: dict[str, str] = {}
     lists: dict[str, bytes] = {}
+    total = 0
     with open(archive, "rb") as f:
         hr = _HashingReader(f)
         try:
             with tarfile.open(fileobj=hr, mode="r|*") as tf:
                 for m in tf:
+                    total = check_member_size(archive, m, total)  # before reading (or skipping) its data
                     parts = PurePosixPath(m.name).parts
                     if not m.isfile() or not (len(parts) == 1 or (len(parts) == 2 and parts[0] == RELEASE_DIR)):
                         continue

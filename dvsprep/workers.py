@@ -1,28 +1,76 @@
-"""Worker process pools that behave under Ctrl-C.
+"""Worker process pools that behave under Ctrl-C and SIGTERM.
 
 Workers ignore SIGINT: the terminal sends it to the whole process group, and a worker that
 dies of KeyboardInterrupt prints its own traceback and breaks the pool. The parent alone takes
 the interrupt, stops the pool (`stop_pool`), removes its temporaries and lets click print
-"Aborted!".
+"Aborted!". SIGTERM keeps its default action in workers (die at once).
+
+The workers are forked when the pool is made, with SIGINT and SIGTERM held back meanwhile: a
+signal handled in the middle of a fork runs inside the interpreter's at-fork hooks, where the
+exception it raises is printed ("Exception ignored") and lost, and the command runs on.
 """
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import signal
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
-def _ignore_sigint() -> None:
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: SIGKILL this worker when the thread that forked it dies (its process killed, even by
+    SIGKILL). A worker forked just after a group-wide SIGTERM was sent would otherwise outlive the
+    command, waiting for work forever and holding the pipes of whoever ran it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl
+        os._exit(1)
+
+
+def _ignore_sigint(parent: int | None = None) -> None:
+    if parent is not None and sys.platform.startswith("linux"):
+        _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A forked worker inherits the CLI's SIGTERM handler (which raises SystemExit to run the
+    # parent's cleanup); a worker has nothing to clean up and must simply die when terminated.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if hasattr(signal, "pthread_sigmask"):  # the parent held them back while forking us
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+
+def _noop() -> None:
+    return None
 
 
 def process_pool(jobs: int) -> ProcessPoolExecutor:
-    """A pool of `jobs` workers that ignore SIGINT. Fork on Linux (workers start in ms instead
-    of re-importing numpy/zarr/h5py); start it before this process starts zarr's event-loop
-    thread, which a forked child must not inherit."""
-    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    return ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_ignore_sigint)
+    """A pool of `jobs` workers that ignore SIGINT and die with this process. Fork on Linux
+    (workers start in ms instead of re-importing numpy/zarr/h5py); start it before this process
+    starts zarr's event-loop thread, which a forked child must not inherit, and from the thread
+    that will stop it (on Linux the workers die with the thread that forked them)."""
+    fork = sys.platform.startswith("linux")
+    ctx = mp.get_context("fork" if fork else "spawn")
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_ignore_sigint,
+                               initargs=(os.getpid(),))
+    if not (fork and hasattr(signal, "pthread_sigmask")):
+        return pool
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, ())  # the current mask; nothing started yet
+    try:
+        try:
+            signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+            pool.submit(_noop)  # with fork, the first submit starts every worker
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)  # a held-back signal is handled here
+    except BaseException:
+        stop_pool(pool)
+        raise
+    return pool
 
 
 def stop_pool(pool: ProcessPoolExecutor | None, *, wait: bool = True) -> None:

@@ -115,8 +115,6 @@ def _corrupt(path: Path) -> None:
 
 
 @pytest.mark.parametrize("args, prepare, match", [
-    (["-T", "0"], None, "T must be a positive integer"),
-    (["-T", "-2"], None, "T must be a positive integer"),
     (["-T", "4", "--split-by", "duration"], None, "unknown split method 'duration'"),
     (["-T", "4"], "missing", "events.h5: no such events file"),
     (["-T", "4"], "corrupt", "events.h5: not a readable HDF5 file"),

@@ -54,6 +54,13 @@ def test_parse_real_label_file():
         ("class,startTime_usec,endTime_usec\n1,5,2\n", r"bad time window \[5, 2\)"),
         ("class,startTime_usec,endTime_usec\n1,5\n", "expected 3 fields"),
         ("", "empty label file"),
+        ("class,startTime_usec,endTime_usec\n1,+100,200\n", r"line 2: non-numeric field '\+100'"),
+        ("class,startTime_usec,endTime_usec\n1,1_000,2000\n", "line 2: non-numeric field '1_000'"),
+        ("class,startTime_usec,endTime_usec\n1,\u0661\u0660,20\n", "line 2: non-numeric field '\u0661\u0660'"),
+        ("class,startTime_usec,endTime_usec\n1,-5,20\n", "line 2: negative value '-5'"),
+        ("class,startTime_usec,endTime_usec\n1,5,9223372036854775808\n",
+         r"line 2: value 9223372036854775808\.\.\. is above the int64 range"),
+        ("class,startTime_usec,endTime_usec\n1,5," + "9" * 5000 + "\n", r"line 2: value 9{24}\.\.\. is above the int64"),
     ],
 )
 def test_bad_label_files(tmp_path, text, match):
@@ -67,6 +74,22 @@ def test_bad_label_files(tmp_path, text, match):
 def test_missing_label_file(tmp_path):
     with pytest.raises(MissingFileError, match="does not exist"):
         parse_labels(tmp_path / "x_labels.csv")
+
+
+def test_largest_int64_is_accepted(tmp_path):
+    f = tmp_path / "l.csv"
+    f.write_text("class,startTime_usec,endTime_usec\n1,5,9223372036854775807\n")
+    assert parse_labels(f).end.tolist() == [2 ** 63 - 1]
+
+
+def test_trial_list_not_utf8_or_too_big(tmp_path):
+    f = tmp_path / "trials_to_train.txt"
+    f.write_bytes(b"user01_lab.aedat\n\xff\xfe\n")
+    with pytest.raises(LabelFormatError, match=r"trials_to_train.txt: not UTF-8 text \(invalid start byte at byte 17\)"):
+        parse_trials(f)
+    f.write_bytes(b"user01_lab.aedat\n" * 70_000)
+    with pytest.raises(LabelFormatError, match="over 1048576 bytes"):
+        parse_trials(f)
 
 
 def test_parse_trials_strips_cr_and_blank_lines(tmp_path):
@@ -174,6 +197,54 @@ def test_safe_extract_refuses(tmp_path, name, kind, match):
         safe_extract(tgz, dest)
     assert list(dest.iterdir()) == []
     assert not (tmp_path / "escape.txt").exists()
+
+
+@pytest.mark.parametrize("content,match", [
+    (b"plain text, not an archive", "not a gzip-compressed tar archive$"),
+    (b"BZh91AY&SY" + bytes(600), "not a gzip-compressed tar archive$"),
+    (b"\x1f\x8b\x08\x00" + bytes(600), r"unreadable archive \([^\n]*\)$"),
+])
+def test_not_a_tar_gz_is_one_line(tmp_path, content, match):
+    f = tmp_path / "DvsGesture.tar.gz"
+    f.write_bytes(content)
+    with pytest.raises(ReleaseError, match=match) as info:
+        with open_release(f, scratch=tmp_path):
+            pass
+    assert "\n" not in str(info.value) and str(info.value).startswith(f"{f}: ")
+    assert list(tmp_path.iterdir()) == [f]  # the scratch folder is gone
+
+
+def _tar_members(tmp_path, members):
+    tgz = tmp_path / "a.tar.gz"
+    with tarfile.open(tgz, "w:gz") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return tgz
+
+
+def test_safe_extract_streams_the_release_layout(tmp_path):
+    tgz = _tar_members(tmp_path, [("DvsGesture/trials_to_train.txt", b"a.aedat\n"), ("./README.txt", b"hi"),
+                                  ("DvsGesture/a.aedat", b"x" * 3000)])
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    safe_extract(tgz, dest)
+    assert (dest / "DvsGesture" / "a.aedat").read_bytes() == b"x" * 3000 and (dest / "README.txt").read_bytes() == b"hi"
+
+
+@pytest.mark.parametrize("members,match", [
+    ([("DvsGesture/a.aedat", b"1"), ("DvsGesture/a.aedat", b"2")], "member 'DvsGesture/a.aedat' appears twice"),
+    ([("DvsGesture/x/a.aedat", b"1")], r"member 'DvsGesture/x/a.aedat' is not part of the release"),
+    ([("elsewhere/user01_natural.aedat", b"1")], "not part of the release"),
+    ([("DvsGesture/notes.txt", bytes(17 << 20))], "over the 16,777,216-byte bound for a release text file"),
+])
+def test_safe_extract_refuses_members(tmp_path, members, match):
+    tgz = _tar_members(tmp_path, members)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises((ReleaseError, OSError), match=match):
+        safe_extract(tgz, dest)
 
 
 def test_corrupt_archive(tmp_path):

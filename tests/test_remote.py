@@ -154,3 +154,46 @@ def test_a_hostile_manifest_cannot_write_outside_the_cache(server, tmp_path):
         open_frame_store(f"{base}/evil.zarr", cache_dir=tmp_path / "cache")
     assert not list(tmp_path.rglob("outside.txt")) and "/evil.zarr/../../../outside.txt" not in gets
     shutil.rmtree(evil)
+
+
+def test_parse_size_and_the_download_limit(monkeypatch):
+    from dvsprep.remote import DEFAULT_MAX_DOWNLOAD, download_limit, max_download, parse_size
+
+    assert [parse_size(x) for x in ("123", "1K", "512M", "8G", "1.5GiB", "2 t", "3kb")] == \
+        [123, 1024, 512 << 20, 8 << 30, 3 << 29, 2 << 40, 3072]
+    for bad in ("", "1X", "-5", "0", "1e9", "G"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+    monkeypatch.delenv("DVSPREP_MAX_DOWNLOAD", raising=False)
+    assert max_download() == DEFAULT_MAX_DOWNLOAD == 8 << 30
+    monkeypatch.setenv("DVSPREP_MAX_DOWNLOAD", "2G")
+    assert max_download() == 2 << 30
+    with download_limit(5 << 20):  # the option wins over the environment
+        assert max_download() == 5 << 20
+    assert max_download() == 2 << 30
+    monkeypatch.setenv("DVSPREP_MAX_DOWNLOAD", "lots")
+    with pytest.raises(StoreError, match=r"\$DVSPREP_MAX_DOWNLOAD: 'lots' is not a size"):
+        max_download()
+
+
+@pytest.mark.parametrize("url", ["http://[::1/x.zip", "http:///x.zip", "http://host:99999/x.zip"])
+def test_unusable_urls_are_store_errors(url, tmp_path):
+    from dvsprep.remote import fetch_store
+
+    with pytest.raises(StoreError, match="not a valid URL"):
+        fetch_store(url, cache_dir=tmp_path)
+
+
+def test_a_zip_over_the_limit_is_refused_before_download(server, tmp_path):
+    from dvsprep.remote import fetch_store
+
+    base, www, gets, fp, splits = server
+    url = f"{base}/frames_T64_number.zarr.zip"
+    size = (www / "frames_T64_number.zarr.zip").stat().st_size
+    from dvsprep.errors import ResourceLimitError
+
+    with pytest.raises(ResourceLimitError, match=rf"declares {size:,} bytes, more than the download limit"):
+        fetch_store(url, cache_dir=tmp_path / "c", max_bytes=size - 1)
+    assert fetch_store(url, cache_dir=tmp_path / "c", max_bytes=size)[0].stat().st_size == size
+    with pytest.raises(ResourceLimitError, match="its manifest lists .* more than the download limit"):
+        fetch_store(f"{base}/frames_T64_number.zarr/", cache_dir=tmp_path / "d", max_bytes=1000)

@@ -267,3 +267,13 @@ def test_cli(tmp_path):
     assert not (tmp_path / "x" / "DvsGesture").exists()
     r = runner.invoke(main, ["synth", str(tmp_path / "x"), "--scale", "huge"])
     assert r.exit_code == 2
+
+
+def test_a_second_writer_of_the_same_release_refuses(tmp_path):
+    from dvsprep.atomic import output_lock
+    from dvsprep.errors import OutputLockedError
+
+    with output_lock(tmp_path / "DvsGesture"):
+        with pytest.raises(OutputLockedError, match="DvsGesture: synthetic release is being written by another"):
+            synth.write_release(tmp_path, users=2, test_users=1, jobs=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

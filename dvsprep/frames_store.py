@@ -781,21 +781,6 @@ def ensure_verified(files: StoreFiles, layout: Layout, source: str, *, force: bo
     trust.record_verified("frames", files.path, layout.fingerprint, stamps, started)
 
 
-def check_url(url: str) -> str:
-    """A well-formed http(s) URL with a host, or StoreError naming it (urllib raises ValueError
-    for an unclosed IPv6 bracket or a bad port)."""
-    import urllib.parse
-
-    try:
-        parts = urllib.parse.urlsplit(url)
-        parts.port
-    except ValueError as exc:
-        raise StoreError(f"{url}: malformed URL ({exc})") from None
-    if not parts.hostname:
-        raise StoreError(f"{url}: malformed URL (no host)")
-    return url
-
-
 def open_frame_store(
     path: str | os.PathLike,
     cache_dir: str | os.PathLike | None = None,
@@ -820,7 +805,7 @@ def open_frame_store(
 
     source = str(path)
     if remote.is_url(source):
-        check_url(source)
+        remote.check_url(source)
         local, pinned = remote.fetch_store(source, cache_dir=cache_dir, refresh=refresh)
         expected_fingerprint = expected_fingerprint or pinned
     else:

@@ -177,11 +177,9 @@ def verify_store(path: str | os.PathLike, cache_dir: str | os.PathLike | None = 
     without hashing it again."""
     from . import remote
 
-    from .frames_store import check_url
-
     source = str(path)
     if remote.is_url(source):
-        check_url(source)
+        remote.check_url(source)
         local, pinned = remote.fetch_store(source, cache_dir=cache_dir)
         expected_fingerprint = expected_fingerprint or pinned
     else:

@@ -344,7 +344,7 @@ def test_show_and_info_odd_arguments(base, tmp_path):
         assert "fps" in res.stderr and not (tmp_path / "a.gif").exists()
     res = _cli("info", "http://[::1/x.zip")
     assert_one_line(res, "http://[::1/x.zip")
-    assert "malformed URL" in res.stderr
+    assert "not a valid URL" in res.stderr
 
 
 def test_explicit_preload_that_does_not_fit_is_one_line():

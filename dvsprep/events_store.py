@@ -32,6 +32,7 @@ from .constants import (
 from .atomic import temp_sibling
 from .errors import DvsprepError, IntegrityError, MissingFileError, ResourceLimitError, StoreError, StoreExistsError
 from .manifest import MANIFEST_FORMAT, canonical_json, fingerprint
+from .release import recording_name_ok
 
 EVENT_FIELDS = {"t": T_DTYPE, "x": XY_DTYPE, "y": XY_DTYPE, "p": P_DTYPE}
 SAMPLE_FIELDS = {
@@ -360,8 +361,6 @@ class EventsSplit:
     def check_content(self) -> None:
         """Offsets start at 0, never decrease and end at the event count; labels 0..10; rows
         >= 0; t_start <= t_end; recording names that are file stems."""
-        from .frames_store import recording_name_ok
-
         split = self.group.name.lstrip("/")
         off, n_ev = self.offsets, int(self.group["t"].shape[0])
         if int(off[0]) != 0 or int(off[-1]) != n_ev or (off.size > 1 and bool(np.any(np.diff(off) < 0))):

@@ -1,5 +1,5 @@
-"""The raw release: label csvs, trial lists, locating (and safely extracting) DvsGesture/,
-the published manifest, and cutting a recording's events into samples."""
+"""The raw release: label csvs, trial lists, what a recording name may be, locating (and safely
+extracting) DvsGesture/, the published manifest, and cutting a recording's events into samples."""
 from __future__ import annotations
 
 import contextlib
@@ -128,6 +128,12 @@ def _number(path: Path, n: int, field: str) -> int:
     if len(field) > 19 or int(field) > INT64_MAX:
         raise LabelFormatError(f"{path}: line {n}: value {field[:24]}... is above the int64 range")
     return int(field)
+
+
+def recording_name_ok(name: object) -> bool:
+    """A recording stem as the release names them: printable, no path separator, not '.'/'..'."""
+    return (isinstance(name, str) and 0 < len(name.encode("utf-8", "surrogatepass")) <= 255
+            and name.isprintable() and "/" not in name and "\\" not in name and name not in (".", ".."))
 
 
 def parse_trials(path: str | os.PathLike) -> list[str]:

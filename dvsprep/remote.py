@@ -46,6 +46,7 @@ from typing import BinaryIO, Iterator
 
 from . import __version__
 from .atomic import clean_stale_temps, publish_dir, remove_path, temp_sibling
+from .cache import default_cache_dir
 from .container import MAX_MANIFEST_BYTES, ZipFiles, check_member_name, iter_problems_against, parse_manifest
 from .errors import DvsprepError, IntegrityError, MissingFileError, ResourceLimitError, StoreError
 from .manifest import MANIFEST_NAME, sha256_bytes
@@ -102,15 +103,6 @@ def download_limit(nbytes: int | None) -> Iterator[None]:
 
 def is_url(path: object) -> bool:
     return str(path).lower().startswith(("http://", "https://"))
-
-
-def default_cache_dir() -> Path:
-    """$DVSPREP_CACHE, else $XDG_CACHE_HOME/dvsprep, else ~/.cache/dvsprep."""
-    env = os.environ.get("DVSPREP_CACHE")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "dvsprep"
 
 
 def check_url(url: str) -> None:

@@ -2,7 +2,7 @@
 
 A store (frame store directory or zip, events.h5) is verified in full the first time a reader
 opens it on this machine: every file hashed against its manifest and every array checked. Then a
-small marker is written into the per-user cache (``$DVSPREP_CACHE``, else
+small marker is written into the per-user cache (`dvsprep.cache`: ``$DVSPREP_CACHE``, else
 ``$XDG_CACHE_HOME/dvsprep``, else ``~/.cache/dvsprep``; never inside the store, which may be
 read-only), keyed by the store's real path. It records the fingerprint and, for every file of the
 store, (size, mtime_ns, ctime_ns, inode, device). A later open whose fingerprint and stamps all
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Mapping
 
 from .atomic import atomic_write
+from .cache import default_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,6 @@ def stamp_path(path: str | os.PathLike) -> Stamp:
 
 
 def marker_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    from .remote import default_cache_dir
-
     return (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / MARKER_DIR
 
 

@@ -1,13 +1,16 @@
 """`dvsprep verify`: prove a store (or the raw release) is intact and is the one it claims to be.
 
 - Frame store (directory, .zip, or URL): every file's size and sha256 against manifest.json;
-  corrupt, missing and extra files are listed with the split and samples they hold, and the
-  layout is checked against what dvsprep writes.
+  corrupt, missing and extra files are listed with the split and samples they hold, the
+  layout is checked against what dvsprep writes and every array is read back (the checks of
+  `dvsprep.frames_check`, which the readers run too).
 - events.h5: every dataset's sha256 (and dtype, shape) against the embedded manifest, the root
   attributes' digest, and the stored fingerprint against the manifest's hash.
 - Raw release (folder or tar.gz, streamed without extracting): per-recording md5 against
   data_manifests/dvs128_gesture.json, missing and extra recordings, the other published files,
   the trial lists, and the archive's md5.
+
+Each yields a `VerifyReport` (`dvsprep.verify_report`).
 """
 from __future__ import annotations
 
@@ -16,71 +19,21 @@ import logging
 import os
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, Iterable, Mapping
 
-from .container import MAX_MANIFEST_BYTES, StoreFiles, is_zip_path, iter_problems_against, open_store_files, parse_manifest
+from .container import MAX_MANIFEST_BYTES, StoreFiles, is_zip_path, open_store_files, parse_manifest
 from .errors import MissingFileError, StoreError
+from .frames_check import check_layout, content_problems, read_meta_arrays, verify_files
 from .frames_store import check_fingerprint
-from .manifest import MANIFEST_NAME, sha256_bytes
+from .manifest import MANIFEST_NAME
+from .verify_report import Problem, VerifyReport
 
 log = logging.getLogger(__name__)
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")
-MAX_LISTED = 8     # problems shown per kind unless verbose
-KINDS = ("corrupt", "missing", "extra", "mismatch", "invalid")
 _BUF = 1 << 22
-
-
-@dataclass
-class Problem:
-    kind: str        # corrupt | missing | extra | mismatch | invalid
-    name: str        # file, dataset or recording
-    detail: str
-    holds: str = ""  # what a frame-store file holds (split and samples)
-
-    def line(self) -> str:
-        return f"  {self.kind:<8} {self.name}: {self.detail}" + (f"; holds {self.holds}" if self.holds else "")
-
-
-@dataclass
-class VerifyReport:
-    """Outcome of a verification: `ok` when nothing differs."""
-
-    path: str
-    kind: str                          # frames | events | raw
-    checked: int                       # files, datasets or recordings compared
-    problems: list[Problem] = field(default_factory=list)
-    fingerprint: str = ""
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def headline(self) -> str:
-        what = {"frames": "frame store", "events": "events file", "raw": "raw release"}[self.kind]
-        unit = {"frames": "files", "events": "datasets", "raw": "files"}[self.kind]
-        if self.ok:
-            fp = f", fingerprint {self.fingerprint}" if self.fingerprint else ""
-            return f"{what} intact: {self.checked} {unit} match{fp}"
-        counts = {k: n for k in KINDS if (n := sum(p.kind == k for p in self.problems))}
-        return f"{what} NOT intact: " + ", ".join(f"{n} {k}" for k, n in counts.items()) + \
-            f" (of {self.checked} {unit})"
-
-    def lines(self, verbose: bool = False) -> list[str]:
-        """Human-readable report; without `verbose`, at most MAX_LISTED problems per kind."""
-        out = [f"{self.path}: {self.headline()}"]
-        for kind in KINDS:
-            items = [p for p in self.problems if p.kind == kind]
-            shown = items if verbose else items[:MAX_LISTED]
-            out.extend(p.line() for p in shown)
-            if len(items) > len(shown):
-                out.append(f"  ... and {len(items) - len(shown)} more {kind} (-v lists all)")
-        out.extend(f"  {n}" for n in self.notes)
-        return out
 
 
 # ----------------------------------------------------------------------------- frame stores
@@ -120,8 +73,6 @@ def _holds(name: str, attrs: Mapping[str, Any] | None, metas: Mapping[str, Any] 
 
 def _sample_ids(files: StoreFiles, layout: Any, problems: Iterable[Problem]) -> dict[str, list[tuple[str, int]]]:
     """(recording, row) per sample of each split whose metadata reads back intact."""
-    from .frames_store import read_meta_arrays
-
     bad = {p.name for p in problems}
     out: dict[str, list[tuple[str, int]]] = {}
     for split, metas in layout.metas.items():
@@ -134,31 +85,6 @@ def _sample_ids(files: StoreFiles, layout: Any, problems: Iterable[Problem]) -> 
             continue
         out[split] = list(zip(meta["recording"], (int(r) for r in meta["row"])))
     return out
-
-
-def verify_files(files: StoreFiles, manifest: dict, path: str) -> VerifyReport:
-    """Compare every file of a store with its manifest (reads every file once); a file that
-    cannot be read is a problem of its own."""
-    raw = files.read(MANIFEST_NAME, MAX_MANIFEST_BYTES)
-    report = VerifyReport(path=path, kind="frames", checked=len(manifest["files"]), fingerprint=sha256_bytes(raw))
-    try:
-        for kind, name, detail in iter_problems_against(files, manifest):
-            report.problems.append(Problem(kind, name, detail))
-    except (OSError, StoreError) as exc:
-        report.problems.append(Problem("invalid", "files", f"cannot read the store's files ({exc})"))
-    return report
-
-
-def full_report(files: StoreFiles, layout: Any, source: str) -> VerifyReport:
-    """Every file against the manifest, then (for the files that hash right) every array read
-    back as the readers read it (`frames_store.content_problems`)."""
-    from .frames_store import content_problems
-
-    report = verify_files(files, layout.manifest, source)
-    skip = {p.name for p in report.problems}
-    for kind, name, detail in content_problems(files, layout, skip):
-        report.problems.append(Problem(kind, name, detail))
-    return report
 
 
 def _invalid(source: str, name: str, exc: BaseException, checked: int = 0) -> VerifyReport:
@@ -199,7 +125,6 @@ def verify_store(path: str | os.PathLike, cache_dir: str | os.PathLike | None = 
 
 def _verify_opened(files: StoreFiles, source: str, expected_fingerprint: str | None) -> VerifyReport:
     from . import trust
-    from .frames_store import check_layout, content_problems
 
     if files.span(MANIFEST_NAME) is None:
         return VerifyReport(path=source, kind="frames", checked=len(files.names()),

@@ -136,13 +136,13 @@ def test_marker_makes_reopening_cheap_and_any_change_misses_it(base, tmp_path, m
     import os
     import time
 
-    from dvsprep import trust, verify
+    from dvsprep import frames_store, trust
 
     store = tmp_path / "s.zarr"
     shutil.copytree(base / "s.zarr", store)
     calls = []
-    real = verify.full_report
-    monkeypatch.setattr(verify, "full_report", lambda *a: calls.append(1) or real(*a))
+    real = frames_store.full_report
+    monkeypatch.setattr(frames_store, "full_report", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setattr(trust, "RACY_NS", 0)     # the copy was just made: do not wait for the clock
     open_frame_store(store)
     open_frame_store(store)

@@ -195,14 +195,13 @@ def test_library_checks_for_the_trainer(store):
 def test_verify_writes_the_marker_readers_use(store, tmp_path, monkeypatch):
     import os
 
-    from dvsprep import trust
-    from dvsprep import verify as V
+    from dvsprep import frames_store, trust
 
     path, fp = store
     monkeypatch.setattr(trust, "RACY_NS", 0)
     assert verify_store(path).ok
     assert trust.is_verified("frames", path, fp, open_store_files(path).stamps())
-    monkeypatch.setattr(V, "full_report", lambda *a: pytest.fail("hashed again despite the marker"))
+    monkeypatch.setattr(frames_store, "full_report", lambda *a: pytest.fail("hashed again despite the marker"))
     assert open_frame_store(path).fingerprint == fp
     # events.h5: verify writes the marker, EventsFile then only stats the file
     from dvsprep.events_store import EventsFile

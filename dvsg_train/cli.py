@@ -52,8 +52,8 @@ def _one_line_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (TrainError, DvsprepError, OSError) as exc:
-            if debug:
-                raise
+            if debug or (isinstance(exc, BrokenPipeError) and not isinstance(exc, (TrainError, DvsprepError))):
+                raise  # a closed stdout (`| head`): click's main() exits 1 without a word
             if _rank() != 0 and getattr(exc, FAILED_RANK_ATTR, None) is not None:
                 # every rank raised it and rank 0 says it once; wait a little so that rank 0
                 # exits first (torchrun stops the other ranks as soon as one exits)

@@ -163,3 +163,15 @@ def test_lr_scheduler_help_is_lowercase():
     out = CliRunner().invoke(train_main, ["--help"], terminal_width=200).output
     line = " ".join(out.split("--lr-scheduler", 1)[1].split("--step-size")[0].split())
     assert line == "[cosalr|steplr|none] [default: cosalr]"
+
+
+def test_eval_into_a_closed_pipe_is_quiet(trained, tmp_path):
+    """`dvsg-eval ... | head -1`: no `error: Broken pipe`, no traceback."""
+    root, _ = trained
+    ckpt = root / "runs" / "T4_b6_adam_lr0.001_c4" / "checkpoint_latest.pt"
+    cmd = [sys.executable, "-c", "from dvsg_train.cli import eval_main; eval_main()", "--checkpoint", str(ckpt),
+           "--data", str(root), "--device", "cpu", "--png", str(tmp_path / "c.png")]
+    # a pipe whose reader takes one line and goes away, as `| head -1` does
+    res = subprocess.run(["bash", "-c", 'set -o pipefail; "$@" | head -c 10 >/dev/null', "_", *cmd],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1 and res.stderr == ""

@@ -274,6 +274,44 @@ def build_frame_store(
             raise
 
 
+def _frame_blocks(runner: Any, events_path: Path, tmp: Path, tasks: list[tuple[str, int, int]], *, jobs: int,
+                  T: int, split_by: str, stamp: tuple, codec: dict[str, Any], shard: int,
+                  bar: Any) -> tuple[np.dtype, int]:
+    """Frame every (split, first, end) block into the store at `tmp`, at most 2 x jobs in flight.
+    Blocks start as uint8; the first count over 255 promotes the store to uint16 once every
+    in-flight block has finished, and the overflowed blocks run again. Returns (dtype, max count)."""
+    dtype = np.dtype("u1")
+    written: dict[str, list[tuple[int, int]]] = {s: [] for s in SPLITS}
+    top = 0
+    pending = list(reversed(tasks))
+    args = (str(events_path), str(tmp))
+    running: dict[Any, tuple[str, int, int]] = {}
+    promote_wanted = False
+    while pending or running:
+        while pending and not promote_wanted and len(running) < 2 * jobs:
+            s, a, b = pending.pop()
+            running[runner.submit(frame_block, *args, s, a, b, T, split_by, dtype.str, stamp)] = (s, a, b)
+        done, _ = wait(running, return_when=FIRST_COMPLETED)
+        for fut in done:
+            s, a, b = running.pop(fut)
+            try:
+                _, _, m = fut.result()
+            except _Overflow:
+                promote_wanted = True
+                pending.append((s, a, b))
+                continue
+            written[s].append((a, b))
+            top = max(top, m)
+            if bar is not None:
+                bar.update(b - a)
+        if promote_wanted and not running:
+            # Every in-flight block has finished (as uint8 or overflowed): rewrite and go on.
+            _promote(tmp, SPLITS, written, T, codec, shard)
+            dtype = np.dtype("u2")
+            promote_wanted = False
+    return dtype, top
+
+
 def _build(events_path: Path, final: Path, events_fp: str, stamp: tuple, meta: dict[str, dict[str, Any]], *,
            T: int, split_by: str, jobs: int, force: bool, codec: dict[str, Any], progress: bool,
            t_begin: float) -> BuildSummary:
@@ -298,35 +336,9 @@ def _build(events_path: Path, final: Path, events_fp: str, stamp: tuple, meta: d
             from tqdm import tqdm
 
             bar = tqdm(total=sum(b - a for _, a, b in tasks), unit="sample", desc="frames")
-        written: dict[str, list[tuple[int, int]]] = {s: [] for s in SPLITS}
-        top = 0
-        pending = list(reversed(tasks))
-        args = (str(events_path), str(tmp))
         runner = pool if pool is not None else _InlineExecutor()
-        running: dict[Any, tuple[str, int, int]] = {}
-        promote_wanted = False
-        while pending or running:
-            while pending and not promote_wanted and len(running) < 2 * jobs:
-                s, a, b = pending.pop()
-                running[runner.submit(frame_block, *args, s, a, b, T, split_by, dtype.str, stamp)] = (s, a, b)
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for fut in done:
-                s, a, b = running.pop(fut)
-                try:
-                    _, _, m = fut.result()
-                except _Overflow:
-                    promote_wanted = True
-                    pending.append((s, a, b))
-                    continue
-                written[s].append((a, b))
-                top = max(top, m)
-                if bar is not None:
-                    bar.update(b - a)
-            if promote_wanted and not running:
-                # Every in-flight block has finished (as uint8 or overflowed): rewrite and go on.
-                _promote(tmp, SPLITS, written, T, codec, shard)
-                dtype = np.dtype("u2")
-                promote_wanted = False
+        dtype, top = _frame_blocks(runner, events_path, tmp, tasks, jobs=jobs, T=T, split_by=split_by,
+                                   stamp=stamp, codec=codec, shard=shard, bar=bar)
         group = zarr.open_group(LocalStore(tmp), mode="r+", zarr_format=3)
         counts = {}
         for s in SPLITS:

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import OutputLockedError
+from .errors import InputOutputClashError, OutputLockedError
 
 _TEMP_RE = re.compile(r"^\..+\.(?:tmp|old|part|extract|convert)[-.]?(\d+)(?:-[0-9a-f]+)?$")
 _SCRATCH_RE = re.compile(r"^\.dvsprep-[a-z]+-(\d+)-")
@@ -114,6 +114,27 @@ def publish_dir(tmp: Path, final: Path) -> None:
         remove_path(trash)
     else:
         os.replace(tmp, final)
+
+
+def same_or_inside(a: Path, b: Path) -> bool:
+    """Whether path `a` (existing or not) is `b` (also as a hard link), or lies inside it; links
+    resolved."""
+    ra, rb = Path(a).resolve(), Path(b).resolve()
+    if ra == rb or ra.is_relative_to(rb):
+        return True
+    try:
+        return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def refuse_own_input(src: Path, out: Path, verb: str) -> None:
+    """No command writes onto its own input: `out` must not be `src`, lie inside it, or hold it
+    (replacing a folder that holds the input destroys the input too)."""
+    if same_or_inside(out, src):
+        raise InputOutputClashError(f"{out}: is {src} or inside it; {verb} would overwrite its own input")
+    if same_or_inside(src, out):
+        raise InputOutputClashError(f"{out}: holds {src}; replacing it would destroy the input of {verb}")
 
 
 def lock_path(path: Path) -> Path:

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .aedat import decode_buffer, map_file
-from .atomic import output_lock, remove_path, scratch_dir
+from .atomic import output_lock, remove_path, same_or_inside, scratch_dir
 from .constants import N_CLASSES, SPLITS, T_DTYPE, XY_DTYPE
 from .errors import (
     DvsprepError,
@@ -185,7 +185,7 @@ def convert_release(
     if out.exists() and not force:
         raise StoreExistsError(f"{out}: already exists (use --force to replace it)")
     release_dir = find_release_dir(raw) if raw.is_dir() else None
-    if release_dir is not None and _inside(out_dir, release_dir):
+    if release_dir is not None and same_or_inside(out_dir, release_dir):
         raise InputOutputClashError(f"{out_dir}: is inside the release {release_dir} it would read; "
                                     f"write DATA_ROOT elsewhere")
     created = _missing_parents(out_dir)
@@ -211,12 +211,6 @@ def convert_release(
         )
     summary.seconds = time.perf_counter() - t0
     return summary
-
-
-def _inside(path: Path, folder: Path) -> bool:
-    """Whether `path` (existing or not) is `folder` or lies inside it, links resolved."""
-    p, f = path.resolve(), folder.resolve()
-    return p == f or p.is_relative_to(f)
 
 
 def _missing_parents(path: Path) -> list[Path]:

@@ -24,7 +24,7 @@ import zarr
 from zarr.storage import LocalStore
 
 from . import frames_schema as schema
-from .atomic import output_lock, remove_path, temp_sibling
+from .atomic import output_lock, refuse_own_input, remove_path, temp_sibling
 from .constants import N_POLARITIES, SENSOR_SIZE, SPLITS
 from .errors import MissingFileError, ResourceLimitError, StoreError
 from .events_store import EventsFile
@@ -257,6 +257,7 @@ def build_frame_store(
     if not events_path.is_file():
         raise MissingFileError(f"{events_path}: no such events file (run `dvsprep convert` first)")
     out_path = Path(out_path)
+    refuse_own_input(events_path, out_path, "frames")
     jobs = max(1, int(jobs or os.cpu_count() or 1))
     shard = samples_per_shard(T, np.uint8)
     _check_resources(out_path, T, shard, jobs)

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .container import MAX_MANIFEST_BYTES, StoreFiles, is_zip_path, parse_manifest
-from .errors import InputOutputClashError, IntegrityError, MissingFileError, StoreError
-from .atomic import atomic_write, output_lock, remove_path, temp_sibling
+from .errors import IntegrityError, MissingFileError, StoreError
+from .atomic import atomic_write, output_lock, refuse_own_input, remove_path, temp_sibling
 from .frames_store import check_output, open_frame_store, publish
 from .manifest import MANIFEST_NAME, sha256_bytes
 
@@ -66,25 +66,6 @@ def _checked_source(store: Path) -> tuple[StoreFiles, dict, bytes]:
     return files, manifest, raw
 
 
-def _same_or_inside(a: Path, b: Path) -> bool:
-    """Whether path `a` (existing or not) is `b` (also as a hard link) or lies inside it."""
-    ra, rb = a.resolve(), b.resolve()
-    if ra == rb or ra.is_relative_to(rb):
-        return True
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def _refuse_clash(src: Path, out: Path, verb: str) -> None:
-    """No command writes onto its own input: `out` must not be `src`, lie inside it, or hold it."""
-    if _same_or_inside(out, src):
-        raise InputOutputClashError(f"{out}: is {src} or inside it; {verb} would overwrite its own input")
-    if _same_or_inside(src, out):
-        raise InputOutputClashError(f"{out}: holds {src}; replacing it would destroy the input of {verb}")
-
-
 def pack_store(store: str | os.PathLike, out: str | os.PathLike | None = None, force: bool = False) -> PackSummary:
     """Write the frame store `store` (directory or zip) as one uncompressed zip at `out`
     (default: `<store>.zip`)."""
@@ -96,7 +77,7 @@ def pack_store(store: str | os.PathLike, out: str | os.PathLike | None = None, f
     out = Path(out)
     if not is_zip_path(out):
         raise StoreError(f"{out}: a packed store's name must end in .zip")
-    _refuse_clash(store, out, "pack")
+    refuse_own_input(store, out, "pack")
     files, manifest, raw = _checked_source(store)
     check_output(out, force)
     if out.is_dir():
@@ -134,7 +115,7 @@ def unpack_store(archive: str | os.PathLike, out: str | os.PathLike | None = Non
     if out is None:
         out = archive.with_name(archive.name[: -len(".zip")])
     out = Path(out)
-    _refuse_clash(archive, out, "unpack")
+    refuse_own_input(archive, out, "unpack")
     out = check_output(out, force)
     files, manifest, raw = _checked_source(archive)
     with output_lock(out, "store"):

@@ -148,6 +148,22 @@ def test_bad_inputs_one_line_exit_1_nothing_written(tmp_path, args, prepare, mat
         assert r.exit_code == 0 and open_frame_store(tmp_path / "frames_T4_number.zarr").fingerprint == existing
 
 
+@pytest.mark.parametrize("out", ["events.h5", "events.h5/x.zarr", "."])
+def test_frames_never_writes_onto_its_own_input(tmp_path, out):
+    """`-o` that is events.h5, would lie inside it, or is the folder holding it (with --force,
+    which would otherwise replace it): one line, events.h5 untouched."""
+    _write_events(tmp_path / "events.h5", sizes=(2, 1))
+    before = (tmp_path / "events.h5").read_bytes()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    r = _run("frames", "-T", "4", "-d", tmp_path, "-o", tmp_path / out, "--force", "-j", "1")
+    assert r.exit_code == 1, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "events.h5" in lines[0], r.output
+    assert "its own input" in lines[0] or "destroy the input" in lines[0]
+    assert (tmp_path / "events.h5").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
+
+
 def test_events_outside_sensor_is_an_error(tmp_path):
     import h5py
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from dvsprep.atomic import atomic_write, output_lock
+from dvsprep.atomic import atomic_write, output_lock, same_or_inside
 from dvsprep.errors import InputOutputClashError, MissingFileError
 
 from ..errors import ExportError
@@ -23,7 +23,7 @@ def _check_output(src: Path, out: Path) -> None:
         raise MissingFileError(f"{out.parent}: output directory does not exist")
     if out.is_dir():
         raise ExportError(f"{out}: is a directory; give a file name")
-    if out.exists() and src.exists() and os.path.samefile(src, out):
+    if same_or_inside(out, src):
         raise InputOutputClashError(f"{out}: the output is the input checkpoint")
 
 

@@ -98,11 +98,6 @@ class _InlineExecutor:
         return fut
 
 
-def _ready(_: int) -> int:
-    """No-op task: makes the pool start its workers now."""
-    return os.getpid()
-
-
 def _close_worker_files() -> None:
     while _WORKER_FILES:
         _WORKER_FILES.popitem()[1].close()
@@ -327,10 +322,10 @@ def _build(events_path: Path, final: Path, events_fp: str, stamp: tuple, meta: d
     pool = None
     try:
         if jobs > 1 and len(tasks) > 1:
-            # Start the workers before this process touches zarr: zarr runs an event-loop thread
-            # that a forked child must not inherit. Workers ignore SIGINT (dvsprep.workers).
+            # Made before this process touches zarr: zarr runs an event-loop thread that a forked
+            # child must not inherit, and process_pool forks every worker at once. Workers
+            # ignore SIGINT (dvsprep.workers).
             pool = process_pool(min(jobs, len(tasks)))
-            list(pool.map(_ready, range(min(jobs, len(tasks)))))
         create_layout(tmp, T=T, sizes={s: len(meta[s]["label"]) for s in SPLITS}, dtype=dtype,
                       codec=codec, shard_samples=shard)
         if progress:

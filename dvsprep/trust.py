@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Mapping
 
-from .atomic import atomic_write
+from .atomic import atomic_write, clean_stale_temps
 from .cache import default_cache_dir
 
 log = logging.getLogger(__name__)
@@ -82,8 +82,6 @@ def record_verified(kind: str, path: str | os.PathLike, fingerprint: str, stamps
     writable: the store is then simply verified again next time."""
     if any(s[2] >= started_ns - RACY_NS for s in stamps.values()):
         return False
-    from .atomic import clean_stale_temps
-
     marker = _marker_file(kind, path, cache_dir)
     data = json.dumps(_body(kind, path, fingerprint, stamps), sort_keys=True).encode()
     try:

@@ -34,7 +34,8 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _ignore_sigint(parent: int | None = None) -> None:
+def _init_worker(parent: int | None = None) -> None:
+    """Each worker: die with the parent, ignore SIGINT, die on SIGTERM, unblock both."""
     if parent is not None and sys.platform.startswith("linux"):
         _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -56,7 +57,7 @@ def process_pool(jobs: int) -> ProcessPoolExecutor:
     that will stop it (on Linux the workers die with the thread that forked them)."""
     fork = sys.platform.startswith("linux")
     ctx = mp.get_context("fork" if fork else "spawn")
-    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_ignore_sigint,
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
                                initargs=(os.getpid(),))
     if not (fork and hasattr(signal, "pthread_sigmask")):
         return pool

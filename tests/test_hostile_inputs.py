@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import dvsprep.remote as remote_mod
 from dvsprep.atomic import output_lock
 from dvsprep.cli import main
 from dvsprep.pack import pack_store
+from http_fixtures import serving
 from store_fixtures import make_store
 
 from aedat_fixtures import random_events, small_release, write_release
@@ -472,15 +472,8 @@ class _Hostile(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture()
 def hostile_server(monkeypatch):
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hostile)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with serving(_Hostile, monkeypatch) as httpd:
+        yield httpd.url
 
 
 def _cache_leftovers(cache: Path) -> list[str]:

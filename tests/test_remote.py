@@ -18,6 +18,7 @@ from dvsprep.frames_store import open_frame_store
 from dvsprep.manifest import canonical_json
 from dvsprep.pack import pack_store
 from dvsprep.remote import cache_entry, default_cache_dir
+from http_fixtures import serving
 from store_fixtures import make_store
 
 
@@ -33,20 +34,13 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 @pytest.fixture()
 def server(tmp_path, monkeypatch):
     """(base URL, served folder, Counter of GET paths); the folder holds a store and its zip."""
-    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(var, raising=False)
     www = tmp_path / "www"
     www.mkdir()
     fp, splits = make_store(www / "frames_T64_number.zarr")
     pack_store(www / "frames_T64_number.zarr", www / "frames_T64_number.zarr.zip")
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(www)))
-    httpd.gets = Counter()
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", www, httpd.gets, fp, splits
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join()
+    with serving(functools.partial(_Handler, directory=str(www)), monkeypatch) as httpd:
+        httpd.gets = Counter()
+        yield httpd.url, www, httpd.gets, fp, splits
 
 
 def _same_samples(store, splits):

@@ -309,6 +309,11 @@ OPTION_NAMES = {"T": "-T", "batch_size": "-b", "global_batch_size": "-b", "chann
 _NOT_SETTINGS = ("out_dir", "run_name", "resume", "force", "preset")
 
 
+def checkpoint_run_dir(checkpoint: str | os.PathLike) -> Path:
+    """The run folder of a checkpoint: the folder the file is in (wherever it was moved to)."""
+    return Path(os.path.realpath(checkpoint)).parent
+
+
 def resume_config(path: str | os.PathLike, given: dict[str, Any], world_size: int = 1) -> TrainConfig:
     """The TrainConfig that continues the run of checkpoint ``path`` (``dvsg-train --resume``).
 
@@ -322,7 +327,7 @@ def resume_config(path: str | os.PathLike, given: dict[str, Any], world_size: in
     """
     ckpt = load_checkpoint(path)
     saved = checkpoint_config(ckpt, path)
-    folder = Path(os.path.realpath(path)).parent
+    folder = checkpoint_run_dir(path)
     problems: list[str] = []
     if "out_dir" in given or "run_name" in given:
         asked = Path(given.get("out_dir", folder.parent)) / given.get("run_name", folder.name)

@@ -123,8 +123,6 @@ class TrainConfig:
             if not 12 <= len(fp) <= 64 or any(c not in "0123456789abcdef" for c in fp):
                 raise ConfigError(f"data_fingerprint must be 12 to 64 hex digits (a store's sha256 "
                                   f"or its prefix), got {self.data_fingerprint!r}")
-        if self.preset is not None and not isinstance(self.preset, str):
-            raise ConfigError(f"preset must be a name, got {self.preset!r}")
         if self.cupy and self.net != "multistep":
             raise ConfigError("--cupy runs the multi-step neurons; it cannot be used with --net stepwise")
 

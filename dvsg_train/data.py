@@ -59,7 +59,8 @@ def open_store(path: str | os.PathLike, T: int | None = None, *, verify: bool = 
                expected_fingerprint: str | None = None) -> FrameStore:
     """Open a frame store (or DATA_ROOT/frames_T<T>_number.zarr) and check its T when given.
 
-    ``verify`` hashes every file against the store's manifest; ``expected_fingerprint`` (sha256
+    Every open is verified (a verified-marker of this machine makes that a stat of each file);
+    ``verify`` hashes every file against the manifest regardless; ``expected_fingerprint`` (sha256
     or a prefix of >= 12 hex digits) must match the store's. Raises dvsprep's MissingFileError /
     StoreError (IntegrityError) for a missing, broken or different store and DataMismatchError
     when its T is not the one asked for."""

@@ -31,6 +31,7 @@ from .checkpoint import (
     MAX,
     check_data,
     check_resume,
+    checkpoint_run_dir,
     load_checkpoint,
     load_model_state,
     rng_state,
@@ -272,11 +273,6 @@ def _verify_store(config: TrainConfig) -> str:
 
 
 # ----------------------------------------------------------------------------- the run's steps
-
-def checkpoint_run_dir(checkpoint: str | os.PathLike) -> Path:
-    """The run folder of a checkpoint: the folder the file is in (wherever it was moved to)."""
-    return Path(os.path.realpath(checkpoint)).parent
-
 
 def _run_dir(config: TrainConfig, rc: TrainConfig) -> Path:
     """Where the run writes: the checkpoint's own folder on resume (an explicit run_name that
@@ -557,8 +553,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "test", devi
     sp = store.split(split)
     labels = torch.from_numpy(sp.labels)
     b = batch_size or net.weights.batch_size
-    nbytes = int(np.prod(sp.frames.shape)) * store.dtype.itemsize
-    where = resolve_preload(preload, nbytes, dev, what=data)
+    where = resolve_preload(preload, sp.nbytes, dev, what=data)
     if where is None:
         batches = Batches(labels, b, shuffle=False, drop_last=False,
                           dataset=FrameDataset(data, split), workers=workers,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from .errors import DvsprepError
+from .errors import DvsprepError, one_line
 
 log = logging.getLogger("dvsprep")
 
@@ -34,7 +34,7 @@ class _Group(click.Group):
             if ctx.obj and ctx.obj.get("debug"):
                 raise
             msg = str(exc) if isinstance(exc, DvsprepError) else _os_error_line(exc)
-            click.echo(f"error: {_one_line(msg)}", err=True)
+            click.echo(f"error: {one_line(msg)}", err=True)
             ctx.exit(1)
         finally:
             if previous is not None:
@@ -50,11 +50,6 @@ def _catch_sigterm():
     if threading.current_thread() is not threading.main_thread():
         return None
     return signal.signal(signal.SIGTERM, _on_sigterm)
-
-
-def _one_line(msg: str) -> str:
-    """Error messages are one line, whatever a library put in them."""
-    return " ".join(msg.split())
 
 
 def _os_error_line(exc: OSError) -> str:

@@ -5,6 +5,11 @@ The CLI prints ``str(exc)`` as one line; messages therefore name the file and th
 from __future__ import annotations
 
 
+def one_line(text: object) -> str:
+    """A message as one line, whatever a library (or an archive, or a server) put in it."""
+    return " ".join(str(text).split())
+
+
 class DvsprepError(Exception):
     """Base of every error dvsprep raises on purpose."""
 

@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import tarfile
 import tempfile
 import zlib
@@ -18,7 +17,7 @@ from typing import BinaryIO, Iterator
 
 import numpy as np
 
-from .atomic import remove_path, scratch_dir
+from .atomic import check_free_space, remove_path, scratch_dir
 from .constants import LABEL_DTYPE, N_CLASSES
 from .errors import (
     DvsprepError,
@@ -27,6 +26,7 @@ from .errors import (
     ReleaseError,
     ResourceLimitError,
     UnsafeArchiveError,
+    one_line,
 )
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,6 @@ MAX_RECORDING_BYTES = 512 << 20      # per .aedat member
 MAX_OTHER_MEMBER_BYTES = 16 << 20    # per other file (csv, txt)
 MAX_RELEASE_BYTES = 8 << 30          # all members together
 MAX_MEMBERS = 10_000
-FREE_SPACE_RESERVE = 64 << 20        # left free on the disk while extracting
 
 
 @dataclass(frozen=True)
@@ -187,10 +186,6 @@ _LAYOUT = f"a DvsGesture release holds files at the archive root or in {RELEASE_
 _COPY_BUF = 1 << 20
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
 def _member_parts(archive: Path, m: tarfile.TarInfo) -> tuple[str, ...] | None:
     """Check one member's header (before any of its data is read): where it goes in the
     extraction folder, or None for the top folders themselves."""
@@ -203,7 +198,7 @@ def _member_parts(archive: Path, m: tarfile.TarInfo) -> tuple[str, ...] | None:
     try:  # tarfile's own "data" rules as a second line of defence
         tarfile.data_filter(m, "/dvsprep-extract")
     except tarfile.FilterError as exc:
-        raise UnsafeArchiveError(f"{archive}: member {name!r}: {_one_line(exc)}") from None
+        raise UnsafeArchiveError(f"{archive}: member {name!r}: {one_line(exc)}") from None
     parts = tuple(p for p in pure.parts if p != ".")
     if m.isdir():
         if parts in ((), (RELEASE_DIR,)):
@@ -249,15 +244,6 @@ def _archive_mode(archive: Path, f: BinaryIO) -> str:
     raise ReleaseError(f"{archive}: not a gzip-compressed tar archive")
 
 
-def _check_space(archive: Path, dest: Path, need: int) -> None:
-    free = shutil.disk_usage(dest).free
-    if need + FREE_SPACE_RESERVE > free:
-        raise ResourceLimitError(
-            f"{archive}: extracting needs {need / 1e6:,.1f} MB more in {dest.parent}, "
-            f"only {free / 1e6:,.1f} MB free"
-        )
-
-
 def _extract_member(archive: Path, tf: tarfile.TarFile, m: tarfile.TarInfo, target: Path) -> None:
     src = tf.extractfile(m)
     target.parent.mkdir(exist_ok=True)
@@ -281,7 +267,7 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> None:
     Each member's header is checked before its data is read: no absolute paths, '..', links,
     devices or sparse files; only files at the root or in DvsGesture/; sizes within
     MAX_RECORDING_BYTES per recording, MAX_OTHER_MEMBER_BYTES per other file, MAX_RELEASE_BYTES
-    and MAX_MEMBERS in all; and free space for the member (plus FREE_SPACE_RESERVE) on `dest`'s
+    and MAX_MEMBERS in all; and free space for the member (plus atomic.FREE_SPACE_RESERVE) on `dest`'s
     disk. A refused archive is refused at the first bad header (a 20 GB member declared in a
     2 MB archive costs nothing). What was extracted stays in `dest` for the caller to remove.
     """
@@ -292,7 +278,7 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> None:
         raise MissingFileError(f"{archive}: no such file") from None
     with f:
         mode = _archive_mode(archive, f)
-        _check_space(archive, dest, os.fstat(f.fileno()).st_size)  # never smaller extracted
+        check_free_space(archive, dest.parent, os.fstat(f.fileno()).st_size)  # never smaller extracted
         total = count = 0
         try:
             with tarfile.open(fileobj=f, mode=mode) as tf:
@@ -305,16 +291,16 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> None:
                     if parts is None:
                         continue
                     total = check_member_size(archive, m, total)
-                    _check_space(archive, dest, m.size)
+                    check_free_space(archive, dest.parent, m.size)
                     _extract_member(archive, tf, m, dest.joinpath(*parts))
         except DvsprepError:
             raise
         except (tarfile.TarError, EOFError, zlib.error) as exc:
-            raise ReleaseError(f"{archive}: unreadable archive ({_one_line(exc)})") from None
+            raise ReleaseError(f"{archive}: unreadable archive ({one_line(exc)})") from None
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise ResourceLimitError(f"{archive}: no space left on device to extract it in {dest.parent}") from None
-            raise ReleaseError(f"{archive}: cannot extract ({exc.strerror or _one_line(exc)})") from None
+            raise ReleaseError(f"{archive}: cannot extract ({exc.strerror or one_line(exc)})") from None
 
 
 def find_release_dir(raw: str | os.PathLike) -> Path | None:

@@ -36,7 +36,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import time
 import urllib.error
 import urllib.parse
@@ -45,10 +44,10 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from . import __version__
-from .atomic import clean_stale_temps, publish_dir, remove_path, temp_sibling
+from .atomic import check_free_space, clean_stale_temps, publish_dir, remove_path, temp_sibling
 from .cache import default_cache_dir
 from .container import MAX_MANIFEST_BYTES, ZipFiles, check_member_name, iter_problems_against, parse_manifest
-from .errors import DvsprepError, IntegrityError, MissingFileError, ResourceLimitError, StoreError
+from .errors import DvsprepError, IntegrityError, MissingFileError, ResourceLimitError, StoreError, one_line
 from .manifest import MANIFEST_NAME, sha256_bytes
 
 log = logging.getLogger(__name__)
@@ -59,7 +58,6 @@ _BUF = 1 << 20
 _FP = re.compile(r"[0-9a-f]{12,64}")
 DEFAULT_MAX_DOWNLOAD = 8 << 30   # bytes; the real release's frame stores are a few GB at most
 MAX_DOWNLOAD_ENV = "DVSPREP_MAX_DOWNLOAD"
-FREE_SPACE_RESERVE = 64 << 20    # a download stops when the cache's disk has less than this free
 _SPACE_CHECK_EVERY = 64 << 20    # bytes streamed between free-space checks
 _max_download: contextvars.ContextVar[int | None] = contextvars.ContextVar("dvsprep_max_download", default=None)
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
@@ -161,10 +159,6 @@ def _locked(lock_path: Path) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
-
-
 def _open_url(url: str):
     req = urllib.request.Request(url, headers={"User-Agent": f"dvsprep/{__version__}"})
     try:
@@ -173,10 +167,10 @@ def _open_url(url: str):
         if 300 <= exc.code < 400:
             raise StoreError(f"{url}: HTTP {exc.code}: redirect loop or too many redirects") from None
         err = MissingFileError if exc.code == 404 else StoreError
-        raise err(f"{url}: HTTP {exc.code} {_one_line(exc.reason)}") from None
+        raise err(f"{url}: HTTP {exc.code} {one_line(exc.reason)}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
         reason = getattr(exc, "reason", None) or exc
-        raise StoreError(f"{url}: cannot download ({_one_line(reason)})") from None
+        raise StoreError(f"{url}: cannot download ({one_line(reason)})") from None
 
 
 def download(url: str, out: BinaryIO, max_bytes: int, *, dest: Path | None = None,
@@ -185,7 +179,7 @@ def download(url: str, out: BinaryIO, max_bytes: int, *, dest: Path | None = Non
 
     Refused at once when the server declares more than `max_bytes`, or (with `dest`, the file
     being written) more than `dest`'s disk has free; stopped when it streams past `max_bytes` or
-    the free space falls under FREE_SPACE_RESERVE. StoreError also for fewer bytes than declared
+    the free space falls under atomic.FREE_SPACE_RESERVE. StoreError also for fewer bytes than declared
     (a cut connection) and for network errors and timeouts, naming the URL; a full disk is a
     ResourceLimitError naming `dest`.
     """
@@ -199,12 +193,12 @@ def download(url: str, out: BinaryIO, max_bytes: int, *, dest: Path | None = Non
             raise ResourceLimitError(f"{url}: declares {declared:,} bytes, more than {limit_name} "
                                      f"({max_bytes:,} bytes); not downloading it")
         if dest is not None and declared is not None:
-            _check_space(dest.parent, declared, url)
+            check_free_space(url, dest.parent, declared)
         while True:
             try:
                 chunk = resp.read(_BUF)
             except (OSError, http.client.HTTPException, ValueError) as exc:
-                raise StoreError(f"{url}: download failed after {n:,} bytes ({_one_line(exc) or type(exc).__name__})") \
+                raise StoreError(f"{url}: download failed after {n:,} bytes ({one_line(exc) or type(exc).__name__})") \
                     from None
             if not chunk:
                 break
@@ -218,21 +212,13 @@ def download(url: str, out: BinaryIO, max_bytes: int, *, dest: Path | None = Non
                 where = dest if dest is not None else url
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise ResourceLimitError(f"{where}: No space left on device (downloading {url})") from None
-                raise StoreError(f"{where}: cannot write ({exc.strerror or _one_line(exc)})") from None
+                raise StoreError(f"{where}: cannot write ({exc.strerror or one_line(exc)})") from None
             if dest is not None and n >= next_check:
                 next_check += _SPACE_CHECK_EVERY
-                _check_space(dest.parent, 0, url)
+                check_free_space(url, dest.parent, 0)
         if declared is not None and n != declared:
             raise StoreError(f"{url}: download ended after {n} of {declared} bytes")
     return h.hexdigest(), n
-
-
-def _check_space(where: Path, need: int, url: str) -> None:
-    """ResourceLimitError unless `where`'s disk has `need` bytes free plus FREE_SPACE_RESERVE."""
-    free = shutil.disk_usage(where).free
-    if need + FREE_SPACE_RESERVE > free:
-        raise ResourceLimitError(f"{url}: needs {need / 1e6:,.1f} MB in {where} (plus {FREE_SPACE_RESERVE >> 20} MB "
-                                 f"kept free), only {free / 1e6:,.1f} MB free")
 
 
 def _fetch_dir(url: str, dest: Path, limit: int) -> str:
@@ -247,7 +233,7 @@ def _fetch_dir(url: str, dest: Path, limit: int) -> str:
     if total > limit:
         raise ResourceLimitError(f"{url}: its manifest lists {total:,} bytes, more than the download limit "
                                  f"({limit:,} bytes; --max-download or ${MAX_DOWNLOAD_ENV})")
-    _check_space(dest.parent, total, url)
+    check_free_space(url, dest.parent, total)
     dest.mkdir()
     t0 = time.monotonic()
     for name in sorted(files):

@@ -30,6 +30,7 @@ from torch import Tensor
 from dvsprep.constants import N_CLASSES
 from dvsprep.errors import MissingFileError
 from dvsprep.frames_store import FrameSplit, FrameStore, frame_store_name, open_frame_store
+from dvsprep.resources import available_memory
 
 from .distributed import rank_share, share_size
 from .errors import ConfigError, DataMismatchError
@@ -238,13 +239,9 @@ def _available_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    mem = available_memory()
+    if mem is not None:
+        return mem
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):

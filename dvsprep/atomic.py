@@ -22,9 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import InputOutputClashError, OutputLockedError, ResourceLimitError
-
-FREE_SPACE_RESERVE = 64 << 20   # left free on a disk we write to (extraction, downloads)
+from .errors import InputOutputClashError, OutputLockedError
 
 _TEMP_RE = re.compile(r"^\..+\.(?:tmp|old|part|extract|convert)[-.]?(\d+)(?:-[0-9a-f]+)?$")
 _SCRATCH_RE = re.compile(r"^\.dvsprep-[a-z]+-(\d+)-")
@@ -137,15 +135,6 @@ def refuse_own_input(src: Path, out: Path, verb: str) -> None:
         raise InputOutputClashError(f"{out}: is {src} or inside it; {verb} would overwrite its own input")
     if same_or_inside(src, out):
         raise InputOutputClashError(f"{out}: holds {src}; replacing it would destroy the input of {verb}")
-
-
-def check_free_space(who: str | os.PathLike, where: Path, need: int) -> None:
-    """ResourceLimitError naming `who` (the input being written out) unless the disk of folder
-    `where` has `need` bytes free plus FREE_SPACE_RESERVE."""
-    free = shutil.disk_usage(where).free
-    if need + FREE_SPACE_RESERVE > free:
-        raise ResourceLimitError(f"{who}: needs {need / 1e6:,.1f} MB in {where} (plus {FREE_SPACE_RESERVE >> 20} MB "
-                                 f"kept free), only {free / 1e6:,.1f} MB free")
 
 
 def lock_path(path: Path) -> Path:

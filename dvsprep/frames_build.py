@@ -41,6 +41,7 @@ from .frames_store import (
     writing_every_chunk,
 )
 from .framing import check_params, integrate, narrowest_dtype
+from .resources import available_memory
 
 log = logging.getLogger(__name__)
 
@@ -163,18 +164,6 @@ def _promote(root: Path, splits: Sequence[str], written: Mapping[str, list[tuple
                 new[a:b] = np.asarray(old[a:b]).astype(np.uint16)
         shutil.rmtree(root / split / "frames")
         os.replace(root / split / "frames_u16", root / split / "frames")
-
-
-def available_memory() -> int | None:
-    """Bytes of memory available to new allocations (Linux MemAvailable), or None if unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def task_bytes(T: int, shard: int) -> int:

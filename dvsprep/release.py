@@ -17,7 +17,7 @@ from typing import BinaryIO, Iterator
 
 import numpy as np
 
-from .atomic import check_free_space, remove_path, scratch_dir
+from .atomic import remove_path, scratch_dir
 from .constants import LABEL_DTYPE, N_CLASSES
 from .errors import (
     DvsprepError,
@@ -28,6 +28,7 @@ from .errors import (
     UnsafeArchiveError,
     one_line,
 )
+from .resources import check_free_space
 
 log = logging.getLogger(__name__)
 
@@ -267,7 +268,7 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> None:
     Each member's header is checked before its data is read: no absolute paths, '..', links,
     devices or sparse files; only files at the root or in DvsGesture/; sizes within
     MAX_RECORDING_BYTES per recording, MAX_OTHER_MEMBER_BYTES per other file, MAX_RELEASE_BYTES
-    and MAX_MEMBERS in all; and free space for the member (plus atomic.FREE_SPACE_RESERVE) on `dest`'s
+    and MAX_MEMBERS in all; and free space for the member (plus resources.FREE_SPACE_RESERVE) on `dest`'s
     disk. A refused archive is refused at the first bad header (a 20 GB member declared in a
     2 MB archive costs nothing). What was extracted stays in `dest` for the caller to remove.
     """

@@ -44,11 +44,12 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from . import __version__
-from .atomic import check_free_space, clean_stale_temps, publish_dir, remove_path, temp_sibling
+from .atomic import clean_stale_temps, publish_dir, remove_path, temp_sibling
 from .cache import default_cache_dir
 from .container import MAX_MANIFEST_BYTES, ZipFiles, check_member_name, iter_problems_against, parse_manifest
 from .errors import DvsprepError, IntegrityError, MissingFileError, ResourceLimitError, StoreError, one_line
 from .manifest import MANIFEST_NAME, sha256_bytes
+from .resources import check_free_space
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ def download(url: str, out: BinaryIO, max_bytes: int, *, dest: Path | None = Non
 
     Refused at once when the server declares more than `max_bytes`, or (with `dest`, the file
     being written) more than `dest`'s disk has free; stopped when it streams past `max_bytes` or
-    the free space falls under atomic.FREE_SPACE_RESERVE. StoreError also for fewer bytes than declared
+    the free space falls under resources.FREE_SPACE_RESERVE. StoreError also for fewer bytes than declared
     (a cut connection) and for network errors and timeouts, naming the URL; a full disk is a
     ResourceLimitError naming `dest`.
     """

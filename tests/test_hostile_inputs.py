@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import dvsprep.atomic as atomic_mod
+import dvsprep.resources as resources_mod
 import dvsprep.release as release_mod
 import dvsprep.remote as remote_mod
 from dvsprep.atomic import output_lock
@@ -339,10 +339,10 @@ def test_extraction_checks_free_space_first(tmp_path, monkeypatch, when):
 
     def disk_usage(path):
         calls.append(path)
-        free = 1 << 40 if when == "per_member" and len(calls) == 1 else atomic_mod.FREE_SPACE_RESERVE + 100
+        free = 1 << 40 if when == "per_member" and len(calls) == 1 else resources_mod.FREE_SPACE_RESERVE + 100
         return usage(1 << 40, 1 << 40, free)
 
-    monkeypatch.setattr(atomic_mod.shutil, "disk_usage", disk_usage)
+    monkeypatch.setattr(resources_mod.shutil, "disk_usage", disk_usage)
     r = _cli("convert", tgz, "-o", tmp_path / "out")
     line = _refused(r.exit_code, r.stderr, tgz)
     need = tgz.stat().st_size if when == "before" else None
@@ -523,7 +523,7 @@ def test_download_free_space_check(hostile_server, tmp_path, monkeypatch):
     import collections
 
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(atomic_mod.shutil, "disk_usage", lambda p: usage(1 << 30, 1 << 30, 1 << 20))
+    monkeypatch.setattr(resources_mod.shutil, "disk_usage", lambda p: usage(1 << 30, 1 << 30, 1 << 20))
     url = f"{hostile_server}/endless.zip"  # no Content-Length: the check while streaming stops it
     monkeypatch.setattr(remote_mod, "_SPACE_CHECK_EVERY", 1 << 16)
     r = _cli("verify", url, "--cache-dir", tmp_path / "c")
@@ -532,7 +532,7 @@ def test_download_free_space_check(hostile_server, tmp_path, monkeypatch):
 
 
 def test_download_onto_a_real_full_disk(hostile_server, tiny_disk, monkeypatch):
-    monkeypatch.setattr(atomic_mod, "FREE_SPACE_RESERVE", 0)  # let the writes reach ENOSPC
+    monkeypatch.setattr(resources_mod, "FREE_SPACE_RESERVE", 0)  # let the writes reach ENOSPC
     url = f"{hostile_server}/endless.zip"  # 4 MB into a 1 MB disk
     r = _cli("verify", url, "--cache-dir", tiny_disk)
     line = _refused(r.exit_code, r.stderr, url, "No space left on device")

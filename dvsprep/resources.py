@@ -1,0 +1,30 @@
+"""What this machine has room for: free disk space before writing, memory before allocating."""
+from __future__ import annotations
+
+import os
+import shutil
+
+from .errors import ResourceLimitError
+
+FREE_SPACE_RESERVE = 64 << 20   # left free on a disk we write to (extraction, downloads)
+
+
+def check_free_space(who: str | os.PathLike, where: os.PathLike, need: int) -> None:
+    """ResourceLimitError naming `who` (the input being written out) unless the disk of folder
+    `where` has `need` bytes free plus FREE_SPACE_RESERVE."""
+    free = shutil.disk_usage(where).free
+    if need + FREE_SPACE_RESERVE > free:
+        raise ResourceLimitError(f"{who}: needs {need / 1e6:,.1f} MB in {where} (plus {FREE_SPACE_RESERVE >> 20} MB "
+                                 f"kept free), only {free / 1e6:,.1f} MB free")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import itertools
 import logging
@@ -19,7 +18,6 @@ from .aedat import decode_buffer, map_file
 from .atomic import output_lock, remove_path, same_or_inside, scratch_dir
 from .constants import N_CLASSES, SPLITS, T_DTYPE, XY_DTYPE
 from .errors import (
-    DvsprepError,
     InputOutputClashError,
     MissingFileError,
     ReleaseError,
@@ -36,6 +34,7 @@ from .release import (
     open_release,
     parse_labels,
 )
+from .resources import disk_full
 from .workers import process_pool, stop_pool
 
 log = logging.getLogger(__name__)
@@ -200,8 +199,7 @@ def convert_release(
                 d.rmdir()
             except OSError:
                 break
-        if isinstance(exc, OSError) and not isinstance(exc, DvsprepError) and \
-                exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if disk_full(exc):
             raise ResourceLimitError(f"{out}: No space left on device") from None
         raise
     if summary.md5_mismatches:

@@ -6,7 +6,6 @@ integrates them (`framing.integrate`) and writes the shard into the temporary st
 """
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import shutil
@@ -41,7 +40,7 @@ from .frames_store import (
     writing_every_chunk,
 )
 from .framing import check_params, integrate, narrowest_dtype
-from .resources import available_memory
+from .resources import available_memory, disk_full
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +252,7 @@ def build_frame_store(
             return _build(events_path, final, events_fp, stamp, meta, T=T, split_by=split_by, jobs=jobs,
                           force=force, codec=dict(codec or DEFAULT_CODEC), progress=progress, t_begin=t_begin)
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
+            if disk_full(exc):
                 raise ResourceLimitError(f"{final}: no space left on the device while writing the frame store "
                                          f"(nothing was kept)") from None
             raise

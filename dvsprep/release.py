@@ -3,7 +3,6 @@ extracting) DvsGesture/, the published manifest, and cutting a recording's event
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -28,7 +27,7 @@ from .errors import (
     UnsafeArchiveError,
     one_line,
 )
-from .resources import check_free_space
+from .resources import check_free_space, disk_full
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +298,7 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> None:
         except (tarfile.TarError, EOFError, zlib.error) as exc:
             raise ReleaseError(f"{archive}: unreadable archive ({one_line(exc)})") from None
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            if disk_full(exc):
                 raise ResourceLimitError(f"{archive}: no space left on device to extract it in {dest.parent}") from None
             raise ReleaseError(f"{archive}: cannot extract ({exc.strerror or one_line(exc)})") from None
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import errno
 import hashlib
 import http.client
 import json
@@ -47,9 +46,9 @@ from . import __version__
 from .atomic import clean_stale_temps, publish_dir, remove_path, temp_sibling
 from .cache import default_cache_dir
 from .container import MAX_MANIFEST_BYTES, ZipFiles, check_member_name, iter_problems_against, parse_manifest
-from .errors import DvsprepError, IntegrityError, MissingFileError, ResourceLimitError, StoreError, one_line
+from .errors import IntegrityError, MissingFileError, ResourceLimitError, StoreError, one_line
 from .manifest import MANIFEST_NAME, sha256_bytes
-from .resources import check_free_space
+from .resources import check_free_space, disk_full
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +210,7 @@ def download(url: str, out: BinaryIO, max_bytes: int, *, dest: Path | None = Non
                 out.write(chunk)
             except OSError as exc:
                 where = dest if dest is not None else url
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                if disk_full(exc):
                     raise ResourceLimitError(f"{where}: No space left on device (downloading {url})") from None
                 raise StoreError(f"{where}: cannot write ({exc.strerror or one_line(exc)})") from None
             if dest is not None and n >= next_check:
@@ -339,8 +338,7 @@ def fetch_store(url: str, cache_dir: str | os.PathLike | None = None, refresh: b
             publish_dir(tmp, entry)
         except BaseException as exc:
             remove_path(tmp)
-            if isinstance(exc, OSError) and not isinstance(exc, DvsprepError) and \
-                    exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            if disk_full(exc):
                 raise ResourceLimitError(f"{entry}: No space left on device (downloading {base})") from None
             raise
     return entry / name, pinned

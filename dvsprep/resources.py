@@ -1,10 +1,11 @@
 """What this machine has room for: free disk space before writing, memory before allocating."""
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 
-from .errors import ResourceLimitError
+from .errors import DvsprepError, ResourceLimitError
 
 FREE_SPACE_RESERVE = 64 << 20   # left free on a disk we write to (extraction, downloads)
 
@@ -28,3 +29,9 @@ def available_memory() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether `exc` is the operating system's "no space left" (ENOSPC, or a quota: EDQUOT),
+    as opposed to one of our own errors that subclass OSError."""
+    return isinstance(exc, OSError) and not isinstance(exc, DvsprepError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)

@@ -17,7 +17,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from . import __version__
+from . import __version__, trust
 from .constants import (
     EVENTS_FORMAT,
     LABEL_DTYPE,
@@ -30,7 +30,7 @@ from .constants import (
     XY_DTYPE,
 )
 from .atomic import temp_sibling
-from .errors import DvsprepError, IntegrityError, MissingFileError, ResourceLimitError, StoreError, StoreExistsError
+from .errors import DvsprepError, MissingFileError, ResourceLimitError, StoreError, StoreExistsError
 from .manifest import MANIFEST_FORMAT, canonical_json, fingerprint
 from .release import recording_name_ok
 
@@ -433,20 +433,8 @@ class EventsFile:
         self.f.close()
 
     def _ensure_verified(self, force: bool) -> None:
-        from . import trust
-
-        fp = self.fingerprint
-        stamps = {"": trust.stamp_path(self.path)}
-        if not force and trust.is_verified("events", self.path, fp, stamps):
-            return
-        started = trust.now_ns()
-        problems = self.problems()
-        if problems:
-            trust.forget("events", self.path)
-            listed = "; ".join(f"{k} {name} ({detail})" for k, name, detail in problems[:3])
-            raise IntegrityError(f"{self.path}: events file NOT intact: {listed}"
-                                 f"{' ...' if len(problems) > 3 else ''} (dvsprep verify lists them)")
-        trust.record_verified("events", self.path, fp, stamps, started)
+        trust.ensure_verified("events", self.path, self.fingerprint, {"": trust.stamp_path(self.path)},
+                              str(self.path), lambda: ("events file NOT intact", self.problems()), force=force)
 
     @property
     def attrs(self) -> dict[str, Any]:

@@ -32,6 +32,7 @@ import zarr.codecs
 from zarr.storage import LocalStore
 
 from . import frames_schema as schema
+from . import trust
 from .atomic import publish_dir, remove_path, temp_sibling
 from .framing import check_params
 from .container import StoreFiles, open_store_files
@@ -436,19 +437,11 @@ def ensure_verified(files: StoreFiles, layout: Layout, source: str, *, force: bo
     """Refuse (IntegrityError) a store that does not verify in full: every file against the
     manifest and every array decoded (`frames_check.full_report`, as `dvsprep verify`). Cheap when a verified-marker for
     this fingerprint and these exact files exists (`dvsprep.trust`); `force` ignores markers."""
-    from . import trust
+    def verify() -> tuple[str, list[tuple[str, str, str]]]:
+        report = full_report(files, layout, source)
+        return report.headline(), [(p.kind, p.name, p.detail) for p in report.problems]
 
-    stamps = files.stamps()
-    if not force and trust.is_verified("frames", files.path, layout.fingerprint, stamps):
-        return
-    started = trust.now_ns()
-    report = full_report(files, layout, source)
-    if not report.ok:
-        trust.forget("frames", files.path)
-        listed = "; ".join(f"{p.kind} {p.name} ({p.detail})" for p in report.problems[:3])
-        raise IntegrityError(f"{source}: {report.headline()}: {listed}"
-                             f"{' ...' if len(report.problems) > 3 else ''} (dvsprep verify lists them)")
-    trust.record_verified("frames", files.path, layout.fingerprint, stamps, started)
+    trust.ensure_verified("frames", files.path, layout.fingerprint, files.stamps(), source, verify, force=force)
 
 
 def open_frame_store(

@@ -22,10 +22,11 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping, Sequence
 
 from .atomic import atomic_write, clean_stale_temps
 from .cache import default_cache_dir
+from .errors import IntegrityError
 
 log = logging.getLogger(__name__)
 
@@ -104,3 +105,22 @@ def forget(kind: str, path: str | os.PathLike, cache_dir: str | os.PathLike | No
 
 def now_ns() -> int:
     return time.time_ns()
+
+
+def ensure_verified(kind: str, path: str | os.PathLike, fingerprint: str, stamps: Mapping[str, Stamp],
+                    source: str, verify: Callable[[], tuple[str, Sequence[tuple[str, str, str]]]], *,
+                    force: bool = False) -> None:
+    """Use the marker of this store if it matches (unless `force`), else verify it in full:
+    ``verify()`` returns (headline, [(kind, name, detail), ...]). A store with problems loses its
+    marker and is refused (IntegrityError naming `source` and the first problems); one without
+    gets a marker."""
+    if not force and is_verified(kind, path, fingerprint, stamps):
+        return
+    started = now_ns()
+    headline, problems = verify()
+    if problems:
+        forget(kind, path)
+        listed = "; ".join(f"{k} {name} ({detail})" for k, name, detail in problems[:3])
+        raise IntegrityError(f"{source}: {headline}: {listed}"
+                             f"{' ...' if len(problems) > 3 else ''} (dvsprep verify lists them)")
+    record_verified(kind, path, fingerprint, stamps, started)

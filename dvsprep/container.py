@@ -26,6 +26,7 @@ from typing import Any, Iterator
 
 from .errors import MissingFileError, StoreError, UntrustedStoreError
 from .manifest import MANIFEST_FORMAT, MANIFEST_NAME
+from .trust import stamp, stamp_path
 
 # Bounds on what a store may declare, checked before anything is read or allocated.
 MAX_MANIFEST_BYTES = 16 << 20
@@ -151,8 +152,6 @@ class DirFiles(StoreFiles):
 
     def names(self) -> dict[str, int]:
         if self._names is None:
-            from .trust import stamp
-
             out = {}
             for dirpath, dirnames, filenames in os.walk(self.path):
                 dirnames.sort()
@@ -286,8 +285,6 @@ class ZipFiles(StoreFiles):
         return self._spans.get(name)
 
     def stamps(self) -> dict[str, tuple[int, int, int, int, int]]:
-        from .trust import stamp_path
-
         return {"": stamp_path(self.path)}
 
     def zarr_store(self) -> Any:

@@ -41,6 +41,7 @@ from .frames_store import (
 )
 from .framing import check_params, integrate, narrowest_dtype
 from .resources import available_memory, disk_full
+from .trust import stamp_path
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,6 @@ _WORKER_FILES: dict[str, Any] = {}
 def _events_split(events_path: str, split: str, stamp: tuple | None = None):
     """The split of events.h5 a worker reads. The parent verified the file: the worker only
     makes sure it is still that very file (same size, times and inode)."""
-    from .trust import stamp_path
-
     ef = _WORKER_FILES.get(events_path)
     if ef is None:
         if stamp is not None and stamp_path(events_path) != tuple(stamp):
@@ -185,8 +184,6 @@ def _check_resources(final: Path, T: int, shard: int, jobs: int) -> None:
 def _read_events_meta(events_path: Path) -> tuple[str, tuple, dict[str, dict[str, Any]]]:
     """(fingerprint, file stamp, per-split metadata) of a verified events.h5 (EventsFile checks
     it against its own manifest, cheaply when a verified-marker exists)."""
-    from .trust import stamp_path
-
     with EventsFile(events_path) as ef:
         stamp = stamp_path(events_path)
         meta = {}

@@ -28,6 +28,7 @@ from .frames_check import check_layout, content_problems, read_meta_arrays, veri
 from .frames_store import check_fingerprint
 from .manifest import MANIFEST_NAME
 from .verify_report import Problem, VerifyReport
+from . import trust
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +125,6 @@ def verify_store(path: str | os.PathLike, cache_dir: str | os.PathLike | None = 
 
 
 def _verify_opened(files: StoreFiles, source: str, expected_fingerprint: str | None) -> VerifyReport:
-    from . import trust
-
     if files.span(MANIFEST_NAME) is None:
         return VerifyReport(path=source, kind="frames", checked=len(files.names()),
                             problems=[Problem("missing", MANIFEST_NAME, "no manifest: an incomplete store "
@@ -172,7 +171,6 @@ def verify_events(path: str | os.PathLike) -> VerifyReport:
     the readers check (offsets, labels, names, events inside the sensor). Never raises for what
     the file holds (MissingFileError only when it is absent); a file that verifies gets a
     verified-marker (`dvsprep.trust`)."""
-    from . import trust
     from .errors import DvsprepError
     from .events_store import EventsFile
 

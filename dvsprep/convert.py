@@ -35,7 +35,7 @@ from .release import (
     parse_labels,
 )
 from .resources import disk_full
-from .workers import process_pool, stop_pool
+from .workers import interrupt_once, process_pool, stop_pool
 
 log = logging.getLogger(__name__)
 EVENTS_NAME = "events.h5"
@@ -189,7 +189,8 @@ def convert_release(
                                     f"write DATA_ROOT elsewhere")
     created = _missing_parents(out_dir)
     try:
-        with output_lock(out, "events.h5"):
+        # one Ctrl-C stops the conversion; more presses cannot interrupt its clean-up
+        with interrupt_once(), output_lock(out, "events.h5"):
             if out.exists() and not force:  # written meanwhile by someone else
                 raise StoreExistsError(f"{out}: already exists (use --force to replace it)")
             summary = _convert_locked(raw, out_dir, out, jobs or os.cpu_count() or 1, strict, force, progress)

@@ -9,11 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
-import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -42,6 +39,7 @@ from .frames_store import (
 from .framing import check_params, integrate, narrowest_dtype
 from .resources import available_memory, disk_full
 from .trust import stamp_path
+from .workers import interrupt_once, process_pool, stop_pool
 
 log = logging.getLogger(__name__)
 
@@ -196,19 +194,6 @@ def _read_events_meta(events_path: Path) -> tuple[str, tuple, dict[str, dict[str
         return ef.fingerprint, stamp, meta
 
 
-@contextmanager
-def _no_sigint() -> Any:
-    """Hold off Ctrl-C while cleaning up, so a second Ctrl-C cannot leave a temporary behind."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, old)
-
-
 def build_frame_store(
     events_path: str | os.PathLike,
     out_path: str | os.PathLike,
@@ -242,7 +227,8 @@ def build_frame_store(
     shard = samples_per_shard(T, np.uint8)
     _check_resources(out_path, T, shard, jobs)
     check_output(out_path, force)
-    with output_lock(out_path, "frame store"):
+    # one Ctrl-C stops the build; more presses cannot interrupt its clean-up
+    with interrupt_once(), output_lock(out_path, "frame store"):
         final = check_output(out_path, force)
         events_fp, stamp, meta = _read_events_meta(events_path)
         try:
@@ -296,8 +282,6 @@ def _frame_blocks(runner: Any, events_path: Path, tmp: Path, tasks: list[tuple[s
 def _build(events_path: Path, final: Path, events_fp: str, stamp: tuple, meta: dict[str, dict[str, Any]], *,
            T: int, split_by: str, jobs: int, force: bool, codec: dict[str, Any], progress: bool,
            t_begin: float) -> BuildSummary:
-    from .workers import process_pool, stop_pool
-
     shard = samples_per_shard(T, np.uint8)
     dtype = np.dtype("u1")
     tasks = [(s, a, min(a + shard, len(meta[s]["label"])))
@@ -329,10 +313,9 @@ def _build(events_path: Path, final: Path, events_fp: str, stamp: tuple, meta: d
                                             events_fingerprint=events_fp, codec=codec, shard_samples=shard))
         fp = finish_store(tmp, final, force)
     except BaseException:
-        with _no_sigint():
-            stop_pool(pool)
-            pool = None
-            remove_path(tmp)
+        stop_pool(pool)
+        pool = None
+        remove_path(tmp)
         raise
     finally:
         stop_pool(pool)

@@ -15,7 +15,10 @@ import multiprocessing as mp
 import os
 import signal
 import sys
+import threading
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from typing import Iterator
 
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
@@ -79,3 +82,26 @@ def stop_pool(pool: ProcessPoolExecutor | None, *, wait: bool = True) -> None:
     if pool is None:
         return
     pool.shutdown(wait=wait, cancel_futures=True)
+
+
+@contextmanager
+def interrupt_once() -> Iterator[None]:
+    """Ctrl-C interrupts the body once; later presses are ignored until it has unwound, so the
+    clean-up that the first KeyboardInterrupt runs cannot itself be interrupted (a handler that
+    ignores only from inside the clean-up leaves a window between the raise and that point)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired = False
+
+    def handler(signum: int, frame: object) -> None:
+        nonlocal fired
+        if not fired:
+            fired = True
+            raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)

@@ -156,3 +156,23 @@ def test_pool_workers_ignore_sigint():
         assert pool.submit(os.getpid).result(timeout=30) in {worker, *[p for p in pool._processes]}
     finally:
         stop_pool(pool)
+
+
+def test_interrupt_once_lets_the_clean_up_finish():
+    """The first Ctrl-C interrupts; a second one during the clean-up it starts is ignored."""
+    from dvsprep.workers import interrupt_once
+
+    before = signal.getsignal(signal.SIGINT)
+    cleaned = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupt_once():
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)
+            except KeyboardInterrupt:
+                os.kill(os.getpid(), signal.SIGINT)   # pressed again while cleaning up
+                time.sleep(0.2)
+                cleaned.append(True)
+                raise
+    assert cleaned == [True]
+    assert signal.getsignal(signal.SIGINT) is before

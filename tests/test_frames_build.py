@@ -312,8 +312,14 @@ def test_ctrl_c_with_two_jobs_prints_aborted_and_leaves_nothing(big_events, tmp_
                              "-d", str(tmp_path), "-j", "2"], env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
+    def writing() -> bool:
+        try:
+            return any(any(p.rglob("c/*/0/0/0/0")) for p in tmp_path.glob(".frames_T256_number.zarr.tmp-*"))
+        except FileNotFoundError:  # a file was renamed or removed while we walked the folder
+            return False
+
     while time.monotonic() < deadline and proc.poll() is None:   # wait until shards are being written
-        if any(any(p.rglob("c/*/0/0/0/0")) for p in tmp_path.glob(".frames_T256_number.zarr.tmp-*")):
+        if writing():
             break
         time.sleep(0.005)
     assert proc.poll() is None, proc.communicate()

@@ -4,7 +4,7 @@
 
 Builds a release of realistic size (default 10 recordings of ~8 M events, 4096-event packets,
 12 label rows each, like the IBM files), then times:
-  decode:  dvsprep.aedat.read_aedat vs spikingjelly.datasets.utils.load_aedat_v3 (same files)
+  decode:  dvsprep.raw.aedat.read_aedat vs spikingjelly.datasets.utils.load_aedat_v3 (same files)
   convert: dvsprep convert (-j CPUs) vs DVS128Gesture.create_raw_from_extracted (same release)
 and prints events/s and ratios. Files are read once before timing so both sides run from the
 page cache.
@@ -24,8 +24,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dvsprep.aedat import polarity_packets, read_aedat, write_aedat  # noqa: E402
-from dvsprep.convert import convert_release  # noqa: E402
+from dvsprep.raw.aedat import polarity_packets, read_aedat, write_aedat  # noqa: E402
+from dvsprep.events.convert import convert_release  # noqa: E402
 
 
 def build_release(root: Path, n_rec: int, n_events: int, seed: int = 0) -> Path:

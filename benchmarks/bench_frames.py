@@ -27,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dvsprep.events_store import EventsFile, EventsWriter
-from dvsprep.frames_build import build_frame_store
-from dvsprep.frames_store import open_frame_store, write_frame_store_from_arrays
-from dvsprep.framing import integrate
+from dvsprep.events.store import EventsFile, EventsWriter
+from dvsprep.frames.build import build_frame_store
+from dvsprep.frames.store import open_frame_store, write_frame_store_from_arrays
+from dvsprep.frames.integrate import integrate
 
 H = W = 128
 

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from dvsprep.constants import N_CLASSES
 from dvsprep.errors import MissingFileError
-from dvsprep.frames_store import FrameSplit, FrameStore, frame_store_name, open_frame_store
+from dvsprep.frames import FrameSplit, FrameStore, frame_store_name, open_frame_store
 from dvsprep.resources import available_memory
 
 from .distributed import rank_share, share_size

@@ -1,9 +1,13 @@
-"""The per-user cache folder dvsprep keeps its downloads (`dvsprep.remote`, ``stores/``) and
-verified-markers (`dvsprep.trust`, ``verified/``) in."""
+"""The per-user cache folder dvsprep keeps its downloads (``stores/``, `dvsprep.frames.remote`)
+and verified-markers (``verified/``, `dvsprep.integrity.trust`) in: the one place that decides
+where they live."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+STORES_DIR = "stores"       # downloaded stores, one folder per URL
+MARKERS_DIR = "verified"    # markers of files verified on this machine
 
 
 def default_cache_dir() -> Path:
@@ -13,3 +17,11 @@ def default_cache_dir() -> Path:
         return Path(env).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "dvsprep"
+
+
+def cache_subdir(kind: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """`kind` (STORES_DIR or MARKERS_DIR) under `cache_dir`, or under the default cache."""
+    if kind not in (STORES_DIR, MARKERS_DIR):
+        raise ValueError(f"unknown cache folder {kind!r}")
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return root / kind

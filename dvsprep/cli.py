@@ -69,7 +69,7 @@ def _fingerprint_arg(ctx: click.Context, param: click.Parameter, value: str | No
 def _size_arg(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
     if value is None:
         return None
-    from .remote import parse_size
+    from .frames import parse_size
 
     try:
         return parse_size(value)
@@ -113,7 +113,7 @@ def main(ctx: click.Context, debug: bool, verbose: bool) -> None:
 def synth(out: Path, users: int | None, test_users: int | None, seed: int, scale: str, jobs: int | None,
           force: bool) -> None:
     """Write a synthetic release in the raw DvsGesture layout to OUT/DvsGesture."""
-    from .synth import write_release
+    from .raw import write_release
 
     summary = write_release(out, users=users, test_users=test_users, seed=seed, scale=scale,
                             jobs=jobs or os.cpu_count(), force=force, progress=_progress())
@@ -131,7 +131,7 @@ def synth(out: Path, users: int | None, test_users: int | None, seed: int, scale
 @click.option("--force", is_flag=True, help="Replace an existing events.h5.")
 def convert(raw: Path, out_dir: Path, jobs: int | None, strict: bool, force: bool) -> None:
     """Convert RAW (folder holding DvsGesture/, that folder, or DvsGesture.tar.gz) to DATA_ROOT/events.h5."""
-    from .convert import convert_release
+    from .events import convert_release
 
     summary = convert_release(raw, out_dir, jobs=jobs or os.cpu_count(), strict=strict, force=force,
                               progress=_progress())
@@ -152,9 +152,10 @@ def convert(raw: Path, out_dir: Path, jobs: int | None, strict: bool, force: boo
 @click.option("--force", is_flag=True, help="Replace an existing store.")
 def frames(T: int, split_by: str, data_root: Path, out_path: Path | None, jobs: int | None, force: bool) -> None:
     """Integrate DATA_ROOT/events.h5 into a zarr frame store, exactly as SpikingJelly frames it."""
-    from .frames_build import EVENTS_NAME, build_frame_store
-    from .frames_store import frame_store_name
-    from .framing import check_params
+    from .constants import EVENTS_NAME
+    from .frames import build_frame_store
+    from .frames import frame_store_name
+    from .frames import check_params
 
     T, split_by = check_params(T, split_by)
     out = out_path or data_root / frame_store_name(T, split_by)
@@ -234,7 +235,7 @@ def verify(ctx: click.Context, path: str, expected: str | None, cache_dir: Path 
     """Check PATH is intact: a frame store (directory, .zip or http(s) URL) or events.h5 against
     its manifest, or a raw release (folder or tar.gz) against the published md5s. Exit 0 when
     intact, 1 listing what differs."""
-    from .remote import download_limit
+    from .frames import download_limit
     from .verify import verify_path
 
     with download_limit(max_download):
@@ -252,7 +253,7 @@ def verify(ctx: click.Context, path: str, expected: str | None, cache_dir: Path 
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 def pack(store: Path, out: Path | None, force: bool) -> None:
     """Pack a frame store into one uncompressed zip that reads in place (every file checked on the way)."""
-    from .pack import pack_store
+    from .frames import pack_store
 
     for line in pack_store(store, out, force=force).lines():
         click.echo(line)
@@ -265,7 +266,7 @@ def pack(store: Path, out: Path | None, force: bool) -> None:
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 def unpack(archive: Path, out: Path | None, force: bool) -> None:
     """Extract a packed frame store into a directory (every member checked against the manifest)."""
-    from .pack import unpack_store
+    from .frames import unpack_store
 
     for line in unpack_store(archive, out, force=force).lines():
         click.echo(line)

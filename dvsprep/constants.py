@@ -23,6 +23,7 @@ SPLITS = ("train", "test")
 SPLIT_METHODS = ("number", "time")
 
 EVENTS_FORMAT = "dvsprep-events/1"
+EVENTS_NAME = "events.h5"      # DATA_ROOT/events.h5, written by convert, read by frames
 FRAMES_FORMAT = "dvsprep-frames/1"
 
 AEDAT_VERSION_LINE = b"#!AER-DAT3.1"
@@ -45,3 +46,9 @@ GESTURE_NAMES = (
     "other_gestures",
 )
 LIGHTINGS = ("fluorescent", "fluorescent_led", "lab", "led", "natural")
+
+
+def recording_name_ok(name: object) -> bool:
+    """A recording stem as the release names them: printable, no path separator, not '.'/'..'."""
+    return (isinstance(name, str) and 0 < len(name.encode("utf-8", "surrogatepass")) <= 255
+            and name.isprintable() and "/" not in name and "\\" not in name and name not in (".", ".."))

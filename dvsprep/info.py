@@ -9,13 +9,13 @@ import numpy as np
 
 from .constants import N_CLASSES, SPLITS
 from .errors import MissingFileError, StoreError
-from .frames_store import describe_frame_store
-from .manifest import MANIFEST_NAME
+from .frames import describe_frame_store
+from .integrity import MANIFEST_NAME
 
 
 def describe_events(path: str | os.PathLike) -> dict[str, Any]:
     """Summary of an events.h5: splits with sample/event counts per class, sizes, fingerprint."""
-    from .events_store import EventsFile
+    from .events import EventsFile
 
     path = Path(path)
     with EventsFile(path) as ef:
@@ -45,7 +45,7 @@ def describe_events(path: str | os.PathLike) -> dict[str, Any]:
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:
     """Describe an events.h5 file or a frame store (directory, .zip, or http(s) URL)."""
-    from .remote import is_url
+    from .frames import is_url
 
     if is_url(path):
         return describe_frame_store(str(path))

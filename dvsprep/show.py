@@ -391,7 +391,7 @@ class _Source:
         self.where = f"{source} ({split})"
         self._events_file = None
         if url or path.is_dir() or path.suffix.lower() == ".zip":
-            from .frames_store import open_frame_store
+            from .frames import open_frame_store
 
             store = open_frame_store(source)
             if T is not None and T != store.T or split_by is not None and split_by != store.split_by:
@@ -403,8 +403,8 @@ class _Source:
             self.n_events, self.t_start, self.t_end = sp.n_events, sp.t_start, sp.t_end
             self._frames = sp
         else:
-            from .events_store import EventsFile
-            from .framing import check_params
+            from .events import EventsFile
+            from .frames import check_params
 
             self.T, self.split_by = check_params(8 if T is None else T, split_by or "number")
             self._events_file = EventsFile(path)
@@ -433,7 +433,7 @@ class _Source:
         """[T, 2, H, W] counts of sample i."""
         if self.kind == "frames":
             return self._frames[i]
-        from .framing import integrate
+        from .frames import integrate
 
         ev = self.events(i)
         return integrate(ev["t"], ev["x"], ev["y"], ev["p"], self.T, self.split_by)
@@ -520,7 +520,7 @@ def _single(src: _Source, i: int, scale: int, columns: int, fps: float, out: Any
         save_gif(pictures, out, fps=fps)
         return ShowResult(out, pictures[0].size, len(pictures), [src.name(i)])
     if src.kind == "events":
-        from .framing import frame_bounds
+        from .frames import frame_bounds
 
         ev = src.events(i)
         j_l, j_r = frame_bounds(ev["t"], src.T, src.split_by)

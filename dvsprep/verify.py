@@ -3,14 +3,14 @@
 - Frame store (directory, .zip, or URL): every file's size and sha256 against manifest.json;
   corrupt, missing and extra files are listed with the split and samples they hold, the
   layout is checked against what dvsprep writes and every array is read back (the checks of
-  `dvsprep.frames_check`, which the readers run too).
+  `dvsprep.frames.check`, which the readers run too).
 - events.h5: every dataset's sha256 (and dtype, shape) against the embedded manifest, the root
   attributes' digest, and the stored fingerprint against the manifest's hash.
 - Raw release (folder or tar.gz, streamed without extracting): per-recording md5 against
   data_manifests/dvs128_gesture.json, missing and extra recordings, the other published files,
   the trial lists, and the archive's md5.
 
-Each yields a `VerifyReport` (`dvsprep.verify_report`).
+Each yields a `VerifyReport` (`dvsprep.integrity.report`).
 """
 from __future__ import annotations
 
@@ -22,13 +22,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, Iterable, Mapping
 
-from .container import MAX_MANIFEST_BYTES, StoreFiles, is_zip_path, open_store_files, parse_manifest
+from .frames import MAX_MANIFEST_BYTES, StoreFiles, is_zip_path, open_store_files, parse_manifest
 from .errors import MissingFileError, StoreError
-from .frames_check import check_layout, content_problems, read_meta_arrays, verify_files
-from .frames_store import check_fingerprint
-from .manifest import MANIFEST_NAME
-from .verify_report import Problem, VerifyReport
-from . import trust
+from .frames import check_layout, content_problems, read_meta_arrays, verify_files
+from .frames import check_fingerprint
+from .integrity import MANIFEST_NAME
+from .integrity import Problem, VerifyReport
+from .integrity import trust
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +100,9 @@ def verify_store(path: str | os.PathLike, cache_dir: str | os.PathLike | None = 
 
     Never raises for what the store holds: every unreadable, undecodable or inconsistent file
     is a listed problem (MissingFileError only when nothing is there, and download errors for
-    a URL). A store that verifies gets a verified-marker (`dvsprep.trust`), so readers open it
+    a URL). A store that verifies gets a verified-marker (`dvsprep.integrity.trust`), so readers open it
     without hashing it again."""
-    from . import remote
+    from .frames import remote
 
     source = str(path)
     if remote.is_url(source):
@@ -170,9 +170,9 @@ def verify_events(path: str | os.PathLike) -> VerifyReport:
     """Recompute an events.h5 manifest and compare it dataset by dataset, and check every value
     the readers check (offsets, labels, names, events inside the sensor). Never raises for what
     the file holds (MissingFileError only when it is absent); a file that verifies gets a
-    verified-marker (`dvsprep.trust`)."""
+    verified-marker (`dvsprep.integrity.trust`)."""
     from .errors import DvsprepError
-    from .events_store import EventsFile
+    from .events import EventsFile
 
     path = Path(path)
     try:
@@ -238,7 +238,7 @@ def _md5_file(path: Path) -> str:
 def _release_files_from_tar(archive: Path) -> tuple[dict[str, str], dict[str, bytes], str]:
     """Stream a tar(.gz): ({file name: md5}, {trial list name: bytes}, archive md5). Only files at
     the archive root or in DvsGesture/ are release files."""
-    from .release import RELEASE_DIR, TRIAL_LISTS, check_member_size
+    from .raw import RELEASE_DIR, TRIAL_LISTS, check_member_size
 
     md5s: dict[str, str] = {}
     lists: dict[str, bytes] = {}
@@ -265,7 +265,7 @@ def _release_files_from_tar(archive: Path) -> tuple[dict[str, str], dict[str, by
 
 
 def _release_files_from_dir(folder: Path, jobs: int) -> tuple[dict[str, str], dict[str, bytes]]:
-    from .release import TRIAL_LISTS
+    from .raw import TRIAL_LISTS
 
     paths = sorted(p for p in folder.iterdir() if p.is_file())
     with ThreadPoolExecutor(max(1, jobs)) as pool:  # hashlib releases the GIL on large buffers
@@ -277,7 +277,7 @@ def _release_files_from_dir(folder: Path, jobs: int) -> tuple[dict[str, str], di
 def verify_release(raw: str | os.PathLike, jobs: int | None = None) -> VerifyReport:
     """Check a raw release (folder holding DvsGesture/, that folder, or a tar(.gz)) against the
     published manifest."""
-    from .release import ARCHIVE_NAME, RELEASE_DIR, TRIAL_LISTS, load_published_manifest
+    from .raw import ARCHIVE_NAME, RELEASE_DIR, TRIAL_LISTS, load_published_manifest
 
     raw = Path(raw)
     published = load_published_manifest()
@@ -340,7 +340,7 @@ def verify_release(raw: str | os.PathLike, jobs: int | None = None) -> VerifyRep
 def verify_path(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
                 expected_fingerprint: str | None = None, jobs: int | None = None) -> VerifyReport:
     """Verify whatever PATH is: frame store (dir, .zip, URL), events.h5, or raw release."""
-    from . import remote
+    from .frames import remote
 
     if remote.is_url(path):
         return verify_store(path, cache_dir=cache_dir, expected_fingerprint=expected_fingerprint)

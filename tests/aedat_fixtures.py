@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dvsprep.aedat import header_bytes, polarity_packets, special_packet, write_aedat
+from dvsprep.raw.aedat import header_bytes, polarity_packets, special_packet, write_aedat
 
 
 def random_events(n: int, seed: int = 0, t0: int = 1_000, span: int = 1_000_000):

@@ -12,9 +12,9 @@ import h5py
 import numcodecs
 import numpy as np
 
-from dvsprep.events_store import EventsWriter, compute_manifest
-from dvsprep.frames_store import write_frame_store_from_arrays
-from dvsprep.manifest import canonical_json, dir_manifest, fingerprint, write_dir_manifest
+from dvsprep.events.store import EventsWriter, compute_manifest
+from dvsprep.frames.store import write_frame_store_from_arrays
+from dvsprep.integrity.manifest import canonical_json, dir_manifest, fingerprint, write_dir_manifest
 
 T = 2
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dvsprep.frames_store import samples_per_shard, write_frame_store_from_arrays
+from dvsprep.frames.store import samples_per_shard, write_frame_store_from_arrays
 
 T = 64  # 8 samples per shard at uint8, so a few samples span several shards
 SHARD = samples_per_shard(T, np.uint8)

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dvsprep.aedat import (
+from dvsprep.raw.aedat import (
     POLARITY_RECORD,
     encode_packet,
     encode_polarity_records,

@@ -7,10 +7,10 @@ import zipfile
 
 import pytest
 
-from dvsprep.container import ZipFiles, check_member_name, parse_manifest
+from dvsprep.frames.files import ZipFiles, check_member_name, parse_manifest
 from dvsprep.errors import StoreError, UntrustedStoreError
-from dvsprep.frames_store import open_frame_store
-from dvsprep.manifest import canonical_json
+from dvsprep.frames.store import open_frame_store
+from dvsprep.integrity.manifest import canonical_json
 from store_fixtures import make_store
 
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from dvsprep.aedat import encode_packet, encode_polarity_records, header_bytes
+from dvsprep.raw.aedat import encode_packet, encode_polarity_records, header_bytes
 from dvsprep.cli import main
-from dvsprep.convert import convert_release
-from dvsprep.events_store import EventsFile
-from dvsprep.release import sj_sample_names
+from dvsprep.events.convert import convert_release
+from dvsprep.events.store import EventsFile
+from dvsprep.raw.release import sj_sample_names
 
 from aedat_fixtures import small_release
 
@@ -104,7 +104,7 @@ def test_md5_mismatch_with_published_release_warns_or_fails_strict(tmp_path, cap
     txt = rel / "trials_to_train.txt"
     txt.write_text(txt.read_text().replace("user01_lab", "user01_natural"))
     s = convert_release(tmp_path / "raw", tmp_path / "d", jobs=1)
-    from dvsprep.release import load_published_manifest
+    from dvsprep.raw.release import load_published_manifest
 
     real = load_published_manifest()["recordings"]
     assert "user01_natural.aedat" in s.md5_mismatches

@@ -23,7 +23,7 @@ from dvsg_train.engine import main as train
 from dvsg_train.export import load_network
 from dvsg_train.export.nir_graph import POOL_THRESHOLD, fold_batchnorm, sj_tau, vote_factors
 from dvsg_train.model import Voting
-from dvsprep.frames_store import open_frame_store
+from dvsprep.frames.store import open_frame_store
 
 from export_fixtures import make_active, our_run, sj_run, synthetic_release_store
 from train_fixtures import make_store

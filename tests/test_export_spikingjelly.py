@@ -17,7 +17,7 @@ from dvsg_train.config import TrainConfig
 from dvsg_train.engine import main as train
 from dvsg_train.export import load_network
 from dvsg_train.model import build_model
-from dvsprep.frames_store import open_frame_store
+from dvsprep.frames.store import open_frame_store
 
 from export_fixtures import our_run
 from train_fixtures import make_store, synthetic_frames

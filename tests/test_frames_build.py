@@ -1,4 +1,4 @@
-"""events.h5 -> frame store (dvsprep.frames_build), `dvsprep frames` / `dvsprep info`, and the
+"""events.h5 -> frame store (dvsprep.frames.build), `dvsprep frames` / `dvsprep info`, and the
 end-to-end check against SpikingJelly's DVS128Gesture frames."""
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from click.testing import CliRunner
 
 from dvsprep.cli import main
 from dvsprep.errors import StoreError
-from dvsprep.events_store import EventsFile, EventsWriter
-from dvsprep.frames_build import build_frame_store
-from dvsprep.frames_store import open_frame_store
-from dvsprep.framing import integrate
-from dvsprep.release import sj_sample_names
+from dvsprep.events.store import EventsFile, EventsWriter
+from dvsprep.frames.build import build_frame_store
+from dvsprep.frames.store import open_frame_store
+from dvsprep.frames.integrate import integrate
+from dvsprep.raw.release import sj_sample_names
 
 from aedat_fixtures import small_release
 
@@ -255,7 +255,7 @@ def synthetic_data(tmp_path_factory):
     """Synthetic release -> `dvsprep convert`, plus SpikingJelly's events_np of the same raw files."""
     from spikingjelly.datasets.dvs128_gesture import DVS128Gesture
 
-    synth = pytest.importorskip("dvsprep.synth")
+    synth = pytest.importorskip("dvsprep.raw.synth")
     root = tmp_path_factory.mktemp("e2e")
     synth.write_release(root / "raw", users=2, test_users=1, seed=7, scale="small", jobs=1)
     r = _run("convert", root / "raw", "-o", root / "data")

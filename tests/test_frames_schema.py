@@ -10,9 +10,9 @@ from click.testing import CliRunner
 
 from dvsprep.cli import main
 from dvsprep.errors import StoreError, UntrustedStoreError
-from dvsprep.frames_schema import zstd_content_size
-from dvsprep.frames_store import open_frame_store
-from dvsprep.manifest import dir_manifest, write_dir_manifest
+from dvsprep.frames.schema import zstd_content_size
+from dvsprep.frames.store import open_frame_store
+from dvsprep.integrity.manifest import dir_manifest, write_dir_manifest
 from store_fixtures import make_store
 
 

@@ -1,4 +1,4 @@
-"""Frame store writing, opening and reading (dvsprep.frames_store)."""
+"""Frame store writing, opening and reading (dvsprep.frames.store)."""
 from __future__ import annotations
 
 import json
@@ -9,13 +9,13 @@ import pytest
 
 from dvsprep.constants import FRAMES_FORMAT
 from dvsprep.errors import IntegrityError, MissingFileError, StoreError, StoreExistsError
-from dvsprep.frames_store import (
+from dvsprep.frames.store import (
     frame_store_name,
     open_frame_store,
     samples_per_shard,
     write_frame_store_from_arrays,
 )
-from dvsprep.manifest import dir_manifest, sha256_file, write_dir_manifest
+from dvsprep.integrity.manifest import dir_manifest, sha256_file, write_dir_manifest
 
 T = 4
 

@@ -1,4 +1,4 @@
-"""dvsprep.framing against SpikingJelly's integrate_events_by_fixed_frames_number (the oracle)."""
+"""dvsprep.frames.integrate against SpikingJelly's integrate_events_by_fixed_frames_number (the oracle)."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 from spikingjelly.datasets import utils as sju
 
 from dvsprep.errors import StoreError
-from dvsprep.framing import frame_bounds, integrate, narrowest_dtype
+from dvsprep.frames.integrate import frame_bounds, integrate, narrowest_dtype
 
 H = W = 128
 

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dvsprep.aedat import decode_buffer, header_bytes, polarity_packets, special_packet
+from dvsprep.raw.aedat import decode_buffer, header_bytes, polarity_packets, special_packet
 from dvsprep.errors import AedatFormatError, DvsprepError, LabelFormatError
-from dvsprep.release import parse_labels, parse_trials
+from dvsprep.raw.release import parse_labels, parse_trials
 
 from aedat_fixtures import random_events
 

@@ -15,8 +15,8 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 from dvsprep.errors import DvsprepError  # noqa: E402
-from dvsprep.events_store import EventsFile  # noqa: E402
-from dvsprep.frames_store import open_frame_store  # noqa: E402
+from dvsprep.events.store import EventsFile  # noqa: E402
+from dvsprep.frames.store import open_frame_store  # noqa: E402
 from dvsprep.verify import verify_path  # noqa: E402
 from hostile_fixtures import tiny_events, tiny_store  # noqa: E402
 

@@ -22,11 +22,11 @@ import pytest
 from click.testing import CliRunner
 
 import dvsprep.resources as resources_mod
-import dvsprep.release as release_mod
-import dvsprep.remote as remote_mod
+import dvsprep.raw.release as release_mod
+import dvsprep.frames.remote as remote_mod
 from dvsprep.atomic import output_lock
 from dvsprep.cli import main
-from dvsprep.pack import pack_store
+from dvsprep.frames.pack import pack_store
 from http_fixtures import serving
 from store_fixtures import make_store
 
@@ -117,7 +117,7 @@ def test_second_convert_into_a_locked_data_root_refuses(tmp_path):
 def test_force_is_checked_again_when_publishing(tmp_path, monkeypatch):
     """An events.h5 that appears while convert runs (a writer that takes no lock) is never
     replaced without --force."""
-    import dvsprep.convert as conv
+    import dvsprep.events.convert as conv
 
     small_release(tmp_path / "raw")
     out = tmp_path / "data"
@@ -351,7 +351,7 @@ def test_extraction_checks_free_space_first(tmp_path, monkeypatch, when):
 
 
 def test_library_messages_become_one_line(tmp_path, monkeypatch):
-    import dvsprep.convert as conv
+    import dvsprep.events.convert as conv
     from dvsprep.errors import ReleaseError
 
     def multi_line(*a, **k):
@@ -541,7 +541,7 @@ def test_download_onto_a_real_full_disk(hostile_server, tiny_disk, monkeypatch):
 
 
 def test_stale_partial_downloads_are_removed(hostile_server, tmp_path):
-    from dvsprep.remote import cache_entry
+    from dvsprep.frames.remote import cache_entry
 
     url = f"{hostile_server}/loop/x.zip"
     entry = cache_entry(url, tmp_path / "c")
@@ -636,7 +636,7 @@ def test_ctrl_c_on_convert_j2_prints_aborted_only(tmp_path, slow):
     _bigger_release(tmp_path / "raw", n_recordings=6, n_events=20_000)
     out = tmp_path / "out"
     before = _state(tmp_path / "raw")
-    proc = _slow_dvsprep("convert", slow, 0.5, "convert", tmp_path / "raw", "-o", out, "-j", "2")
+    proc = _slow_dvsprep("events.convert", slow, 0.5, "convert", tmp_path / "raw", "-o", out, "-j", "2")
     _wait_for(out, ".dvsprep-convert-", proc)  # the pool is running
     time.sleep(0.3)
     os.killpg(proc.pid, signal.SIGINT)  # the terminal sends it to the whole group
@@ -647,7 +647,7 @@ def test_ctrl_c_on_convert_j2_prints_aborted_only(tmp_path, slow):
 
 def test_ctrl_c_on_synth_j2_prints_aborted_only(tmp_path):
     out = tmp_path / "syn"
-    proc = _slow_dvsprep("synth", "_write_task", 0.5, "synth", out, "-j", "2", "--users", "2", "--test-users", "1")
+    proc = _slow_dvsprep("raw.synth", "_write_task", 0.5, "synth", out, "-j", "2", "--users", "2", "--test-users", "1")
     _wait_for(out, ".DvsGesture.tmp-", proc)
     time.sleep(0.3)
     os.killpg(proc.pid, signal.SIGINT)
@@ -659,7 +659,7 @@ def test_ctrl_c_on_synth_j2_prints_aborted_only(tmp_path):
 def test_sigterm_on_convert_removes_its_temporaries(tmp_path):
     tgz = _release_tgz(tmp_path)
     out = tmp_path / "out"
-    proc = _slow_dvsprep("convert", "process_recording", 0.5, "convert", tgz, "-o", out, "-j", "2")
+    proc = _slow_dvsprep("events.convert", "process_recording", 0.5, "convert", tgz, "-o", out, "-j", "2")
     _wait_for(out, ".dvsprep-convert-", proc)
     time.sleep(0.2)  # mid-run: the pool is working (not within microseconds of a mkdir)
     os.killpg(proc.pid, signal.SIGTERM)  # e.g. `timeout` or a batch system
@@ -671,7 +671,7 @@ def test_sigterm_on_convert_removes_its_temporaries(tmp_path):
 def test_sigkill_mid_convert_then_rerun_leaves_nothing(tmp_path):
     tgz = _release_tgz(tmp_path)
     out = tmp_path / "out"
-    proc = _slow_dvsprep("convert", "process_recording", 0.3, "convert", tgz, "-o", out, "-j", "2")
+    proc = _slow_dvsprep("events.convert", "process_recording", 0.3, "convert", tgz, "-o", out, "-j", "2")
     _wait_for(out, f".{EVENTS}.tmp-", proc)
     os.kill(proc.pid, signal.SIGKILL)  # the parent only: its workers must not outlive it
     proc.communicate(timeout=20)  # returns once no worker holds our pipes any more

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from dvsprep.atomic import output_lock
 from dvsprep.cli import main
 from dvsprep.errors import StoreError
-from dvsprep.frames_store import open_frame_store
+from dvsprep.frames.store import open_frame_store
 from hostile_fixtures import (edit_json, flip, resign, resign_events, snapshot, tiny_events, tiny_store, vlen,
                               zstd)
 
@@ -120,7 +120,7 @@ def test_zip_with_a_bad_member_is_listed_and_refused(base, tmp_path):
         for p in sorted((base / "s.zarr").rglob("*")):
             if p.is_file():
                 zf.write(p, p.relative_to(base / "s.zarr").as_posix())
-    from dvsprep.container import ZipFiles
+    from dvsprep.frames.files import ZipFiles
 
     span = ZipFiles(z).span("train/label/c/0")
     flip(z, span.offset + span.size - 2)         # zipfile's CRC check would raise BadZipFile here
@@ -136,7 +136,8 @@ def test_marker_makes_reopening_cheap_and_any_change_misses_it(base, tmp_path, m
     import os
     import time
 
-    from dvsprep import frames_store, trust
+    from dvsprep.frames import store as frames_store
+    from dvsprep.integrity import trust
 
     store = tmp_path / "s.zarr"
     shutil.copytree(base / "s.zarr", store)
@@ -165,8 +166,8 @@ def test_marker_makes_reopening_cheap_and_any_change_misses_it(base, tmp_path, m
 
 
 def test_racy_files_get_no_marker(base, tmp_path):
-    from dvsprep import trust
-    from dvsprep.container import open_store_files
+    from dvsprep.integrity import trust
+    from dvsprep.frames.files import open_store_files
 
     store = tmp_path / "s.zarr"
     shutil.copytree(base / "s.zarr", store)   # files changed just now: no marker is trusted to them
@@ -203,7 +204,7 @@ def _huge_everything(p: Path) -> None:
 
 def resign_events_safely(p: Path) -> None:
     """Re-sign without reading the huge dataset (its manifest entry is written by hand)."""
-    from dvsprep.manifest import canonical_json, fingerprint
+    from dvsprep.integrity.manifest import canonical_json, fingerprint
 
     with h5py.File(p, "r+") as f:
         m = json.loads(f.attrs["manifest"])
@@ -305,7 +306,7 @@ def test_frames_refuses_while_another_writes_the_same_store(base, tmp_path):
 def test_frames_out_of_space_is_one_line_and_leaves_no_temp(base, tmp_path, monkeypatch):
     import errno
 
-    from dvsprep import frames_build
+    from dvsprep.frames import build as frames_build
 
     shutil.copy(base / "events.h5", tmp_path / "events.h5")
 
@@ -390,7 +391,7 @@ def test_eval_refuses_a_store_whose_labels_were_changed(trained, tmp_path):
 
 
 def test_frames_counts_beyond_uint16_name_the_events_file(tmp_path):
-    from dvsprep.events_store import EventsWriter
+    from dvsprep.events.store import EventsWriter
 
     n = 70_000                                    # one pixel of one frame counts them all
     w = EventsWriter(tmp_path / "events.h5")

@@ -13,8 +13,8 @@ from zarr.storage import ZipStore
 
 from dvsprep.cli import main
 from dvsprep.errors import IntegrityError, StoreError
-from dvsprep.frames_store import open_frame_store
-from dvsprep.pack import pack_store
+from dvsprep.frames.store import open_frame_store
+from dvsprep.frames.pack import pack_store
 from store_fixtures import T, make_store
 
 
@@ -91,7 +91,7 @@ def test_unpack_refuses_a_corrupt_member(store, tmp_path):
     path, _, _ = store
     z = tmp_path / "s.zip"
     pack_store(path, z)
-    from dvsprep.container import ZipFiles
+    from dvsprep.frames.files import ZipFiles
 
     span = ZipFiles(z).span("test/label/c/0")
     data = bytearray(z.read_bytes())

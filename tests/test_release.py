@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dvsprep.errors import LabelFormatError, MissingFileError, ReleaseError, UnsafeArchiveError
-from dvsprep.release import (
+from dvsprep.raw.release import (
     LabelRows,
     cut_samples,
     list_recordings,

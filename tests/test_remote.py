@@ -14,10 +14,11 @@ from click.testing import CliRunner
 
 from dvsprep.cli import main
 from dvsprep.errors import IntegrityError, MissingFileError, StoreError, UntrustedStoreError
-from dvsprep.frames_store import open_frame_store
-from dvsprep.manifest import canonical_json
-from dvsprep.pack import pack_store
-from dvsprep.remote import cache_entry, default_cache_dir
+from dvsprep.frames.store import open_frame_store
+from dvsprep.integrity.manifest import canonical_json
+from dvsprep.frames.pack import pack_store
+from dvsprep.cache import default_cache_dir
+from dvsprep.frames.remote import cache_entry
 from http_fixtures import serving
 from store_fixtures import make_store
 
@@ -151,7 +152,7 @@ def test_a_hostile_manifest_cannot_write_outside_the_cache(server, tmp_path):
 
 
 def test_parse_size_and_the_download_limit(monkeypatch):
-    from dvsprep.remote import DEFAULT_MAX_DOWNLOAD, download_limit, max_download, parse_size
+    from dvsprep.frames.remote import DEFAULT_MAX_DOWNLOAD, download_limit, max_download, parse_size
 
     assert [parse_size(x) for x in ("123", "1K", "512M", "8G", "1.5GiB", "2 t", "3kb")] == \
         [123, 1024, 512 << 20, 8 << 30, 3 << 29, 2 << 40, 3072]
@@ -172,14 +173,14 @@ def test_parse_size_and_the_download_limit(monkeypatch):
 
 @pytest.mark.parametrize("url", ["http://[::1/x.zip", "http:///x.zip", "http://host:99999/x.zip"])
 def test_unusable_urls_are_store_errors(url, tmp_path):
-    from dvsprep.remote import fetch_store
+    from dvsprep.frames.remote import fetch_store
 
     with pytest.raises(StoreError, match="not a valid URL"):
         fetch_store(url, cache_dir=tmp_path)
 
 
 def test_a_zip_over_the_limit_is_refused_before_download(server, tmp_path):
-    from dvsprep.remote import fetch_store
+    from dvsprep.frames.remote import fetch_store
 
     base, www, gets, fp, splits = server
     url = f"{base}/frames_T64_number.zarr.zip"

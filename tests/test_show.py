@@ -12,11 +12,11 @@ from click.testing import CliRunner
 from dvsprep import show as S
 from dvsprep.cli import main
 from dvsprep.constants import GESTURE_NAMES
-from dvsprep.convert import convert_release
-from dvsprep.events_store import EventsFile
-from dvsprep.frames_build import build_frame_store
-from dvsprep.frames_store import write_frame_store_from_arrays
-from dvsprep.framing import integrate
+from dvsprep.events.convert import convert_release
+from dvsprep.events.store import EventsFile
+from dvsprep.frames.build import build_frame_store
+from dvsprep.frames.store import write_frame_store_from_arrays
+from dvsprep.frames.integrate import integrate
 
 from aedat_fixtures import small_release
 

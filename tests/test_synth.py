@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from dvsprep import synth
-from dvsprep.aedat import PACKET_HEADER, read_aedat
+from dvsprep.raw import synth
+from dvsprep.raw.aedat import PACKET_HEADER, read_aedat
 from dvsprep.cli import main
 from dvsprep.constants import GESTURE_NAMES, N_CLASSES
 from dvsprep.errors import StoreExistsError
-from dvsprep.events_store import EventsFile
-from dvsprep.release import cut_samples, load_published_manifest, parse_labels, parse_trials
+from dvsprep.events.store import EventsFile
+from dvsprep.raw.release import cut_samples, load_published_manifest, parse_labels, parse_trials
 
 SEED = 7
 
@@ -170,7 +170,7 @@ def test_events_are_realistic(release):
 
 
 def test_convert_reads_the_release(release, tmp_path):
-    from dvsprep.convert import convert_release
+    from dvsprep.events.convert import convert_release
 
     out, summary = release
     plan = synth.plan_release(users=2, seed=SEED)

@@ -108,7 +108,7 @@ def test_python_dash_m_runs_dvsg_train():
 def test_store_is_verified_before_training(trained, tmp_path):
     import shutil
 
-    from dvsprep.frames_store import open_frame_store
+    from dvsprep.frames.store import open_frame_store
 
     root, _ = trained
     store = root / "frames_T4_number.zarr"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dvsprep.errors import MissingFileError, StoreError
-from dvsprep.frames_store import open_frame_store
+from dvsprep.frames.store import open_frame_store
 
 from dvsg_train.data import (
     Batches,

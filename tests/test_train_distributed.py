@@ -27,7 +27,7 @@ from dvsg_train.config import TrainConfig
 from dvsg_train.data import Batches, batch_order, n_batches
 from dvsg_train.errors import ConfigError, ConfigMismatchError
 from dvsg_train.model import SequenceDropout
-from dvsprep.frames_store import open_frame_store
+from dvsprep.frames.store import open_frame_store
 
 from train_fixtures import make_store
 

@@ -12,13 +12,13 @@ from click.testing import CliRunner
 from zarr.storage import LocalStore
 
 from aedat_fixtures import small_release
-from dvsprep import release
+from dvsprep.raw import release
 from dvsprep.cli import main
-from dvsprep.container import ZipFiles, open_store_files
-from dvsprep.convert import convert_release
-from dvsprep.pack import pack_store
+from dvsprep.frames.files import ZipFiles, open_store_files
+from dvsprep.events.convert import convert_release
+from dvsprep.frames.pack import pack_store
 from dvsprep.errors import IntegrityError, StoreError
-from dvsprep.frames_store import open_frame_store
+from dvsprep.frames.store import open_frame_store
 from dvsprep.verify import check_fingerprint, verify_path, verify_store
 from store_fixtures import make_store
 
@@ -195,7 +195,8 @@ def test_library_checks_for_the_trainer(store):
 def test_verify_writes_the_marker_readers_use(store, tmp_path, monkeypatch):
     import os
 
-    from dvsprep import frames_store, trust
+    from dvsprep.frames import store as frames_store
+    from dvsprep.integrity import trust
 
     path, fp = store
     monkeypatch.setattr(trust, "RACY_NS", 0)
@@ -204,7 +205,7 @@ def test_verify_writes_the_marker_readers_use(store, tmp_path, monkeypatch):
     monkeypatch.setattr(frames_store, "full_report", lambda *a: pytest.fail("hashed again despite the marker"))
     assert open_frame_store(path).fingerprint == fp
     # events.h5: verify writes the marker, EventsFile then only stats the file
-    from dvsprep.events_store import EventsFile
+    from dvsprep.events.store import EventsFile
 
     rel = small_release(tmp_path / "raw")
     convert_release(rel, tmp_path / "data", jobs=1)

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from dvsprep.constants import N_CLASSES, SENSOR_H, SENSOR_W
-from dvsprep.frames_store import write_frame_store_from_arrays
+from dvsprep.frames.store import write_frame_store_from_arrays
 
 BLOCK = 16
 

@@ -24,16 +24,15 @@ import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from .atomic import atomic_write, clean_stale_temps
-from .cache import default_cache_dir
-from .errors import IntegrityError
+from ..atomic import atomic_write, clean_stale_temps
+from ..cache import MARKERS_DIR, cache_subdir
+from ..errors import IntegrityError
 
 log = logging.getLogger(__name__)
 
 # Bump when the checks a full verification makes change: older markers then no longer count.
 CHECKS_VERSION = 2
 RACY_NS = 1_000_000_000
-MARKER_DIR = "verified"
 MAX_MARKER_BYTES = 64 << 20
 
 Stamp = tuple[int, int, int, int, int]
@@ -49,7 +48,7 @@ def stamp_path(path: str | os.PathLike) -> Stamp:
 
 
 def marker_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    return (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / MARKER_DIR
+    return cache_subdir(MARKERS_DIR, cache_dir)
 
 
 def _marker_file(kind: str, path: str | os.PathLike, cache_dir: str | os.PathLike | None) -> Path:

@@ -17,8 +17,9 @@ from typing import Any
 import h5py
 import numpy as np
 
-from . import __version__, trust
-from .constants import (
+from .. import __version__
+from ..integrity import trust
+from ..constants import (
     EVENTS_FORMAT,
     LABEL_DTYPE,
     OFFSET_DTYPE,
@@ -28,11 +29,11 @@ from .constants import (
     SPLITS,
     T_DTYPE,
     XY_DTYPE,
+    recording_name_ok,
 )
-from .atomic import temp_sibling
-from .errors import DvsprepError, MissingFileError, ResourceLimitError, StoreError, StoreExistsError
-from .manifest import MANIFEST_FORMAT, canonical_json, fingerprint
-from .release import recording_name_ok
+from ..atomic import temp_sibling
+from ..errors import DvsprepError, MissingFileError, ResourceLimitError, StoreError, StoreExistsError
+from ..integrity import MANIFEST_FORMAT, canonical_json, fingerprint
 
 EVENT_FIELDS = {"t": T_DTYPE, "x": XY_DTYPE, "y": XY_DTYPE, "p": P_DTYPE}
 SAMPLE_FIELDS = {
@@ -399,7 +400,7 @@ class EventsFile:
 
     check: "auto" (default) refuses a file that does not verify against its embedded manifest,
     cheaply when a verified-marker says this exact file was verified on this machine
-    (`dvsprep.trust`); "full" verifies regardless of markers; "none" checks the structure only
+    (`dvsprep.integrity.trust`); "full" verifies regardless of markers; "none" checks the structure only
     (for `verify` itself, and worker processes of a parent that checked the file)."""
 
     def __init__(self, path: str | os.PathLike, *, check: str = "auto"):

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_write
+from ..atomic import atomic_write
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "dvsprep-manifest/1"

@@ -42,13 +42,13 @@ import urllib.request
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from . import __version__
-from .atomic import clean_stale_temps, publish_dir, remove_path, temp_sibling
-from .cache import default_cache_dir
-from .container import MAX_MANIFEST_BYTES, ZipFiles, check_member_name, iter_problems_against, parse_manifest
-from .errors import IntegrityError, MissingFileError, ResourceLimitError, StoreError, one_line
-from .manifest import MANIFEST_NAME, sha256_bytes
-from .resources import check_free_space, disk_full
+from .. import __version__
+from ..atomic import clean_stale_temps, publish_dir, remove_path, temp_sibling
+from ..cache import STORES_DIR, cache_subdir
+from .files import MAX_MANIFEST_BYTES, ZipFiles, check_member_name, iter_problems_against, parse_manifest
+from ..errors import IntegrityError, MissingFileError, ResourceLimitError, StoreError, one_line
+from ..integrity import MANIFEST_NAME, sha256_bytes
+from ..resources import check_free_space, disk_full
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +139,7 @@ def _store_name(url: str) -> str:
 def cache_entry(url: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """The cache folder for a store URL (fragment ignored)."""
     base, _ = split_pin(url)
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    return root / "stores" / f"{hashlib.sha256(base.encode()).hexdigest()[:16]}-{_store_name(base)}"
+    return cache_subdir(STORES_DIR, cache_dir) / f"{hashlib.sha256(base.encode()).hexdigest()[:16]}-{_store_name(base)}"
 
 
 @contextlib.contextmanager

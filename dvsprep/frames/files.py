@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import MissingFileError, StoreError, UntrustedStoreError
-from .manifest import MANIFEST_FORMAT, MANIFEST_NAME
-from .trust import stamp, stamp_path
+from ..errors import MissingFileError, StoreError, UntrustedStoreError
+from ..integrity import MANIFEST_FORMAT, MANIFEST_NAME
+from ..integrity import stamp, stamp_path
 
 # Bounds on what a store may declare, checked before anything is read or allocated.
 MAX_MANIFEST_BYTES = 16 << 20
@@ -134,7 +134,7 @@ class StoreFiles(ABC):
 
     @abstractmethod
     def stamps(self) -> dict[str, tuple[int, int, int, int, int]]:
-        """(size, mtime_ns, ctime_ns, inode, device) of what holds the store (see dvsprep.trust)."""
+        """(size, mtime_ns, ctime_ns, inode, device) of what holds the store (see dvsprep.integrity.trust)."""
 
     def close(self) -> None:
         pass

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .constants import N_POLARITIES, SENSOR_SIZE, SPLIT_METHODS
-from .errors import StoreError
+from ..constants import N_POLARITIES, SENSOR_SIZE, SPLIT_METHODS
+from ..errors import StoreError
 
 
 def check_params(T: object, split_by: object) -> tuple[int, str]:

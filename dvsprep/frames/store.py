@@ -12,9 +12,9 @@ Layout (``frames_T<T>_<split_by>.zarr``)::
 
 Stores are written to a temporary sibling directory and renamed into place when complete.
 Reading goes through `open_frame_store`, which takes a directory, a `.zip` (`dvsprep pack`) or an
-http(s) URL of either (downloaded once into a local cache, see `dvsprep.remote`). Every store is
-treated as untrusted: `dvsprep.frames_check` checks its metadata against `dvsprep.frames_schema`
-before zarr opens it, and verifies it in full unless a verified-marker says it was (`dvsprep.trust`).
+http(s) URL of either (downloaded once into a local cache, see `dvsprep.frames.remote`). Every store is
+treated as untrusted: `dvsprep.frames.check` checks its metadata against `dvsprep.frames.schema`
+before zarr opens it, and verifies it in full unless a verified-marker says it was (`dvsprep.integrity.trust`).
 A sample is read straight from its shard (a file, or a zip member by offset) with one pread and one
 bounded decompress, and the metadata arrays are decoded without zarr (both in `frames_check`).
 """
@@ -31,12 +31,12 @@ import zarr
 import zarr.codecs
 from zarr.storage import LocalStore
 
-from . import frames_schema as schema
-from . import trust
-from .atomic import publish_dir, remove_path, temp_sibling
-from .framing import check_params
-from .container import StoreFiles, open_store_files
-from .frames_check import (
+from . import schema
+from ..integrity import trust
+from ..atomic import publish_dir, remove_path, temp_sibling
+from .integrate import check_params
+from .files import StoreFiles, open_store_files
+from .check import (
     Layout,
     _fast_codec,
     _ShardReader,
@@ -46,8 +46,8 @@ from .frames_check import (
     read_meta_arrays,
 )
 
-from . import __version__
-from .constants import (
+from .. import __version__
+from ..constants import (
     FRAMES_FORMAT,
     FRAME_AXES,
     N_CLASSES,
@@ -55,8 +55,8 @@ from .constants import (
     SENSOR_SIZE,
     SPLITS,
 )
-from .errors import IntegrityError, MissingFileError, StoreError, StoreExistsError
-from .manifest import dir_manifest, write_dir_manifest
+from ..errors import IntegrityError, MissingFileError, StoreError, StoreExistsError
+from ..integrity import dir_manifest, write_dir_manifest
 
 log = logging.getLogger(__name__)
 
@@ -436,7 +436,7 @@ class FrameStore:
 def ensure_verified(files: StoreFiles, layout: Layout, source: str, *, force: bool = False) -> None:
     """Refuse (IntegrityError) a store that does not verify in full: every file against the
     manifest and every array decoded (`frames_check.full_report`, as `dvsprep verify`). Cheap when a verified-marker for
-    this fingerprint and these exact files exists (`dvsprep.trust`); `force` ignores markers."""
+    this fingerprint and these exact files exists (`dvsprep.integrity.trust`); `force` ignores markers."""
     def verify() -> tuple[str, list[tuple[str, str, str]]]:
         report = full_report(files, layout, source)
         return report.headline(), [(p.kind, p.name, p.detail) for p in report.problems]
@@ -459,7 +459,7 @@ def open_frame_store(
     Nothing is used before it is checked: the metadata against what dvsprep writes
     (`check_layout`), then the whole store as `dvsprep verify` does (every file's sha256, every
     array decoded) unless a verified-marker says this exact store was verified on this machine
-    (`dvsprep.trust`; `verify=True` verifies in full regardless). `expected_fingerprint` (the
+    (`dvsprep.integrity.trust`; `verify=True` verifies in full regardless). `expected_fingerprint` (the
     full sha256 or a prefix of at least 12 hex digits) must match the store's manifest hash.
     Raises MissingFileError when absent, StoreError (UntrustedStoreError, IntegrityError) when
     the store is incomplete, corrupt, or not one dvsprep would write.

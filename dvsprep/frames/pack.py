@@ -15,11 +15,11 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .container import MAX_MANIFEST_BYTES, StoreFiles, is_zip_path, parse_manifest
-from .errors import IntegrityError, MissingFileError, StoreError
-from .atomic import atomic_write, output_lock, refuse_own_input, remove_path, temp_sibling
-from .frames_store import check_output, open_frame_store, publish
-from .manifest import MANIFEST_NAME, sha256_bytes
+from .files import MAX_MANIFEST_BYTES, StoreFiles, is_zip_path, parse_manifest
+from ..errors import IntegrityError, MissingFileError, StoreError
+from ..atomic import atomic_write, output_lock, refuse_own_input, remove_path, temp_sibling
+from .store import check_output, open_frame_store, publish
+from ..integrity import MANIFEST_NAME, sha256_bytes
 
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 

@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .constants import (
+from ..constants import (
     AEDAT_END_HEADER,
     AEDAT_VERSION_LINE,
     P_DTYPE,
@@ -25,8 +25,8 @@ from .constants import (
     T_DTYPE,
     XY_DTYPE,
 )
-from .atomic import atomic_write
-from .errors import AedatFormatError, MissingFileError
+from ..atomic import atomic_write
+from ..errors import AedatFormatError, MissingFileError
 
 PACKET_HEADER = np.dtype(
     [

@@ -16,9 +16,9 @@ from typing import BinaryIO, Iterator
 
 import numpy as np
 
-from .atomic import remove_path, scratch_dir
-from .constants import LABEL_DTYPE, N_CLASSES
-from .errors import (
+from ..atomic import remove_path, scratch_dir
+from ..constants import LABEL_DTYPE, N_CLASSES
+from ..errors import (
     DvsprepError,
     LabelFormatError,
     MissingFileError,
@@ -27,7 +27,7 @@ from .errors import (
     UnsafeArchiveError,
     one_line,
 )
-from .resources import check_free_space, disk_full
+from ..resources import check_free_space, disk_full
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,8 @@ LABEL_HEADER = ("class", "startTime_usec", "endTime_usec")
 RELEASE_DIR = "DvsGesture"
 ARCHIVE_NAME = "DvsGesture.tar.gz"
 TRIAL_LISTS = {"train": "trials_to_train.txt", "test": "trials_to_test.txt"}
-MANIFEST_PATH = Path(__file__).resolve().parent / "data" / "dvs128_gesture.json"
+# data_manifests/ at the top of the repository, shipped in the wheel as dvsprep/data (a link to it)
+MANIFEST_PATH = Path(__file__).resolve().parents[1] / "data" / "dvs128_gesture.json"
 
 # Text files of the release are a few KB (a label csv ~300 bytes, a trial list ~2 KB).
 MAX_TEXT_BYTES = 1 << 20
@@ -128,11 +129,6 @@ def _number(path: Path, n: int, field: str) -> int:
         raise LabelFormatError(f"{path}: line {n}: value {field[:24]}... is above the int64 range")
     return int(field)
 
-
-def recording_name_ok(name: object) -> bool:
-    """A recording stem as the release names them: printable, no path separator, not '.'/'..'."""
-    return (isinstance(name, str) and 0 < len(name.encode("utf-8", "surrogatepass")) <= 255
-            and name.isprintable() and "/" not in name and "\\" not in name and name not in (".", ".."))
 
 
 def parse_trials(path: str | os.PathLike) -> list[str]:

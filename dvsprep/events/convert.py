@@ -14,18 +14,18 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .aedat import decode_buffer, map_file
-from .atomic import output_lock, remove_path, same_or_inside, scratch_dir
-from .constants import N_CLASSES, SPLITS, T_DTYPE, XY_DTYPE
-from .errors import (
+from ..raw import decode_buffer, map_file
+from ..atomic import output_lock, remove_path, same_or_inside, scratch_dir
+from ..constants import EVENTS_NAME, N_CLASSES, SPLITS, T_DTYPE, XY_DTYPE
+from ..errors import (
     InputOutputClashError,
     MissingFileError,
     ReleaseError,
     ResourceLimitError,
     StoreExistsError,
 )
-from .events_store import EventsWriter
-from .release import (
+from .store import EventsWriter
+from ..raw import (
     Recording,
     cut_samples,
     find_release_dir,
@@ -34,11 +34,10 @@ from .release import (
     open_release,
     parse_labels,
 )
-from .resources import disk_full
-from .workers import interrupt_once, process_pool, stop_pool
+from ..resources import disk_full
+from ..workers import interrupt_once, process_pool, stop_pool
 
 log = logging.getLogger(__name__)
-EVENTS_NAME = "events.h5"
 
 
 @dataclass

@@ -19,12 +19,12 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
-from . import frames_schema as schema
-from .atomic import output_lock, refuse_own_input, remove_path, temp_sibling
-from .constants import N_POLARITIES, SENSOR_SIZE, SPLITS
-from .errors import MissingFileError, ResourceLimitError, StoreError
-from .events_store import EventsFile
-from .frames_store import (
+from . import schema
+from ..atomic import output_lock, refuse_own_input, remove_path, temp_sibling
+from ..constants import EVENTS_NAME, N_POLARITIES, SENSOR_SIZE, SPLITS
+from ..errors import MissingFileError, ResourceLimitError, StoreError
+from ..events import EventsFile
+from .store import (
     DEFAULT_CODEC,
     check_output,
     create_frames_array,
@@ -36,14 +36,13 @@ from .frames_store import (
     write_metadata,
     writing_every_chunk,
 )
-from .framing import check_params, integrate, narrowest_dtype
-from .resources import available_memory, disk_full
-from .trust import stamp_path
-from .workers import interrupt_once, process_pool, stop_pool
+from .integrate import check_params, integrate, narrowest_dtype
+from ..resources import available_memory, disk_full
+from ..integrity import stamp_path
+from ..workers import interrupt_once, process_pool, stop_pool
 
 log = logging.getLogger(__name__)
 
-EVENTS_NAME = "events.h5"
 
 @dataclass
 class BuildSummary:

@@ -29,13 +29,13 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from . import __version__
+from .. import __version__
 from .aedat import polarity_packets, write_aedat
-from .atomic import output_lock, publish_dir, remove_path, temp_sibling
-from .constants import GESTURE_NAMES, LIGHTINGS, N_CLASSES, SENSOR_H, SENSOR_W, SPLITS, T_DTYPE, XY_DTYPE
-from .errors import DvsprepError, StoreExistsError
+from ..atomic import output_lock, publish_dir, remove_path, temp_sibling
+from ..constants import GESTURE_NAMES, LIGHTINGS, N_CLASSES, SENSOR_H, SENSOR_W, SPLITS, T_DTYPE, XY_DTYPE
+from ..errors import DvsprepError, StoreExistsError
 from .release import RELEASE_DIR, TRIAL_LISTS, load_published_manifest
-from .workers import process_pool, stop_pool
+from ..workers import process_pool, stop_pool
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """Checking a frame store below zarr, trusting nothing in it: the reads and checks that
-`dvsprep.frames_store` (opening a store) and `dvsprep.verify` (reporting on one) share.
+`dvsprep.frames.store` (opening a store) and `dvsprep.verify` (reporting on one) share.
 
 - `check_layout`: everything checked without reading a chunk: the root group and its attributes,
-  the manifest, every group and array document against `dvsprep.frames_schema`, and that the
+  the manifest, every group and array document against `dvsprep.frames.schema`, and that the
   manifest lists exactly the documents and chunks those declare.
 - `read_meta_arrays`, `check_meta_content`: the metadata arrays decoded by us (every zstd frame
   bounded, vlen-utf8 strings parsed) and the values the readers rely on.
@@ -19,13 +19,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from . import frames_schema as schema
-from .constants import N_CLASSES, SPLITS
-from .container import MAX_MANIFEST_BYTES, StoreFiles, iter_problems_against, parse_manifest, read_json
-from .errors import MissingFileError, StoreError, UntrustedStoreError
-from .manifest import MANIFEST_NAME, sha256_bytes
-from .release import recording_name_ok
-from .verify_report import Problem, VerifyReport
+from . import schema
+from ..constants import N_CLASSES, SPLITS, recording_name_ok
+from .files import MAX_MANIFEST_BYTES, StoreFiles, iter_problems_against, parse_manifest, read_json
+from ..errors import MissingFileError, StoreError, UntrustedStoreError
+from ..integrity import MANIFEST_NAME, sha256_bytes
+from ..integrity import Problem, VerifyReport
 
 
 # ----------------------------------------------------------------------------- layout

@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .constants import (
+from ..constants import (
     FRAMES_FORMAT,
     LABEL_DTYPE,
     N_POLARITIES,
@@ -19,7 +19,7 @@ from .constants import (
     SPLITS,
     T_DTYPE,
 )
-from .errors import StoreError, UntrustedStoreError
+from ..errors import StoreError, UntrustedStoreError
 
 # Declared sizes beyond these are refused before anything is allocated.
 MAX_T = 4096

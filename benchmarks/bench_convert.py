@@ -24,8 +24,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dvsprep.raw.aedat import polarity_packets, read_aedat, write_aedat  # noqa: E402
-from dvsprep.events.convert import convert_release  # noqa: E402
+import dvsprep  # noqa: E402
+from dvsprep.raw import polarity_packets, read_aedat, write_aedat  # noqa: E402
 
 
 def build_release(root: Path, n_rec: int, n_events: int, seed: int = 0) -> Path:
@@ -107,7 +107,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.dir) as scratch:
         scratch = Path(scratch)
         a = time.perf_counter()
-        s = convert_release(rel.parent, scratch / "ours", jobs=args.jobs)
+        s = dvsprep.convert_release(rel.parent, scratch / "ours", jobs=args.jobs)
         ours_conv = time.perf_counter() - a
         (scratch / "sj").mkdir()
         a = time.perf_counter()

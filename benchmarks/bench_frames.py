@@ -27,10 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dvsprep.events.store import EventsFile, EventsWriter
-from dvsprep.frames.build import build_frame_store
-from dvsprep.frames.store import open_frame_store, write_frame_store_from_arrays
-from dvsprep.frames.integrate import integrate
+import dvsprep
+from dvsprep.events import EventsWriter
+from dvsprep.frames import integrate, write_frame_store_from_arrays
 
 H = W = 128
 
@@ -105,11 +104,11 @@ def bench_framing(root: Path, samples: list, jobs: int) -> None:
     events = root / "events.h5"
     time.sleep(max(0.0, 1.1 - (time.time() - events.stat().st_mtime)))   # markers need a settled file
     t0 = time.perf_counter()
-    with EventsFile(events):
+    with dvsprep.open_events(events):
         pass
     verify_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    with EventsFile(events):
+    with dvsprep.open_events(events):
         pass
     print(f"events.h5 ({sum(s['t'].size for s in samples) / 1e6:.0f} M events): first open verifies it in full "
           f"{verify_s:.2f} s (once per machine); later opens {(time.perf_counter() - t0) * 1e3:.1f} ms")
@@ -122,7 +121,7 @@ def bench_framing(root: Path, samples: list, jobs: int) -> None:
                 loader, str(f), str(out), split_by, T, H, W), files))
         sj = time.perf_counter() - t0
         t0 = time.perf_counter()
-        build_frame_store(root / "events.h5", root / f"frames_{split_by}.zarr", T=T, split_by=split_by, jobs=jobs)
+        dvsprep.build_frame_store(root / "events.h5", root / f"frames_{split_by}.zarr", T=T, split_by=split_by, jobs=jobs)
         us = time.perf_counter() - t0
         print(f"dataset frame step ({len(files)} samples), {split_by:6s}: SpikingJelly {sj:6.2f} s "
               f"({configure.max_threads_number_for_datasets_preprocess} threads, compressed={configure.save_datasets_compressed})   "
@@ -167,7 +166,7 @@ def bench_codecs(root: Path, samples: list) -> None:
         write_frame_store_from_arrays(path, T=16, splits={"train": {"frames": frames, **meta}}, codec=spec)
         wt = time.perf_counter() - t0
         size = _dir_bytes(path / "train" / "frames")
-        sp = open_frame_store(path).split("train")
+        sp = dvsprep.open_frame_store(path).split("train")
         for i in order[:8]:
             sp[i]  # warm the page cache and shard indexes
         reps = max(1, 2000 // n)
@@ -185,7 +184,7 @@ _SPLIT = None
 
 def _open_split(path: str) -> None:
     global _SPLIT
-    _SPLIT = open_frame_store(path).split("train")
+    _SPLIT = dvsprep.open_frame_store(path).split("train")
 
 
 def _read_random(idx: list[int]) -> float:
@@ -196,7 +195,7 @@ def _read_random(idx: list[int]) -> float:
 
 
 def bench_loader(store: Path, jobs: int) -> None:
-    sp = open_frame_store(store).split("train")
+    sp = dvsprep.open_frame_store(store).split("train")
     n = len(sp)
     rng = np.random.default_rng(2)
     print(f"\n== loader: {store.name}, {n} samples, dtype {sp.frames.dtype}")
@@ -244,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
         if "loader" in parts:
             store = root / "frames_number.zarr"
             if not store.exists():
-                build_frame_store(root / "events.h5", store, T=16, split_by="number", jobs=args.jobs)
+                dvsprep.build_frame_store(root / "events.h5", store, T=16, split_by="number", jobs=args.jobs)
             bench_loader(store, args.jobs)
     finally:
         if not args.keep:

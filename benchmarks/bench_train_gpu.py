@@ -71,7 +71,8 @@ def synthetic_split(n: int, T: int, seed: int, distinct: int = 64) -> dict:
 
 def make_store(path: Path, n_train: int, n_test: int, T: int) -> str:
     """Write (or reuse) the benchmark's frame store; returns its fingerprint."""
-    from dvsprep.frames.store import open_frame_store, write_frame_store_from_arrays
+    from dvsprep import open_frame_store
+    from dvsprep.frames import write_frame_store_from_arrays
 
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
@@ -128,7 +129,7 @@ def sj_worker(args) -> int:
     from spikingjelly.activation_based import functional, neuron, surrogate
     from spikingjelly.activation_based.model.parametric_lif_net import DVSGestureNet
 
-    from dvsprep.frames.store import open_frame_store
+    from dvsprep import open_frame_store
 
     device = torch.device(args.device)
     if device.type == "cuda":

@@ -27,9 +27,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dvsprep.constants import N_CLASSES
+from dvsprep.constants import FRAME_STORE_GLOB, N_CLASSES
 from dvsprep.errors import MissingFileError
 from dvsprep.frames import FrameSplit, FrameStore, frame_store_name, open_frame_store
+from dvsprep.inputs import STORE_OR_DATA_ROOT, InputKind, kind_of
 from dvsprep.resources import available_memory
 
 from .distributed import rank_share, share_size
@@ -42,18 +43,20 @@ PRELOAD_SHARE = 0.5
 
 
 def resolve_store_path(path: str | os.PathLike, T: int | None) -> str:
-    """A store path, or a DATA_ROOT holding ``frames_T<T>_number.zarr`` (dvsprep frames' default)."""
+    """A store path (folder, .zip or URL), or a DATA_ROOT holding ``frames_T<T>_number.zarr``
+    (dvsprep frames' default). Anything else is one line: MissingFileError / StoreError."""
+    if kind_of(path, STORE_OR_DATA_ROOT, noun="frame store") is not InputKind.DATA_ROOT:
+        return str(path)
     p = Path(path)
-    if T is not None and p.is_dir() and not (p / "zarr.json").exists():
-        candidate = p / frame_store_name(T, "number")
-        if candidate.is_dir():
-            return str(candidate)
-        others = sorted(q.name for q in p.glob("frames_T*_*.zarr") if q.is_dir())
-        if others or (p / "events.h5").is_file():
-            have = f"it holds {', '.join(others)}" if others else "it holds no frame store"
-            raise MissingFileError(f"{p}: no {candidate.name} for -T {T} ({have}; make one with "
-                                   f"dvsprep frames -T {T} -d {p}, or pass the store path)")
-    return str(path)
+    others = sorted(q.name for q in p.glob(FRAME_STORE_GLOB) if q.is_dir())
+    have = f"it holds {', '.join(others)}" if others else "it holds no frame store"
+    if T is None:
+        raise MissingFileError(f"{p}: a DATA_ROOT, not a frame store ({have}); pass the store path")
+    candidate = p / frame_store_name(T, "number")
+    if candidate.is_dir():
+        return str(candidate)
+    raise MissingFileError(f"{p}: no {candidate.name} for -T {T} ({have}; make one with "
+                           f"dvsprep frames -T {T} -d {p}, or pass the store path)")
 
 
 def open_store(path: str | os.PathLike, T: int | None = None, *, verify: bool = False,

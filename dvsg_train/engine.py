@@ -23,6 +23,7 @@ from torch import nn
 
 from dvsprep.atomic import clean_stale_temps, output_lock
 from dvsprep.constants import N_CLASSES
+from dvsprep.inputs import url_scheme
 
 from . import __version__
 from . import distributed
@@ -173,7 +174,7 @@ def _resolved(config: TrainConfig, device: torch.device, world_size: int = 1) ->
 
     Local data paths become absolute (a bare --resume finds the store from anywhere); cupy stays
     as asked (None: auto), the backend it resolved to is recorded beside it in config.json."""
-    data = config.data if "://" in config.data else os.path.abspath(config.data)
+    data = config.data if url_scheme(config.data) else os.path.abspath(config.data)  # a URL stays as typed
     return dataclasses.replace(config, device=str(device), world_size=world_size, data=data,
                                amp_dtype=config.resolved_amp_dtype(device.type),
                                T_max=config.resolved_T_max() if config.lr_scheduler == "cosalr" else config.T_max)

@@ -122,14 +122,14 @@ def synth(out: Path, users: int | None, test_users: int | None, seed: int, scale
 
 
 @main.command()
-@click.argument("raw", type=click.Path(path_type=Path))
+@click.argument("raw")  # a str: a Path would fold a URL's "//" before the input resolver sees it
 @click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), required=True,
               help="DATA_ROOT: events.h5 is written here.")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=None,
               help="Worker processes (default: number of CPUs).")
 @click.option("--strict", is_flag=True, help="Fail when a recording's md5 differs from the published release.")
 @click.option("--force", is_flag=True, help="Replace an existing events.h5.")
-def convert(raw: Path, out_dir: Path, jobs: int | None, strict: bool, force: bool) -> None:
+def convert(raw: str, out_dir: Path, jobs: int | None, strict: bool, force: bool) -> None:
     """Convert RAW (folder holding DvsGesture/, that folder, or DvsGesture.tar.gz) to DATA_ROOT/events.h5."""
     from .events import convert_release
 

@@ -25,6 +25,14 @@ SPLIT_METHODS = ("number", "time")
 EVENTS_FORMAT = "dvsprep-events/1"
 EVENTS_NAME = "events.h5"      # DATA_ROOT/events.h5, written by convert, read by frames
 FRAMES_FORMAT = "dvsprep-frames/1"
+FRAME_STORE_GLOB = "frames_T*_*.zarr"   # DATA_ROOT/frames_T<T>_<split_by>.zarr, written by frames
+ZARR_JSON = "zarr.json"        # a zarr v3 group's (or array's) metadata document
+MANIFEST_NAME = "manifest.json"          # a frame store's sha256 manifest, at its root
+
+# The IBM release's layout: RAW/DvsGesture/ holds the recordings and the trial lists.
+RELEASE_DIR = "DvsGesture"
+ARCHIVE_NAME = "DvsGesture.tar.gz"
+TRIAL_LISTS = {"train": "trials_to_train.txt", "test": "trials_to_test.txt"}
 
 AEDAT_VERSION_LINE = b"#!AER-DAT3.1"
 AEDAT_END_HEADER = b"#!END-HEADER"

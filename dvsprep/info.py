@@ -8,9 +8,8 @@ from typing import Any
 import numpy as np
 
 from .constants import N_CLASSES, SPLITS
-from .errors import MissingFileError, StoreError
 from .frames import describe_frame_store
-from .integrity import MANIFEST_NAME
+from .inputs import FRAME_STORE, InputKind, kind_of
 
 
 def describe_events(path: str | os.PathLike) -> dict[str, Any]:
@@ -45,20 +44,10 @@ def describe_events(path: str | os.PathLike) -> dict[str, Any]:
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:
     """Describe an events.h5 file or a frame store (directory, .zip, or http(s) URL)."""
-    from .frames import is_url
-
-    if is_url(path):
-        return describe_frame_store(str(path))
-    path = Path(path)
-    if not path.exists():
-        raise MissingFileError(f"{path}: no such file or directory")
-    if path.suffix.lower() == ".zip":
-        return describe_frame_store(path)
-    if path.is_dir():
-        if (path / "zarr.json").is_file() or (path / MANIFEST_NAME).is_file():
-            return describe_frame_store(path)
-        raise StoreError(f"{path}: neither an events.h5 file nor a frame store")
-    return describe_events(path)
+    kind = kind_of(path, FRAME_STORE | {InputKind.EVENTS})
+    if kind is InputKind.EVENTS:
+        return describe_events(path)
+    return describe_frame_store(str(path) if kind is InputKind.URL else Path(path))
 
 
 def _size(n: int) -> str:

@@ -53,6 +53,7 @@ import numpy as np
 from .constants import GESTURE_NAMES, N_CLASSES, N_POLARITIES, SENSOR_SIZE, SPLITS
 from .atomic import atomic_write
 from .errors import MissingFileError, StoreError
+from .inputs import FRAME_STORE, InputKind, kind_of
 
 log = logging.getLogger(__name__)
 
@@ -380,17 +381,16 @@ class _Source:
     integrated on the fly (T, split_by)."""
 
     def __init__(self, source: str, split: str, T: int | None, split_by: str | None):
-        url = re.match(r"https?://", source, flags=re.IGNORECASE) is not None
+        kind = kind_of(source, FRAME_STORE | {InputKind.EVENTS}, noun="frame store or events file")
+        url = kind is InputKind.URL
         path = Path(source)
-        if not url and not path.exists():
-            raise MissingFileError(f"{path}: no such frame store or events file")
         if split not in SPLITS:
             raise StoreError(f"{source}: unknown split {split!r} (have {', '.join(SPLITS)})")
         self.split = split
         self.display_name = source.rstrip("/").rsplit("/", 1)[-1] if url else path.name
         self.where = f"{source} ({split})"
         self._events_file = None
-        if url or path.is_dir() or path.suffix.lower() == ".zip":
+        if kind in FRAME_STORE:
             from .frames import open_frame_store
 
             store = open_frame_store(source)

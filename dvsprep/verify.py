@@ -22,18 +22,17 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, Iterable, Mapping
 
-from .frames import MAX_MANIFEST_BYTES, StoreFiles, is_zip_path, open_store_files, parse_manifest
+from .frames import MAX_MANIFEST_BYTES, StoreFiles, open_store_files, parse_manifest
 from .errors import MissingFileError, StoreError
 from .frames import check_layout, content_problems, read_meta_arrays, verify_files
 from .frames import check_fingerprint
 from .integrity import MANIFEST_NAME
 from .integrity import Problem, VerifyReport
 from .integrity import trust
+from .inputs import FRAME_STORE, RAW_RELEASE, InputKind, kind_of
 
 log = logging.getLogger(__name__)
 
-HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 _BUF = 1 << 22
 
 
@@ -277,21 +276,18 @@ def _release_files_from_dir(folder: Path, jobs: int) -> tuple[dict[str, str], di
 def verify_release(raw: str | os.PathLike, jobs: int | None = None) -> VerifyReport:
     """Check a raw release (folder holding DvsGesture/, that folder, or a tar(.gz)) against the
     published manifest."""
-    from .raw import ARCHIVE_NAME, RELEASE_DIR, TRIAL_LISTS, load_published_manifest
+    from .raw import ARCHIVE_NAME, TRIAL_LISTS, find_release_dir, load_published_manifest
 
+    kind = kind_of(raw, RAW_RELEASE)
     raw = Path(raw)
     published = load_published_manifest()
     archive_md5 = None
-    if raw.is_file():
+    if kind is InputKind.RAW_TAR:
         md5s, lists, archive_md5 = _release_files_from_tar(raw)
-    elif not raw.exists():
-        raise MissingFileError(f"{raw}: no such file or directory")
     else:
-        folder = next((c for c in (raw / RELEASE_DIR, raw) if (c / TRIAL_LISTS["train"]).is_file()), None)
-        if folder is None:
-            if (raw / ARCHIVE_NAME).is_file():
-                return verify_release(raw / ARCHIVE_NAME, jobs)
-            raise StoreError(f"{raw}: not a frame store, an events file or a DvsGesture release")
+        folder = find_release_dir(raw)
+        if folder is None:  # the only other RAW_DIR: a folder holding the archive
+            return verify_release(raw / ARCHIVE_NAME, jobs)
         md5s, lists = _release_files_from_dir(folder, jobs or os.cpu_count() or 1)
     expected: dict[str, str] = published["recordings"]
     found = {n: h for n, h in md5s.items() if n.endswith(".aedat")}
@@ -340,31 +336,16 @@ def verify_release(raw: str | os.PathLike, jobs: int | None = None) -> VerifyRep
 def verify_path(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
                 expected_fingerprint: str | None = None, jobs: int | None = None) -> VerifyReport:
     """Verify whatever PATH is: frame store (dir, .zip, URL), events.h5, or raw release."""
-    from .frames import remote
-
-    if remote.is_url(path):
+    kind = kind_of(path, FRAME_STORE | RAW_RELEASE | {InputKind.EVENTS})
+    if kind is InputKind.URL:
         return verify_store(path, cache_dir=cache_dir, expected_fingerprint=expected_fingerprint)
-    try:
-        p = Path(path)
-        p.exists()
-    except (ValueError, OSError) as exc:  # a NUL in the name, a name too long
-        raise StoreError(f"{path!r}: not a usable path ({exc})") from None
-    if not p.exists():
-        raise MissingFileError(f"{p}: no such file or directory")
-    if p.is_dir():
-        if (p / "zarr.json").exists() or (p / MANIFEST_NAME).exists():
-            return verify_store(p, expected_fingerprint=expected_fingerprint)
-        return verify_release(p, jobs)
-    if is_zip_path(p):
+    p = Path(path)
+    if kind in FRAME_STORE:
         return verify_store(p, expected_fingerprint=expected_fingerprint)
-    if p.name.lower().endswith(TAR_SUFFIXES):
+    if kind in RAW_RELEASE:
         return verify_release(p, jobs)
-    with open(p, "rb") as f:
-        sig = f.read(len(HDF5_SIGNATURE))
-    if sig == HDF5_SIGNATURE or p.name.lower().endswith((".h5", ".hdf5")):
-        report = verify_events(p)
-        if expected_fingerprint and not report.fingerprint.startswith(expected_fingerprint.lower()):
-            report.problems.append(Problem("mismatch", "fingerprint", f"{report.fingerprint[:16]}... differs "
-                                           f"from the expected {expected_fingerprint[:16]}..."))
-        return report
-    raise StoreError(f"{p}: not a frame store (.zarr directory or .zip), an events.h5 file, or a raw release")
+    report = verify_events(p)
+    if expected_fingerprint and not report.fingerprint.startswith(expected_fingerprint.lower()):
+        report.problems.append(Problem("mismatch", "fingerprint", f"{report.fingerprint[:16]}... differs "
+                                       f"from the expected {expected_fingerprint[:16]}..."))
+    return report

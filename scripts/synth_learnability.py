@@ -23,9 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dvsprep.raw.aedat import read_aedat
 from dvsprep.constants import N_CLASSES
-from dvsprep.raw.release import cut_samples, list_recordings, open_release, parse_labels
+from dvsprep.raw import cut_samples, list_recordings, open_release, parse_labels, read_aedat
 
 POOL = 8                     # 128 / 8 = 16x16 features per polarity
 PAIRS = ((3, 4), (5, 6))     # labels (0-based) of right-arm and left-arm CW / CCW
@@ -109,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         raw = args.release
         if raw is None:
-            from dvsprep.raw.synth import write_release
+            from dvsprep.raw import write_release
 
             t0 = time.perf_counter()
             summary = write_release(tmp, users=args.users, test_users=args.test_users, seed=args.seed)

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dvsprep.inputs import STORE_OR_DATA_ROOT, InputKind, kind_of
+
 from ..checkpoint import checkpoint_config, load_checkpoint
 from ..errors import CheckpointError, DataMismatchError
 from ..model import build_model
@@ -74,9 +76,9 @@ def store_T(data: str | os.PathLike, weights: NetworkWeights) -> int | None:
     """The T to open ``data`` with for these weights: the checkpoint's; for a SpikingJelly
     checkpoint (which does not record T) None for a store path or URL, and for a DATA_ROOT the T
     of its one ``frames_T<T>_number.zarr``."""
-    root = Path(data)
-    if weights.T is not None or not root.is_dir() or (root / "zarr.json").exists():
+    if weights.T is not None or kind_of(data, STORE_OR_DATA_ROOT, noun="frame store") is not InputKind.DATA_ROOT:
         return weights.T
+    root = Path(data)
     found = sorted((int(m.group(1)), p.name) for p in root.glob("frames_T*_number.zarr")
                    if (m := re.fullmatch(r"frames_T(\d+)_number\.zarr", p.name)))
     if len(found) != 1:

@@ -19,7 +19,6 @@ from ..atomic import output_lock, remove_path, same_or_inside, scratch_dir
 from ..constants import EVENTS_NAME, N_CLASSES, SPLITS, T_DTYPE, XY_DTYPE
 from ..errors import (
     InputOutputClashError,
-    MissingFileError,
     ReleaseError,
     ResourceLimitError,
     StoreExistsError,
@@ -34,6 +33,7 @@ from ..raw import (
     open_release,
     parse_labels,
 )
+from ..inputs import RAW_RELEASE, kind_of
 from ..resources import disk_full
 from ..workers import interrupt_once, process_pool, stop_pool
 
@@ -176,10 +176,9 @@ def convert_release(
     `out_dir` this call created. A full disk is one ResourceLimitError naming the output.
     """
     t0 = time.perf_counter()
+    kind_of(raw, RAW_RELEASE, error=ReleaseError)  # a release or one line, before any output is touched
     raw, out_dir = Path(raw), Path(out_dir)
     out = out_dir / EVENTS_NAME
-    if not raw.exists():
-        raise MissingFileError(f"{raw}: no such file or directory")
     if out.exists() and not force:
         raise StoreExistsError(f"{out}: already exists (use --force to replace it)")
     release_dir = find_release_dir(raw) if raw.is_dir() else None

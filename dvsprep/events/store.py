@@ -33,6 +33,7 @@ from ..constants import (
 )
 from ..atomic import temp_sibling
 from ..errors import DvsprepError, MissingFileError, ResourceLimitError, StoreError, StoreExistsError
+from ..inputs import InputKind, kind_of
 from ..integrity import MANIFEST_FORMAT, canonical_json, fingerprint
 
 EVENT_FIELDS = {"t": T_DTYPE, "x": XY_DTYPE, "y": XY_DTYPE, "p": P_DTYPE}
@@ -531,6 +532,17 @@ class EventsFile:
             except StoreError as exc:
                 out.append(("invalid", s, _strip(str(exc), where)))
         return out
+
+
+def open_events(path: str | os.PathLike, *, verify: bool = False) -> EventsFile:
+    """Open an events.h5 for reading, checked first (the public face of `EventsFile`).
+
+    Refused in one line when it is not an events.h5 file (MissingFileError when absent) or does
+    not verify against its embedded manifest: cheaply when a verified-marker says this exact
+    file was verified on this machine, in full with `verify=True`. Use it as a context manager:
+    ``with open_events(p) as ev: ev.split("train").sample(0)``; ``ev.fingerprint`` is its id."""
+    kind_of(path, {InputKind.EVENTS}, noun="events file")
+    return EventsFile(path, check="full" if verify else "auto")
 
 
 def _strip(msg: str, where: str) -> str:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..errors import MissingFileError, StoreError, UntrustedStoreError
+from ..inputs import is_zip_path  # the one suffix rule (re-exported)
 from ..integrity import MANIFEST_FORMAT, MANIFEST_NAME
 from ..integrity import stamp, stamp_path
 
@@ -291,10 +292,6 @@ class ZipFiles(StoreFiles):
         from zarr.storage import ZipStore
 
         return ZipStore(self.path, mode="r", read_only=True)
-
-
-def is_zip_path(path: str | os.PathLike) -> bool:
-    return str(path).lower().endswith(".zip")
 
 
 def open_store_files(path: str | os.PathLike) -> StoreFiles:

@@ -47,6 +47,7 @@ from ..atomic import clean_stale_temps, publish_dir, remove_path, temp_sibling
 from ..cache import STORES_DIR, cache_subdir
 from .files import MAX_MANIFEST_BYTES, ZipFiles, check_member_name, iter_problems_against, parse_manifest
 from ..errors import IntegrityError, MissingFileError, ResourceLimitError, StoreError, one_line
+from ..inputs import check_url, is_url, is_zip_path  # the one URL and suffix rule (re-exported)
 from ..integrity import MANIFEST_NAME, sha256_bytes
 from ..resources import check_free_space, disk_full
 
@@ -97,22 +98,6 @@ def download_limit(nbytes: int | None) -> Iterator[None]:
         yield
     finally:
         _max_download.reset(token)
-
-
-def is_url(path: object) -> bool:
-    return str(path).lower().startswith(("http://", "https://"))
-
-
-def check_url(url: str) -> None:
-    """StoreError (one line naming it) for a URL urllib cannot use."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        host = parts.hostname
-        parts.port  # noqa: B018 - raises ValueError for a bad port
-    except ValueError as exc:
-        raise StoreError(f"{url}: not a valid URL ({exc})") from None
-    if not host:
-        raise StoreError(f"{url}: not a valid URL (no host)")
 
 
 def split_pin(url: str) -> tuple[str, str | None]:
@@ -329,7 +314,7 @@ def fetch_store(url: str, cache_dir: str | os.PathLike | None = None, refresh: b
         tmp.mkdir()
         try:
             local = tmp / name
-            is_zip = name.lower().endswith(".zip")
+            is_zip = is_zip_path(name)
             fp = _fetch_zip(base, local, limit) if is_zip else _fetch_dir(base, local, limit)
             (tmp / SOURCE_NAME).write_text(json.dumps({"url": base, "name": name, "fingerprint": fp,
                                                        "kind": "zip" if is_zip else "dir",

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write
+from ..constants import MANIFEST_NAME
 
-MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "dvsprep-manifest/1"
 _BUF = 1 << 22
 

@@ -17,7 +17,7 @@ from typing import BinaryIO, Iterator
 import numpy as np
 
 from ..atomic import remove_path, scratch_dir
-from ..constants import LABEL_DTYPE, N_CLASSES
+from ..constants import ARCHIVE_NAME, LABEL_DTYPE, N_CLASSES, RELEASE_DIR, TRIAL_LISTS
 from ..errors import (
     DvsprepError,
     LabelFormatError,
@@ -27,14 +27,12 @@ from ..errors import (
     UnsafeArchiveError,
     one_line,
 )
+from ..inputs import RAW_RELEASE, InputKind, kind_of, release_folder
 from ..resources import check_free_space, disk_full
 
 log = logging.getLogger(__name__)
 
 LABEL_HEADER = ("class", "startTime_usec", "endTime_usec")
-RELEASE_DIR = "DvsGesture"
-ARCHIVE_NAME = "DvsGesture.tar.gz"
-TRIAL_LISTS = {"train": "trials_to_train.txt", "test": "trials_to_test.txt"}
 # data_manifests/ at the top of the repository, shipped in the wheel as dvsprep/data (a link to it)
 MANIFEST_PATH = Path(__file__).resolve().parents[1] / "data" / "dvs128_gesture.json"
 
@@ -299,24 +297,18 @@ def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> None:
             raise ReleaseError(f"{archive}: cannot extract ({exc.strerror or one_line(exc)})") from None
 
 
-def find_release_dir(raw: str | os.PathLike) -> Path | None:
-    """The DvsGesture folder of a folder RAW (RAW/DvsGesture or RAW itself), or None."""
-    raw = Path(raw)
-    for cand in (raw / RELEASE_DIR, raw):
-        if (cand / TRIAL_LISTS["train"]).is_file():
-            return cand
-    return None
+find_release_dir = release_folder  # the one rule for "RAW/DvsGesture or RAW itself" (dvsprep.inputs)
 
 
 @contextlib.contextmanager
 def open_release(raw: str | os.PathLike, scratch: str | os.PathLike | None = None) -> Iterator[Path]:
-    """Yield the DvsGesture directory for RAW: a folder holding DvsGesture/, that folder itself,
-    or DvsGesture.tar.gz (extracted by `safe_extract` into a PID-named scratch folder under
-    `scratch`, default the system temp folder, removed afterwards whatever happens)."""
+    """Yield the DvsGesture directory for RAW: a folder holding DvsGesture/ (or DvsGesture.tar.gz),
+    that folder itself, or a .tar.gz/.tgz/.tar (extracted by `safe_extract` into a PID-named
+    scratch folder under `scratch`, default the system temp folder, removed afterwards whatever
+    happens). Anything else is one ReleaseError (MissingFileError when absent)."""
+    kind = kind_of(raw, RAW_RELEASE, error=ReleaseError)
     raw = Path(raw)
-    if raw.is_file():
-        if not raw.name.endswith((".tar.gz", ".tgz", ".tar")):
-            raise ReleaseError(f"{raw}: not a release folder or a .tar.gz archive")
+    if kind is InputKind.RAW_TAR:
         tmp = None
         try:
             tmp = scratch_dir(Path(scratch) if scratch is not None else Path(tempfile.gettempdir()), "extract")
@@ -329,17 +321,12 @@ def open_release(raw: str | os.PathLike, scratch: str | os.PathLike | None = Non
             if tmp is not None:
                 remove_path(tmp)
         return
-    if not raw.exists():
-        raise MissingFileError(f"{raw}: no such file or directory")
     found = find_release_dir(raw)
     if found is not None:
         yield found
         return
-    if (raw / ARCHIVE_NAME).is_file():
-        with open_release(raw / ARCHIVE_NAME, scratch) as rel:
-            yield rel
-        return
-    raise ReleaseError(f"{raw}: no {TRIAL_LISTS['train']} here or in {RELEASE_DIR}/ (not a DvsGesture release)")
+    with open_release(raw / ARCHIVE_NAME, scratch) as rel:  # the only other RAW_DIR: it holds the archive
+        yield rel
 
 
 def load_published_manifest() -> dict:

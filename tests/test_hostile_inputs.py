@@ -351,7 +351,7 @@ def test_extraction_checks_free_space_first(tmp_path, monkeypatch, when):
 
 
 def test_library_messages_become_one_line(tmp_path, monkeypatch):
-    import dvsprep.events.convert as conv
+    import dvsprep.events as conv  # the face: the CLI looks convert_release up there
     from dvsprep.errors import ReleaseError
 
     def multi_line(*a, **k):

@@ -16,7 +16,6 @@ entry in `SECTIONS`; a new option needs a word in one of those places.
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
 
 import click
@@ -46,7 +45,14 @@ def console_scripts() -> dict[str, click.Command]:
     """{script name: click command} from pyproject.toml's [project.scripts]."""
     import importlib
 
-    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["scripts"]
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: the table's `name = "module:attr"` lines
+        table = text.split("[project.scripts]\n", 1)[1].split("\n[", 1)[0]
+        scripts = dict(re.findall(r'^([\w.-]+)\s*=\s*"([^"]+)"', table, re.M))
+    else:
+        scripts = tomllib.loads(text)["project"]["scripts"]
     out = {}
     for name, target in scripts.items():
         module, _, attr = target.partition(":")

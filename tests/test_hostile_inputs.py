@@ -28,7 +28,7 @@ from dvsprep.atomic import output_lock
 from dvsprep.cli import main
 from dvsprep.frames.pack import pack_store
 from http_fixtures import serving
-from store_fixtures import make_store
+from store_fixtures import make_multishard_store
 
 from aedat_fixtures import random_events, small_release, write_release
 
@@ -384,7 +384,7 @@ def test_extract_scratch_is_pid_named_and_removed(tmp_path, monkeypatch):
 @pytest.fixture()
 def packed(tmp_path):
     store = tmp_path / "frames_T64_number.zarr"
-    make_store(store, n_train=4, n_test=2)
+    make_multishard_store(store, n_train=4, n_test=2)
     z = tmp_path / "s.zip"
     pack_store(store, z)
     return store, z
@@ -582,7 +582,7 @@ def test_synth_help_states_the_measured_full_size():
 def test_a_closed_stdout_is_quiet(tmp_path):
     """`dvsprep info STORE | head -1`: the reader is gone before dvsprep writes; no 'Broken pipe'."""
     store = tmp_path / "frames_T64_number.zarr"
-    make_store(store, n_train=2, n_test=1)
+    make_multishard_store(store, n_train=2, n_test=1)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     read_end, write_end = os.pipe()
     os.close(read_end)  # like `head` after its first line

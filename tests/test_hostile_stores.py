@@ -362,10 +362,10 @@ def test_explicit_preload_that_does_not_fit_is_one_line():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     from dvsg_train.cli import train_main
-    from train_fixtures import make_store
+    from train_fixtures import make_learnable_store
 
     root = tmp_path_factory.mktemp("eval")
-    make_store(root / "frames_T4_number.zarr", T=4, n_train=12, n_test=11)
+    make_learnable_store(root / "frames_T4_number.zarr", T=4, n_train=12, n_test=11)
     res = CliRunner().invoke(train_main, ["--data", str(root), "--out-dir", str(root / "runs"), "-q", "-T", "4",
                                           "-b", "6", "--epochs", "1", "--channels", "4", "--device", "cpu", "-j", "0"])
     assert res.exit_code == 0, res.output

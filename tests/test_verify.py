@@ -20,7 +20,7 @@ from dvsprep.frames.pack import pack_store
 from dvsprep.errors import IntegrityError, StoreError
 from dvsprep.frames.store import open_frame_store
 from dvsprep.verify import check_fingerprint, verify_path, verify_store
-from store_fixtures import make_store
+from store_fixtures import make_multishard_store
 
 SHARD1 = "train/frames/c/1/0/0/0/0"
 
@@ -38,7 +38,7 @@ def _flip(path, at=100):
 @pytest.fixture()
 def store(tmp_path):
     path = tmp_path / "frames_T64_number.zarr"
-    fp, _ = make_store(path)
+    fp, _ = make_multishard_store(path)
     return path, fp
 
 

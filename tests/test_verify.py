@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from zarr.storage import LocalStore
 
 from aedat_fixtures import small_release
+from dvsprep import raw as raw_wing
 from dvsprep.raw import release
 from dvsprep.cli import main
 from dvsprep.frames.files import ZipFiles, open_store_files
@@ -157,7 +158,8 @@ def test_raw_release_against_the_published_manifest(tmp_path, monkeypatch):
     pub = {"recordings": {p.name: _md5(p) for p in rel.glob("*.aedat")},
            "other_files": {}, "archive": {"md5": _md5(archive), "name": archive.name},
            "train": ["user01_lab.aedat", "user02_led.aedat"], "test": ["user03_natural.aedat"]}
-    monkeypatch.setattr(release, "load_published_manifest", lambda: pub)
+    for where in (raw_wing, release):  # verify reads it through the wing's face, dvsprep.raw
+        monkeypatch.setattr(where, "load_published_manifest", lambda: pub)
     r = _run("verify", rel)
     assert r.exit_code == 0 and r.output.startswith(f"{rel}: raw release intact: 8 files match"), r.output
     r = _run("verify", archive)

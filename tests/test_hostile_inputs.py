@@ -351,13 +351,15 @@ def test_extraction_checks_free_space_first(tmp_path, monkeypatch, when):
 
 
 def test_library_messages_become_one_line(tmp_path, monkeypatch):
+    import dvsprep.events as events_wing
     import dvsprep.events.convert as conv
     from dvsprep.errors import ReleaseError
 
     def multi_line(*a, **k):
         raise ReleaseError(f"{tmp_path}: first\n- second\n- third")
 
-    monkeypatch.setattr(conv, "convert_release", multi_line)
+    for where in (events_wing, conv):   # the CLI calls it through the wing's face, dvsprep.events
+        monkeypatch.setattr(where, "convert_release", multi_line)
     r = _cli("convert", tmp_path, "-o", tmp_path / "out")
     assert _refused(r.exit_code, r.stderr) == f"error: {tmp_path}: first - second - third"
 

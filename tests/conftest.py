@@ -1,7 +1,9 @@
-"""Shared test configuration: the `cuda` marker skips without a CUDA device."""
+"""Shared test configuration: the `cuda` marker skips without a CUDA device, caches stay in the
+test session, and `store_forms` serves a test's stores over loopback HTTP (see store_forms.py)."""
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 
@@ -30,3 +32,27 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
 
     if "DVSPREP_CACHE" not in os.environ or not os.environ["DVSPREP_CACHE"].startswith(str(tmp_path_factory.getbasetemp())):
         monkeypatch.setenv("DVSPREP_CACHE", str(tmp_path_factory.getbasetemp() / "dvsprep-cache"))
+
+
+@pytest.fixture(scope="module")
+def store_server(tmp_path_factory: pytest.TempPathFactory):
+    """(base URL, served folder): a loopback HTTP server of static files, one per test module."""
+    import functools
+
+    from http_fixtures import serving
+    from store_forms import QuietHandler
+
+    served = tmp_path_factory.mktemp("served")
+    handler = functools.partial(QuietHandler, directory=str(served))
+    with pytest.MonkeyPatch.context() as mp, serving(handler, mp) as httpd:
+        yield httpd.url, served
+
+
+@pytest.fixture()
+def store_forms(store_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """`store_forms.StoreForms` for this test: its stores, served or local, and its own download cache."""
+    from store_forms import StoreForms
+
+    forms = StoreForms(store_server[0], store_server[1], tmp_path)
+    monkeypatch.setenv("DVSPREP_CACHE", str(forms.cache))
+    return forms

@@ -1,4 +1,5 @@
-"""Small frame stores for the sharing tests: several shards per split, sparse frames (fast)."""
+"""Small frame stores of random sparse frames at T=64 (8 samples per shard, so each split spans
+several shards), for the tests of sharing, packing, verifying and reading stores (fast to write)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,8 +29,9 @@ def split_arrays(n: int, seed: int) -> dict:
     }
 
 
-def make_store(path: Path, n_train: int = 20, n_test: int = 5) -> tuple[str, dict]:
-    """Write a store at `path`; returns (fingerprint, splits written)."""
+def make_multishard_store(path: Path, n_train: int = 20, n_test: int = 5) -> tuple[str, dict]:
+    """Write a store of random sparse frames at `path` (each split over several shards);
+    returns (fingerprint, splits written)."""
     splits = {"train": split_arrays(n_train, 1), "test": split_arrays(n_test, 2)}
     fp = write_frame_store_from_arrays(path, T=T, split_by="number", splits=splits, events_fingerprint="cd" * 32)
     return fp, splits

@@ -189,9 +189,9 @@ def test_cuda_no_host_sync_per_batch(amp):
 @pytest.mark.cuda
 def test_cuda_engine_turns_on_cudnn_benchmark(tmp_path, monkeypatch):
     from dvsg_train.config import TrainConfig
-    from train_fixtures import make_store
+    from train_fixtures import make_learnable_store
 
-    make_store(tmp_path / "s.zarr", T=2, n_train=4, n_test=2)
+    make_learnable_store(tmp_path / "s.zarr", T=2, n_train=4, n_test=2)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     engine.main(TrainConfig(data=str(tmp_path / "s.zarr"), T=2, batch_size=2, epochs=1,
                             channels=2, out_dir=str(tmp_path / "runs"), device="cuda"))

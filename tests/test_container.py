@@ -11,13 +11,13 @@ from dvsprep.frames.files import ZipFiles, check_member_name, parse_manifest
 from dvsprep.errors import StoreError, UntrustedStoreError
 from dvsprep.frames.store import open_frame_store
 from dvsprep.integrity.manifest import canonical_json
-from store_fixtures import make_store
+from store_fixtures import make_multishard_store
 
 
 @pytest.fixture()
 def store(tmp_path):
     path = tmp_path / "s.zarr"
-    make_store(path, n_train=3, n_test=1)
+    make_multishard_store(path, n_train=3, n_test=1)
     return path
 
 

@@ -26,7 +26,7 @@ from dvsg_train.model import Voting
 from dvsprep.frames.store import open_frame_store
 
 from export_fixtures import make_active, our_run, sj_run, synthetic_release_store
-from train_fixtures import make_store
+from train_fixtures import make_learnable_store
 
 T = 2
 
@@ -55,7 +55,7 @@ def samples(tmp_path_factory) -> torch.Tensor:
 def trained(tmp_path_factory) -> Path:
     """A LIF network (channels 4) trained for one epoch on a tiny store: its checkpoint."""
     root = tmp_path_factory.mktemp("train")
-    make_store(root / "tiny.zarr", T=T, n_train=12, n_test=4)
+    make_learnable_store(root / "tiny.zarr", T=T, n_train=12, n_test=4)
     summary = train(TrainConfig(data=str(root / "tiny.zarr"), out_dir=str(root / "runs"), T=T, batch_size=4,
                                 epochs=1, channels=4, device="cpu", workers=0, preload="cpu"))
     return Path(summary["run_dir"]) / "checkpoint_latest.pt"

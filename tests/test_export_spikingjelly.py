@@ -20,7 +20,7 @@ from dvsg_train.model import build_model
 from dvsprep.frames.store import open_frame_store
 
 from export_fixtures import our_run
-from train_fixtures import make_store, synthetic_frames
+from train_fixtures import make_learnable_store, synthetic_frames
 
 sj = pytest.importorskip("spikingjelly.activation_based")
 from spikingjelly.activation_based import functional, neuron, surrogate  # noqa: E402
@@ -169,7 +169,7 @@ def test_tutorial_checkpoint_runs_identically_as_our_network(tutorial, x):
 
 def test_dvsg_eval_accepts_the_tutorial_checkpoint(tutorial, tmp_path):
     path, net = tutorial
-    make_store(tmp_path / "frames_T2_number.zarr", T=T, n_train=2, n_test=2)
+    make_learnable_store(tmp_path / "frames_T2_number.zarr", T=T, n_train=2, n_test=2)
     # a DATA_ROOT: the T of its one store (the tutorial's checkpoint does not record T)
     res = CliRunner().invoke(eval_main, ["--checkpoint", str(path), "--data", str(tmp_path),
                                          "--device", "cpu", "--png", str(tmp_path / "c.png")])
@@ -201,7 +201,7 @@ def test_tutorial_checkpoint_exports_to_nir_and_back_to_spikingjelly(tutorial, t
 
 def test_init_from_the_tutorial_checkpoint_fine_tunes_its_weights(tutorial, tmp_path):
     path, net = tutorial
-    make_store(tmp_path / "s.zarr", T=T, n_train=2, n_test=1)
+    make_learnable_store(tmp_path / "s.zarr", T=T, n_train=2, n_test=1)
     summary = train(TrainConfig(data=str(tmp_path / "s.zarr"), out_dir=str(tmp_path / "runs"), T=T, batch_size=2,
                                 epochs=1, channels=128, lr=1e-12, device="cpu", workers=0, init=str(path)))
     ckpt = load_checkpoint(Path(summary["run_dir"]) / "checkpoint_latest.pt")
@@ -214,7 +214,7 @@ def test_init_from_the_tutorial_checkpoint_fine_tunes_its_weights(tutorial, tmp_
 
 def test_init_refuses_weights_that_do_not_fit(tutorial, tmp_path):
     path, _ = tutorial
-    make_store(tmp_path / "s.zarr", T=T, n_train=2, n_test=1)
+    make_learnable_store(tmp_path / "s.zarr", T=T, n_train=2, n_test=1)
     own = our_checkpoint(tmp_path / "c4.pt", build_model(4), channels=4)
     common = ["--data", str(tmp_path / "s.zarr"), "--out-dir", str(tmp_path / "runs"), "-T", "2", "--device", "cpu", "-q"]
     run = CliRunner().invoke
@@ -239,7 +239,7 @@ def test_init_from_our_own_checkpoint(tmp_path):
     torch.manual_seed(2)
     start = build_model(4)
     own = our_checkpoint(tmp_path / "c4.pt", start, channels=4)
-    make_store(tmp_path / "s.zarr", T=T, n_train=4, n_test=2)
+    make_learnable_store(tmp_path / "s.zarr", T=T, n_train=4, n_test=2)
     summary = train(TrainConfig(data=str(tmp_path / "s.zarr"), out_dir=str(tmp_path / "runs"), T=T, batch_size=2,
                                 epochs=1, channels=4, lr=1e-12, device="cpu", workers=0, init=str(own)))
     ckpt = load_checkpoint(Path(summary["run_dir"]) / "checkpoint_latest.pt")

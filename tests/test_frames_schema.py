@@ -13,13 +13,13 @@ from dvsprep.errors import StoreError, UntrustedStoreError
 from dvsprep.frames.schema import zstd_content_size
 from dvsprep.frames.store import open_frame_store
 from dvsprep.integrity.manifest import dir_manifest, write_dir_manifest
-from store_fixtures import make_store
+from store_fixtures import make_multishard_store
 
 
 @pytest.fixture()
 def store(tmp_path):
     path = tmp_path / "s.zarr"
-    make_store(path, n_train=10, n_test=2)
+    make_multishard_store(path, n_train=10, n_test=2)
     return path
 
 

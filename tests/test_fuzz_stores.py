@@ -1,6 +1,7 @@
 """Property tests: one flipped byte anywhere in a small frame store (directory or zip) or
 events.h5. `verify` never raises; what it calls intact the readers read in full, and what it
-lists as a problem every reader refuses with a dvsprep error (one line at the CLI)."""
+lists as a problem every reader refuses with a dvsprep error (one line at the CLI). Re-signed
+stores (only the content checks can tell) run in every form, over http too (store_forms.py)."""
 from __future__ import annotations
 
 import os
@@ -19,6 +20,7 @@ from dvsprep.events.store import EventsFile  # noqa: E402
 from dvsprep.frames.store import open_frame_store  # noqa: E402
 from dvsprep.verify import verify_path  # noqa: E402
 from hostile_fixtures import tiny_events, tiny_store  # noqa: E402
+from store_forms import FORMS  # noqa: E402
 
 # DVSPREP_FUZZ_EXAMPLES=2000 for a long run (random, not the fixed examples of the suite)
 _N = int(os.environ.get("DVSPREP_FUZZ_EXAMPLES", "40"))
@@ -45,7 +47,7 @@ def _flip(path: Path, fraction: float, xor: int) -> None:
     path.write_bytes(bytes(data))
 
 
-def _read_all_frames(path: Path) -> None:
+def _read_all_frames(path: Path | str) -> None:
     store = open_frame_store(path)
     for name in store.splits:
         sp = store.split(name)
@@ -60,7 +62,7 @@ def _read_all_events(path: Path) -> None:
                 sp.sample(i)
 
 
-def _consistent(path: Path, read) -> None:
+def _consistent(path: Path | str, read) -> None:
     report = verify_path(path)              # must not raise
     if report.ok:
         read(path)                           # intact: readable in full
@@ -111,18 +113,20 @@ def test_flipped_byte_in_events(originals, at, x):
         _consistent(ev, _read_all_events)
 
 
+@pytest.mark.parametrize("form", FORMS)
 @FUZZ
 @given(data=st.data(), at=fraction, x=xor)
-def test_resigned_store_verify_and_readers_agree(originals, data, at, x):
+def test_resigned_store_verify_and_readers_agree(originals, store_forms, form, data, at, x):
     """A changed file with the manifest made to match again: only content checks can tell.
-    Whatever verify decides, the readers decide the same (and nothing raises but dvsprep errors)."""
+    Whatever verify decides, the readers decide the same (and nothing raises but dvsprep errors),
+    in every form: the http forms' downloads match the manifest, so they too meet only the
+    content checks."""
     from hostile_fixtures import resign
 
     root, files = originals
     name = data.draw(st.sampled_from([f for f in files if f != "manifest.json"]))
-    with tempfile.TemporaryDirectory() as tmp:
-        store = Path(tmp) / "s.zarr"
-        shutil.copytree(root / "s.zarr", store)
-        _flip(store / name, at, x)
-        resign(store)
-        _consistent(store, _read_all_frames)
+    store = store_forms.place(form)
+    shutil.copytree(root / "s.zarr", store)
+    _flip(store / name, at, x)
+    resign(store)
+    _consistent(store_forms.target(form, store), _read_all_frames)

@@ -28,7 +28,7 @@ from dvsprep.atomic import output_lock
 from dvsprep.cli import main
 from dvsprep.frames.pack import pack_store
 from http_fixtures import serving
-from store_fixtures import make_store
+from store_fixtures import make_multishard_store
 
 from aedat_fixtures import random_events, small_release, write_release
 
@@ -351,13 +351,15 @@ def test_extraction_checks_free_space_first(tmp_path, monkeypatch, when):
 
 
 def test_library_messages_become_one_line(tmp_path, monkeypatch):
-    import dvsprep.events as conv  # the face: the CLI looks convert_release up there
+    import dvsprep.events as events_wing
+    import dvsprep.events.convert as conv
     from dvsprep.errors import ReleaseError
 
     def multi_line(*a, **k):
         raise ReleaseError(f"{tmp_path}: first\n- second\n- third")
 
-    monkeypatch.setattr(conv, "convert_release", multi_line)
+    for where in (events_wing, conv):   # the CLI calls it through the wing's face, dvsprep.events
+        monkeypatch.setattr(where, "convert_release", multi_line)
     r = _cli("convert", tmp_path, "-o", tmp_path / "out")
     assert _refused(r.exit_code, r.stderr) == f"error: {tmp_path}: first - second - third"
 
@@ -384,7 +386,7 @@ def test_extract_scratch_is_pid_named_and_removed(tmp_path, monkeypatch):
 @pytest.fixture()
 def packed(tmp_path):
     store = tmp_path / "frames_T64_number.zarr"
-    make_store(store, n_train=4, n_test=2)
+    make_multishard_store(store, n_train=4, n_test=2)
     z = tmp_path / "s.zip"
     pack_store(store, z)
     return store, z
@@ -582,7 +584,7 @@ def test_synth_help_states_the_measured_full_size():
 def test_a_closed_stdout_is_quiet(tmp_path):
     """`dvsprep info STORE | head -1`: the reader is gone before dvsprep writes; no 'Broken pipe'."""
     store = tmp_path / "frames_T64_number.zarr"
-    make_store(store, n_train=2, n_test=1)
+    make_multishard_store(store, n_train=2, n_test=1)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     read_end, write_end = os.pipe()
     os.close(read_end)  # like `head` after its first line

@@ -1,13 +1,16 @@
 """Hostile and unlucky stores through the command line: every reader refuses with one line
 naming the file (exit 1, no traceback), writes nothing, leaves the input as it was; `verify`
-lists the problem instead of crashing."""
+lists the problem instead of crashing. The frame-store cases run over every form a store
+travels in (directory, zip, and both over http; see store_forms.py)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
-import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import h5py
 import numpy as np
@@ -16,10 +19,11 @@ from click.testing import CliRunner
 
 from dvsprep.atomic import output_lock
 from dvsprep.cli import main
-from dvsprep.errors import StoreError
+from dvsprep.errors import DvsprepError, IntegrityError, MissingFileError, StoreError, UntrustedStoreError
 from dvsprep.frames.store import open_frame_store
 from hostile_fixtures import (edit_json, flip, resign, resign_events, snapshot, tiny_events, tiny_store, vlen,
                               zstd)
+from store_forms import FORMS
 
 
 def _cli(*args):
@@ -58,78 +62,229 @@ def _label_chunk(values) -> bytes:
     return zstd(np.asarray(values, np.uint8).tobytes())
 
 
+def _link(s: Path) -> None:
+    """A chunk replaced by a link to a file outside the store with the very same bytes."""
+    chunk = s / "test/label/c/0"
+    outside = s.parent / "outside"
+    outside.write_bytes(chunk.read_bytes())
+    chunk.unlink()
+    os.symlink(outside, chunk)
+
+
+def _fifo(s: Path) -> None:
+    (s / "test/label/c/0").unlink()
+    os.mkfifo(s / "test/label/c/0")
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """The http form's download refuses the store itself (each file is checked as it arrives):
+    `verify` too then says it in one line instead of listing it."""
+    refusal: str
+    error: type | None = None   # when the download's refusal is of another class than the readers'
+
+
+@dataclass(frozen=True)
+class Worded:
+    """This form's reader words the same refusal its own way (a zip member, not a file)."""
+    refusal: str
+    listed: str
+
+
+@dataclass(frozen=True)
+class Cannot:
+    """This form cannot hold the case (the combination is skipped, the reason in its test id)."""
+    reason: str
+
+
+ACCEPTED = "accepted"   # this form's reader never sees the tampering, and rightly so (see the case)
+
+
+@dataclass(frozen=True)
+class Case:
+    tamper: Callable[[Path], object]
+    error: type                 # the exact class every reader raises, in every form
+    refusal: str                # in every reader's one line
+    listed: str                 # in `verify`'s list
+    forms: dict = field(default_factory=dict)   # form -> Arrival, Worded, Cannot or ACCEPTED
+
+
 STORE_CASES = {
-    # (tamper, what `verify` reports, what the readers' one line says)
-    "label chunk flipped near its end": (lambda s: flip(s / "train/label/c/0", -2),
-                                         "corrupt  train/label/c/0", "corrupt train/label/c/0"),
-    "nested manifest": (lambda s: (s / "manifest.json").write_text("[" * 100_000 + "]" * 100_000),
-                        "invalid  manifest.json", "manifest.json is not valid JSON"),
-    "manifest kind edited": (lambda s: edit_json(s, "manifest.json", lambda m: m.update(kind="events")),
-                             "invalid  layout", "manifest is for a 'events' store"),
-    "consolidated metadata": (lambda s: (edit_json(s, "zarr.json", lambda m: m.update(
-        consolidated_metadata={"kind": "inline", "must_understand": False, "metadata": {}})), resign(s)),
-        "invalid  layout", "not a plain zarr v3 group"),
-    "a million absent samples": (_million, "invalid  layout", "than its manifest lists files (31)"),
-    "short label chunk": (lambda s: ((s / "train/label/c/0").write_bytes(_label_chunk([1, 2])), resign(s)),
-                          "train/label/c/0 declares 2 decoded bytes (6 expected)", "declares 2 decoded bytes"),
-    "label 200": (lambda s: ((s / "test/label/c/0").write_bytes(_label_chunk([200, 1, 2])), resign(s)),
-                  "test/label holds 200, outside 0..10", "test/label holds 200"),
-    "labels disagree with per-class counts": (
-        lambda s: ((s / "test/label/c/0").write_bytes(_label_chunk([0, 0, 0])), resign(s)),
-        "count [0, 1, 0, 0, 1, 0, 0, 1, 0, 0, 0] samples per class in test", "samples per class in test"),
-    "bad vlen chunk": (lambda s: ((s / "train/recording/c/0").write_bytes(zstd(b"\x06\x00\x00\x00\xff\xff\xff\x7f")),
-                                  resign(s)), "train/recording/c/0: string", "train/recording/c/0: string"),
-    "non-UTF-8 names": (lambda s: ((s / "test/recording/c/0").write_bytes(
-        zstd(vlen([b"user01_lab", b"\xff\xfeuser", b"user02_lab"]))), resign(s)), "not valid UTF-8", "not valid UTF-8"),
-    "name with a path": (lambda s: ((s / "test/recording/c/0").write_bytes(
-        zstd(vlen([b"user01_lab", b"../../evil", b"user02_lab"]))), resign(s)), "not a recording name",
-        "'../../evil', not a recording name"),
-    "codec level 10**30": (lambda s: (edit_json(s, "train/label/zarr.json", lambda m: m["codecs"][1].update(
-        configuration={"level": 10**30, "checksum": False})), resign(s)), "invalid  layout", "zstd configuration"),
-    "absent chunk": (lambda s: ((s / "test/row/c/0").unlink(), resign(s)), "invalid  layout",
-                     "manifest does not list test/row/c/0"),
-    "garbage in a shard": (lambda s: (flip(s / "train/frames/c/0/0/0/0/0", 20), resign(s)),
-                           "invalid  train/frames/c/0/0/0/0/0", "invalid train/frames/c/0/0/0/0/0"),
+    "label chunk flipped near its end": Case(
+        lambda s: flip(s / "train/label/c/0", -2), IntegrityError, "corrupt train/label/c/0",
+        "corrupt  train/label/c/0",
+        {"http": Arrival("train/label/c/0: arrived with 15 bytes and a sha256 that differs from the store's manifest"),
+         "http-zip": Arrival("1 file(s) differ from the store's manifest: corrupt train/label/c/0")}),
+    "nested manifest": Case(
+        lambda s: (s / "manifest.json").write_text("[" * 100_000 + "]" * 100_000), StoreError,
+        "manifest.json is not valid JSON", "invalid  manifest.json",
+        {"http": Arrival("manifest.json is not valid JSON"), "http-zip": Arrival("manifest.json is not valid JSON")}),
+    "manifest kind edited": Case(
+        lambda s: edit_json(s, "manifest.json", lambda m: m.update(kind="events")), StoreError,
+        "manifest is for a 'events' store", "invalid  layout"),
+    "consolidated metadata": Case(
+        lambda s: (edit_json(s, "zarr.json", lambda m: m.update(
+            consolidated_metadata={"kind": "inline", "must_understand": False, "metadata": {}})), resign(s)),
+        UntrustedStoreError, "not a plain zarr v3 group", "invalid  layout"),
+    "a million absent samples": Case(_million, StoreError, "than its manifest lists files (31)", "invalid  layout"),
+    "short label chunk": Case(
+        lambda s: ((s / "train/label/c/0").write_bytes(_label_chunk([1, 2])), resign(s)), IntegrityError,
+        "declares 2 decoded bytes", "train/label/c/0 declares 2 decoded bytes (6 expected)"),
+    "label 200": Case(
+        lambda s: ((s / "test/label/c/0").write_bytes(_label_chunk([200, 1, 2])), resign(s)), IntegrityError,
+        "test/label holds 200", "test/label holds 200, outside 0..10"),
+    "labels disagree with per-class counts": Case(
+        lambda s: ((s / "test/label/c/0").write_bytes(_label_chunk([0, 0, 0])), resign(s)), IntegrityError,
+        "samples per class in test", "count [0, 1, 0, 0, 1, 0, 0, 1, 0, 0, 0] samples per class in test"),
+    "bad vlen chunk": Case(
+        lambda s: ((s / "train/recording/c/0").write_bytes(zstd(b"\x06\x00\x00\x00\xff\xff\xff\x7f")), resign(s)),
+        IntegrityError, "train/recording/c/0: string", "train/recording/c/0: string"),
+    "non-UTF-8 names": Case(
+        lambda s: ((s / "test/recording/c/0").write_bytes(zstd(vlen([b"user01_lab", b"\xff\xfeuser", b"user02_lab"]))),
+                   resign(s)), IntegrityError, "not valid UTF-8", "not valid UTF-8"),
+    "name with a path": Case(
+        lambda s: ((s / "test/recording/c/0").write_bytes(zstd(vlen([b"user01_lab", b"../../evil", b"user02_lab"]))),
+                   resign(s)), IntegrityError, "'../../evil', not a recording name", "not a recording name"),
+    "codec level 10**30": Case(
+        lambda s: (edit_json(s, "train/label/zarr.json", lambda m: m["codecs"][1].update(
+            configuration={"level": 10**30, "checksum": False})), resign(s)),
+        UntrustedStoreError, "zstd configuration", "invalid  layout"),
+    "absent chunk": Case(lambda s: ((s / "test/row/c/0").unlink(), resign(s)), StoreError,
+                         "manifest does not list test/row/c/0", "invalid  layout"),
+    "garbage in a shard": Case(lambda s: (flip(s / "train/frames/c/0/0/0/0/0", 20), resign(s)), IntegrityError,
+                               "invalid train/frames/c/0/0/0/0/0", "invalid  train/frames/c/0/0/0/0/0"),
+    "manifest lists a file outside the store": Case(
+        lambda s: edit_json(s, "manifest.json", lambda m: m["files"].update(
+            {"../../outside.txt": {"sha256": "a" * 64, "size": 3}})), UntrustedStoreError,
+        "file name '../../outside.txt' has an empty, '.' or '..' part; refusing it", "invalid  manifest.json",
+        {"http": Arrival("file name '../../outside.txt' has an empty, '.' or '..' part; refusing it"),
+         "http-zip": Arrival("file name '../../outside.txt' has an empty, '.' or '..' part; refusing it")}),
+    "a file the manifest does not list": Case(
+        lambda s: (s / "train/notes.txt").write_text("stray"), IntegrityError,
+        "extra train/notes.txt (not in the manifest)", "extra    train/notes.txt: not in the manifest",
+        {"http": ACCEPTED,   # only the manifest's files are fetched: the copy is the store, nothing stray
+         "http-zip": Arrival("1 file(s) differ from the store's manifest: extra train/notes.txt")}),
+    "no manifest (an interrupted copy)": Case(
+        lambda s: (s / "manifest.json").unlink(), StoreError, "incomplete frame store (no manifest.json)",
+        "missing  manifest.json: no manifest",
+        {"http": Arrival("/manifest.json: HTTP 404 File not found", MissingFileError),
+         "http-zip": Arrival("no manifest.json in the store", MissingFileError)}),
+    "a link to a copy of a chunk": Case(
+        _link, UntrustedStoreError, "test/label/c/0 is a link or special file; refusing it",
+        "invalid  store: test/label/c/0 is a link or special file",
+        {"zip": Worded("member 'test/label/c/0' is a symbolic link; refusing it",
+                       "invalid  s.zarr.zip: member 'test/label/c/0' is a symbolic link"),
+         "http": Cannot("a server sends what a link points to"),
+         "http-zip": Arrival("member 'test/label/c/0' is a symbolic link; refusing it")}),
+    "a FIFO for a chunk": Case(
+        _fifo, UntrustedStoreError, "test/label/c/0 is a link or special file; refusing it",
+        "invalid  store: test/label/c/0 is a link or special file",
+        {"zip": Worded("member 'test/label/c/0' is not a regular file; refusing it",
+                       "invalid  s.zarr.zip: member 'test/label/c/0' is not a regular file"),
+         "http": Cannot("a server cannot send a FIFO (it would wait on it forever)"),
+         "http-zip": Arrival("member 'test/label/c/0' is not a regular file; refusing it")}),
 }
 
 
-@pytest.mark.parametrize("case", list(STORE_CASES), ids=list(STORE_CASES))
-def test_tampered_store_is_refused_by_every_reader_and_listed_by_verify(base, tmp_path, case):
-    tamper, listed, refusal = STORE_CASES[case]
-    store = tmp_path / "s.zarr"
+def _store_params():
+    for case, spec in STORE_CASES.items():
+        for form in FORMS:
+            how = spec.forms.get(form)
+            if isinstance(how, Cannot):
+                yield pytest.param(case, form, id=f"{case}-{form}-cannot: {how.reason}",
+                                   marks=pytest.mark.skip(reason=f"{form} cannot hold this: {how.reason}"))
+            else:
+                yield pytest.param(case, form, id=f"{case}-{form}")
+
+
+@pytest.mark.parametrize(("case", "form"), list(_store_params()))
+def test_tampered_store_is_refused_in_every_form_and_listed_by_verify(base, store_forms, tmp_path, case, form):
+    spec = STORE_CASES[case]
+    how = spec.forms.get(form)
+    refusal, listed = (how.refusal, how.listed) if isinstance(how, Worded) else \
+        (how.refusal, None) if isinstance(how, Arrival) else (spec.refusal, spec.listed)
+    store = store_forms.place(form)
     shutil.copytree(base / "s.zarr", store)
-    tamper(store)
-    before = snapshot(store)
-    res = _cli("verify", store)
-    assert res.exit_code == 1 and "frame store NOT intact" in res.stdout and listed in res.stdout, res.output
-    assert res.stderr == "" and res.exception is None or isinstance(res.exception, SystemExit)
-    out = tmp_path / "x.png"
-    for args in (["info", store], ["show", store, "-o", out], ["show", store, "--split", "train", "-o", out]):
-        res = _cli(*args)
-        assert_one_line(res, store)
+    spec.tamper(store)
+    target = store_forms.target(form, store)
+    source = store_forms.source(form, store)
+    before = snapshot(source)
+
+    res = _cli("verify", target)
+    if how == ACCEPTED:
+        assert res.exit_code == 0 and res.stdout.startswith(f"{target}: frame store intact: 31 files match"), res.output
+        st = open_frame_store(target)
+        assert st.split("train").load_all().shape == (6, 2, 2, 128, 128)
+        assert not (st.path / "train/notes.txt").exists()     # the copy in the cache is the manifest's files
+        assert snapshot(source) == before
+        return
+    if isinstance(how, Arrival):
+        assert_one_line(res, target)
         assert refusal in res.stderr, res.stderr
-    with pytest.raises(StoreError, match=refusal.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
-        open_frame_store(store).split("train")
-    assert snapshot(store) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]
+    else:
+        assert res.exit_code == 1 and res.stdout.startswith(f"{target}: frame store NOT intact"), res.output
+        assert listed in res.stdout and res.stderr == "" and "Traceback" not in res.output, res.output
+    out = tmp_path / "out"
+    out.mkdir()
+    for args in (["info", target], ["show", target, "-o", out / "x.png"],
+                 ["show", target, "--split", "train", "-o", out / "x.png"]):
+        res = _cli(*args)
+        assert_one_line(res, target)
+        assert refusal in res.stderr, res.stderr
+    with pytest.raises(DvsprepError) as exc:
+        open_frame_store(target).split("train")
+    error = how.error if isinstance(how, Arrival) and how.error else spec.error
+    assert type(exc.value) is error and str(exc.value).startswith(target) and refusal in str(exc.value)
+    assert snapshot(source) == before
+    assert list(out.iterdir()) == []
+    if isinstance(how, Arrival):                 # refused on arrival: nothing kept in the cache
+        assert store_forms.downloaded() == []
 
 
-def test_zip_with_a_bad_member_is_listed_and_refused(base, tmp_path):
-    z = tmp_path / "s.zip"
-    with zipfile.ZipFile(z, "w", zipfile.ZIP_STORED) as zf:
-        for p in sorted((base / "s.zarr").rglob("*")):
-            if p.is_file():
-                zf.write(p, p.relative_to(base / "s.zarr").as_posix())
+def test_every_form_of_an_intact_store_opens_alike(base, store_forms, tmp_path):
+    """The control for the cases above: untampered, every form opens with the same fingerprint
+    and samples, and the zip form is byte for byte what `dvsprep pack` writes."""
+    from dvsprep.frames.pack import pack_store
+
+    fps, frames = set(), []
+    for form in FORMS:
+        store = store_forms.place(form)
+        shutil.copytree(base / "s.zarr", store)
+        target = store_forms.target(form, store)
+        res = _cli("verify", target)
+        assert res.exit_code == 0 and res.stdout.startswith(f"{target}: frame store intact: 31 files match"), res.output
+        st = open_frame_store(target)
+        fps.add(st.fingerprint)
+        frames.append(st.split("train").load_all())
+        if form == "zip":
+            pack_store(store, tmp_path / "packed.zip")
+            assert (tmp_path / "packed.zip").read_bytes() == Path(target).read_bytes()
+    assert len(fps) == 1 and all(np.array_equal(f, frames[0]) for f in frames)
+    assert len(store_forms.downloaded()) == 2
+
+
+@pytest.mark.parametrize("form", ["zip", "http-zip"])
+def test_zip_with_a_bad_member_is_listed_and_refused(base, store_forms, tmp_path, form):
     from dvsprep.frames.files import ZipFiles
 
+    store = store_forms.place(form)
+    shutil.copytree(base / "s.zarr", store)
+    target = store_forms.target(form, store)
+    z = store_forms.source(form, store)
     span = ZipFiles(z).span("train/label/c/0")
     flip(z, span.offset + span.size - 2)         # zipfile's CRC check would raise BadZipFile here
     before = snapshot(z)
-    res = _cli("verify", z)
-    assert res.exit_code == 1 and "corrupt  train/label/c/0: sha256 differs" in res.stdout, res.output
-    for args in (["info", z], ["show", z, "-o", tmp_path / "x.png"]):
-        assert_one_line(_cli(*args), z)
-    assert snapshot(z) == before and sorted(p.name for p in tmp_path.iterdir()) == ["s.zip"]
+    res = _cli("verify", target)
+    if form == "zip":
+        assert res.exit_code == 1 and "corrupt  train/label/c/0: sha256 differs" in res.stdout, res.output
+    else:                                        # checked whole on arrival, kept only when it matches
+        assert_one_line(res, target)
+        assert res.stderr == f"error: {target}: 1 file(s) differ from the store's manifest: corrupt train/label/c/0\n"
+    out = tmp_path / "out"
+    out.mkdir()
+    for args in (["info", target], ["show", target, "-o", out / "x.png"]):
+        assert_one_line(_cli(*args), target)
+    assert snapshot(z) == before and list(out.iterdir()) == [] and store_forms.downloaded() == []
 
 
 def test_marker_makes_reopening_cheap_and_any_change_misses_it(base, tmp_path, monkeypatch):
@@ -362,10 +517,10 @@ def test_explicit_preload_that_does_not_fit_is_one_line():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     from dvsg_train.cli import train_main
-    from train_fixtures import make_store
+    from train_fixtures import make_learnable_store
 
     root = tmp_path_factory.mktemp("eval")
-    make_store(root / "frames_T4_number.zarr", T=4, n_train=12, n_test=11)
+    make_learnable_store(root / "frames_T4_number.zarr", T=4, n_train=12, n_test=11)
     res = CliRunner().invoke(train_main, ["--data", str(root), "--out-dir", str(root / "runs"), "-q", "-T", "4",
                                           "-b", "6", "--epochs", "1", "--channels", "4", "--device", "cpu", "-j", "0"])
     assert res.exit_code == 0, res.output

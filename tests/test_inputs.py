@@ -220,7 +220,7 @@ def test_every_command_takes_upper_case_suffixes(tmp_path):
     from dvsprep.info import describe
     from dvsprep.raw import open_release
     from dvsprep.verify import verify_path
-    from train_fixtures import make_store
+    from train_fixtures import make_learnable_store
 
     rel = small_release(tmp_path / "raw")
     tgz = tmp_path / "DVSGESTURE.TGZ"
@@ -231,7 +231,7 @@ def test_every_command_takes_upper_case_suffixes(tmp_path):
                                                              "user03_natural.aedat"]
     assert verify_path(tgz).kind == "raw"
     store = tmp_path / "frames_T4_number.zarr"
-    make_store(store, n_train=2, n_test=1)
+    make_learnable_store(store, n_train=2, n_test=1)
     from dvsprep.frames import pack_store
 
     pack_store(store, tmp_path / "S.ZIP")

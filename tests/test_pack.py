@@ -15,7 +15,7 @@ from dvsprep.cli import main
 from dvsprep.errors import IntegrityError, StoreError
 from dvsprep.frames.store import open_frame_store
 from dvsprep.frames.pack import pack_store
-from store_fixtures import T, make_store
+from store_fixtures import T, make_multishard_store
 
 
 def _run(*args):
@@ -25,7 +25,7 @@ def _run(*args):
 @pytest.fixture()
 def store(tmp_path):
     path = tmp_path / "frames_T64_number.zarr"
-    fp, splits = make_store(path)
+    fp, splits = make_multishard_store(path)
     return path, fp, splits
 
 

@@ -13,7 +13,7 @@ import dvsg_train
 import dvsprep
 from aedat_fixtures import small_release
 from dvsprep.errors import MissingFileError, StoreError
-from train_fixtures import make_store
+from train_fixtures import make_learnable_store
 
 REPO = Path(__file__).resolve().parents[1]
 DVSPREP_NAMES = ["build_frame_store", "convert_release", "open_events", "open_frame_store", "pack_store", "verify_path"]
@@ -115,7 +115,7 @@ def _set(code: str, line: str, value: str) -> str:
 def test_readme_reading_api_runs(tmp_path, monkeypatch):
     rel = small_release(tmp_path / "raw")
     dvsprep.convert_release(rel, tmp_path / "data", jobs=1)
-    make_store(tmp_path / "data" / "frames_T16_number.zarr", T=16, n_train=3, n_test=2)
+    make_learnable_store(tmp_path / "data" / "frames_T16_number.zarr", T=16, n_train=3, n_test=2)
     monkeypatch.chdir(tmp_path)          # the block names data/... relative to where it runs
     scope: dict = {}
     exec(compile(readme_block("reading-api"), "README.md:reading-api", "exec"), scope)
@@ -125,7 +125,7 @@ def test_readme_reading_api_runs(tmp_path, monkeypatch):
 
 def test_readme_training_loop_runs(tmp_path, capsys):
     store = tmp_path / "frames_T4_number.zarr"
-    fp = make_store(store, T=4, n_train=20, n_test=7)
+    fp = make_learnable_store(store, T=4, n_train=20, n_test=7)
     code = readme_block("training-loop")
     code = _set(code, "STORE = ", f"STORE = {str(store)!r}")
     code = _set(code, "WORKERS = ", "WORKERS = 2")     # worker processes, as in the README

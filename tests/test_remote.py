@@ -20,7 +20,7 @@ from dvsprep.frames.pack import pack_store
 from dvsprep.cache import default_cache_dir
 from dvsprep.frames.remote import cache_entry
 from http_fixtures import serving
-from store_fixtures import make_store
+from store_fixtures import make_multishard_store
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
@@ -37,7 +37,7 @@ def server(tmp_path, monkeypatch):
     """(base URL, served folder, Counter of GET paths); the folder holds a store and its zip."""
     www = tmp_path / "www"
     www.mkdir()
-    fp, splits = make_store(www / "frames_T64_number.zarr")
+    fp, splits = make_multishard_store(www / "frames_T64_number.zarr")
     pack_store(www / "frames_T64_number.zarr", www / "frames_T64_number.zarr.zip")
     with serving(functools.partial(_Handler, directory=str(www)), monkeypatch) as httpd:
         httpd.gets = Counter()

@@ -22,7 +22,7 @@ from dvsg_train.config import TrainConfig
 from dvsg_train.engine import main
 from dvsg_train.errors import CheckpointError, ConfigMismatchError, DataMismatchError
 
-from train_fixtures import make_store
+from train_fixtures import make_learnable_store
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def run(tmp_path_factory):
     """One finished 1-epoch run: (store, out_dir, checkpoint path)."""
     root = tmp_path_factory.mktemp("ckpt")
     store = root / "frames_T4_number.zarr"
-    make_store(store, T=4, n_train=12, n_test=11)
+    make_learnable_store(store, T=4, n_train=12, n_test=11)
     cfg = TrainConfig(data=str(store), out_dir=str(root / "runs"), T=4, batch_size=6, epochs=1,
                       channels=4, device="cpu", workers=0)
     summary = main(cfg)
@@ -97,7 +97,7 @@ def test_checkpoint_from_another_config(run):
 def test_checkpoint_from_other_data(run, tmp_path):
     store, root, ckpt = run
     other = tmp_path / "frames_T4_number.zarr"
-    make_store(other, T=4, n_train=12, n_test=11, seed=9)
+    make_learnable_store(other, T=4, n_train=12, n_test=11, seed=9)
     with pytest.raises(DataMismatchError, match="fingerprint") as e:
         main(resume_cfg(other, root, ckpt))
     one_line(e)

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from dvsg_train.cli import eval_main, train_main
 
-from train_fixtures import make_store
+from train_fixtures import make_learnable_store
 
 TINY = ["-T", "4", "-b", "6", "--epochs", "1", "--channels", "4", "--device", "cpu", "-j", "0"]
 
@@ -19,7 +19,7 @@ TINY = ["-T", "4", "-b", "6", "--epochs", "1", "--channels", "4", "--device", "c
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    make_store(root / "frames_T4_number.zarr", T=4, n_train=12, n_test=11)
+    make_learnable_store(root / "frames_T4_number.zarr", T=4, n_train=12, n_test=11)
     res = CliRunner().invoke(train_main, ["--data", str(root), "--out-dir", str(root / "runs"), "-q", *TINY])
     return root, res
 
@@ -94,7 +94,7 @@ def test_eval_prints_accuracy_confusion_and_png(trained, tmp_path):
     assert png.read_bytes()[:4] == b"\x89PNG"
     res = CliRunner().invoke(eval_main, ["--checkpoint", str(tmp_path / "none.pt"), "--data", str(root)])
     assert "no such checkpoint" in error_line(res)
-    make_store(tmp_path / "frames_T2_number.zarr", T=2, n_train=11, n_test=11)
+    make_learnable_store(tmp_path / "frames_T2_number.zarr", T=2, n_train=11, n_test=11)
     res = CliRunner().invoke(eval_main, ["--checkpoint", str(ckpt), "--data", str(tmp_path / "frames_T2_number.zarr")])
     assert "T=2" in error_line(res)
 
@@ -152,7 +152,7 @@ def test_eval_checks_the_png_location_before_the_work(trained, tmp_path, monkeyp
 def test_eval_on_a_store_of_another_T_says_what_it_needs(trained, tmp_path):
     root, _ = trained
     ckpt = root / "runs" / "T4_b6_adam_lr0.001_c4" / "checkpoint_max.pt"
-    make_store(tmp_path / "frames_T2_number.zarr", T=2, n_train=11, n_test=11)
+    make_learnable_store(tmp_path / "frames_T2_number.zarr", T=2, n_train=11, n_test=11)
     msg = error_line(CliRunner().invoke(eval_main, ["--checkpoint", str(ckpt), "--data",
                                                     str(tmp_path / "frames_T2_number.zarr")]))
     assert "store has T=2" in msg and f"{ckpt} was trained with T=4" in msg and "dvsprep frames -T 4" in msg

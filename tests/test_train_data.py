@@ -19,14 +19,14 @@ from dvsg_train.data import (
 )
 from dvsg_train.errors import ConfigError, DataMismatchError
 
-from train_fixtures import make_store
+from train_fixtures import make_learnable_store
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     path = root / "frames_T3_number.zarr"
-    make_store(path, T=3, n_train=23, n_test=12)
+    make_learnable_store(path, T=3, n_train=23, n_test=12)
     return path
 
 
@@ -116,7 +116,7 @@ def test_resolve_preload():
 
 def test_load_run_data_uint16_and_validation(tmp_path):
     path = tmp_path / "frames_T2_number.zarr"
-    make_store(path, T=2, n_train=22, n_test=11, dtype=np.uint16, big=300)
+    make_learnable_store(path, T=2, n_train=22, n_test=11, dtype=np.uint16, big=300)
     data = load_run_data(path, T=2, batch_size=4, device=torch.device("cpu"), preload="cpu",
                          val_fraction=0.25, seed=0, generator=torch.Generator().manual_seed(0))
     assert data.train.frames.dtype == torch.uint16

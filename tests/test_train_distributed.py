@@ -29,7 +29,7 @@ from dvsg_train.errors import ConfigError, ConfigMismatchError
 from dvsg_train.model import SequenceDropout
 from dvsprep.frames.store import open_frame_store
 
-from train_fixtures import make_store
+from train_fixtures import make_learnable_store
 
 N_TRAIN, N_TEST, B, WORLD, SEED = 26, 11, 3, 2, 3
 
@@ -169,7 +169,7 @@ def run_ranks(tmp_path, cfg: dict, tag: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     path = tmp_path_factory.mktemp("ddp") / "frames_T2_number.zarr"
-    make_store(path, T=2, n_train=N_TRAIN, n_test=N_TEST, seed=7)
+    make_learnable_store(path, T=2, n_train=N_TRAIN, n_test=N_TEST, seed=7)
     return path
 
 

@@ -13,7 +13,7 @@ from dvsg_train.engine import main, make_optimizer, train_one_epoch
 from dvsg_train.errors import TrainError
 from dvsg_train.model import build_model
 
-from train_fixtures import make_store
+from train_fixtures import make_learnable_store
 
 NUMBERS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc",
            "max_test_acc")
@@ -22,7 +22,7 @@ NUMBERS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "tes
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     path = tmp_path_factory.mktemp("engine") / "frames_T4_number.zarr"
-    make_store(path, T=4, n_train=66, n_test=33)
+    make_learnable_store(path, T=4, n_train=66, n_test=33)
     return path
 
 
@@ -30,7 +30,7 @@ def store(tmp_path_factory):
 def small(tmp_path_factory):
     """A smaller store for the tests that check bookkeeping rather than learning."""
     path = tmp_path_factory.mktemp("engine_small") / "frames_T4_number.zarr"
-    make_store(path, T=4, n_train=24, n_test=11, seed=5)
+    make_learnable_store(path, T=4, n_train=24, n_test=11, seed=5)
     return path
 
 

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from dvsg_train.cli import _train_config, train_main
 from dvsg_train.presets import PRESETS
 
-from train_fixtures import make_store
+from train_fixtures import make_learnable_store
 
 SEED = dict(T=16, batch_size=16, epochs=256, channels=128, net="multistep", neuron="lif", tau=2.0, opt="adam",
             lr=1e-3, lr_scheduler="cosalr", T_max=64, amp=True, cupy=None, val_fraction=0.0, seed=0,
@@ -47,7 +47,7 @@ def test_explicit_options_override_a_preset():
 
 
 def test_config_json_records_the_preset_and_resolved_values(tmp_path):
-    make_store(tmp_path / "frames_T4_number.zarr", T=4, n_train=12, n_test=11)
+    make_learnable_store(tmp_path / "frames_T4_number.zarr", T=4, n_train=12, n_test=11)
     res = CliRunner().invoke(train_main, ["--data", str(tmp_path), "--preset", "seed", "-T", "4", "-b", "6",
                                           "--epochs", "1", "--channels", "4", "--device", "cpu", "-j", "0",
                                           "--out-dir", str(tmp_path / "runs"), "-q"])

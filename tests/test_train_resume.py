@@ -13,7 +13,7 @@ from dvsg_train.checkpoint import load_checkpoint
 from dvsg_train.cli import train_main
 from dvsprep.atomic import output_lock
 
-from train_fixtures import make_store
+from train_fixtures import make_learnable_store
 
 TINY = ["-T", "4", "-b", "6", "--channels", "4", "--device", "cpu", "-j", "0"]
 TIMING = ("epoch_seconds", "train_samples_per_s")
@@ -22,7 +22,7 @@ TIMING = ("epoch_seconds", "train_samples_per_s")
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     path = tmp_path_factory.mktemp("resume") / "frames_T4_number.zarr"
-    make_store(path, T=4, n_train=24, n_test=11, seed=3)
+    make_learnable_store(path, T=4, n_train=24, n_test=11, seed=3)
     return path
 
 
@@ -148,7 +148,7 @@ def test_resume_options_that_conflict_are_refused(one_run, tmp_path):
     assert res.exit_code == 2 and "--force" in res.output
     # a store with other content: the fingerprint differs
     other = tmp_path / "frames_T4_number.zarr"
-    make_store(other, T=4, n_train=24, n_test=11, seed=4)
+    make_learnable_store(other, T=4, n_train=24, n_test=11, seed=4)
     assert "fingerprint" in error_line(run("--data", str(other), "--epochs", "2"))
     assert snapshot(one_run.parent) == before
     res = CliRunner().invoke(train_main, ["-T", "4"])

@@ -1,4 +1,4 @@
-"""dvsprep verify: frame stores (directory and zip), events.h5 and the raw release."""
+"""dvsprep verify: frame stores (directory and zip, local and over http), events.h5 and the raw release."""
 from __future__ import annotations
 
 import hashlib
@@ -12,15 +12,17 @@ from click.testing import CliRunner
 from zarr.storage import LocalStore
 
 from aedat_fixtures import small_release
-import dvsprep.raw as raw_wing
+from dvsprep import raw as raw_wing
+from dvsprep.raw import release
 from dvsprep.cli import main
 from dvsprep.frames.files import ZipFiles, open_store_files
 from dvsprep.events.convert import convert_release
 from dvsprep.frames.pack import pack_store
-from dvsprep.errors import IntegrityError, StoreError
+from dvsprep.errors import DvsprepError, IntegrityError, ResourceLimitError, StoreError, UntrustedStoreError
 from dvsprep.frames.store import open_frame_store
 from dvsprep.verify import check_fingerprint, verify_path, verify_store
-from store_fixtures import make_store
+from store_fixtures import make_multishard_store
+from store_forms import FORMS
 
 SHARD1 = "train/frames/c/1/0/0/0/0"
 
@@ -38,7 +40,7 @@ def _flip(path, at=100):
 @pytest.fixture()
 def store(tmp_path):
     path = tmp_path / "frames_T64_number.zarr"
-    fp, _ = make_store(path)
+    fp, _ = make_multishard_store(path)
     return path, fp
 
 
@@ -54,17 +56,35 @@ def test_intact_store_verifies_as_directory_and_zip(store, tmp_path):
     assert r.exit_code == 1 and "mismatch fingerprint" in r.output
 
 
-def test_each_problem_is_named_with_the_samples_it_holds(store):
-    path, _ = store
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    """A store no test changes: tests copy it (`store_forms.place`) and change the copy."""
+    path = tmp_path_factory.mktemp("pristine") / "frames_T64_number.zarr"
+    make_multishard_store(path)
+    return path
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_each_problem_is_named_with_the_samples_it_holds(pristine, store_forms, form):
+    path = store_forms.place(form)
+    shutil.copytree(pristine, path)
     _flip(path / SHARD1)                                         # one byte in one chunk
     (path / "test/frames/c/0/0/0/0/0").unlink()                  # a deleted chunk
     (path / "train/notes.txt").write_text("stray")               # a stray file
     g = zarr.open_group(LocalStore(path), mode="r+", zarr_format=3)
     g["train/label"][3] = 9                                      # an edited label
-    r = _run("verify", path)
+    target = store_forms.target(form, path)
+    r = _run("verify", target)
     assert r.exit_code == 1
+    if form == "http":       # the download stops at the first file that differs (in name order)
+        assert r.output == f"error: {target}/test/frames/c/0/0/0/0/0: HTTP 404 File not found\n"
+        return
+    if form == "http-zip":   # the zip arrives whole; every member is checked before it is kept
+        assert r.output == (f"error: {target}: 4 file(s) differ from the store's manifest: missing test/frames/c/0/0/0/"
+                            f"0/0; corrupt {SHARD1}; corrupt train/label/c/0; extra train/notes.txt\n")
+        return
     lines = r.output.splitlines()
-    assert lines[0] == f"{path}: frame store NOT intact: 2 corrupt, 1 missing, 1 extra (of 33 files)"
+    assert lines[0] == f"{target}: frame store NOT intact: 2 corrupt, 1 missing, 1 extra (of 33 files)"
     assert (f"  corrupt  {SHARD1}: sha256 differs from the manifest; holds frames of train samples 8-15 "
             f"(user03_lab#0, user03_lab#1, user03_lab#2, user03_lab#3, ...)") in lines
     assert any(ln.startswith("  corrupt  train/label/c/0: ") and ln.endswith("holds label of train samples 0-19 "
@@ -72,7 +92,7 @@ def test_each_problem_is_named_with_the_samples_it_holds(store):
     assert ("  missing  test/frames/c/0/0/0/0/0: listed in the manifest, not in the store; holds frames of "
             "test samples 0-4 (user01_lab#0, user01_lab#1, user01_lab#2, user01_lab#3, ...)") in lines
     assert "  extra    train/notes.txt: not in the manifest" in lines
-    rep = verify_store(path)
+    rep = verify_store(target)
     assert not rep.ok and {(p.kind, p.name) for p in rep.problems} == {
         ("corrupt", SHARD1), ("corrupt", "train/label/c/0"), ("missing", "test/frames/c/0/0/0/0/0"),
         ("extra", "train/notes.txt")}
@@ -157,7 +177,8 @@ def test_raw_release_against_the_published_manifest(tmp_path, monkeypatch):
     pub = {"recordings": {p.name: _md5(p) for p in rel.glob("*.aedat")},
            "other_files": {}, "archive": {"md5": _md5(archive), "name": archive.name},
            "train": ["user01_lab.aedat", "user02_led.aedat"], "test": ["user03_natural.aedat"]}
-    monkeypatch.setattr(raw_wing, "load_published_manifest", lambda: pub)  # verify looks it up in the face
+    for where in (raw_wing, release):  # verify reads it through the wing's face, dvsprep.raw
+        monkeypatch.setattr(where, "load_published_manifest", lambda: pub)
     r = _run("verify", rel)
     assert r.exit_code == 0 and r.output.startswith(f"{rel}: raw release intact: 8 files match"), r.output
     r = _run("verify", archive)
@@ -220,10 +241,26 @@ def test_verify_writes_the_marker_readers_use(store, tmp_path, monkeypatch):
     assert os.listdir(trust.marker_dir())
 
 
-@pytest.mark.parametrize("mangle", ["manifest not json", "zarr.json nested", "zarr.json a directory",
-                                    "label chunk empty", "manifest lists itself"])
-def test_verify_never_raises(store, mangle):
-    path, _ = store
+VERIFY_MANGLES = {
+    # mangle: (what verify lists for a local store, what the download of the http, http-zip forms
+    # raises: none of these is re-signed, so the download itself refuses them)
+    "manifest not json": ("invalid  manifest.json: manifest.json is not valid JSON", StoreError, StoreError),
+    "zarr.json nested": ("corrupt  zarr.json: 300001 bytes, manifest says", ResourceLimitError, IntegrityError),
+    "zarr.json a directory": ("missing  train/label/zarr.json: listed in the manifest, not in the store",
+                              IntegrityError, IntegrityError),
+    "label chunk empty": ("corrupt  train/label/c/0: 0 bytes, manifest says", IntegrityError, IntegrityError),
+    "manifest lists itself": ("invalid  manifest.json: manifest.json lists itself", UntrustedStoreError,
+                              UntrustedStoreError),
+}
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("mangle", list(VERIFY_MANGLES))
+def test_verify_never_raises(pristine, store_forms, mangle, form):
+    """A local store gets a report listing the problem; a URL's download refuses in one line."""
+    listed, *downloads = VERIFY_MANGLES[mangle]
+    path = store_forms.place(form)
+    shutil.copytree(pristine, path)
     if mangle == "manifest not json":
         (path / "manifest.json").write_bytes(b"\xff\xfe{")
     elif mangle == "zarr.json nested":
@@ -239,7 +276,16 @@ def test_verify_never_raises(store, mangle):
         m = json.loads((path / "manifest.json").read_text())
         m["files"]["manifest.json"] = {"sha256": "0" * 64, "size": 1}
         (path / "manifest.json").write_text(json.dumps(m))
-    rep = verify_store(path)
+    target = store_forms.target(form, path)
+    r = _run("verify", target)
+    if form.startswith("http"):
+        with pytest.raises(DvsprepError) as exc:
+            verify_store(target)
+        assert type(exc.value) is downloads[form == "http-zip"] and str(exc.value).startswith(target)
+        assert r.exit_code == 1 and r.output == f"error: {exc.value}\n"
+        assert store_forms.downloaded() == []
+        return
+    rep = verify_store(target)
     assert not rep.ok and rep.problems and all(isinstance(ln, str) for ln in rep.lines())
-    r = _run("verify", path)
-    assert r.exit_code == 1 and "NOT intact" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 1 and r.output.startswith(f"{target}: frame store NOT intact") and listed in r.output
+    assert "Traceback" not in r.output

@@ -43,9 +43,10 @@ def split_arrays(n: int, T: int, seed: int, dtype=np.uint8, big: int = 0) -> dic
     }
 
 
-def make_store(path: Path, T: int = 4, n_train: int = 66, n_test: int = 33, seed: int = 1,
+def make_learnable_store(path: Path, T: int = 4, n_train: int = 66, n_test: int = 33, seed: int = 1,
                dtype=np.uint8, big: int = 0) -> str:
-    """Write a frame store at ``path``; returns its fingerprint."""
+    """Write a frame store at ``path`` whose classes a network can learn (`synthetic_frames`);
+    returns its fingerprint."""
     return write_frame_store_from_arrays(
         path, T=T, split_by="number",
         splits={"train": split_arrays(n_train, T, seed, dtype, big),

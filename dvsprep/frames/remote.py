@@ -247,8 +247,14 @@ def _fetch_zip(url: str, dest: Path, limit: int) -> str:
 
 def check_zip(path: Path, url: str, size: int = 0, t0: float | None = None) -> str:
     """Every member of a packed store against its manifest; returns the fingerprint."""
-    files = ZipFiles(path)
-    raw = files.read(MANIFEST_NAME, MAX_MANIFEST_BYTES)
+    try:
+        files = ZipFiles(path)
+        raw = files.read(MANIFEST_NAME, MAX_MANIFEST_BYTES)
+    except (StoreError, MissingFileError) as exc:  # name the URL, not the temporary download
+        msg = str(exc)
+        if not msg.startswith(str(path)):
+            raise
+        raise type(exc)(url + msg[len(str(path)):]) from None
     manifest = parse_manifest(raw, f"{url}: {MANIFEST_NAME}")
     problems = list(iter_problems_against(files, manifest))
     if problems:

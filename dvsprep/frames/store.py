@@ -473,8 +473,14 @@ def open_frame_store(
         expected_fingerprint = expected_fingerprint or pinned
     else:
         local = Path(path)
-    files = open_store_files(local)
-    layout = check_layout(files)
+    try:
+        files = open_store_files(local)
+        layout = check_layout(files)
+    except StoreError as exc:
+        msg = str(exc)
+        if remote.is_url(source) and msg.startswith(str(local)):  # name the URL, not its copy in the cache
+            raise type(exc)(source + msg[len(str(local)):]) from None
+        raise
     if expected_fingerprint:
         check_fingerprint(layout.fingerprint, expected_fingerprint, source)
     ensure_verified(files, layout, source, force=verify)

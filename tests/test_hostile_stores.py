@@ -317,7 +317,7 @@ def test_frames_out_of_space_is_one_line_and_leaves_no_temp(base, tmp_path, monk
     out = tmp_path / "frames_T4_number.zarr"
     res = _cli("frames", "-T", "4", "-d", tmp_path, "-j", "1")
     assert_one_line(res, out)
-    assert "no space left on the device" in res.stderr
+    assert res.stderr == f"error: {out}: No space left on device\n"   # the one wording (README)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["events.h5"]
 
 

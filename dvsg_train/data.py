@@ -29,7 +29,7 @@ from torch import Tensor
 
 from dvsprep.constants import N_CLASSES
 from dvsprep.errors import MissingFileError
-from dvsprep.frames import FrameSplit, FrameStore, frame_store_name, open_frame_store
+from dvsprep.frames import FrameSplit, FrameStore, frame_store_name, is_url, open_frame_store
 from dvsprep.resources import available_memory
 
 from .distributed import rank_share, share_size
@@ -54,6 +54,18 @@ def resolve_store_path(path: str | os.PathLike, T: int | None) -> str:
             raise MissingFileError(f"{p}: no {candidate.name} for -T {T} ({have}; make one with "
                                    f"dvsprep frames -T {T} -d {p}, or pass the store path)")
     return str(path)
+
+
+def store_inputs(path: str | os.PathLike) -> list[Path]:
+    """What a --data value reads, for refusing outputs written onto or into it: a store is
+    itself, a DATA_ROOT stands for the frame stores it holds (an output beside them, such as
+    DATA_ROOT/runs, is fine), a URL for nothing here."""
+    if is_url(str(path)):
+        return []
+    p = Path(path)
+    if p.is_dir() and not (p / "zarr.json").exists():
+        return sorted(q for q in p.glob("frames_T*_*.zarr") if q.is_dir())
+    return [p]
 
 
 def open_store(path: str | os.PathLike, T: int | None = None, *, verify: bool = False,

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from dvsprep.atomic import atomic_write
+from dvsprep.atomic import publishing
 
 from . import __version__
 from .config import CARRIED_FIELDS, MODEL_FIELDS, RESUME_FIELDS, TrainConfig
@@ -86,11 +86,15 @@ def _payload_bytes(payload: dict[str, Any]) -> bytes:
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
-    """Write ``payload`` (plus format and version) in the digest container, atomically."""
+    """Write ``payload`` (plus format and version) in the digest container, through the output
+    protocol (`dvsprep.atomic.publishing`), replacing `path`."""
     data = _payload_bytes({"format": FORMAT, "version": __version__, **payload})
     container = {"format": FORMAT, "sha256": hashlib.sha256(data).hexdigest(),
                  "payload": torch.frombuffer(bytearray(data), dtype=torch.uint8)}
-    atomic_write(Path(path), lambda tmp: torch.save(container, tmp))
+    # a run replaces its checkpoints every epoch by design (force), still locked, written aside
+    # and renamed: a kill or a full disk leaves the previous one whole
+    with publishing(path, "checkpoint", force=True) as tmp:
+        torch.save(container, tmp)
 
 
 def _torch_load(source: Any, path: Path) -> Any:

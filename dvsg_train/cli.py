@@ -214,27 +214,37 @@ def train_main(quiet: bool, debug: bool, **options: Any) -> None:
 @click.option("--preload", type=_CHOICE(PRELOAD), default="auto", show_default=True)
 @click.option("--png", type=click.Path(path_type=Path), default=None,
               help="Confusion matrix PNG (default: confusion_<split>.png next to the checkpoint).")
+@click.option("--force", is_flag=True, help="Replace an existing --png file.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @_one_line_errors
-def eval_main(checkpoint, data, split, device, batch_size, workers, preload, png, debug) -> None:
+def eval_main(checkpoint, data, split, device, batch_size, workers, preload, png, force, debug) -> None:
     """Accuracy, per-class accuracy and confusion matrix of a checkpoint on a frame store."""
+    from dvsprep.atomic import publishing
+    from dvsprep.resources import disk_full
+
+    from .data import store_inputs
     from .engine import evaluate_checkpoint
     from .report import check_output_file, confusion_text, write_confusion_png
 
     _setup_logging(False)
     png = png or checkpoint.with_name(f"confusion_{split}.png")
     check_output_file(png)              # before the work, naming the user's path
-    r = evaluate_checkpoint(str(checkpoint), str(data), split=split, device=device,
-                            batch_size=batch_size, workers=workers, preload=preload.lower())
-    correct = int(r["confusion"].trace())
-    epoch = "" if r["epoch"] is None else f" (epoch {r['epoch']})"
-    click.echo(f"{checkpoint}{epoch} on {split} of {data}: accuracy {r['acc']:.4f} "
-               f"({correct}/{r['samples']}), loss {r['loss']:.4f}")
-    click.echo(confusion_text(r["confusion"]))
-    try:
-        write_confusion_png(png, r["confusion"], f"{checkpoint.name} on {split}: accuracy {r['acc']:.4f}")
-    except OSError as exc:
-        raise TrainError(f"{png}: cannot write the confusion matrix ({exc.strerror or exc})") from exc
+    # the PNG is locked for the whole evaluation (a second dvsg-eval onto it refuses at once),
+    # never replaces a file without --force, and never lands on or in the checkpoint or store
+    with publishing(png, "confusion matrix", force=force, inputs=[checkpoint, *store_inputs(data)]) as tmp:
+        r = evaluate_checkpoint(str(checkpoint), str(data), split=split, device=device,
+                                batch_size=batch_size, workers=workers, preload=preload.lower())
+        correct = int(r["confusion"].trace())
+        epoch = "" if r["epoch"] is None else f" (epoch {r['epoch']})"
+        click.echo(f"{checkpoint}{epoch} on {split} of {data}: accuracy {r['acc']:.4f} "
+                   f"({correct}/{r['samples']}), loss {r['loss']:.4f}")
+        click.echo(confusion_text(r["confusion"]))
+        try:
+            write_confusion_png(tmp, r["confusion"], f"{checkpoint.name} on {split}: accuracy {r['acc']:.4f}")
+        except OSError as exc:
+            if disk_full(exc):
+                raise               # the protocol's one line, naming the PNG
+            raise TrainError(f"{png}: cannot write the confusion matrix ({exc.strerror or exc})") from exc
     click.echo(f"confusion matrix written to {png}")
 
 
@@ -251,15 +261,16 @@ def eval_main(checkpoint, data, split, device, batch_size, workers, preload, png
 @click.option("--dt", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
               help="NIR: seconds per time step; SpikingJelly's import_from_nir must be given the same dt "
                    "(1e-4 is its default).")
+@click.option("--force", is_flag=True, help="Replace an existing output file.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @_one_line_errors
-def export_main(checkpoint, output, fmt, dt, debug) -> None:
+def export_main(checkpoint, output, fmt, dt, force, debug) -> None:
     """Export the network of CHECKPOINT (dvsg-train's, or the SpikingJelly tutorial's) to NIR or
     to a SpikingJelly state dict."""
     from .export import export_checkpoint
 
     _setup_logging(False)
-    info = export_checkpoint(checkpoint, output, fmt.lower(), dt=dt)
+    info = export_checkpoint(checkpoint, output, fmt.lower(), dt=dt, force=force)
     what = f"channels {info['channels']}, {info['neuron'].upper()}"
     if fmt.lower() == "nir":
         click.echo(f"wrote {output}: NIR graph ({what}), dt {dt:g} s; in SpikingJelly: "

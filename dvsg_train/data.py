@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dvsprep.constants import FRAME_STORE_GLOB, N_CLASSES
+from dvsprep.constants import FRAME_STORE_GLOB, N_CLASSES, ZARR_JSON
 from dvsprep.errors import MissingFileError
 from dvsprep.frames import FrameSplit, FrameStore, frame_store_name, open_frame_store
-from dvsprep.inputs import STORE_OR_DATA_ROOT, InputKind, kind_of
+from dvsprep.inputs import STORE_OR_DATA_ROOT, InputKind, is_url, kind_of
 from dvsprep.resources import available_memory
 
 from .distributed import rank_share, share_size
@@ -57,6 +57,18 @@ def resolve_store_path(path: str | os.PathLike, T: int | None) -> str:
         return str(candidate)
     raise MissingFileError(f"{p}: no {candidate.name} for -T {T} ({have}; make one with "
                            f"dvsprep frames -T {T} -d {p}, or pass the store path)")
+
+
+def store_inputs(path: str | os.PathLike) -> list[Path]:
+    """What a --data value reads, for refusing outputs written onto or into it: a store is
+    itself, a DATA_ROOT stands for the frame stores it holds (an output beside them, such as
+    DATA_ROOT/runs, is fine), a URL for nothing here."""
+    if is_url(str(path)):
+        return []
+    p = Path(path)
+    if p.is_dir() and not (p / ZARR_JSON).exists():
+        return sorted(q for q in p.glob(FRAME_STORE_GLOB) if q.is_dir())
+    return [p]
 
 
 def open_store(path: str | os.PathLike, T: int | None = None, *, verify: bool = False,

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dvsprep.atomic import clean_stale_temps, output_lock
+from dvsprep.atomic import check_output, clean_stale_temps, output_lock
 from dvsprep.constants import N_CLASSES
 from dvsprep.inputs import url_scheme
 
@@ -41,7 +41,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .data import (Batches, FrameDataset, load_run_data, open_store, resolve_preload, resolve_store_path,
-                   to_network_input)
+                   store_inputs, to_network_input)
 from .distributed import DistEnv, resolve_device
 from .errors import BackendUnavailableError, CheckpointError, ConfigError, DataMismatchError, TrainError
 from .export.network import NetworkWeights, has_linear_bias, load_network, load_weights, read_init_weights, store_T
@@ -294,6 +294,11 @@ def _run_dir(config: TrainConfig, rc: TrainConfig) -> Path:
 
 def _previous_run(config: TrainConfig, rc: TrainConfig, run_dir: Path) -> dict[str, Any] | None:
     """The checkpoint to continue (checked against this run's settings), or None for a fresh run."""
+    # the run folder is an output of the protocol: never the store it reads or inside it, nor a
+    # folder holding it or the --init checkpoint (a fresh start with --force removes checkpoints);
+    # the folder itself is reused by design (force), its files are published one by one
+    inputs = [*store_inputs(config.data)] + ([config.init] if config.init and not config.resume else [])
+    check_output(run_dir, "training run", force=True, inputs=inputs, kind="dir", parent=False)
     if config.resume:
         ckpt = load_checkpoint(config.resume)
         check_resume(ckpt, config.resume, rc)

@@ -11,7 +11,7 @@ import numpy as np
 
 from dvsprep.constants import GESTURE_NAMES
 
-from dvsprep.atomic import atomic_write
+from dvsprep.atomic import publishing
 
 from .errors import TrainError
 
@@ -44,15 +44,20 @@ def check_output_file(path: Path) -> None:
         raise TrainError(f"{path}: file is not writable")
 
 
+# The files of a run folder are rewritten whole every epoch, by design (force=True); each still
+# goes through the output protocol: locked, written aside, renamed, one line on a full disk.
+
 def write_metrics(path: Path, history: Sequence[dict[str, Any]]) -> None:
     """metrics.jsonl: one JSON object per finished epoch (rewritten whole, so resume truncates)."""
     text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in history)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    with publishing(path, "metrics", force=True) as tmp:
+        tmp.write_text(text)
 
 
 def write_json(path: Path, obj: Any) -> None:
     text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    with publishing(path, "run settings", force=True) as tmp:
+        tmp.write_text(text)
 
 
 def _pyplot():
@@ -79,8 +84,11 @@ def write_curves(path: Path, history: Sequence[dict[str, Any]]) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
+    try:
+        with publishing(path, "curves", force=True) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+    finally:
+        plt.close(fig)
 
 
 def per_class_accuracy(confusion: np.ndarray) -> np.ndarray:
@@ -110,6 +118,8 @@ def confusion_text(confusion: np.ndarray, names: Sequence[str] = GESTURE_NAMES) 
 
 def write_confusion_png(path: Path, confusion: np.ndarray, title: str,
                         names: Sequence[str] = GESTURE_NAMES) -> None:
+    """Draw the confusion matrix as a PNG into `path` as given: the caller publishes it
+    (dvsg-eval passes the temporary of its `publishing`, held for the whole evaluation)."""
     plt = _pyplot()
     confusion = np.asarray(confusion, dtype=np.int64)
     fig, ax = plt.subplots(figsize=(8, 7))
@@ -126,8 +136,10 @@ def write_confusion_png(path: Path, confusion: np.ndarray, title: str,
                 ax.text(j, i, str(confusion[i, j]), ha="center", va="center", fontsize=7,
                         color="white" if confusion[i, j] > high else "black")
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
+    try:
+        fig.savefig(path, format="png", dpi=100)
+    finally:
+        plt.close(fig)
 
 
 class Scalars:

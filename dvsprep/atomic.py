@@ -1,5 +1,10 @@
-"""Atomic publication of files and directories, output locks, and temporaries that never outlive
-their process.
+"""The one output protocol (`publishing`), atomic publication of files and directories, output
+locks, and temporaries that never outlive their process.
+
+Every output a command writes (a store, events.h5, a zip, a picture, a checkpoint, an export)
+goes through `publishing`: refuse an existing output without --force and an output that is, lies
+inside or holds an input of the command; lock; write a hidden temporary; check --force again;
+rename into place; remove the temporary on any failure; a full disk is one line naming the output.
 
 Every temporary is a hidden sibling named ``.<name>.<tag>-<pid>-<hex>`` (or ``.dvsprep-<what>-<pid>-
 <hex>`` for scratch folders), so that a later run in the same place can tell whose it is and
@@ -11,6 +16,7 @@ path refuses at once with one line instead of mixing its work into the first one
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
@@ -18,11 +24,17 @@ import re
 import shutil
 import tempfile
 import uuid
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from types import TracebackType
+from typing import Callable, Iterable, Iterator, Literal
 
-from .errors import InputOutputClashError, OutputLockedError
+from .errors import InputOutputClashError, MissingFileError, OutputLockedError, StoreError, StoreExistsError
+from .resources import disk_full, no_space_error
+
+# The one wording of "refused: it exists" (tests and the README quote it).
+EXISTS = "already exists (use --force to replace it)"
+_URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 _TEMP_RE = re.compile(r"^\..+\.(?:tmp|old|part|extract|convert)[-.]?(\d+)(?:-[0-9a-f]+)?$")
 _SCRATCH_RE = re.compile(r"^\.dvsprep-[a-z]+-(\d+)-")
@@ -85,7 +97,11 @@ def clean_stale_temps(directory: Path, name: str | None = None) -> list[Path]:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
-    """Call ``write(tmp)`` and rename `tmp` onto `path`; on any error the temporary is removed."""
+    """Call ``write(tmp)`` and rename `tmp` onto `path`; on any error the temporary is removed.
+
+    For the parts of an output (a manifest inside a store's temporary, recordings inside a
+    release's) and for cache files (verified-markers, which readers write concurrently): no lock,
+    no --force, no message. A command's own outputs go through `publishing`."""
     path = Path(path)
     tmp = temp_sibling(path)
     try:
@@ -104,16 +120,66 @@ def remove_path(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+# renameat2(2) flags: swap two paths, or rename only where nothing is, each in one atomic step
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+_AT_FDCWD = -100
+try:
+    _renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+except (AttributeError, OSError):  # a libc without it (glibc < 2.28, musl): the fallbacks below
+    _renameat2 = None
+
+
+def _rename2(src: Path, dst: Path, flags: int) -> bool:
+    """renameat2(src, dst, flags); False where the system or filesystem does not offer it."""
+    if _renameat2 is None:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(src), None, str(dst))
+
+
 def publish_dir(tmp: Path, final: Path) -> None:
-    """Move the completed directory `tmp` to `final`. An existing `final` is moved aside first
-    and removed only after the new one is in place."""
+    """Move the completed `tmp` (a directory, or a file) to `final`, replacing what is there.
+
+    An existing `final` is swapped with `tmp` in one step and removed after, so that at every
+    instant `final` is the old or the new one (a kill in between leaves the old one under the
+    temporary's name, removed by the next writer). Without renameat2 it is moved aside first."""
     if final.exists() or final.is_symlink():
+        if _rename2(tmp, final, _RENAME_EXCHANGE):
+            remove_path(tmp)
+            return
         trash = temp_sibling(final, "old")
         os.replace(final, trash)
         os.replace(tmp, final)
         remove_path(trash)
     else:
         os.replace(tmp, final)
+
+
+def publish_new(tmp: Path, final: Path) -> None:
+    """Move `tmp` to `final` only where nothing is (StoreExistsError otherwise): an output that
+    appeared after the last check is never replaced."""
+    try:
+        if _rename2(tmp, final, _RENAME_NOREPLACE):
+            return
+    except FileExistsError:
+        raise StoreExistsError(f"{final}: {EXISTS}") from None
+    if tmp.is_file() and not tmp.is_symlink():
+        try:  # a hard link publishes only where nothing is, too
+            os.link(tmp, final)
+        except FileExistsError:
+            raise StoreExistsError(f"{final}: {EXISTS}") from None
+        except OSError:
+            pass  # no hard links here: check, then rename
+        else:
+            tmp.unlink()
+            return
+    if final.exists() or final.is_symlink():
+        raise StoreExistsError(f"{final}: {EXISTS}")
+    os.replace(tmp, final)
 
 
 def same_or_inside(a: Path, b: Path) -> bool:
@@ -128,13 +194,134 @@ def same_or_inside(a: Path, b: Path) -> bool:
         return False
 
 
-def refuse_own_input(src: Path, out: Path, verb: str) -> None:
-    """No command writes onto its own input: `out` must not be `src`, lie inside it, or hold it
-    (replacing a folder that holds the input destroys the input too)."""
+def refuse_own_input(src: str | os.PathLike, out: str | os.PathLike, what: str) -> None:
+    """No command writes onto its own input: `out` (the `what` being written) must not be `src`,
+    lie inside it, or hold it (replacing a folder that holds the input destroys the input too)."""
+    src, out = Path(src), Path(out)
     if same_or_inside(out, src):
-        raise InputOutputClashError(f"{out}: is {src} or inside it; {verb} would overwrite its own input")
+        if same_or_inside(src, out):
+            raise InputOutputClashError(f"{out}: is the input {src}; the {what} would overwrite its own input")
+        raise InputOutputClashError(f"{out}: lies inside the input {src}; the {what} would be written into "
+                                    f"its own input")
     if same_or_inside(src, out):
-        raise InputOutputClashError(f"{out}: holds {src}; replacing it would destroy the input of {verb}")
+        raise InputOutputClashError(f"{out}: holds the input {src}; replacing it would destroy the input")
+
+
+def local_paths(inputs: Iterable[str | os.PathLike | None]) -> list[Path]:
+    """The inputs that are paths on this machine (URLs and None left out)."""
+    return [Path(p) for p in inputs if p is not None and not _URL_RE.match(os.fspath(p))]
+
+
+def check_output(final: str | os.PathLike, what: str, *, force: bool, inputs: Iterable[str | os.PathLike] = (),
+                 kind: Literal["file", "dir"] = "file", parent: bool = True) -> Path:
+    """The refusals of the protocol, in this order: `final` is, lies inside or holds one of
+    `inputs`; a file output where a folder is; it exists and not `force`; its folder is missing
+    (`parent`: writers that create it pass False). Returns `final` as a Path.
+
+    `publishing` runs it on entry and again under the lock; a writer calls it alone to refuse
+    before work that precedes the lock."""
+    final = Path(final)
+    for src in local_paths(inputs):
+        refuse_own_input(src, final, what)
+    if kind == "file" and final.is_dir() and not final.is_symlink():
+        raise StoreError(f"{final}: is a directory, not a file to write")   # --force or not
+    if not force and (final.exists() or final.is_symlink()):
+        raise StoreExistsError(f"{final}: {EXISTS}")
+    if parent and not final.parent.is_dir():
+        raise MissingFileError(f"{final.parent}: output directory does not exist")
+    return final
+
+
+class Publication:
+    """One pass of the output protocol for `final`, the `what` a command writes (a store, a
+    picture, ...): `begin` refuses (see `check_output`), locks and returns the hidden temporary
+    to write; `commit` checks --force again and renames the temporary into place; `abort`
+    removes it. Either of the last two releases the lock. A full disk, in the writing or the
+    publishing, becomes ResourceLimitError naming `final`.
+
+    Use it through `publishing` (a with-block); the class is for writers whose life is not one
+    block (`dvsprep.events.EventsWriter`: append ... finish)."""
+
+    def __init__(self, final: str | os.PathLike, what: str, *, force: bool,
+                 inputs: Iterable[str | os.PathLike] = (), kind: Literal["file", "dir"] = "file",
+                 parent: bool = True):
+        self.final = Path(final)
+        self.what, self.force, self.kind, self.parent = what, force, kind, parent
+        self.inputs = local_paths(inputs)
+        self.tmp: Path | None = None
+        self._held: ExitStack | None = None
+
+    def _check(self) -> None:
+        check_output(self.final, self.what, force=self.force, inputs=self.inputs, kind=self.kind,
+                     parent=self.parent)
+
+    def begin(self) -> Path:
+        self._check()   # before the lock: a refusal takes no lock and leaves nothing
+        held = ExitStack()
+        held.enter_context(output_lock(self.final, self.what))
+        try:
+            self._check()   # again, now that no other writer can: one may have published since
+        except BaseException:
+            held.close()
+            raise
+        self._held = held
+        self.tmp = temp_sibling(self.final)
+        return self.tmp
+
+    def commit(self) -> None:
+        try:
+            if not self.force:
+                publish_new(self.tmp, self.final)   # --force again: what appeared meanwhile stays
+            elif self.kind == "dir":
+                publish_dir(self.tmp, self.final)
+            else:
+                os.replace(self.tmp, self.final)
+        except BaseException as exc:
+            self.abort()
+            if disk_full(exc):
+                raise no_space_error(self.final) from None
+            raise
+        self._release()
+
+    def abort(self) -> None:
+        """Remove the temporary (whatever state it is in) and release the lock; never raises."""
+        if self.tmp is not None:
+            remove_path(self.tmp)
+        self._release()
+
+    def _release(self) -> None:
+        held, self._held = self._held, None
+        if held is not None:
+            held.close()
+
+    def __enter__(self) -> Path:
+        return self.begin()
+
+    def __exit__(self, typ: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> Literal[False]:
+        if exc is None:
+            self.commit()
+            return False
+        self.abort()   # any failure, Ctrl-C and SystemExit included
+        if disk_full(exc):
+            raise no_space_error(self.final) from None
+        return False
+
+
+def publishing(final: str | os.PathLike, what: str, *, force: bool, inputs: Iterable[str | os.PathLike] = (),
+               kind: Literal["file", "dir"] = "file", parent: bool = True) -> Publication:
+    """The output protocol as a with-block: ``with publishing(out, "frame store", force=force,
+    inputs=[events], kind="dir") as tmp: <write tmp>``; the output appears complete or not at all.
+
+    On entry: refuse an output that is, lies inside or holds one of `inputs` (paths; URLs are
+    skipped), an existing one without `force` (StoreExistsError, the one EXISTS wording), a file
+    output where a folder is, or (`parent`) a missing folder; lock it (a second writer refuses
+    at once); check again; yield the hidden temporary ``.<name>.tmp-<pid>-<hex>`` (the body
+    creates it: a file, or a folder for kind "dir"). After the body: check --force again (an
+    output that appeared meanwhile is never replaced without it) and rename into place. On any
+    failure the temporary is removed; a full disk (ENOSPC, EDQUOT) is one ResourceLimitError
+    naming `final`, never the temporary or the lock."""
+    return Publication(final, what, force=force, inputs=inputs, kind=kind, parent=parent)
 
 
 def lock_path(path: Path) -> Path:

@@ -197,10 +197,11 @@ def info(path: str, as_json: bool) -> None:
 @click.option("--scale", type=int, default=None, help="Pixels per sensor pixel (default 2; 1 for sheets).")
 @click.option("--columns", type=int, default=4, show_default=True, help="Frames per row of a sample's grid.")
 @click.option("--fps", type=float, default=4.0, show_default=True, help="GIF frames per second.")
+@click.option("--force", is_flag=True, help="Replace an existing picture.")
 @click.pass_context
 def show(ctx: click.Context, path: str, split: str, sample: str | None, label: str | None, count: int | None,
          out: Path | None, T: int | None, split_by: str | None, scale: int | None, columns: int,
-         fps: float) -> None:
+         fps: float, force: bool) -> None:
     """Render a sample of PATH (frame store: directory, .zip or URL; or events.h5) as PNG or GIF.
 
     ON events orange, OFF blue, both near white; y = 0 is the top row."""
@@ -208,7 +209,7 @@ def show(ctx: click.Context, path: str, split: str, sample: str | None, label: s
 
     try:
         result = render(path, out, split=split, sample=sample, label=label, count=count, T=T,
-                        split_by=split_by, scale=scale, columns=columns, fps=fps)
+                        split_by=split_by, scale=scale, columns=columns, fps=fps, force=force)
     except ImportError as exc:  # Pillow is the optional `show` extra
         if "dvsgesture-kit[show]" not in str(exc) or ctx.obj.get("debug"):
             raise

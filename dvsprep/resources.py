@@ -35,3 +35,8 @@ def disk_full(exc: BaseException) -> bool:
     """Whether `exc` is the operating system's "no space left" (ENOSPC, or a quota: EDQUOT),
     as opposed to one of our own errors that subclass OSError."""
     return isinstance(exc, OSError) and not isinstance(exc, DvsprepError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def no_space_error(output: str | os.PathLike) -> ResourceLimitError:
+    """The one line for a full disk, naming the output being written (never its temporary)."""
+    return ResourceLimitError(f"{output}: No space left on device")

@@ -46,13 +46,13 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from .constants import GESTURE_NAMES, N_CLASSES, N_POLARITIES, SENSOR_SIZE, SPLITS
-from .atomic import atomic_write
-from .errors import MissingFileError, StoreError
+from .atomic import check_output, publishing
+from .errors import StoreError
 from .inputs import FRAME_STORE, InputKind, kind_of
 
 log = logging.getLogger(__name__)
@@ -315,31 +315,32 @@ def to_images(pictures: Sequence[Picture]) -> list[Any]:
     return images
 
 
-def _atomic_save(path: Path, write: Any) -> None:
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise MissingFileError(f"{path.parent}: output directory does not exist")
-    atomic_write(path, write)
+def _save(path: str | os.PathLike, write: Callable[[Path], object], force: bool,
+          inputs: Sequence[str | os.PathLike]) -> None:
+    """``write(tmp)`` through the output protocol: `path` appears complete or not at all."""
+    with publishing(path, "picture", force=force, inputs=inputs) as tmp:
+        write(tmp)
 
 
-def save_png(picture: Picture, path: str | os.PathLike) -> None:
-    """Write a picture as a palette PNG (atomically: temp file, then rename)."""
+def save_png(picture: Picture, path: str | os.PathLike, *, force: bool = False,
+             inputs: Sequence[str | os.PathLike] = ()) -> None:
+    """Write a picture as a palette PNG (an existing `path` only with `force`; never onto or into
+    one of `inputs`)."""
     (im,) = to_images([picture])
-    _atomic_save(Path(path), lambda tmp: im.save(tmp, format="PNG", optimize=True))
+    _save(path, lambda tmp: im.save(tmp, format="PNG", optimize=True), force, inputs)
 
 
-def save_gif(pictures: Sequence[Picture], path: str | os.PathLike, fps: float = 4.0) -> None:
-    """Write pictures of equal size as a looping animated GIF at `fps` frames per second."""
+def save_gif(pictures: Sequence[Picture], path: str | os.PathLike, fps: float = 4.0, *, force: bool = False,
+             inputs: Sequence[str | os.PathLike] = ()) -> None:
+    """Write pictures of equal size as a looping animated GIF at `fps` frames per second (an
+    existing `path` only with `force`; never onto or into one of `inputs`)."""
     if not pictures:
         raise ValueError("an animation needs at least one picture")
     images = to_images(pictures)
     duration = max(20, int(round(1000 / fps)))
-    _atomic_save(Path(path), lambda tmp: images[0].save(
+    _save(path, lambda tmp: images[0].save(
         tmp, format="GIF", save_all=True, append_images=images[1:], duration=duration, loop=0,
-        optimize=False, disposal=1))
-
-
-# ----------------------------------------------------------------------------- samples and sources
+        optimize=False, disposal=1), force, inputs)
 
 
 def parse_label(spec: str | int) -> int | None:
@@ -478,13 +479,15 @@ def show(
     scale: int | None = None,
     columns: int = 4,
     fps: float = 4.0,
+    force: bool = False,
 ) -> ShowResult:
     """Render one sample (`sample`: index or RECORDING:ROW, default 0) or a contact sheet of
     `count` samples of `label` ("all": `count` per class) to a PNG or GIF.
 
     From a frame store the stored frames are shown; from an events.h5 the sample is integrated
     into T frames (default 8, split_by "number") and a single-sample PNG adds time rasters.
-    Default output: ``<split>_<recording>_<row>.png`` or ``<split>_label<K>.png`` here.
+    Default output: ``<split>_<recording>_<row>.png`` or ``<split>_label<K>.png`` here. An
+    existing output is replaced only with `force`, and never written onto or into `path`.
     """
     if sample is not None and label is not None:
         raise StoreError("give a sample or a label, not both")
@@ -501,23 +504,26 @@ def show(
             raise StoreError(f"{out}: unsupported output format {suffix or '(none)'!r}; use .png or .gif")
         if label is not None and suffix == ".gif":
             raise StoreError(f"{out}: contact sheets are written as .png")
+        check_output(out, "picture", force=force, inputs=[path])   # before the rendering
     k = parse_label(label) if label is not None else None
     src = _Source(str(path), split, T, split_by)
+    save = {"force": force, "inputs": [path]}
     try:
         if label is not None:
-            return _sheet(src, k, count, scale or 1, out)
+            return _sheet(src, k, count, scale or 1, out, save)
         return _single(src, find_sample(0 if sample is None else sample, src.recordings, src.rows, src.where),
-                       scale or 2, columns, fps, out)
+                       scale or 2, columns, fps, out, save)
     finally:
         src.close()
 
 
-def _single(src: _Source, i: int, scale: int, columns: int, fps: float, out: Any) -> ShowResult:
+def _single(src: _Source, i: int, scale: int, columns: int, fps: float, out: Any,
+            save: dict[str, Any]) -> ShowResult:
     out = Path(out) if out is not None else Path(f"{src.split}_{src.recordings[i]}_{int(src.rows[i])}.png")
     frames = src.frames(i)
     if out.suffix.lower() == ".gif":
         pictures = animation_pictures(frames, src.title(i, source=False), scale=scale)
-        save_gif(pictures, out, fps=fps)
+        save_gif(pictures, out, fps=fps, **save)
         return ShowResult(out, pictures[0].size, len(pictures), [src.name(i)])
     if src.kind == "events":
         from .frames import frame_bounds
@@ -529,11 +535,12 @@ def _single(src: _Source, i: int, scale: int, columns: int, fps: float, out: Any
                              frame_starts=starts, scale=scale, columns=columns)
     else:
         pic = grid_picture(frames, src.title(i), scale=scale, columns=columns)
-    save_png(pic, out)
+    save_png(pic, out, **save)
     return ShowResult(out, pic.size, 1, [src.name(i)])
 
 
-def _sheet(src: _Source, k: int | None, count: int | None, scale: int, out: Any) -> ShowResult:
+def _sheet(src: _Source, k: int | None, count: int | None, scale: int, out: Any,
+           save: dict[str, Any]) -> ShowResult:
     classes = range(N_CLASSES) if k is None else [k]
     count = count or (1 if k is None else 4)
     picked: list[tuple[int, int]] = []  # (label, index)
@@ -556,5 +563,5 @@ def _sheet(src: _Source, k: int | None, count: int | None, scale: int, out: Any)
     pic = sheet_picture(rows, header, scale=scale)
     if out is None:
         out = Path(f"{src.split}_{'all_labels' if k is None else f'label{k}'}.png")
-    save_png(pic, out)
+    save_png(pic, out, **save)
     return ShowResult(Path(out), pic.size, 1, [src.name(i) for _, i in picked])

@@ -19,6 +19,6 @@ set -x
 "$BIN/dvsg-train" --data "$WORK/data/frames_T${T}_number.zarr" -T "$T" -b 8 --epochs "$EPOCHS" \
     --channels "$CHANNELS" --lr 0.02 --device cpu --out-dir "$WORK/runs" --run-name demo --force -q
 "$BIN/dvsg-eval" --checkpoint "$WORK/runs/demo/checkpoint_max.pt" --data "$WORK/data/frames_T${T}_number.zarr" \
-    --device cpu
+    --device cpu --force
 set +x
 echo "demo finished in $(( $(date +%s) - start )) s; outputs in $WORK/ (curves: $WORK/runs/demo/)"

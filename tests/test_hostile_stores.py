@@ -472,7 +472,7 @@ def test_frames_out_of_space_is_one_line_and_leaves_no_temp(base, tmp_path, monk
     out = tmp_path / "frames_T4_number.zarr"
     res = _cli("frames", "-T", "4", "-d", tmp_path, "-j", "1")
     assert_one_line(res, out)
-    assert "no space left on the device" in res.stderr
+    assert res.stderr == f"error: {out}: No space left on device\n"   # the one wording (README)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["events.h5"]
 
 
@@ -536,10 +536,13 @@ def test_eval_refuses_a_store_whose_labels_were_changed(trained, tmp_path):
     root, ckpt = trained
     store = tmp_path / "frames_T4_number.zarr"
     shutil.copytree(root / "frames_T4_number.zarr", store)
-    assert CliRunner().invoke(eval_main, ["--checkpoint", ckpt, "--data", store, "--device", "cpu"]).exit_code == 0
+    # --force: every eval of this run's checkpoint writes confusion_test.png beside it
+    assert CliRunner().invoke(eval_main, ["--checkpoint", ckpt, "--data", store, "--device", "cpu",
+                                          "--force"]).exit_code == 0
     zarr.open_group(LocalStore(store), mode="r+", zarr_format=3)["test/label"][:] = 0   # manifest untouched
     before = snapshot(store)
-    res = CliRunner().invoke(eval_main, ["--checkpoint", str(ckpt), "--data", str(store), "--device", "cpu"])
+    res = CliRunner().invoke(eval_main, ["--checkpoint", str(ckpt), "--data", str(store), "--device", "cpu",
+                                         "--force"])
     assert_one_line(res, store)
     assert "NOT intact" in res.stderr and "test/label/c/0" in res.stderr
     assert snapshot(store) == before
@@ -570,9 +573,9 @@ def test_eval_explicit_preload_beyond_free_memory_is_one_line(trained, monkeypat
     store = root / "frames_T4_number.zarr"
     monkeypatch.setattr(D, "_available_bytes", lambda where: 1 << 20)   # 1 MiB free
     res = CliRunner().invoke(eval_main, ["--checkpoint", str(ckpt), "--data", str(store), "--device", "cpu",
-                                         "--preload", "cpu"])
+                                         "--preload", "cpu", "--force"])   # --force: the PNG beside ckpt
     assert_one_line(res, store)
     assert "--preload cpu needs 1.4 MiB for the frames, but only 1.0 MiB of cpu memory is free" in res.stderr
     res = CliRunner().invoke(eval_main, ["--checkpoint", str(ckpt), "--data", str(store), "--device", "cpu",
-                                         "--preload", "auto"])
+                                         "--preload", "auto", "--force"])
     assert res.exit_code == 0, res.output                                # auto streams instead

@@ -290,7 +290,7 @@ def test_failed_save_leaves_nothing(store, tmp_path, monkeypatch):
     monkeypatch.setattr(Image.Image, "save", broken_save)
     out = tmp_path / "x.png"
     out.write_bytes(b"old picture")
-    res = _cli("show", store, "-o", out)
+    res = _cli("show", store, "-o", out, "--force")   # without --force: refused, as it exists
     assert res.exit_code == 1 and "No space left on device" in res.stderr
     assert out.read_bytes() == b"old picture" and [p.name for p in tmp_path.iterdir()] == ["x.png"]
 

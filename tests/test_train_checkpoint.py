@@ -11,9 +11,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from dvsprep.atomic import atomic_write
 from dvsg_train.checkpoint import (
     FORMAT,
-    atomic_write,
     check_resume,
     load_checkpoint,
     save_checkpoint,

@@ -15,14 +15,9 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..raw import decode_buffer, map_file
-from ..atomic import output_lock, remove_path, same_or_inside, scratch_dir
+from ..atomic import check_output, publishing, remove_path, same_or_inside, scratch_dir
 from ..constants import EVENTS_NAME, N_CLASSES, SPLITS, T_DTYPE, XY_DTYPE
-from ..errors import (
-    InputOutputClashError,
-    ReleaseError,
-    ResourceLimitError,
-    StoreExistsError,
-)
+from ..errors import InputOutputClashError, ReleaseError
 from .store import EventsWriter
 from ..raw import (
     Recording,
@@ -34,7 +29,6 @@ from ..raw import (
     parse_labels,
 )
 from ..inputs import RAW_RELEASE, kind_of
-from ..resources import disk_full
 from ..workers import interrupt_once, process_pool, stop_pool
 
 log = logging.getLogger(__name__)
@@ -179,27 +173,24 @@ def convert_release(
     kind_of(raw, RAW_RELEASE, error=ReleaseError)  # a release or one line, before any output is touched
     raw, out_dir = Path(raw), Path(out_dir)
     out = out_dir / EVENTS_NAME
-    if out.exists() and not force:
-        raise StoreExistsError(f"{out}: already exists (use --force to replace it)")
     release_dir = find_release_dir(raw) if raw.is_dir() else None
     if release_dir is not None and same_or_inside(out_dir, release_dir):
-        raise InputOutputClashError(f"{out_dir}: is inside the release {release_dir} it would read; "
-                                    f"write DATA_ROOT elsewhere")
+        # DATA_ROOT also holds convert's scratch folders: none of it may lie in the release
+        raise InputOutputClashError(f"{out_dir}: is inside the release {release_dir}, the input it would "
+                                    f"read; write DATA_ROOT elsewhere")
+    inputs = [release_dir or raw]
+    check_output(out, "events.h5", force=force, inputs=inputs, parent=False)
     created = _missing_parents(out_dir)
     try:
         # one Ctrl-C stops the conversion; more presses cannot interrupt its clean-up
-        with interrupt_once(), output_lock(out, "events.h5"):
-            if out.exists() and not force:  # written meanwhile by someone else
-                raise StoreExistsError(f"{out}: already exists (use --force to replace it)")
-            summary = _convert_locked(raw, out_dir, out, jobs or os.cpu_count() or 1, strict, force, progress)
-    except BaseException as exc:
+        with interrupt_once(), publishing(out, "events.h5", force=force, inputs=inputs, parent=False) as tmp:
+            summary = _convert_locked(raw, out_dir, out, tmp, jobs or os.cpu_count() or 1, strict, progress)
+    except BaseException:
         for d in created:  # deepest first; only if still empty
             try:
                 d.rmdir()
             except OSError:
                 break
-        if disk_full(exc):
-            raise ResourceLimitError(f"{out}: No space left on device") from None
         raise
     if summary.md5_mismatches:
         log.warning(
@@ -220,9 +211,10 @@ def _missing_parents(path: Path) -> list[Path]:
     return out
 
 
-def _convert_locked(raw: Path, out_dir: Path, out: Path, jobs: int, strict: bool, force: bool,
+def _convert_locked(raw: Path, out_dir: Path, out: Path, tmp: Path, jobs: int, strict: bool,
                     progress: bool) -> ConvertSummary:
-    """The conversion proper, with the output lock held."""
+    """The conversion proper, with the output lock held: events.h5 is written into `tmp`, the
+    protocol's temporary (published as `out` once this returns)."""
     published = load_published_manifest()
     summary = ConvertSummary(path=out)
     with open_release(raw, scratch=out_dir) as release:
@@ -231,7 +223,7 @@ def _convert_locked(raw: Path, out_dir: Path, out: Path, jobs: int, strict: bool
             raise ReleaseError(f"{release}: the trial lists name no recordings")
         writer = bar = None
         try:
-            writer = EventsWriter(out, force=force)
+            writer = EventsWriter(tmp, publish=False)
             bar = _progress(len(recs), progress)
             recordings_attr: dict[str, dict] = {}
             # closing(): on any exception the pool stops and the spill folder goes now, not

@@ -31,8 +31,8 @@ from ..constants import (
     XY_DTYPE,
     recording_name_ok,
 )
-from ..atomic import temp_sibling
-from ..errors import DvsprepError, MissingFileError, ResourceLimitError, StoreError, StoreExistsError
+from ..atomic import Publication
+from ..errors import DvsprepError, MissingFileError, ResourceLimitError, StoreError
 from ..inputs import InputKind, kind_of
 from ..integrity import MANIFEST_FORMAT, canonical_json, fingerprint
 
@@ -64,16 +64,21 @@ def _str_digest(values: list[str]) -> str:
 
 
 class EventsWriter:
-    """Streams samples into a temporary events.h5 and renames it into place on `finish`.
+    """Streams samples into a temporary events.h5 and publishes it on `finish`.
 
-    Hashes are updated as data is appended so the manifest costs no second read.
+    Hashes are updated as data is appended so the manifest costs no second read. `path` is
+    published through the output protocol (`dvsprep.atomic.Publication`: locked, replaced only
+    with `force`, the temporary removed on `abort`); with ``publish=False`` the file is written at
+    `path` as given, which is then someone's temporary (`convert` writes into the one of its
+    `publishing`, which it holds for the whole conversion).
     """
 
-    def __init__(self, path: str | os.PathLike, force: bool = True):
+    def __init__(self, path: str | os.PathLike, force: bool = True, *, publish: bool = True):
         self.path = Path(path)
-        self.force = force
-        self._published = False
-        self.tmp = temp_sibling(self.path)  # .events.h5.tmp-<pid>-<hex>: removable once we are gone
+        self._publication = Publication(self.path, "events.h5", force=force) if publish else None
+        self._closed = False
+        # .events.h5.tmp-<pid>-<hex>: removable once we are gone
+        self.tmp = self._publication.begin() if self._publication is not None else self.path
         # No chunk cache: every write reaches the file at once, so a full disk raises OSError
         # (ENOSPC) from the write itself; with a cache, HDF5 fails later while freeing objects,
         # where Python can only print "Exception ignored" (and it crashed). Costs no speed here:
@@ -82,6 +87,8 @@ class EventsWriter:
             self.f = h5py.File(self.tmp, "w", rdcc_nbytes=0)
         except BaseException:
             self.tmp.unlink(missing_ok=True)
+            if self._publication is not None:
+                self._publication.abort()
             raise
         self._hash: dict[str, Any] = {}
         # hashlib releases the GIL on large buffers: hashing in one background thread (in
@@ -161,27 +168,10 @@ class EventsWriter:
         self.f.attrs["manifest"] = canonical_json(manifest).decode("ascii")
         self.f.attrs["fingerprint"] = fp
         self.f.close()
-        self._publish()
+        self._closed = True
+        if self._publication is not None:
+            self._publication.commit()
         return fp
-
-    def _publish(self) -> None:
-        """Rename the complete temporary onto `path`. Without `force`, an events.h5 that
-        appeared meanwhile is never replaced (a hard link publishes only where nothing is)."""
-        if self.force:
-            os.replace(self.tmp, self.path)
-            return
-        try:
-            os.link(self.tmp, self.path)
-            self._published = True  # tmp is now the published file's second name: never truncate it
-        except FileExistsError:
-            raise StoreExistsError(f"{self.path}: already exists (written meanwhile by another process; "
-                                   f"use --force to replace it)") from None
-        except OSError:  # no hard links here: check, then rename
-            if self.path.exists() or self.path.is_symlink():
-                raise StoreExistsError(f"{self.path}: already exists (use --force to replace it)") from None
-            os.replace(self.tmp, self.path)
-            return
-        self.tmp.unlink()
 
     def _drain_hashes(self) -> None:
         for job in self._hash_jobs:
@@ -197,16 +187,18 @@ class EventsWriter:
         try:
             self._hasher.shutdown(wait=True, cancel_futures=True)
         finally:
-            if not self._published:
+            if not self._closed:  # once closed, `tmp` may already be the published file's name
                 try:
                     os.truncate(self.tmp, 0)
                 except OSError:
                     pass
-            try:
-                self.f.close()
-            except Exception:  # noqa: BLE001 - the file is being thrown away
-                pass
-            self.tmp.unlink(missing_ok=True)
+                try:
+                    self.f.close()
+                except Exception:  # noqa: BLE001 - the file is being thrown away
+                    pass
+                self.tmp.unlink(missing_ok=True)
+            if self._publication is not None:
+                self._publication.abort()
 
 
 def _ds_entry(dtype: Any, shape: tuple, digest: str) -> dict:

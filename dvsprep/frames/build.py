@@ -20,13 +20,12 @@ import zarr
 from zarr.storage import LocalStore
 
 from . import schema
-from ..atomic import output_lock, refuse_own_input, remove_path, temp_sibling
-from ..constants import EVENTS_NAME, N_POLARITIES, SENSOR_SIZE, SPLITS
+from ..atomic import check_output, publishing
+from ..constants import N_POLARITIES, SENSOR_SIZE, SPLITS
 from ..errors import MissingFileError, ResourceLimitError, StoreError
 from ..events import EventsFile
 from .store import (
     DEFAULT_CODEC,
-    check_output,
     create_frames_array,
     create_layout,
     finish_store,
@@ -37,7 +36,7 @@ from .store import (
     writing_every_chunk,
 )
 from .integrate import check_params, integrate, narrowest_dtype
-from ..resources import available_memory, disk_full
+from ..resources import available_memory
 from ..integrity import stamp_path
 from ..workers import interrupt_once, process_pool, stop_pool
 
@@ -221,23 +220,18 @@ def build_frame_store(
     if not events_path.is_file():
         raise MissingFileError(f"{events_path}: no such events file (run `dvsprep convert` first)")
     out_path = Path(out_path)
-    refuse_own_input(events_path, out_path, "frames")
+    check_output(out_path, "frame store", force=force, inputs=[events_path], kind="dir")
     jobs = max(1, int(jobs or os.cpu_count() or 1))
     shard = samples_per_shard(T, np.uint8)
     _check_resources(out_path, T, shard, jobs)
-    check_output(out_path, force)
     # one Ctrl-C stops the build; more presses cannot interrupt its clean-up
-    with interrupt_once(), output_lock(out_path, "frame store"):
-        final = check_output(out_path, force)
+    with interrupt_once(), publishing(out_path, "frame store", force=force, inputs=[events_path],
+                                      kind="dir") as tmp:
         events_fp, stamp, meta = _read_events_meta(events_path)
-        try:
-            return _build(events_path, final, events_fp, stamp, meta, T=T, split_by=split_by, jobs=jobs,
-                          force=force, codec=dict(codec or DEFAULT_CODEC), progress=progress, t_begin=t_begin)
-        except OSError as exc:
-            if disk_full(exc):
-                raise ResourceLimitError(f"{final}: no space left on the device while writing the frame store "
-                                         f"(nothing was kept)") from None
-            raise
+        summary = _build(events_path, tmp, out_path, events_fp, stamp, meta, T=T, split_by=split_by, jobs=jobs,
+                         codec=dict(codec or DEFAULT_CODEC), progress=progress, t_begin=t_begin)
+    log.info("frames: %s written, fingerprint %s", out_path, summary.fingerprint)
+    return summary
 
 
 def _frame_blocks(runner: Any, events_path: Path, tmp: Path, tasks: list[tuple[str, int, int]], *, jobs: int,
@@ -278,14 +272,14 @@ def _frame_blocks(runner: Any, events_path: Path, tmp: Path, tasks: list[tuple[s
     return dtype, top
 
 
-def _build(events_path: Path, final: Path, events_fp: str, stamp: tuple, meta: dict[str, dict[str, Any]], *,
-           T: int, split_by: str, jobs: int, force: bool, codec: dict[str, Any], progress: bool,
-           t_begin: float) -> BuildSummary:
+def _build(events_path: Path, tmp: Path, final: Path, events_fp: str, stamp: tuple,
+           meta: dict[str, dict[str, Any]], *, T: int, split_by: str, jobs: int, codec: dict[str, Any],
+           progress: bool, t_begin: float) -> BuildSummary:
+    """Write the store into `tmp` (the protocol's temporary; it publishes it as `final`)."""
     shard = samples_per_shard(T, np.uint8)
     dtype = np.dtype("u1")
     tasks = [(s, a, min(a + shard, len(meta[s]["label"])))
              for s in SPLITS for a in range(0, len(meta[s]["label"]), shard)]
-    tmp = temp_sibling(final)
     bar = None
     pool = None
     try:
@@ -310,17 +304,15 @@ def _build(events_path: Path, final: Path, events_fp: str, stamp: tuple, meta: d
             counts[s] = split_counts(meta[s]["label"])
         group.attrs.update(store_attributes(T=T, split_by=split_by, dtype=dtype, counts=counts,
                                             events_fingerprint=events_fp, codec=codec, shard_samples=shard))
-        fp = finish_store(tmp, final, force)
+        fp = finish_store(tmp)
     except BaseException:
-        stop_pool(pool)
+        stop_pool(pool)   # before the protocol removes the temporary its workers write into
         pool = None
-        remove_path(tmp)
         raise
     finally:
         stop_pool(pool)
         if bar is not None:
             bar.close()
         _close_worker_files()
-    log.info("frames: %s written, fingerprint %s", final, fp)
     return BuildSummary(path=final, fingerprint=fp, T=T, split_by=split_by, dtype=dtype, counts=counts,
                         max_count=top, seconds=time.perf_counter() - t_begin)

@@ -5,7 +5,7 @@ are compressed already, and uncompressed members can be read in place by offset,
 the shard reader use the zip without extracting it). Members are written in name order with a
 fixed timestamp and mode, so packing the same store twice gives the same bytes. Every file is
 checked against the manifest as it is copied, in both directions: a corrupt store is never
-packed or unpacked. Outputs are written to a temporary path and renamed into place.
+packed or unpacked. Outputs go through the output protocol (`dvsprep.atomic.publishing`).
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from pathlib import Path
 
 from .files import MAX_MANIFEST_BYTES, StoreFiles, is_zip_path, parse_manifest
 from ..errors import IntegrityError, MissingFileError, StoreError
-from ..atomic import atomic_write, output_lock, refuse_own_input, remove_path, temp_sibling
-from .store import check_output, open_frame_store, publish
+from ..atomic import check_output, publishing
+from .store import open_frame_store
 from ..integrity import MANIFEST_NAME, sha256_bytes
 
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
@@ -77,23 +77,15 @@ def pack_store(store: str | os.PathLike, out: str | os.PathLike | None = None, f
     out = Path(out)
     if not is_zip_path(out):
         raise StoreError(f"{out}: a packed store's name must end in .zip")
-    refuse_own_input(store, out, "pack")
+    check_output(out, "packed store", force=force, inputs=[store])
     files, manifest, raw = _checked_source(store)
-    check_output(out, force)
-    if out.is_dir():
-        raise StoreError(f"{out}: is a directory")
-
-    def write(tmp: Path) -> None:
+    with publishing(out, "packed store", force=force, inputs=[store]) as tmp:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
             for name in sorted(manifest["files"]):
                 want = manifest["files"][name]
                 with zf.open(_zip_info(name, want["size"]), "w", force_zip64=want["size"] >= zipfile.ZIP64_LIMIT) as dst:
                     _copy_checked(files, name, want, dst, str(store))
             zf.writestr(_zip_info(MANIFEST_NAME, len(raw)), raw)
-
-    with output_lock(out, "packed store"):
-        check_output(out, force)  # again: another process may have written it meanwhile
-        atomic_write(out, write)
     return PackSummary(store, out, len(manifest["files"]) + 1, out.stat().st_size, sha256_bytes(raw))
 
 
@@ -115,23 +107,16 @@ def unpack_store(archive: str | os.PathLike, out: str | os.PathLike | None = Non
     if out is None:
         out = archive.with_name(archive.name[: -len(".zip")])
     out = Path(out)
-    refuse_own_input(archive, out, "unpack")
-    out = check_output(out, force)
+    check_output(out, "store", force=force, inputs=[archive], kind="dir")
     files, manifest, raw = _checked_source(archive)
-    with output_lock(out, "store"):
-        tmp = temp_sibling(out)
-        try:
-            tmp.mkdir()
-            for name in sorted(manifest["files"]):
-                target = tmp.joinpath(*name.split("/"))  # names were checked: relative, no '..'
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with open(target, "wb") as dst:
-                    _copy_checked(files, name, manifest["files"][name], dst, str(archive))
-            (tmp / MANIFEST_NAME).write_bytes(raw)  # last, as when the store was written
-            publish(tmp, out, force)
-        except BaseException:
-            remove_path(tmp)
-            raise
+    with publishing(out, "store", force=force, inputs=[archive], kind="dir") as tmp:
+        tmp.mkdir()
+        for name in sorted(manifest["files"]):
+            target = tmp.joinpath(*name.split("/"))  # names were checked: relative, no '..'
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(target, "wb") as dst:
+                _copy_checked(files, name, manifest["files"][name], dst, str(archive))
+        (tmp / MANIFEST_NAME).write_bytes(raw)  # last, as when the store was written
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     return PackSummary(archive, out, len(manifest["files"]) + 1, size, sha256_bytes(raw))
 

@@ -10,7 +10,8 @@ Layout (``frames_T<T>_<split_by>.zarr``)::
     test/...                  same
     manifest.json             sha256 of every other file, written last; its hash = store fingerprint
 
-Stores are written to a temporary sibling directory and renamed into place when complete.
+Stores are written through the output protocol (`dvsprep.atomic.publishing`): a locked temporary
+sibling directory, renamed into place when complete.
 Reading goes through `open_frame_store`, which takes a directory, a `.zip` (`dvsprep pack`) or an
 http(s) URL of either (downloaded once into a local cache, see `dvsprep.frames.remote`). Every store is
 treated as untrusted: `dvsprep.frames.check` checks its metadata against `dvsprep.frames.schema`
@@ -33,7 +34,7 @@ from zarr.storage import LocalStore
 
 from . import schema
 from ..integrity import trust
-from ..atomic import publish_dir, remove_path, temp_sibling
+from ..atomic import check_output, publishing
 from .integrate import check_params
 from .files import StoreFiles, open_store_files
 from .check import (
@@ -55,7 +56,7 @@ from ..constants import (
     SENSOR_SIZE,
     SPLITS,
 )
-from ..errors import IntegrityError, MissingFileError, StoreError, StoreExistsError
+from ..errors import IntegrityError, StoreError
 from ..integrity import dir_manifest, write_dir_manifest
 
 log = logging.getLogger(__name__)
@@ -86,23 +87,6 @@ def samples_per_shard(T: int, dtype: np.dtype | str) -> int:
     """Samples per shard so a shard holds about `SHARD_TARGET_BYTES` of raw frames."""
     sample_bytes = T * N_POLARITIES * SENSOR_SIZE[0] * SENSOR_SIZE[1] * np.dtype(dtype).itemsize
     return int(max(1, min(256, SHARD_TARGET_BYTES // sample_bytes)))
-
-
-def check_output(path: str | os.PathLike, force: bool) -> Path:
-    """Refuse to replace an existing output unless `force`; returns the path."""
-    path = Path(path)
-    if (path.exists() or path.is_symlink()) and not force:
-        raise StoreExistsError(f"{path}: already exists (use --force to replace it)")
-    if not path.parent.is_dir():
-        raise MissingFileError(f"{path.parent}: output directory does not exist")
-    return path
-
-
-def publish(tmp: Path, final: Path, force: bool) -> None:
-    """Move the completed store `tmp` to `final`; the old store (force) is removed only after."""
-    if (final.exists() or final.is_symlink()) and not force:
-        raise StoreExistsError(f"{final}: already exists (use --force to replace it)")
-    publish_dir(tmp, final)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -237,11 +221,10 @@ def write_metadata(group: zarr.Group, split: str, meta: Mapping[str, Any]) -> No
                 g[field][:] = arr
 
 
-def finish_store(tmp: Path, final: Path, force: bool) -> str:
-    """Write the manifest (last) and rename the store into place; returns the fingerprint."""
-    fp = write_dir_manifest(tmp, dir_manifest(tmp, kind="frames"))
-    publish(tmp, final, force)
-    return fp
+def finish_store(tmp: Path) -> str:
+    """Write the manifest of the store being built in `tmp` (last, once every other file is
+    complete); returns the fingerprint. `publishing` then renames it into place."""
+    return write_dir_manifest(tmp, dir_manifest(tmp, kind="frames"))
 
 
 def write_frame_store_from_arrays(
@@ -260,7 +243,7 @@ def write_frame_store_from_arrays(
     "row": [N], "t_start": [N], "t_end": [N], "n_events": [N]}, "test": {...}}.
     """
     T, split_by = check_params(T, split_by)
-    final = check_output(path, force)
+    final = check_output(path, "frame store", force=force, kind="dir")
     codec = dict(codec or DEFAULT_CODEC)
     H, W = SENSOR_SIZE
     dtypes = set()
@@ -275,8 +258,7 @@ def write_frame_store_from_arrays(
         dtypes.add(fr.dtype)
     dtype = max(dtypes, key=lambda d: d.itemsize) if dtypes else FRAME_DTYPES[0]
     shard = samples_per_shard(T, dtype)
-    tmp = temp_sibling(final)
-    try:
+    with publishing(final, "frame store", force=force, kind="dir") as tmp:
         sizes = {name: int(np.asarray(sp["frames"]).shape[0]) for name, sp in splits.items()}
         group = create_layout(tmp, T=T, sizes=sizes, dtype=dtype, codec=codec, shard_samples=shard)
         counts = {}
@@ -290,10 +272,8 @@ def write_frame_store_from_arrays(
         group.attrs.update(store_attributes(T=T, split_by=split_by, dtype=dtype, counts=counts,
                                             events_fingerprint=events_fingerprint, codec=codec,
                                             shard_samples=shard))
-        return finish_store(tmp, final, force)
-    except BaseException:
-        remove_path(tmp)
-        raise
+        fp = finish_store(tmp)
+    return fp
 
 
 # ----------------------------------------------------------------------------- opened stores

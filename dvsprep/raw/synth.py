@@ -31,9 +31,9 @@ import numpy as np
 
 from .. import __version__
 from .aedat import polarity_packets, write_aedat
-from ..atomic import output_lock, publish_dir, remove_path, temp_sibling
+from ..atomic import check_output, publishing
 from ..constants import GESTURE_NAMES, LIGHTINGS, N_CLASSES, SENSOR_H, SENSOR_W, SPLITS, T_DTYPE, XY_DTYPE
-from ..errors import DvsprepError, StoreExistsError
+from ..errors import DvsprepError
 from .release import RELEASE_DIR, TRIAL_LISTS, load_published_manifest
 from ..workers import process_pool, stop_pool
 
@@ -833,23 +833,15 @@ def write_release(
     plan = plan_release(users=users, test_users=test_users, seed=seed, scale=scale)
     out_dir = Path(out_dir)
     target = out_dir / RELEASE_DIR
-    if (target.exists() or target.is_symlink()) and not force:
-        raise StoreExistsError(f"{target}: already exists (use --force to replace it)")
+    check_output(target, "synthetic release", force=force, kind="dir", parent=False)
     summary = SynthSummary(
         path=target, scale=scale, seed=seed,
         recordings={s: len(plan.names(s)) for s in SPLITS},
         samples={s: plan.n_samples(s) for s in SPLITS},
         per_class={s: list(plan.class_counts(s)) for s in SPLITS},
     )
-    with output_lock(target, "synthetic release"):
-        if (target.exists() or target.is_symlink()) and not force:  # written meanwhile
-            raise StoreExistsError(f"{target}: already exists (use --force to replace it)")
-        tmp = temp_sibling(target)
-        try:
-            tmp.mkdir()
-            _write_into(tmp, plan, seed, scale, jobs or os.cpu_count() or 1, progress, summary)
-            publish_dir(tmp, target)
-        finally:
-            remove_path(tmp)
+    with publishing(target, "synthetic release", force=force, kind="dir", parent=False) as tmp:
+        tmp.mkdir()
+        _write_into(tmp, plan, seed, scale, jobs or os.cpu_count() or 1, progress, summary)
     summary.seconds = time.perf_counter() - t_start
     return summary

@@ -30,11 +30,11 @@ from types import TracebackType
 from typing import Callable, Iterable, Iterator, Literal
 
 from .errors import InputOutputClashError, MissingFileError, OutputLockedError, StoreError, StoreExistsError
+from .inputs import url_scheme
 from .resources import disk_full, no_space_error
 
 # The one wording of "refused: it exists" (tests and the README quote it).
 EXISTS = "already exists (use --force to replace it)"
-_URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 _TEMP_RE = re.compile(r"^\..+\.(?:tmp|old|part|extract|convert)[-.]?(\d+)(?:-[0-9a-f]+)?$")
 _SCRATCH_RE = re.compile(r"^\.dvsprep-[a-z]+-(\d+)-")
@@ -209,7 +209,7 @@ def refuse_own_input(src: str | os.PathLike, out: str | os.PathLike, what: str) 
 
 def local_paths(inputs: Iterable[str | os.PathLike | None]) -> list[Path]:
     """The inputs that are paths on this machine (URLs and None left out)."""
-    return [Path(p) for p in inputs if p is not None and not _URL_RE.match(os.fspath(p))]
+    return [Path(p) for p in inputs if p is not None and url_scheme(os.fspath(p)) is None]
 
 
 def check_output(final: str | os.PathLike, what: str, *, force: bool, inputs: Iterable[str | os.PathLike] = (),

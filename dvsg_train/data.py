@@ -6,6 +6,9 @@ Two ways to feed the network, with the same sample order for the same generator:
   are built by indexing it with a permutation;
 - a DataLoader over `FrameDataset`, whose workers open the store themselves.
 
+`choose_feed` makes that choice (``--preload``, sized by what fits in memory) for training and
+evaluation alike.
+
 Under DDP (``world_size`` > 1) ``batch_size`` is the batch of one rank: every rank draws the same
 permutation and takes its share (`dvsg_train.distributed.rank_share`) of each global batch of
 ``batch_size * world_size`` samples. Training drops the last partial global batch (every rank

@@ -21,6 +21,10 @@ The checkpoint dict: format, version, epoch, model (state dict), optimizer, sche
 rng (uint8 tensors), config (TrainConfig as a dict), data_fingerprint, history (one dict of
 numbers per finished epoch) and run (id, name: the run folder relative to --out-dir, dir: the
 absolute folder when it was saved).
+
+This module owns the format both ways: `make_payload` builds the dict from a run's live state,
+`save_checkpoint` wraps it, `load_checkpoint` / `validate_checkpoint` check it on the way back,
+and `restore_state` puts it into a run again.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ import io
 import os
 import pickle
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +82,56 @@ def set_rng_state(state: dict[str, Any], data_generator: torch.Generator, *, dat
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
+
+
+# ----------------------------------------------------------------------------- building and restoring
+
+@dataclass
+class TrainingState:
+    """The live objects of a run that a checkpoint saves and restores. model: the bare model
+    (not its DDP wrapper); scheduler / scaler: None when the run has none (scaler: fp16 only);
+    data_generator: the data-order generator."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any | None
+    scaler: torch.amp.GradScaler | None
+    data_generator: torch.Generator
+
+
+def make_payload(state: TrainingState, *, epoch: int, config: TrainConfig, data_fingerprint: str,
+                 history: list[dict[str, Any]], run_id: str, run_dir: Path,
+                 cuda_device: torch.device | None = None) -> dict[str, Any]:
+    """The checkpoint dict after ``epoch`` (`save_checkpoint` adds format and version).
+
+    config: the run's resolved config; cuda_device: see `rng_state`. Every key here is one that
+    `validate_checkpoint` requires (REQUIRED_KEYS) and checks."""
+    return {
+        "epoch": epoch, "model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict() if state.scheduler is not None else None,
+        "scaler": state.scaler.state_dict() if state.scaler is not None else None,
+        "rng": rng_state(state.data_generator, cuda_device), "config": config.to_dict(),
+        "data_fingerprint": data_fingerprint, "history": history,
+        "run": {"id": run_id, "name": run_dir.name, "dir": str(run_dir)},
+    }
+
+
+def restore_state(ckpt: dict[str, Any], path: str | os.PathLike, state: TrainingState, *,
+                  data_only_rng: bool = False) -> tuple[list[dict[str, Any]], int]:
+    """Load every state of a loaded (validated) checkpoint into ``state``; returns (history,
+    first epoch to train). data_only_rng: see `set_rng_state`. CheckpointError if a state does not fit."""
+    load_model_state(state.model, ckpt, path)
+    try:
+        state.optimizer.load_state_dict(ckpt["optimizer"])
+        if state.scheduler is not None:
+            state.scheduler.load_state_dict(ckpt["scheduler"])
+        if state.scaler is not None:
+            state.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"], state.data_generator, data_only=data_only_rng)
+    except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: optimizer/scheduler/RNG state does not fit "
+                              f"this run ({(str(exc).splitlines() or [''])[0][:160]})") from exc
+    return [dict(r) for r in ckpt["history"]], ckpt["epoch"] + 1
 
 
 def _payload_bytes(payload: dict[str, Any]) -> bytes:

@@ -11,14 +11,14 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import click
 from click.core import ParameterSource
 
 from dvsprep.errors import DvsprepError
 
-from .config import OPTIMIZERS, PRELOAD, SCHEDULERS, TrainConfig
+from .config import AMP_DTYPES, DEFAULTS, OPTIMIZERS, PRELOAD, SCHEDULERS, TrainConfig
 from .distributed import FAILED_RANK_ATTR, env_rank
 from .errors import TrainError
 from .model import NETS, NEURONS
@@ -79,6 +79,13 @@ _FIELD = {"t_max": "T_max"}
 _NOT_FIELDS = ("quiet", "debug")
 
 
+def _field_option(*decls: str, **attrs: Any) -> Callable[[Callable], Callable]:
+    """click.option whose default is that of the TrainConfig field it sets (config.DEFAULTS), so
+    that dvsg-train and TrainConfig(...) start from the same values."""
+    name = click.Option(list(decls)).name    # the parameter name click derives from the declarations
+    return click.option(*decls, default=DEFAULTS[_FIELD.get(name, name)], **attrs)
+
+
 def _explicit_options(ctx: click.Context) -> dict[str, Any]:
     """TrainConfig field -> value for every option typed on the command line (or set in the
     environment), as opposed to left at its default."""
@@ -128,53 +135,53 @@ def _train_config(ctx: click.Context) -> TrainConfig:
               help="Frame store (frames_T<T>_<split>.zarr, its .zip from dvsprep pack, or an http(s) URL "
                    "of either) or the DATA_ROOT holding frames_T<T>_number.zarr. With --resume: default "
                    "the checkpoint's store.")
-@click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None,
-              help="A whole recipe: seed (SpikingJelly's tutorial: T 16, 256 epochs, AMP, CUDA neurons) or "
-                   "plif (the PLIF paper: T 20, PLIF neurons, 1024 epochs). Options given explicitly win.")
-@click.option("-T", "T", type=click.IntRange(min=1), default=16, show_default=True, help="Time steps (frames per sample).")
-@click.option("-b", "batch_size", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Batch size per process (under torchrun the global batch is -b x WORLD_SIZE).")
-@click.option("--epochs", type=click.IntRange(min=1), default=64, show_default=True)
+@_field_option("--preset", type=click.Choice(sorted(PRESETS)),
+               help="A whole recipe: seed (SpikingJelly's tutorial: T 16, 256 epochs, AMP, CUDA neurons) or "
+                    "plif (the PLIF paper: T 20, PLIF neurons, 1024 epochs). Options given explicitly win.")
+@_field_option("-T", "T", type=click.IntRange(min=1), show_default=True, help="Time steps (frames per sample).")
+@_field_option("-b", "batch_size", type=click.IntRange(min=1), show_default=True,
+               help="Batch size per process (under torchrun the global batch is -b x WORLD_SIZE).")
+@_field_option("--epochs", type=click.IntRange(min=1), show_default=True)
 @click.option("-j", "workers", type=click.IntRange(min=0), default=None,
               help="DataLoader workers when not preloading (default: min(4, CPUs)).")
-@click.option("--threads", type=click.IntRange(min=0), default=1, show_default=True,
-              help="torch CPU threads of this process (0: torch's default, one per core). 1 holds up "
-                   "when the machine is shared and keeps results independent of the load; see the README.")
-@click.option("--channels", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--out-dir", type=click.Path(path_type=Path), default=Path("./logs"), show_default=True)
-@click.option("--run-name", default=None, help="Run folder under --out-dir (default: T16_b16_adam_lr0.001_c128...).")
-@click.option("--resume", type=click.Path(path_type=Path), default=None,
-              help="Continue the run of this checkpoint, in its folder, with its saved settings.")
-@click.option("--init", type=click.Path(path_type=Path), default=None,
-              help="Start a new run from the weights of this checkpoint (dvsg-train's, or the SpikingJelly "
-                   "tutorial's): fresh optimizer, epoch 0.")
-@click.option("--force", is_flag=True, help="Start over in a run folder that already holds a run.")
-@click.option("--amp/--no-amp", default=False, show_default=True,
-              help="Automatic mixed precision (autocast around forward and loss); --no-amp overrides a preset.")
-@click.option("--amp-dtype", type=_CHOICE(["fp16", "bf16"]), default=None,
-              help="fp16 with a GradScaler or bf16 without (default: fp16 on CUDA, bf16 on CPU).")
-@click.option("--cupy/--no-cupy", default=False, show_default=True,
-              help="CUDA neuron kernels (needs pip install 'dvsgesture-kit[cuda]'). Presets use them when "
-                   "the run is on CUDA with CuPy installed; --no-cupy turns that off.")
-@click.option("--opt", type=_CHOICE(OPTIMIZERS), default="adam", show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
-@click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD momentum.")
-@click.option("--lr-scheduler", type=_CHOICE(SCHEDULERS), default="cosalr", show_default=True)
-@click.option("--step-size", type=click.IntRange(min=1), default=32, show_default=True, help="StepLR step (epochs).")
-@click.option("--gamma", type=float, default=0.1, show_default=True, help="StepLR factor.")
-@click.option("--T-max", "t_max", type=click.IntRange(min=1), default=None, help="CosALR period in epochs (default: --epochs).")
-@click.option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when present).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--net", type=_CHOICE(NETS), default="multistep", show_default=True)
-@click.option("--neuron", type=_CHOICE(NEURONS), default="lif", show_default=True)
-@click.option("--preload", type=_CHOICE(PRELOAD), default="auto", show_default=True,
-              help="Hold the store in memory (auto: when it fits, on the GPU first).")
-@click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
-              help="Hold out this share of train for model selection (PLIF paper's accuracy-B).")
-@click.option("--sync-bn", is_flag=True,
-              help="Under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm).")
-@click.option("--data-fingerprint", default=None, metavar="SHA256",
-              help="Refuse to train unless the store's fingerprint is this (or starts with it, >= 12 hex digits).")
+@_field_option("--threads", type=click.IntRange(min=0), show_default=True,
+               help="torch CPU threads of this process (0: torch's default, one per core). 1 holds up "
+                    "when the machine is shared and keeps results independent of the load; see the README.")
+@_field_option("--channels", type=click.IntRange(min=1), show_default=True)
+@_field_option("--out-dir", type=click.Path(path_type=Path), show_default=True)
+@_field_option("--run-name", help="Run folder under --out-dir (default: T16_b16_adam_lr0.001_c128...).")
+@_field_option("--resume", type=click.Path(path_type=Path),
+               help="Continue the run of this checkpoint, in its folder, with its saved settings.")
+@_field_option("--init", type=click.Path(path_type=Path),
+               help="Start a new run from the weights of this checkpoint (dvsg-train's, or the SpikingJelly "
+                    "tutorial's): fresh optimizer, epoch 0.")
+@_field_option("--force", is_flag=True, help="Start over in a run folder that already holds a run.")
+@_field_option("--amp/--no-amp", show_default=True,
+               help="Automatic mixed precision (autocast around forward and loss); --no-amp overrides a preset.")
+@_field_option("--amp-dtype", type=_CHOICE(AMP_DTYPES),
+               help="fp16 with a GradScaler or bf16 without (default: fp16 on CUDA, bf16 on CPU).")
+@_field_option("--cupy/--no-cupy", show_default=True,
+               help="CUDA neuron kernels (needs pip install 'dvsgesture-kit[cuda]'). Presets use them when "
+                    "the run is on CUDA with CuPy installed; --no-cupy turns that off.")
+@_field_option("--opt", type=_CHOICE(OPTIMIZERS), show_default=True)
+@_field_option("--lr", type=float, show_default=True)
+@_field_option("--momentum", type=float, show_default=True, help="SGD momentum.")
+@_field_option("--lr-scheduler", type=_CHOICE(SCHEDULERS), show_default=True)
+@_field_option("--step-size", type=click.IntRange(min=1), show_default=True, help="StepLR step (epochs).")
+@_field_option("--gamma", type=float, show_default=True, help="StepLR factor.")
+@_field_option("--T-max", "t_max", type=click.IntRange(min=1), help="CosALR period in epochs (default: --epochs).")
+@_field_option("--device", help="cpu, cuda, cuda:1, ... (default: cuda when present).")
+@_field_option("--seed", type=int, show_default=True)
+@_field_option("--net", type=_CHOICE(NETS), show_default=True)
+@_field_option("--neuron", type=_CHOICE(NEURONS), show_default=True)
+@_field_option("--preload", type=_CHOICE(PRELOAD), show_default=True,
+               help="Hold the store in memory (auto: when it fits, on the GPU first).")
+@_field_option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), show_default=True,
+               help="Hold out this share of train for model selection (PLIF paper's accuracy-B).")
+@_field_option("--sync-bn", is_flag=True,
+               help="Under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm).")
+@_field_option("--data-fingerprint", metavar="SHA256",
+               help="Refuse to train unless the store's fingerprint is this (or starts with it, >= 12 hex digits).")
 @click.option("-q", "--quiet", is_flag=True, help="Only the per-epoch lines and errors.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @click.version_option(package_name="dvsgesture-kit")

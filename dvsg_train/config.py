@@ -37,7 +37,7 @@ class TrainConfig:
     """A training run. Units: lr per step; step_size, T_max in epochs; val_fraction of train."""
 
     data: str
-    out_dir: str = "./logs"
+    out_dir: str = "logs"
     T: int = 16
     batch_size: int = 16
     epochs: int = 64
@@ -181,3 +181,10 @@ class TrainConfig:
         if self.opt != "sgd":
             d["momentum"] = None
         return d
+
+
+# Every field's default where it is a plain value: dvsg-train's options take theirs from here, so
+# the CLI and the library (TrainConfig(...)) start from the same run. workers has none: its
+# default (min(4, CPUs)) is computed when a TrainConfig is made, and the CLI leaves it to that.
+DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+                            if f.default is not dataclasses.MISSING}

@@ -6,6 +6,9 @@ Two ways to feed the network, with the same sample order for the same generator:
   are built by indexing it with a permutation;
 - a DataLoader over `FrameDataset`, whose workers open the store themselves.
 
+`choose_feed` makes that choice (``--preload``, sized by what fits in memory) for training and
+evaluation alike.
+
 Under DDP (``world_size`` > 1) ``batch_size`` is the batch of one rank: every rank draws the same
 permutation and takes its share (`dvsg_train.distributed.rank_share`) of each global batch of
 ``batch_size * world_size`` samples. Training drops the last partial global batch (every rank
@@ -19,9 +22,9 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -296,6 +299,45 @@ def resolve_preload(preload: str, nbytes: int, device: torch.device,
 
 
 @dataclass
+class Feed:
+    """How a store's frames reach the batches, chosen once by `choose_feed`: held in memory on
+    ``where`` (each split read once) or, where None, streamed by DataLoader workers."""
+
+    path: str
+    where: torch.device | None
+    workers: int = 0
+    pin_memory: bool = False
+    _loaded: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def batches(self, sp: FrameSplit, batch_size: int, indices: np.ndarray | None = None, *,
+                train: bool = False, generator: torch.Generator | None = None,
+                rank: int = 0, world_size: int = 1) -> Batches:
+        """Batches of ``sp`` (or its ``indices``): shuffled from ``generator`` and without the
+        last partial batch when ``train``, else in order and complete."""
+        labels = torch.from_numpy(sp.labels if indices is None else sp.labels[indices])
+        kw = dict(shuffle=train, drop_last=train, generator=generator if train else None,
+                  rank=rank, world_size=world_size)
+        if self.where is None:
+            return Batches(labels, batch_size, dataset=FrameDataset(self.path, sp.name, indices),
+                           workers=self.workers, pin_memory=self.pin_memory, **kw)
+        if sp.name not in self._loaded:         # train and val share one read of the train split
+            self._loaded[sp.name] = sp.load_all()
+        frames = self._loaded[sp.name] if indices is None else self._loaded[sp.name][indices]
+        return Batches(labels, batch_size, frames=torch.from_numpy(frames).to(self.where), **kw)
+
+
+def choose_feed(path: str, splits: Sequence[FrameSplit], preload: str, device: torch.device, *,
+                workers: int = 0, cpu_copies: int = 1) -> Feed:
+    """The preload-or-stream choice of training and evaluation alike: the ``splits`` of the
+    store at ``path`` go where `resolve_preload` puts their frames (sized by the splits' nbytes),
+    else they are streamed (pinned for a CUDA device)."""
+    where = resolve_preload(preload, sum(sp.nbytes for sp in splits), device, cpu_copies=cpu_copies, what=path)
+    if where is not None:
+        log.info("preloading %s into %s memory", path, where.type)
+    return Feed(path, where, workers, pin_memory=device.type == "cuda" and where is None)
+
+
+@dataclass
 class RunData:
     """The batches of a run: train (shuffled, drop_last), val (may be None) and test."""
 
@@ -332,30 +374,12 @@ def load_run_data(path: str | os.PathLike, *, T: int, batch_size: int, device: t
     if len(train_idx) < step:
         raise DataMismatchError(f"{path}: after holding out {len(val_idx)} samples for validation, "
                                 f"{len(train_idx)} train samples remain, fewer than {what}")
-    where = resolve_preload(preload, train_sp.nbytes + test_sp.nbytes, device,
-                            cpu_copies=local_world_size, what=path)
-    pin = device.type == "cuda" and where is None
-
-    loaded: dict[str, np.ndarray] = {}
-
-    def make(sp: FrameSplit, idx: np.ndarray | None, train: bool) -> Batches:
-        labels = torch.from_numpy(sp.labels if idx is None else sp.labels[idx])
-        kw = dict(shuffle=train, drop_last=train, generator=generator if train else None,
-                  rank=rank, world_size=world_size)
-        if where is None:
-            return Batches(labels, batch_size, dataset=FrameDataset(path, sp.name, idx),
-                           workers=workers, pin_memory=pin, **kw)
-        if sp.name not in loaded:
-            loaded[sp.name] = sp.load_all()
-        frames = loaded[sp.name] if idx is None else loaded[sp.name][idx]
-        return Batches(labels, batch_size, frames=torch.from_numpy(frames).to(where), **kw)
-
-    if where is not None:
-        log.info("preloading %s into %s memory", path, where.type)
+    feed = choose_feed(path, (train_sp, test_sp), preload, device, workers=workers, cpu_copies=local_world_size)
+    share = dict(rank=rank, world_size=world_size)
     if val_fraction > 0:
-        train = make(train_sp, train_idx, True)
-        val = make(train_sp, val_idx, False)
+        train = feed.batches(train_sp, batch_size, train_idx, train=True, generator=generator, **share)
+        val = feed.batches(train_sp, batch_size, val_idx, **share)
     else:
-        train, val = make(train_sp, None, True), None
-    return RunData(train=train, val=val, test=make(test_sp, None, False),
-                   fingerprint=store.fingerprint, store_T=store.T, preload_device=where)
+        train, val = feed.batches(train_sp, batch_size, train=True, generator=generator, **share), None
+    return RunData(train=train, val=val, test=feed.batches(test_sp, batch_size, **share),
+                   fingerprint=store.fingerprint, store_T=store.T, preload_device=feed.where)

@@ -13,6 +13,7 @@ import logging
 import os
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,20 +31,20 @@ from . import distributed
 from .checkpoint import (
     LATEST,
     MAX,
+    TrainingState,
     check_data,
     check_resume,
     checkpoint_run_dir,
     load_checkpoint,
-    load_model_state,
-    rng_state,
+    make_payload,
+    restore_state,
     save_checkpoint,
-    set_rng_state,
 )
 from .config import TrainConfig
-from .data import (Batches, FrameDataset, load_run_data, open_store, resolve_preload, resolve_store_path,
-                   store_inputs, to_network_input)
+from .data import (Batches, choose_feed, load_run_data, open_store, resolve_store_path, store_inputs,
+                   to_network_input)
 from .distributed import DistEnv, resolve_device
-from .errors import BackendUnavailableError, CheckpointError, ConfigError, DataMismatchError, TrainError
+from .errors import BackendUnavailableError, ConfigError, DataMismatchError, TrainError
 from .export.network import NetworkWeights, has_linear_bias, load_network, load_weights, read_init_weights, store_T
 from .model import build_model
 from .neuron import check_backend
@@ -169,15 +170,40 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
     return None
 
 
-def _resolved(config: TrainConfig, device: torch.device, world_size: int = 1) -> TrainConfig:
-    """The config with the choices made for this machine written in (saved with the run).
+@dataclass(frozen=True)
+class ResolvedRun:
+    """A run after its one resolution step (`resolve_run`): every later step reads this, never
+    the config as it was asked for.
 
-    Local data paths become absolute (a bare --resume finds the store from anywhere); cupy stays
-    as asked (None: auto), the backend it resolved to is recorded beside it in config.json."""
+    config: saved as it is in config.json and every checkpoint; env: this process's place and
+    device; backend: "torch" or "cupy", what ``config.cupy`` (None: auto) came to on this
+    machine; name: the run folder's name under out_dir for a fresh run."""
+
+    config: TrainConfig
+    env: DistEnv
+    backend: str
+    name: str
+
+    @property
+    def device(self) -> torch.device:
+        return self.env.device
+
+
+def resolve_run(config: TrainConfig, env: DistEnv) -> ResolvedRun:
+    """Write the choices made for this machine into the config: device, world size, amp dtype,
+    T_max (cosalr: --epochs when not given), and an absolute local data path (a bare --resume
+    then finds the store from anywhere); cupy stays as asked, its backend is resolved beside it.
+    BackendUnavailableError when --cupy cannot run here."""
+    device = env.device
+    backend = resolve_backend(config, device)
     data = config.data if url_scheme(config.data) else os.path.abspath(config.data)  # a URL stays as typed
-    return dataclasses.replace(config, device=str(device), world_size=world_size, data=data,
-                               amp_dtype=config.resolved_amp_dtype(device.type),
-                               T_max=config.resolved_T_max() if config.lr_scheduler == "cosalr" else config.T_max)
+    resolved = dataclasses.replace(
+        config, device=str(device), world_size=env.world_size, data=data,
+        amp_dtype=config.resolved_amp_dtype(device.type),
+        T_max=config.resolved_T_max() if config.lr_scheduler == "cosalr" else config.T_max)
+    # named from the options as given (the seed's "_amp", not the dtype it resolved to here)
+    name = config.run_name or dataclasses.replace(config, world_size=env.world_size).default_run_name()
+    return ResolvedRun(resolved, env, backend, name)
 
 
 def resolve_backend(config: TrainConfig, device: torch.device) -> str:
@@ -210,11 +236,12 @@ def cpu_has_bf16() -> bool | None:
     return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(flags))
 
 
-def _warn_slow_amp(rc: TrainConfig, device: torch.device) -> None:
-    """AMP on a CPU without bf16 hardware is emulated: say so once (the run still does what was asked)."""
-    if device.type != "cpu" or rc.amp_dtype is None:
+def _warn_slow_amp(config: TrainConfig, device: torch.device) -> None:
+    """AMP on a CPU without bf16 hardware is emulated: say so once (the run still does what was asked).
+    config: resolved (amp_dtype None means no AMP)."""
+    if device.type != "cpu" or config.amp_dtype is None:
         return
-    if rc.amp_dtype == "fp16":
+    if config.amp_dtype == "fp16":
         log.warning("--amp fp16 on the CPU is emulated and usually slower than fp32; leave --amp out on CPU")
     elif cpu_has_bf16() is False:
         log.warning("--amp on this CPU (no avx512_bf16/amx_bf16) emulates bf16: expect it several times "
@@ -275,13 +302,12 @@ def _verify_store(config: TrainConfig) -> str:
 
 # ----------------------------------------------------------------------------- the run's steps
 
-def _run_dir(config: TrainConfig, rc: TrainConfig) -> Path:
+def _run_dir(run: ResolvedRun) -> Path:
     """Where the run writes: the checkpoint's own folder on resume (an explicit run_name that
     names another folder is refused), else out_dir/<run_name or the default name>."""
+    config = run.config
     if not config.resume:
-        # named from the options as given (the seed's "_amp", not the dtype it resolved to here)
-        default = dataclasses.replace(config, world_size=rc.world_size).default_run_name()
-        return Path(os.path.abspath(Path(config.out_dir) / (config.run_name or default)))
+        return Path(os.path.abspath(Path(config.out_dir) / run.name))
     folder = checkpoint_run_dir(config.resume)
     if config.run_name is not None:
         asked = Path(config.out_dir) / config.run_name
@@ -292,8 +318,9 @@ def _run_dir(config: TrainConfig, rc: TrainConfig) -> Path:
     return folder
 
 
-def _previous_run(config: TrainConfig, rc: TrainConfig, run_dir: Path) -> dict[str, Any] | None:
-    """The checkpoint to continue (checked against this run's settings), or None for a fresh run."""
+def _previous_run(config: TrainConfig, run_dir: Path) -> dict[str, Any] | None:
+    """The checkpoint to continue (checked against this run's resolved settings), or None for a
+    fresh run."""
     # the run folder is an output of the protocol: never the store it reads or inside it, nor a
     # folder holding it or the --init checkpoint (a fresh start with --force removes checkpoints);
     # the folder itself is reused by design (force), its files are published one by one
@@ -301,7 +328,7 @@ def _previous_run(config: TrainConfig, rc: TrainConfig, run_dir: Path) -> dict[s
     check_output(run_dir, "training run", force=True, inputs=inputs, kind="dir", parent=False)
     if config.resume:
         ckpt = load_checkpoint(config.resume)
-        check_resume(ckpt, config.resume, rc)
+        check_resume(ckpt, config.resume, config)
         return ckpt
     if (run_dir / LATEST).exists() and not config.force:
         raise TrainError(f"{run_dir} already holds a run; continue it with --resume "
@@ -309,9 +336,10 @@ def _previous_run(config: TrainConfig, rc: TrainConfig, run_dir: Path) -> dict[s
     return None
 
 
-def _load_data(config: TrainConfig, env: DistEnv, ckpt: dict[str, Any] | None) -> tuple[Any, torch.Generator]:
+def _load_data(run: ResolvedRun, ckpt: dict[str, Any] | None) -> tuple[Any, torch.Generator]:
     """Verify the store (once per machine), open it on every rank, agree on its fingerprint and
     check it against the checkpoint's. Seeds the run and returns (RunData, data-order generator)."""
+    config, env = run.config, run.env
     # local rank 0 hashes every file (and downloads a URL into the cache once), then every rank
     # opens its local copy
     verified = distributed.local_main_first(env, lambda: _verify_store(config), lambda: None)
@@ -379,46 +407,28 @@ def _claim_run_folder(held: contextlib.ExitStack, run_dir: Path, config: TrainCo
     return run_id
 
 
-def _build_training(config: TrainConfig, env: DistEnv, backend: str, amp_dtype: str | None,
-                    ckpt: dict[str, Any] | None = None, init: NetworkWeights | None = None):
+def _build_training(run: ResolvedRun, data_gen: torch.Generator, ckpt: dict[str, Any] | None = None,
+                    init: NetworkWeights | None = None) -> TrainingState:
     """Model (SyncBatchNorm when asked under DDP), optimizer, scheduler and fp16 GradScaler.
     ``init``: start from these weights (--init); Linear biases only for SpikingJelly's weights."""
-    device = env.device
+    config, device = run.config, run.device
     linear_bias = has_linear_bias(ckpt["model"]) if ckpt is not None else bool(init and init.linear_bias)
-    model = build_model(config.channels, config.net, config.neuron, backend, config.tau, linear_bias).to(device)
+    model = build_model(config.channels, config.net, config.neuron, run.backend, config.tau, linear_bias).to(device)
     if init is not None:
         load_weights(model, init)
         log.info("starting from the weights of %s (%s checkpoint)", config.init, init.source)
-    if config.sync_bn and env.enabled:
+    if config.sync_bn and run.env.enabled:
         model = distributed.convert_sync_batchnorm(model, device)
     optimizer = make_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == "fp16" else None
-    return model, optimizer, scheduler, scaler
+    scaler = torch.amp.GradScaler(device.type) if config.amp_dtype == "fp16" else None
+    return TrainingState(model, optimizer, scheduler, scaler, data_gen)
 
 
-def _restore(ckpt: dict[str, Any], path: str, model: nn.Module, optimizer, scheduler, scaler,
-             data_gen: torch.Generator, env: DistEnv) -> tuple[list[dict[str, Any]], int]:
-    """Load every state of a checkpoint into the run; returns (history, first epoch to train)."""
-    load_model_state(model, ckpt, path)
-    try:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(ckpt["scheduler"])
-        if scaler is not None:
-            scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"], data_gen, data_only=env.enabled)
-    except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as exc:
-        raise CheckpointError(f"{path}: optimizer/scheduler/RNG state does not fit "
-                              f"this run ({(str(exc).splitlines() or [''])[0][:160]})") from exc
-    log.info("resuming from %s after epoch %d", path, ckpt["epoch"])
-    return [dict(r) for r in ckpt["history"]], ckpt["epoch"] + 1
-
-
-def _start_run_folder(run_dir: Path, rc: TrainConfig, fresh: bool, run_id: str, backend: str,
-                      fingerprint: str) -> None:
+def _start_run_folder(run_dir: Path, run: ResolvedRun, fresh: bool, run_id: str, fingerprint: str) -> None:
     """config.json with the resolved settings; a fresh start (--force) first removes the outputs
     of the run it replaces, so that nothing of it is left mixed with ours."""
+    rc, backend = run.config, run.backend
     run_dir.mkdir(parents=True, exist_ok=True)
     if fresh:
         for old in [run_dir / LATEST, run_dir / MAX, run_dir / "metrics.jsonl", run_dir / "curves.png",
@@ -434,19 +444,20 @@ def _select(r: dict[str, Any]) -> float:
     return r["val_acc"] if r.get("val_acc") is not None else r["test_acc"]
 
 
-def _train_epochs(config: TrainConfig, rc: TrainConfig, env: DistEnv, run_dir: Path, run_id: str,
-                  parts: tuple, data: Any, data_gen: torch.Generator, history: list[dict[str, Any]],
-                  start_epoch: int, on_epoch: Callable[[dict[str, Any]], None] | None) -> None:
+def _train_epochs(run: ResolvedRun, run_dir: Path, run_id: str, state: TrainingState, net: nn.Module,
+                  data: Any, history: list[dict[str, Any]], start_epoch: int,
+                  on_epoch: Callable[[dict[str, Any]], None] | None) -> None:
     """Epochs start_epoch..epochs-1: train, step the scheduler, evaluate, then (rank 0) save the
-    checkpoints, metrics, curves and scalars of each epoch."""
-    model, net, optimizer, scheduler, scaler = parts
-    device, amp_dtype = env.device, rc.amp_dtype
+    checkpoints, metrics, curves and scalars of each epoch. net: the model as trained (DDP-wrapped
+    under DDP)."""
+    config, env = run.config, run.env
+    model, optimizer, scheduler, scaler = state.model, state.optimizer, state.scheduler, state.scaler
+    device, amp_dtype = env.device, config.amp_dtype
     best_so_far = max((_select(r) for r in history), default=-1.0)
     scalars = Scalars(run_dir, purge_step=start_epoch) if env.is_main else None
     progress = config.progress and env.is_main
     dist_env = env if env.enabled else None
     cuda_rng = device if env.enabled and device.type == "cuda" else None
-    run = {"id": run_id, "name": run_dir.name, "dir": str(run_dir)}
     try:
         for epoch in range(start_epoch, config.epochs):
             if env.enabled:
@@ -479,13 +490,8 @@ def _train_epochs(config: TrainConfig, rc: TrainConfig, env: DistEnv, run_dir: P
             best_so_far = max(best_so_far, _select(record))
             if not env.is_main:
                 continue
-            payload = {
-                "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "rng": rng_state(data_gen, cuda_rng), "config": rc.to_dict(),
-                "data_fingerprint": data.fingerprint, "history": history, "run": run,
-            }
+            payload = make_payload(state, epoch=epoch, config=config, data_fingerprint=data.fingerprint,
+                                   history=history, run_id=run_id, run_dir=run_dir, cuda_device=cuda_rng)
             save_checkpoint(run_dir / LATEST, payload)
             if improved:
                 save_checkpoint(run_dir / MAX, payload)
@@ -502,39 +508,36 @@ def _train_epochs(config: TrainConfig, rc: TrainConfig, env: DistEnv, run_dir: P
 
 
 def _run(config: TrainConfig, env: DistEnv, on_epoch: Callable[[dict[str, Any]], None] | None) -> dict[str, Any]:
-    device = env.device
-    if device.type == "cuda":
+    if env.device.type == "cuda":
         torch.backends.cudnn.benchmark = True    # shapes are fixed: pick the fastest conv once
-    backend = resolve_backend(config, device)
-    rc = _resolved(config, device, env.world_size)
-    _warn_slow_amp(rc, device)
+    run = resolve_run(config, env)
+    config = run.config                          # from here on only the resolved config exists
+    _warn_slow_amp(config, env.device)
     if env.enabled:
         log.info("DDP over %d processes: -b %d per process, global batch %d%s", env.world_size,
-                 config.batch_size, rc.global_batch_size, ", SyncBatchNorm" if config.sync_bn else "")
+                 config.batch_size, config.global_batch_size, ", SyncBatchNorm" if config.sync_bn else "")
     # rank 0 reads the checkpoint and hands it over: other machines need not see the file
-    run_dir, ckpt = distributed.on_main(env, lambda: (lambda d: (d, _previous_run(config, rc, d)))(
-        _run_dir(config, rc)))
+    run_dir, ckpt = distributed.on_main(env, lambda: (lambda d: (d, _previous_run(config, d)))(_run_dir(run)))
     # --init: a new run from a checkpoint's weights (ours or SpikingJelly's), checked before any work
     init = distributed.on_main(env, lambda: read_init_weights(
         config.init, config.channels, config.net, config.neuron, config.tau)) if config.init and ckpt is None else None
-    data, data_gen = _load_data(config, env, ckpt)
+    data, data_gen = _load_data(run, ckpt)
     with contextlib.ExitStack() as held:
         # the folder is locked only once the store checked out: a refused store writes nothing
         run_id = distributed.on_main(env, lambda: _claim_run_folder(held, run_dir, config, ckpt))
-        model, optimizer, scheduler, scaler = _build_training(config, env, backend, rc.amp_dtype, ckpt, init)
+        state = _build_training(run, data_gen, ckpt, init)
         history: list[dict[str, Any]] = []
         start_epoch = 0
         if ckpt is not None:
-            history, start_epoch = _restore(ckpt, config.resume, model, optimizer, scheduler, scaler,
-                                            data_gen, env)
-        net = distributed.wrap_model(env, model)       # DDP: rank 0's weights go to every rank
+            history, start_epoch = restore_state(ckpt, config.resume, state, data_only_rng=env.enabled)
+            log.info("resuming from %s after epoch %d", config.resume, ckpt["epoch"])
+        net = distributed.wrap_model(env, state.model)     # DDP: rank 0's weights go to every rank
         if env.is_main:
-            _start_run_folder(run_dir, rc, ckpt is None, run_id, backend, data.fingerprint)
+            _start_run_folder(run_dir, run, ckpt is None, run_id, data.fingerprint)
         if start_epoch >= config.epochs:
             log.info("checkpoint already at epoch %d of %d; nothing to train", start_epoch - 1, config.epochs)
         else:
-            _train_epochs(config, rc, env, run_dir, run_id, (model, net, optimizer, scheduler, scaler),
-                          data, data_gen, history, start_epoch, on_epoch)
+            _train_epochs(run, run_dir, run_id, state, net, data, history, start_epoch, on_epoch)
         distributed.barrier(env)        # the run's files are complete when any rank returns
     return _summary(history, run_dir, data.fingerprint)
 
@@ -557,16 +560,8 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "test", devi
     if net.weights.data_fingerprint is not None and store.fingerprint != net.weights.data_fingerprint:
         log.warning("%s was trained on a store with another fingerprint than %s", checkpoint, data)
     sp = store.split(split)
-    labels = torch.from_numpy(sp.labels)
-    b = batch_size or net.weights.batch_size
-    where = resolve_preload(preload, sp.nbytes, dev, what=data)
-    if where is None:
-        batches = Batches(labels, b, shuffle=False, drop_last=False,
-                          dataset=FrameDataset(data, split), workers=workers,
-                          pin_memory=dev.type == "cuda")
-    else:
-        batches = Batches(labels, b, shuffle=False, drop_last=False,
-                          frames=torch.from_numpy(sp.load_all()).to(where))
+    feed = choose_feed(data, (sp,), preload, dev, workers=workers)
+    batches = feed.batches(sp, batch_size or net.weights.batch_size)
     model = net.model.to(dev)
     result = evaluate(model, batches, dev)
     result.update(epoch=net.weights.epoch, split=split, config={**net.config, "T": store.T},

@@ -124,3 +124,34 @@ def test_load_run_data_uint16_and_validation(tmp_path):
     assert data.test.n_samples == 11 and data.fingerprint == open_frame_store(path).fingerprint
     with pytest.raises(DataMismatchError, match="fewer than one batch"):
         load_run_data(path, T=2, batch_size=64, device=torch.device("cpu"))
+
+
+def test_training_and_evaluation_share_one_preload_choice(store, tmp_path, monkeypatch):
+    """load_run_data and evaluate_checkpoint both choose in `choose_feed`: the same --preload puts
+    the frames in the same place, sized by the splits each of them reads."""
+    import dvsg_train.data as data_module
+    from dvsg_train import engine
+    from dvsg_train.config import TrainConfig
+
+    summary = engine.main(TrainConfig(data=str(store), out_dir=str(tmp_path), T=3, batch_size=6, epochs=1,
+                                      channels=4, device="cpu", workers=0))
+    ckpt = f"{summary['run_dir']}/checkpoint_latest.pt"
+    asked, evaluated = [], []
+    real = data_module.resolve_preload
+    monkeypatch.setattr(data_module, "resolve_preload", lambda preload, nbytes, device, **kw:
+                        asked.append((preload, nbytes)) or real(preload, nbytes, device, **kw))
+    monkeypatch.setattr(engine, "evaluate", lambda model, batches, device, **kw: evaluated.append(batches)
+                        or {"loss": 0.0, "acc": 0.0, "samples": 0, "confusion": None})
+    sizes = {name: open_frame_store(store).split(name).nbytes for name in ("train", "test")}
+    for preload in ("cpu", "none"):
+        data = load_run_data(store, T=3, batch_size=6, device=torch.device("cpu"), preload=preload,
+                             generator=torch.Generator().manual_seed(0))
+        engine.evaluate_checkpoint(ckpt, str(store), device="cpu", preload=preload)
+        test = evaluated[-1]
+        assert (data.test.frames is None, test.frames is None) == (preload == "none",) * 2
+        if preload == "cpu":
+            assert torch.equal(test.frames, data.test.frames) and test.frames.device.type == "cpu"
+        else:
+            assert test.dataset.path == data.test.dataset.path and test.workers == data.test.workers == 0
+    assert asked == [("cpu", sizes["train"] + sizes["test"]), ("cpu", sizes["test"]),
+                     ("none", sizes["train"] + sizes["test"]), ("none", sizes["test"])]

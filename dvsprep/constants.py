@@ -53,6 +53,10 @@ GESTURE_NAMES = (
     "air_guitar",
     "other_gestures",
 )
+# The label of a gesture seen in a mirror (x -> W-1-x): a right hand wave mirrored IS a left hand
+# wave, a right arm turning clockwise mirrored IS a left arm turning counter-clockwise; the other
+# gestures are their own mirror images. MIRROR_LABEL[label] is the mirrored label (an involution).
+MIRROR_LABEL = (0, 2, 1, 6, 5, 4, 3, 7, 8, 9, 10)
 LIGHTINGS = ("fluorescent", "fluorescent_led", "lab", "led", "natural")
 
 

@@ -1,0 +1,312 @@
+"""Seeded augmentations of integrated frames, on the batch's device, for the training step only.
+
+Every transform is a pure function of a batch ``x`` [T, B, 2, H, W] (any float dtype, any
+device) and, where labels matter, soft targets [B, 11] (float32), plus explicit parameters: the
+transforms draw nothing. `augment_batch` draws the parameters of a whole `AugmentSpec` from one
+`torch.Generator` on the batch's device, seeded by (seed, epoch, rank, step) in
+`augment_generator`, so a resumed run draws exactly what an uninterrupted one would and DDP ranks
+draw different augmentations. No transform leaves the device or loops over samples in Python.
+
+The mirror is label-aware: a gesture seen in a mirror is another gesture for 4 of the 11 classes
+(`dvsprep.constants.MIRROR_LABEL`), which flipping without relabelling silently corrupts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dvsprep.constants import MIRROR_LABEL, N_CLASSES
+
+from .errors import ConfigError
+
+# --------------------------------------------------------------------------- the transforms
+
+
+def mirror(x: Tensor, target: Tensor, flip: Tensor) -> tuple[Tensor, Tensor]:
+    """Mirror the samples where ``flip`` [B] (bool) is set: x -> W-1-x, and their targets [B, 11]
+    permuted by MIRROR_LABEL (a right hand wave mirrored is a left hand wave)."""
+    sel = flip.view(1, -1, 1, 1, 1)
+    x = torch.where(sel, x.flip(-1), x)
+    perm = torch.tensor(MIRROR_LABEL, device=target.device)
+    return x, torch.where(flip.view(-1, 1), target[:, perm], target)
+
+
+def affine(x: Tensor, matrix: Tensor, shift: Tensor) -> Tensor:
+    """Move every sample by its own affine map about the image centre, nearest neighbour, zero fill.
+
+    x [T, B, C, H, W]; matrix [B, 2, 2] acts on (x, y) pixel coordinates; shift [B, 2] (dx, dy) in
+    pixels. An input pixel p lands at ``matrix @ (p - c) + c + shift`` with c the centre
+    ((W-1)/2, (H-1)/2): each output pixel takes the input pixel nearest to where it came from
+    (ties round up), so counts stay counts; pixels that come from outside the image are 0.
+    Identity matrix and integer shifts move counts exactly.
+    """
+    T, B, C, H, W = x.shape
+    dev = x.device
+    ys, xs = torch.meshgrid(torch.arange(H, device=dev, dtype=torch.float32),
+                            torch.arange(W, device=dev, dtype=torch.float32), indexing="ij")
+    centre = torch.tensor([(W - 1) / 2, (H - 1) / 2], device=dev)
+    q = torch.stack([xs, ys], -1).reshape(1, H * W, 2) - centre - shift.to(torch.float32).view(B, 1, 2)
+    inv = torch.linalg.inv(matrix.to(torch.float32))
+    src = torch.floor(q @ inv.transpose(1, 2) + centre + 0.5).to(torch.int64)    # [B, H*W, 2]
+    sx, sy = src[..., 0], src[..., 1]
+    inside = (sx >= 0) & (sx < W) & (sy >= 0) & (sy < H)
+    index = (sy.clamp(0, H - 1) * W + sx.clamp(0, W - 1)).view(1, B, 1, H * W).expand(T, B, C, H * W)
+    out = x.reshape(T, B, C, H * W).gather(3, index)
+    return (out * inside.view(1, B, 1, H * W).to(x.dtype)).view(T, B, C, H, W)
+
+
+def translate(x: Tensor, shift: Tensor) -> Tensor:
+    """Move each sample by integer pixels, shift [B, 2] (dx, dy), zero fill: x [T, B, C, H, W]."""
+    eye = torch.eye(2, device=x.device).expand(x.shape[1], 2, 2)
+    return affine(x, eye, shift)
+
+
+def thin(x: Tensor, keep: float, generator: torch.Generator) -> Tensor:
+    """Binomial thinning of event counts x [T, B, C, H, W]: each counted event is kept with
+    probability ``keep`` independently, which is what dropping events before integration gives."""
+    counts = x.to(torch.float32)
+    kept = torch.binomial(counts, torch.full_like(counts, keep), generator=generator)
+    return kept.to(x.dtype)
+
+
+def cutout(x: Tensor, corner: Tensor, size: int) -> Tensor:
+    """Zero a size x size square per sample at all time steps; corner [B, 2] (x0, y0), the square
+    covering x0 <= x < x0+size, y0 <= y < y0+size (clipped at the border). x [T, B, C, H, W]."""
+    T, B, C, H, W = x.shape
+    xs = torch.arange(W, device=x.device).view(1, 1, W)
+    ys = torch.arange(H, device=x.device).view(1, H, 1)
+    x0, y0 = corner[:, 0].view(B, 1, 1), corner[:, 1].view(B, 1, 1)
+    box = (xs >= x0) & (xs < x0 + size) & (ys >= y0) & (ys < y0 + size)          # [B, H, W]
+    return x.masked_fill(box.view(1, B, 1, H, W), 0)
+
+
+def take_times(x: Tensor, index: Tensor) -> Tensor:
+    """Frames chosen per sample: index [B, T'] (time indices) -> [T', B, C, H, W] from x [T, B, C, H, W]."""
+    T, B, C, H, W = x.shape
+    idx = index.t().reshape(-1, B, 1, 1, 1).expand(index.shape[1], B, C, H, W)
+    return x.gather(0, idx)
+
+
+def subsample_index(keys: Tensor, T_out: int) -> Tensor:
+    """Random sorted subsampling: the T_out time steps with the smallest ``keys`` [B, T], in time
+    order -> [B, T_out]."""
+    return keys.argsort(dim=1)[:, :T_out].sort(dim=1).values
+
+
+def crop_index(start: Tensor, T_out: int) -> Tensor:
+    """A window of T_out consecutive time steps from start [B] -> [B, T_out]."""
+    return start.view(-1, 1) + torch.arange(T_out, device=start.device).view(1, -1)
+
+
+def mixup(x: Tensor, target: Tensor, lam: Tensor, perm: Tensor) -> tuple[Tensor, Tensor]:
+    """Each sample b becomes lam[b] * itself + (1 - lam[b]) * sample perm[b], targets alike.
+    x [T, B, C, H, W], target [B, 11], lam [B] in [0, 1], perm [B] (a permutation of the batch)."""
+    lx = lam.to(x.dtype).view(1, -1, 1, 1, 1)
+    lt = lam.to(target.dtype).view(-1, 1)
+    return x * lx + x[:, perm] * (1 - lx), target * lt + target[perm] * (1 - lt)
+
+
+def cutmix(x: Tensor, target: Tensor, box: Tensor, perm: Tensor) -> tuple[Tensor, Tensor]:
+    """Paste, into each sample b, the box [B, 4] (x0, y0, x1, y1; half-open) of sample perm[b] at all
+    time steps; its target mixes in perm[b]'s by the box's share of the image."""
+    T, B, C, H, W = x.shape
+    xs = torch.arange(W, device=x.device).view(1, 1, W)
+    ys = torch.arange(H, device=x.device).view(1, H, 1)
+    inside = ((xs >= box[:, 0].view(B, 1, 1)) & (xs < box[:, 2].view(B, 1, 1))
+              & (ys >= box[:, 1].view(B, 1, 1)) & (ys < box[:, 3].view(B, 1, 1)))
+    x = torch.where(inside.view(1, B, 1, H, W), x[:, perm], x)
+    share = inside.view(B, -1).sum(1).to(target.dtype).view(-1, 1) / (H * W)
+    return x, target * (1 - share) + target[perm] * share
+
+
+def smooth(target: Tensor, eps: float) -> Tensor:
+    """Label smoothing of targets [B, 11]: (1 - eps) * target + eps / 11."""
+    return target * (1 - eps) + eps / N_CLASSES
+
+
+# --------------------------------------------------------------------------- the switch
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentSpec:
+    """What ``--augment`` asks for (0 / False = off); see `parse_augment` for the text form."""
+
+    mirror: bool = False        # label-aware horizontal mirror of half the samples
+    translate: int = 0          # max |dx|, |dy| in pixels, uniform integers
+    rotate: float = 0.0         # max |angle| in degrees
+    shear: float = 0.0          # max |shear angle| in degrees (along x)
+    scale: float = 0.0          # zoom uniform in [1 - scale, 1 + scale]
+    drop: float = 0.0           # probability of dropping each event (binomial thinning)
+    cutout: int = 0             # side of a zeroed square per sample, pixels
+    crop: int = 0               # keep a random window of this many time steps
+    subsample: int = 0          # keep this many random time steps, in order
+    mixup: float = 0.0          # probability per batch of mixup (lam ~ U(0, 1) per sample)
+    cutmix: float = 0.0         # probability per batch of cutmix (mixup and cutmix exclude each other)
+    smooth: float = 0.0         # label smoothing eps
+
+    @property
+    def active(self) -> bool:
+        return self != AugmentSpec()
+
+    def text(self) -> str:
+        """The canonical text form (what parse_augment reads back; "" when nothing is on)."""
+        parts = []
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool):
+                parts += [f.name] if v else []
+            elif v:
+                parts.append(f"{f.name}={v:g}" if isinstance(v, float) else f"{f.name}={v}")
+        return ",".join(parts)
+
+
+# name -> (type, lowest, highest value accepted); 0 means off
+_BOUNDS: dict[str, tuple[type, float, float]] = {
+    "translate": (int, 0, 64), "rotate": (float, 0, 180), "shear": (float, 0, 60), "scale": (float, 0, 0.9),
+    "drop": (float, 0, 0.99), "cutout": (int, 0, 128), "crop": (int, 0, 1 << 16), "subsample": (int, 0, 1 << 16),
+    "mixup": (float, 0, 1), "cutmix": (float, 0, 1), "smooth": (float, 0, 1),
+}
+
+
+def parse_augment(text: str) -> AugmentSpec:
+    """``mirror,translate=8,rotate=15,drop=0.1,mixup=0.5`` -> AugmentSpec; "" or "none" -> nothing.
+    Raises ConfigError (one line) for an unknown name, a missing or malformed value, or one out of
+    its range; values must be finite."""
+    text = text.strip()
+    if text in ("", "none"):
+        return AugmentSpec()
+    values: dict[str, Any] = {}
+    for item in text.split(","):
+        name, eq, raw = (s.strip() for s in item.partition("="))
+        if name in values:
+            raise ConfigError(f"--augment: {name!r} given twice")
+        if name == "mirror":
+            if eq:
+                raise ConfigError("--augment: 'mirror' takes no value")
+            values[name] = True
+            continue
+        if name not in _BOUNDS:
+            known = ", ".join(["mirror", *_BOUNDS])
+            raise ConfigError(f"--augment: unknown augmentation {name!r} (known: {known})")
+        kind, low, high = _BOUNDS[name]
+        if not eq or not raw:
+            raise ConfigError(f"--augment: {name!r} needs a value ({name}=...)")
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise ConfigError(f"--augment: {name}={raw!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value) or not low <= value <= high:
+            raise ConfigError(f"--augment: {name}={raw} is outside {low:g}..{high:g}")
+        values[name] = value
+    spec = AugmentSpec(**values)
+    if spec.mixup + spec.cutmix > 1:
+        raise ConfigError(f"--augment: mixup={spec.mixup:g} and cutmix={spec.cutmix:g} add up to more than 1")
+    if spec.crop and spec.subsample and spec.subsample > spec.crop:
+        raise ConfigError(f"--augment: subsample={spec.subsample} keeps more time steps than crop={spec.crop}")
+    return spec
+
+
+def check_spec_T(spec: AugmentSpec, T: int) -> None:
+    """The time-step options need at most T steps (the store's T)."""
+    for name in ("crop", "subsample"):
+        n = getattr(spec, name)
+        if n > T:
+            raise ConfigError(f"--augment: {name}={n} needs at least {n} time steps; the store has T={T}")
+
+
+def augment_generator(seed: int, epoch: int, rank: int, step: int, device: torch.device) -> torch.Generator:
+    """The generator of one training step's augmentations: a function of (seed, epoch, rank, step)
+    only, so resuming reproduces it and ranks differ."""
+    digest = hashlib.sha256(f"dvsg-augment/{seed}/{epoch}/{rank}/{step}".encode()).digest()
+    g = torch.Generator(device=device)
+    g.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return g
+
+
+def _uniform(g: torch.Generator, n: int, low: float, high: float, device: torch.device) -> Tensor:
+    return low + (high - low) * torch.rand(n, generator=g, device=device)
+
+
+def _randint(g: torch.Generator, n: int, low: int, high: int, device: torch.device) -> Tensor:
+    """Uniform integers low..high inclusive, [n] int64."""
+    return torch.randint(low, high + 1, (n,), generator=g, device=device)
+
+
+def _geometry(spec: AugmentSpec, B: int, g: torch.Generator, dev: torch.device) -> tuple[Tensor, Tensor]:
+    """Per-sample affine matrices [B, 2, 2] and integer shifts [B, 2] for rotate/shear/scale/translate."""
+    rad = math.pi / 180
+    angle = _uniform(g, B, -spec.rotate, spec.rotate, dev) * rad
+    shear = torch.tan(_uniform(g, B, -spec.shear, spec.shear, dev) * rad)
+    zoom = _uniform(g, B, 1 - spec.scale, 1 + spec.scale, dev)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    rot = torch.stack([torch.stack([cos, -sin], -1), torch.stack([sin, cos], -1)], -2)
+    sh = torch.zeros(B, 2, 2, device=dev)
+    sh[:, 0, 0] = 1
+    sh[:, 1, 1] = 1
+    sh[:, 0, 1] = shear
+    matrix = zoom.view(B, 1, 1) * (rot @ sh)
+    shift = torch.stack([_randint(g, B, -spec.translate, spec.translate, dev),
+                         _randint(g, B, -spec.translate, spec.translate, dev)], -1)
+    return matrix, shift
+
+
+def augment_batch(spec: AugmentSpec, x: Tensor, labels: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Apply ``spec`` to a training batch: x [T, B, 2, H, W], labels [B] (int64) -> (x' [T', B, 2, H, W],
+    soft targets [B, 11] float32). Parameters are drawn from ``g`` in a fixed order (so the same
+    generator state gives the same batch); an option that is off draws nothing."""
+    T, B, C, H, W = x.shape
+    dev = x.device
+    target = torch.nn.functional.one_hot(labels, N_CLASSES).to(torch.float32)
+    if spec.crop:
+        x = take_times(x, crop_index(_randint(g, B, 0, T - spec.crop, dev), spec.crop))
+    if spec.subsample:
+        x = take_times(x, subsample_index(torch.rand(B, x.shape[0], generator=g, device=dev), spec.subsample))
+    if spec.drop:
+        x = thin(x, 1 - spec.drop, g)
+    if spec.mirror:
+        x, target = mirror(x, target, torch.rand(B, generator=g, device=dev) < 0.5)
+    if spec.rotate or spec.shear or spec.scale:
+        matrix, shift = _geometry(spec, B, g, dev)
+        x = affine(x, matrix, shift)
+    elif spec.translate:
+        x = translate(x, torch.stack([_randint(g, B, -spec.translate, spec.translate, dev),
+                                      _randint(g, B, -spec.translate, spec.translate, dev)], -1))
+    if spec.cutout:
+        corner = torch.stack([_randint(g, B, -spec.cutout + 1, W - 1, dev),
+                              _randint(g, B, -spec.cutout + 1, H - 1, dev)], -1)
+        x = cutout(x, corner, spec.cutout)
+    if spec.mixup or spec.cutmix:
+        x, target = _mix(spec, x, target, g)
+    if spec.smooth:
+        target = smooth(target, spec.smooth)
+    return x, target
+
+
+def _mix(spec: AugmentSpec, x: Tensor, target: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Mixup with probability spec.mixup, else cutmix with probability spec.cutmix, per batch.
+    The coin stays on the device: both outcomes are computed and one is selected, so no host sync."""
+    T, B, C, H, W = x.shape
+    dev = x.device
+    u = torch.rand((), generator=g, device=dev)
+    perm = torch.randperm(B, generator=g, device=dev)
+    out_x, out_t = x, target
+    if spec.mixup:
+        mx, mt = mixup(x, target, torch.rand(B, generator=g, device=dev), perm)
+        use = u < spec.mixup
+        out_x, out_t = torch.where(use, mx, out_x), torch.where(use, mt, out_t)
+    if spec.cutmix:
+        # box side sqrt(1 - lam) of the image with lam ~ U(0, 1), centred anywhere, clipped
+        side = torch.sqrt(torch.rand(B, generator=g, device=dev))
+        cx, cy = torch.rand(B, generator=g, device=dev) * W, torch.rand(B, generator=g, device=dev) * H
+        half_w, half_h = side * W / 2, side * H / 2
+        box = torch.stack([(cx - half_w).clamp(0, W), (cy - half_h).clamp(0, H),
+                           (cx + half_w).clamp(0, W), (cy + half_h).clamp(0, H)], -1).round().to(torch.int64)
+        cx_, ct = cutmix(x, target, box, perm)
+        use = (u >= spec.mixup) & (u < spec.mixup + spec.cutmix)
+        out_x, out_t = torch.where(use, cx_, out_x), torch.where(use, ct, out_t)
+    return out_x, out_t

@@ -243,7 +243,8 @@ def test_every_command_takes_upper_case_suffixes(tmp_path):
 
 def test_the_trainer_asks_the_same_resolver(tmp_path):
     from dvsg_train.data import resolve_store_path
-    from dvsg_train.engine import _resolved
+    from dvsg_train.distributed import DistEnv
+    from dvsg_train.engine import resolve_run
     from dvsg_train.config import TrainConfig
     import torch
 
@@ -255,5 +256,6 @@ def test_the_trainer_asks_the_same_resolver(tmp_path):
     assert resolve_store_path("HTTPS://host/x.zip", 4) == "HTTPS://host/x.zip"
     # a URL (any scheme) is saved as typed; a local path absolute
     for data in ("HTTPS://host/x.zip", "s3://b/x.zip"):
-        assert _resolved(TrainConfig(data=data), torch.device("cpu")).data == data
-    assert _resolved(TrainConfig(data="rel/store.zarr"), torch.device("cpu")).data == os.path.abspath("rel/store.zarr")
+        assert resolve_run(TrainConfig(data=data), DistEnv(device=torch.device("cpu"))).config.data == data
+    local = resolve_run(TrainConfig(data="rel/store.zarr"), DistEnv(device=torch.device("cpu")))
+    assert local.config.data == os.path.abspath("rel/store.zarr")

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -253,3 +254,20 @@ def test_corrupt_archive(tmp_path):
     with pytest.raises(ReleaseError, match="unreadable archive"):
         with open_release(f, scratch=tmp_path):
             pass
+
+
+def test_the_published_manifest_lives_once_in_data_manifests():
+    """data_manifests/ (the README's name for it) is the one copy; the package reaches it through
+    the dvsprep/data link, which the wheel ships as a file."""
+    import json
+    import subprocess
+
+    from dvsprep.raw import load_published_manifest
+
+    root = Path(__file__).resolve().parents[1]
+    assert (root / "dvsprep" / "data").is_symlink()
+    assert (root / "dvsprep" / "data").resolve() == (root / "data_manifests").resolve()
+    assert load_published_manifest() == json.loads((root / "data_manifests" / "dvs128_gesture.json").read_text())
+    tracked = subprocess.run(["git", "ls-files", "*dvs128_gesture.json"], cwd=root, capture_output=True,
+                             text=True).stdout.split()
+    assert tracked in ([], ["data_manifests/dvs128_gesture.json"])   # [] outside a git checkout

@@ -12,8 +12,9 @@ import runs) does not import torch until one of them is used.
 """
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from dvsprep.lazy import lazy_face
 
 __version__ = "0.1.0"
 
@@ -26,19 +27,7 @@ _PUBLIC = {
 }
 
 __all__ = sorted(_PUBLIC)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _PUBLIC:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module, attr = _PUBLIC[name]
-    value = getattr(importlib.import_module(module), attr)
-    globals()[name] = value  # later lookups skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:  # what tab completion offers: the public face
-    return sorted({*__all__, "__version__"})
+__getattr__, __dir__ = lazy_face(__name__, _PUBLIC)
 
 
 if TYPE_CHECKING:  # for type checkers and editors; never run

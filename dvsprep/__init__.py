@@ -16,35 +16,24 @@ the CLI's included, and must stay cheap (no numpy, h5py or zarr until something 
 """
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .lazy import lazy_face
 
 __version__ = "0.1.0"
 
-# public name -> the module that defines it (a wing's face or a command)
+# public name -> (the module that defines it: a wing's face or a command, its name there)
 _PUBLIC = {
-    "open_frame_store": "dvsprep.frames",
-    "build_frame_store": "dvsprep.frames",
-    "pack_store": "dvsprep.frames",
-    "open_events": "dvsprep.events",
-    "convert_release": "dvsprep.events",
-    "verify_path": "dvsprep.verify",
+    "open_frame_store": ("dvsprep.frames", "open_frame_store"),
+    "build_frame_store": ("dvsprep.frames", "build_frame_store"),
+    "pack_store": ("dvsprep.frames", "pack_store"),
+    "open_events": ("dvsprep.events", "open_events"),
+    "convert_release": ("dvsprep.events", "convert_release"),
+    "verify_path": ("dvsprep.verify", "verify_path"),
 }
 
 __all__ = sorted(_PUBLIC)
-
-
-def __getattr__(name: str) -> Any:
-    module = _PUBLIC.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:  # what tab completion offers: the public face
-    return sorted({*__all__, "__version__"})
+__getattr__, __dir__ = lazy_face(__name__, _PUBLIC)
 
 
 if TYPE_CHECKING:  # for type checkers and editors; never run

@@ -122,7 +122,7 @@ def test_no_import_cycles():
     assert not found, "import cycles:\n" + "\n".join(lines)
 
 
-HELPERS = {"constants", "errors", "atomic", "workers", "resources", "cache", "inputs"}
+HELPERS = {"constants", "errors", "atomic", "workers", "resources", "cache", "inputs", "lazy"}
 WINGS = ("integrity", "raw", "events", "frames")     # lowest first
 COMMANDS = {"cli", "info", "show", "verify"}
 THIRD_PARTY_TORCH = ("torch", "spikingjelly", "cupy", "dvsg_train")

@@ -18,10 +18,9 @@ from click.core import ParameterSource
 
 from dvsprep.errors import DvsprepError
 
-from .config import AMP_DTYPES, DEFAULTS, OPTIMIZERS, PRELOAD, SCHEDULERS, TrainConfig
-from .distributed import FAILED_RANK_ATTR, env_rank
+from .config import AMP_DTYPES, DEFAULTS, NETS, NEURONS, OPTIMIZERS, PRELOAD, SCHEDULERS, TrainConfig
 from .errors import TrainError
-from .model import NETS, NEURONS
+from .launch_env import FAILED_RANK_ATTR, env_rank
 from .presets import PRESETS
 
 log = logging.getLogger("dvsg_train")
@@ -105,8 +104,7 @@ def _explicit_options(ctx: click.Context) -> dict[str, Any]:
 def _train_config(ctx: click.Context) -> TrainConfig:
     """A fresh run: defaults < --preset < explicit options. --resume: the checkpoint's settings
     with the explicit options that do not change its numbers (see `resume_config`)."""
-    from .checkpoint import resume_config
-    from .distributed import _env_int
+    from .launch_env import _env_int
     from .presets import apply_preset
 
     p = ctx.params
@@ -118,6 +116,7 @@ def _train_config(ctx: click.Context) -> TrainConfig:
     if p["resume"] is not None:
         if p["force"]:
             raise click.UsageError("--force starts a run over and cannot be combined with --resume")
+        from .checkpoint import resume_config   # torch: imported when work begins, not for a usage error
         return resume_config(p["resume"], given, world_size=max(1, _env_int("WORLD_SIZE", 1)))
     if p["data"] is None:
         raise click.UsageError("Missing option '--data' (needed unless --resume CKPT continues a run).")
@@ -195,12 +194,12 @@ def train_main(quiet: bool, debug: bool, **options: Any) -> None:
     Several GPUs or machines: start it with torchrun, e.g.
     torchrun --nproc-per-node 8 -m dvsg_train --data STORE -b 16 (global batch 128).
     """
-    from .engine import main
     from .report import epoch_line
 
     _setup_logging(not quiet)
     main_rank = _rank() == 0
     config = _train_config(click.get_current_context())
+    from .engine import main   # torch: imported when work begins, after the usage errors
     summary = main(config, on_epoch=lambda r: click.echo(epoch_line(r)))
     if summary["epochs"] and main_rank:
         click.echo(f"run: {summary['run_dir']}")

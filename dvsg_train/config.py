@@ -8,8 +8,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
-from .model import NETS, NEURONS
 
+# The choices of dvsg-train's options live here, with no torch import, so that --help and usage
+# errors return at once (model.py uses NETS and NEURONS from here).
+NETS = ("multistep", "stepwise")
+NEURONS = ("lif", "plif")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULERS = ("cosalr", "steplr", "none")
 PRELOAD = ("auto", "cpu", "gpu", "none")

@@ -30,32 +30,16 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .errors import ConfigError, TrainError
+# the environment helpers live in a torch-free module (the CLI needs them before any work)
+from .launch_env import (ENV_LOCAL_RANK, ENV_LOCAL_WORLD, ENV_RANK, ENV_WORLD, FAILED_RANK_ATTR,  # noqa: F401
+                         _env_int, env_rank)
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# Rendezvous variables torchrun (and torch.multiprocessing launchers) set for every worker.
-ENV_RANK, ENV_WORLD, ENV_LOCAL_RANK, ENV_LOCAL_WORLD = "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"
 # How long a rank waits at a collective (a slow store verification on another machine included).
 TIMEOUT = datetime.timedelta(minutes=30)
-# Attribute set on an exception raised on every rank because one rank (its value) failed.
-FAILED_RANK_ATTR = "dvsg_failed_rank"
-
-
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise ConfigError(f"environment variable {name}={value!r} is not an integer") from None
-
-
-def env_rank() -> int:
-    """This process's global rank from the environment (0 outside torchrun)."""
-    return _env_int(ENV_RANK, 0)
 
 
 def resolve_device(device: str | None) -> torch.device:

@@ -17,11 +17,10 @@ from torch import Tensor, nn
 
 from dvsprep.constants import N_CLASSES, N_POLARITIES, SENSOR_H, SENSOR_W
 
+from .config import NETS, NEURONS
 from .errors import ConfigError
 from .neuron import LIF, PLIF, MultiStepLIF, MultiStepPLIF
 
-NETS = ("multistep", "stepwise")
-NEURONS = ("lif", "plif")
 N_BLOCKS = 5
 VOTE = 10
 DROPOUT_P = 0.5

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import logging
 import os
 import re
 import shutil
@@ -32,6 +33,8 @@ from typing import Callable, Iterable, Iterator, Literal
 from .errors import InputOutputClashError, MissingFileError, OutputLockedError, StoreError, StoreExistsError
 from .inputs import url_scheme
 from .resources import disk_full, no_space_error
+
+log = logging.getLogger(__name__)
 
 # The one wording of "refused: it exists" (tests and the README quote it).
 EXISTS = "already exists (use --force to replace it)"
@@ -250,6 +253,13 @@ class Publication:
         self.inputs = local_paths(inputs)
         self.tmp: Path | None = None
         self._held: ExitStack | None = None
+        self._published: list[Callable[[], object]] = []
+
+    def on_published(self, fn: Callable[[], object]) -> None:
+        """Call ``fn()`` once the output is in place, with its lock still held (a writer records
+        the verified-marker of what it wrote there: `dvsprep.integrity.trust.vouch`). An error in
+        ``fn`` is logged, never raised: the output is published by then."""
+        self._published.append(fn)
 
     def _check(self) -> None:
         check_output(self.final, self.what, force=self.force, inputs=self.inputs, kind=self.kind,
@@ -281,7 +291,14 @@ class Publication:
             if disk_full(exc):
                 raise no_space_error(self.final) from None
             raise
-        self._release()
+        try:
+            for fn in self._published:
+                try:
+                    fn()
+                except Exception as exc:  # noqa: BLE001 - a marker is a saving, never a failure
+                    log.debug("%s: after publishing: %s", self.final, exc)
+        finally:
+            self._release()
 
     def abort(self) -> None:
         """Remove the temporary (whatever state it is in) and release the lock; never raises."""

@@ -18,7 +18,7 @@ from ..raw import decode_buffer, map_file
 from ..atomic import check_output, publishing, remove_path, same_or_inside, scratch_dir
 from ..constants import EVENTS_NAME, N_CLASSES, SPLITS, T_DTYPE, XY_DTYPE
 from ..errors import InputOutputClashError, ReleaseError
-from .store import EventsWriter
+from .store import EventsWriter, vouch_events
 from ..raw import (
     Recording,
     cut_samples,
@@ -183,8 +183,10 @@ def convert_release(
     created = _missing_parents(out_dir)
     try:
         # one Ctrl-C stops the conversion; more presses cannot interrupt its clean-up
-        with interrupt_once(), publishing(out, "events.h5", force=force, inputs=inputs, parent=False) as tmp:
+        publication = publishing(out, "events.h5", force=force, inputs=inputs, parent=False)
+        with interrupt_once(), publication as tmp:
             summary = _convert_locked(raw, out_dir, out, tmp, jobs or os.cpu_count() or 1, strict, progress)
+            vouch_events(publication, summary.fingerprint)   # the next reader here does not hash it again
     except BaseException:
         for d in created:  # deepest first; only if still empty
             try:

@@ -170,6 +170,7 @@ class EventsWriter:
         self.f.close()
         self._closed = True
         if self._publication is not None:
+            vouch_events(self._publication, fp)
             self._publication.commit()
         return fp
 
@@ -199,6 +200,14 @@ class EventsWriter:
                 self.tmp.unlink(missing_ok=True)
             if self._publication is not None:
                 self._publication.abort()
+
+
+def vouch_events(publication: Publication, fingerprint: str) -> None:
+    """The writer of the events.h5 that `publication` publishes vouches for it (its manifest was
+    hashed from the arrays as they were written): the verified-marker is recorded once it is in
+    place, so the next open on this machine does not hash it again (`trust.record_written`)."""
+    final = publication.final
+    trust.vouch(publication, "events", fingerprint, lambda: {"": trust.stamp_path(final)})
 
 
 def _ds_entry(dtype: Any, shape: tuple, digest: str) -> dict:

@@ -32,6 +32,7 @@ from .store import (
     samples_per_shard,
     split_counts,
     store_attributes,
+    vouch_store,
     write_metadata,
     writing_every_chunk,
 )
@@ -225,11 +226,12 @@ def build_frame_store(
     shard = samples_per_shard(T, np.uint8)
     _check_resources(out_path, T, shard, jobs)
     # one Ctrl-C stops the build; more presses cannot interrupt its clean-up
-    with interrupt_once(), publishing(out_path, "frame store", force=force, inputs=[events_path],
-                                      kind="dir") as tmp:
+    publication = publishing(out_path, "frame store", force=force, inputs=[events_path], kind="dir")
+    with interrupt_once(), publication as tmp:
         events_fp, stamp, meta = _read_events_meta(events_path)
         summary = _build(events_path, tmp, out_path, events_fp, stamp, meta, T=T, split_by=split_by, jobs=jobs,
                          codec=dict(codec or DEFAULT_CODEC), progress=progress, t_begin=t_begin)
+        vouch_store(publication, summary.fingerprint)   # the next reader here does not hash it again
     log.info("frames: %s written, fingerprint %s", out_path, summary.fingerprint)
     return summary
 

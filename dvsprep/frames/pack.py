@@ -18,7 +18,7 @@ from pathlib import Path
 from .files import MAX_MANIFEST_BYTES, StoreFiles, is_zip_path, parse_manifest
 from ..errors import IntegrityError, MissingFileError, StoreError
 from ..atomic import check_output, publishing
-from .store import open_frame_store
+from .store import open_frame_store, vouch_store
 from ..integrity import MANIFEST_NAME, sha256_bytes
 
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
@@ -79,7 +79,9 @@ def pack_store(store: str | os.PathLike, out: str | os.PathLike | None = None, f
         raise StoreError(f"{out}: a packed store's name must end in .zip")
     check_output(out, "packed store", force=force, inputs=[store])
     files, manifest, raw = _checked_source(store)
-    with publishing(out, "packed store", force=force, inputs=[store]) as tmp:
+    publication = publishing(out, "packed store", force=force, inputs=[store])
+    with publication as tmp:
+        vouch_store(publication, sha256_bytes(raw))   # every member was checked as it was copied
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
             for name in sorted(manifest["files"]):
                 want = manifest["files"][name]
@@ -109,7 +111,9 @@ def unpack_store(archive: str | os.PathLike, out: str | os.PathLike | None = Non
     out = Path(out)
     check_output(out, "store", force=force, inputs=[archive], kind="dir")
     files, manifest, raw = _checked_source(archive)
-    with publishing(out, "store", force=force, inputs=[archive], kind="dir") as tmp:
+    publication = publishing(out, "store", force=force, inputs=[archive], kind="dir")
+    with publication as tmp:
+        vouch_store(publication, sha256_bytes(raw))   # every file is checked as it is copied
         tmp.mkdir()
         for name in sorted(manifest["files"]):
             target = tmp.joinpath(*name.split("/"))  # names were checked: relative, no '..'

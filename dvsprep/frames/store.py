@@ -34,9 +34,9 @@ from zarr.storage import LocalStore
 
 from . import schema
 from ..integrity import trust
-from ..atomic import check_output, publishing
+from ..atomic import Publication, check_output, publishing
 from .integrate import check_params
-from .files import StoreFiles, open_store_files
+from .files import DirFiles, StoreFiles, open_store_files
 from .check import (
     Layout,
     _fast_codec,
@@ -57,7 +57,7 @@ from ..constants import (
     SPLITS,
 )
 from ..errors import IntegrityError, StoreError
-from ..integrity import dir_manifest, write_dir_manifest
+from ..integrity import dir_manifest, stamp_path, write_dir_manifest
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +227,16 @@ def finish_store(tmp: Path) -> str:
     return write_dir_manifest(tmp, dir_manifest(tmp, kind="frames"))
 
 
+def vouch_store(publication: Publication, fingerprint: str) -> None:
+    """The writer of the store (a directory or a packed .zip) that `publication` publishes vouches
+    for it (every file was hashed into its manifest as it was written or copied): the
+    verified-marker is recorded once it is in place, so the next open on this machine does not
+    hash it again (`trust.record_written`)."""
+    final = publication.final
+    trust.vouch(publication, "frames", fingerprint,
+                lambda: {"": stamp_path(final)} if final.is_file() else DirFiles(final).stamps())
+
+
 def write_frame_store_from_arrays(
     path: str | os.PathLike,
     *,
@@ -258,7 +268,8 @@ def write_frame_store_from_arrays(
         dtypes.add(fr.dtype)
     dtype = max(dtypes, key=lambda d: d.itemsize) if dtypes else FRAME_DTYPES[0]
     shard = samples_per_shard(T, dtype)
-    with publishing(final, "frame store", force=force, kind="dir") as tmp:
+    publication = publishing(final, "frame store", force=force, kind="dir")
+    with publication as tmp:
         sizes = {name: int(np.asarray(sp["frames"]).shape[0]) for name, sp in splits.items()}
         group = create_layout(tmp, T=T, sizes=sizes, dtype=dtype, codec=codec, shard_samples=shard)
         counts = {}
@@ -273,6 +284,7 @@ def write_frame_store_from_arrays(
                                             events_fingerprint=events_fingerprint, codec=codec,
                                             shard_samples=shard))
         fp = finish_store(tmp)
+        vouch_store(publication, fp)
     return fp
 
 

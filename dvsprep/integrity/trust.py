@@ -13,6 +13,21 @@ ctime cannot be set from user space (``touch -d`` restores mtime, not ctime), so
 in place and given back its old mtime still misses the marker. Timestamps are coarse (a clock
 tick), so files changed within `RACY_NS` before a verification began are not trusted to a
 marker: that verification writes none and the next open verifies again.
+
+A writer vouches for what it wrote (`vouch`, `record_written`): convert, frames, pack and unpack
+record the marker of their output from the hashes they computed while writing, once it is
+published and with its lock still held, so the next reader on this machine does not hash it
+again. Its files were changed an instant ago, so the racy window cannot be waited out (that
+would take RACY_NS per command); the writer instead waits out the filesystem's own clock tick:
+it touches its lock file (beside the output, so on the same filesystem) until that file's ctime
+is past the newest ctime of the output's files (a few milliseconds; up to the granularity, e.g.
+1-2 s, on filesystems with coarse timestamps, and no marker when it takes longer), then stats
+the output again and records the marker only if nothing changed. From then on every change to
+the output gets a later ctime, so a byte changed after the writer finished is caught by the
+stamps and the next open verifies in full, exactly as with a verifier's marker. What stamps
+cannot see is a change by another process within the same clock tick as the writer's own last
+write (while the writer is still publishing): the one residual case, of the same nature as the
+racy window that the verifier's rule closes by not writing a marker.
 """
 from __future__ import annotations
 
@@ -24,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from ..atomic import atomic_write, clean_stale_temps
+from ..atomic import Publication, atomic_write, clean_stale_temps, lock_path
 from ..cache import MARKERS_DIR, cache_subdir
 from ..errors import IntegrityError
 
@@ -33,6 +48,9 @@ log = logging.getLogger(__name__)
 # Bump when the checks a full verification makes change: older markers then no longer count.
 CHECKS_VERSION = 2
 RACY_NS = 1_000_000_000
+# How long a writer waits for the filesystem's clock to move past its output (`record_written`):
+# more than the coarsest timestamps it may meet (FAT: 2 s); a few milliseconds on ext4, xfs, tmpfs.
+TICK_WAIT_S = 3.0
 MAX_MARKER_BYTES = 64 << 20
 
 Stamp = tuple[int, int, int, int, int]
@@ -82,6 +100,55 @@ def record_verified(kind: str, path: str | os.PathLike, fingerprint: str, stamps
     writable: the store is then simply verified again next time."""
     if any(s[2] >= started_ns - RACY_NS for s in stamps.values()):
         return False
+    return _write_marker(kind, path, fingerprint, stamps, cache_dir)
+
+
+def record_written(kind: str, path: str | os.PathLike, fingerprint: str, stamps: Callable[[], Mapping[str, Stamp]],
+                   *, probe: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
+                   max_wait_s: float = TICK_WAIT_S) -> bool:
+    """The writer's marker: `path` was just written with this `fingerprint` (from the hashes the
+    writer computed), and ``stamps()`` gives the stamps of its files as published.
+
+    Waits until the filesystem's clock has passed the newest ctime of those files, probing with
+    `probe` (default: the output's lock file, which the writer holds; it lies beside `path`, on
+    the same filesystem), then takes the stamps again: the marker is written only if they did not
+    change. Any later change to the output then gets a later ctime and misses the marker. False
+    (no marker: the next reader verifies in full) when the clock does not move past within
+    `max_wait_s`, a stamp changed, the probe is missing, or the cache is not writable."""
+    try:
+        first = dict(stamps())
+        if not first:
+            return False
+        newest = max(s[2] for s in first.values())   # ctime: what no one can set back
+        probe = Path(probe) if probe is not None else lock_path(Path(path))
+        deadline = time.monotonic() + max_wait_s
+        delay = 0.0005
+        while True:
+            os.utime(probe)  # now, as the filesystem sees it: sets the probe's mtime and ctime
+            if os.stat(probe).st_ctime_ns > newest:
+                break
+            if time.monotonic() >= deadline:
+                log.debug("no verified-marker for %s: the filesystem clock did not move past it", path)
+                return False
+            time.sleep(delay)
+            delay = min(2 * delay, 0.05)
+        if dict(stamps()) != first:
+            return False
+    except (OSError, ValueError) as exc:
+        log.debug("no verified-marker for %s: %s", path, exc)
+        return False
+    return _write_marker(kind, path, fingerprint, first, cache_dir)
+
+
+def vouch(publication: Publication, kind: str, fingerprint: str, stamps: Callable[[], Mapping[str, Stamp]]) -> None:
+    """Have `publication` record the writer's marker of its output (`record_written`) once it is
+    published, with its lock still held."""
+    final = publication.final
+    publication.on_published(lambda: record_written(kind, final, fingerprint, stamps))
+
+
+def _write_marker(kind: str, path: str | os.PathLike, fingerprint: str, stamps: Mapping[str, Stamp],
+                  cache_dir: str | os.PathLike | None) -> bool:
     marker = _marker_file(kind, path, cache_dir)
     data = json.dumps(_body(kind, path, fingerprint, stamps), sort_keys=True).encode()
     try:

@@ -161,8 +161,14 @@ class AugmentSpec:
             if isinstance(v, bool):
                 parts += [f.name] if v else []
             elif v:
-                parts.append(f"{f.name}={v:g}" if isinstance(v, float) else f"{f.name}={v}")
+                parts.append(f"{f.name}={_number(v)}")
         return ",".join(parts)
+
+
+def _number(v: float | int) -> str:
+    """The shortest text that reads back as exactly ``v`` (15.0 -> "15", 0.1 -> "0.1")."""
+    text = repr(v)
+    return text[:-2] if text.endswith(".0") else text
 
 
 # name -> (type, lowest, highest value accepted); 0 means off

@@ -7,7 +7,7 @@ transforms draw nothing. `augment_batch` draws the parameters of a whole `Augmen
 `augment_generator`, so a resumed run draws exactly what an uninterrupted one would and DDP ranks
 draw different augmentations. No transform leaves the device or loops over samples in Python.
 
-The mirror is label-aware: a gesture seen in a mirror is another gesture for 4 of the 11 classes
+The mirror is label-aware: a gesture seen in a mirror is another gesture for 6 of the 11 classes
 (`dvsprep.constants.MIRROR_LABEL`), which flipping without relabelling silently corrupts.
 """
 from __future__ import annotations

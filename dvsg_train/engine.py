@@ -28,6 +28,7 @@ from dvsprep.inputs import url_scheme
 
 from . import __version__
 from . import distributed
+from .augment import AugmentSpec, augment_batch, augment_generator, check_spec_T
 from .checkpoint import (
     LATEST,
     MAX,
@@ -44,7 +45,6 @@ from .config import TrainConfig
 from .data import (Batches, choose_feed, load_run_data, open_store, resolve_store_path, store_inputs,
                    to_network_input)
 from .distributed import DistEnv, resolve_device
-from .augment import AugmentSpec, augment_batch, augment_generator, check_spec_T
 from .errors import BackendUnavailableError, ConfigError, DataMismatchError, TrainError
 from .export.network import NetworkWeights, has_linear_bias, load_network, load_weights, read_init_weights, store_T
 from .model import build_model

@@ -7,7 +7,7 @@ transforms draw nothing. `augment_batch` draws the parameters of a whole `Augmen
 `augment_generator`, so a resumed run draws exactly what an uninterrupted one would and DDP ranks
 draw different augmentations. No transform leaves the device or loops over samples in Python.
 
-The mirror is label-aware: a gesture seen in a mirror is another gesture for 4 of the 11 classes
+The mirror is label-aware: a gesture seen in a mirror is another gesture for 6 of the 11 classes
 (`dvsprep.constants.MIRROR_LABEL`), which flipping without relabelling silently corrupts.
 """
 from __future__ import annotations
@@ -161,8 +161,14 @@ class AugmentSpec:
             if isinstance(v, bool):
                 parts += [f.name] if v else []
             elif v:
-                parts.append(f"{f.name}={v:g}" if isinstance(v, float) else f"{f.name}={v}")
+                parts.append(f"{f.name}={_number(v)}")
         return ",".join(parts)
+
+
+def _number(v: float | int) -> str:
+    """The shortest text that reads back as exactly ``v`` (15.0 -> "15", 0.1 -> "0.1")."""
+    text = repr(v)
+    return text[:-2] if text.endswith(".0") else text
 
 
 # name -> (type, lowest, highest value accepted); 0 means off

@@ -363,7 +363,7 @@ OPTION_NAMES = {"T": "-T", "batch_size": "-b", "global_batch_size": "-b", "chann
                 "net": "--net", "neuron": "--neuron", "tau": "tau", "opt": "--opt", "lr": "--lr",
                 "momentum": "--momentum", "lr_scheduler": "--lr-scheduler", "step_size": "--step-size",
                 "gamma": "--gamma", "T_max": "--T-max", "amp": "--amp", "amp_dtype": "--amp-dtype",
-                "seed": "--seed", "val_fraction": "--val-fraction"}
+                "seed": "--seed", "val_fraction": "--val-fraction", "augment": "--augment"}
 # Fields of a run's place and of one invocation: never taken from a checkpoint.
 _NOT_SETTINGS = ("out_dir", "run_name", "resume", "force", "preset")
 

@@ -85,6 +85,18 @@ def _field_option(*decls: str, **attrs: Any) -> Callable[[Callable], Callable]:
     return click.option(*decls, default=DEFAULTS[_FIELD.get(name, name)], **attrs)
 
 
+def _augment_text(value: str) -> str:
+    """--augment SPEC in its canonical form (names case-insensitive, as other choices); a bad SPEC
+    is a usage error (exit 2)."""
+    from .augment import parse_augment
+    from .errors import ConfigError
+
+    try:
+        return parse_augment(value.lower()).text()
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc).removeprefix("--augment: ")) from None
+
+
 def _explicit_options(ctx: click.Context) -> dict[str, Any]:
     """TrainConfig field -> value for every option typed on the command line (or set in the
     environment), as opposed to left at its default."""
@@ -135,7 +147,8 @@ def _train_config(ctx: click.Context) -> TrainConfig:
                    "of either) or the DATA_ROOT holding frames_T<T>_number.zarr. With --resume: default "
                    "the checkpoint's store.")
 @_field_option("--preset", type=click.Choice(sorted(PRESETS)),
-               help="A whole recipe: seed (SpikingJelly's tutorial: T 16, 256 epochs, AMP, CUDA neurons) or "
+               help="A whole recipe: seed (SpikingJelly's tutorial: T 16, 256 epochs, AMP, CUDA neurons), "
+                    "seed-augment (the seed plus the published augmentations, label-aware mirror) or "
                     "plif (the PLIF paper: T 20, PLIF neurons, 1024 epochs). Options given explicitly win.")
 @_field_option("-T", "T", type=click.IntRange(min=1), show_default=True, help="Time steps (frames per sample).")
 @_field_option("-b", "batch_size", type=click.IntRange(min=1), show_default=True,
@@ -181,6 +194,10 @@ def _train_config(ctx: click.Context) -> TrainConfig:
                help="Under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm).")
 @_field_option("--data-fingerprint", metavar="SHA256",
                help="Refuse to train unless the store's fingerprint is this (or starts with it, >= 12 hex digits).")
+@_field_option("--augment", metavar="SPEC", callback=lambda ctx, param, value: _augment_text(value),
+               help="Training augmentations on the device, e.g. mirror,translate=5,rotate=30,drop=0.1,"
+                    "mixup=0.5,smooth=0.1 (mirror relabels left/right gestures; see the README). "
+                    "Evaluation never augments.")
 @click.option("-q", "--quiet", is_flag=True, help="Only the per-epoch lines and errors.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @click.version_option(package_name="dvsgesture-kit")

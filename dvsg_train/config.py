@@ -5,9 +5,12 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .augment import AugmentSpec
 
 # The choices of dvsg-train's options live here, with no torch import, so that --help and usage
 # errors return at once (model.py uses NETS and NEURONS from here).
@@ -24,7 +27,7 @@ AMP_DTYPES = ("fp16", "bf16")
 # number of processes when -b x processes stays the same (see `resume_key`).
 RESUME_FIELDS = ("T", "batch_size", "channels", "net", "neuron", "tau", "opt", "lr", "momentum",
                  "lr_scheduler", "step_size", "gamma", "T_max", "amp", "amp_dtype", "seed",
-                 "val_fraction")
+                 "val_fraction", "augment")
 # Fields that fix the model's shape: dvsg-eval needs these from a checkpoint.
 MODEL_FIELDS = ("channels", "net", "neuron", "tau")
 # Fields a bare --resume takes from the checkpoint besides RESUME_FIELDS: they do not change the
@@ -73,6 +76,7 @@ class TrainConfig:
     world_size: int = 1                    # processes the run is spread over (set by the engine)
     threads: int = 1                       # torch CPU threads; 0: torch's default (one per core)
     preset: str | None = None              # the --preset the values came from (recorded only)
+    augment: str = ""                      # --augment SPEC, canonical (AugmentSpec.text()); "": none
 
     @property
     def global_batch_size(self) -> int:
@@ -126,8 +130,18 @@ class TrainConfig:
             if not 12 <= len(fp) <= 64 or any(c not in "0123456789abcdef" for c in fp):
                 raise ConfigError(f"data_fingerprint must be 12 to 64 hex digits (a store's sha256 "
                                   f"or its prefix), got {self.data_fingerprint!r}")
+        self.augment = self.augment_spec().text()     # canonical: one spelling per augmentation
         if self.cupy and self.net != "multistep":
             raise ConfigError("--cupy runs the multi-step neurons; it cannot be used with --net stepwise")
+
+    def augment_spec(self) -> "AugmentSpec":
+        """The training augmentations (`dvsg_train.augment`); ConfigError for a bad --augment or
+        time-step options that need more than T steps."""
+        from .augment import check_spec_T, parse_augment    # torch only when a config is built
+
+        spec = parse_augment(self.augment)
+        check_spec_T(spec, self.T)
+        return spec
 
     @property
     def backend(self) -> str:
@@ -160,6 +174,9 @@ class TrainConfig:
             name += f"_val{self.val_fraction:g}"
         if self.sync_bn:
             name += "_syncbn"
+        if self.augment:
+            # mirror,translate=8,mixup=0.5 -> _aug-mirror-translate8-mixup0.5
+            name += "_aug-" + self.augment.replace(",", "-").replace("=", "")
         return name
 
     def to_dict(self) -> dict[str, Any]:

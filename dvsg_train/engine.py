@@ -28,6 +28,7 @@ from dvsprep.inputs import url_scheme
 
 from . import __version__
 from . import distributed
+from .augment import AugmentSpec, augment_batch, augment_generator, check_spec_T
 from .checkpoint import (
     LATEST,
     MAX,
@@ -61,9 +62,15 @@ def _autocast(device: torch.device, amp_dtype: str | None):
     return torch.autocast(device_type=device.type, dtype=AMP_TORCH_DTYPES[amp_dtype])
 
 
-def _loss(out: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """MSE between firing rates [B, 11] and one-hot labels, in float32."""
-    return F.mse_loss(out.float(), F.one_hot(labels, N_CLASSES).float())
+def _loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE between firing rates [B, 11] and targets [B, 11] (one-hot labels, or the soft targets
+    of mixup / label smoothing), in float32."""
+    return F.mse_loss(out.float(), target.float())
+
+
+def _one_hot(labels: torch.Tensor) -> torch.Tensor:
+    """labels [B] -> one-hot targets [B, 11] float32."""
+    return F.one_hot(labels, N_CLASSES).float()
 
 
 def _progress(iterable, enabled: bool, desc: str, total: int):
@@ -77,12 +84,18 @@ def _progress(iterable, enabled: bool, desc: str, total: int):
 def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.Optimizer,
                     device: torch.device, *, scaler: torch.amp.GradScaler | None = None,
                     amp_dtype: str | None = None, progress: bool = False,
-                    dist_env: DistEnv | None = None) -> dict[str, float]:
+                    dist_env: DistEnv | None = None, augment: AugmentSpec | None = None,
+                    seed: int = 0, epoch: int = 0) -> dict[str, float]:
     """One pass over ``batches`` with one optimizer step per batch.
 
     amp_dtype: None, "fp16" (needs ``scaler``) or "bf16" (no scaler); autocast covers forward
-    and loss. Returns loss (mean MSE), acc, samples, seconds, samples_per_s; under DDP
-    (``dist_env``, ``model`` wrapped in DDP) over the samples of all ranks.
+    and loss. augment: augmentations of each batch on the device (None or an inactive spec:
+    none; the targets are then exactly one-hot), drawn from ``augment_generator(seed, epoch,
+    rank, step)`` with step the batch's index in the epoch and rank ``dist_env``'s (0 without
+    DDP). Returns loss (mean MSE against the targets), acc (share of samples whose output's
+    argmax is the target's argmax: the label without augmentation, the mirrored label of a
+    mirrored sample, the larger share of a mixed one), samples, seconds, samples_per_s; under
+    DDP (``dist_env``, ``model`` wrapped in DDP) over the samples of all ranks.
     """
     if amp_dtype == "fp16" and scaler is None:
         raise ValueError("fp16 autocast needs a GradScaler")
@@ -91,12 +104,18 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
     correct = torch.zeros((), dtype=torch.int64, device=device)
     n = 0
     start = time.perf_counter()
-    for frames, labels in _progress(batches, progress, "train", len(batches)):
+    rank = dist_env.rank if dist_env is not None else 0
+    augmenting = augment is not None and augment.active
+    for step, (frames, labels) in enumerate(_progress(batches, progress, "train", len(batches))):
         x, y = to_network_input(frames, labels, device)
+        if augmenting:
+            x, target = augment_batch(augment, x, y, augment_generator(seed, epoch, rank, step, device))
+        else:
+            target = _one_hot(y)
         optimizer.zero_grad(set_to_none=True)
         with _autocast(device, amp_dtype):
             out = model(x)
-            loss = _loss(out, y)
+            loss = _loss(out, target)
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -105,7 +124,7 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
             loss.backward()
             optimizer.step()
         loss_sum += loss.detach().double() * len(y)
-        correct += (out.detach().argmax(1) == y).sum()
+        correct += (out.detach().argmax(1) == (target.argmax(1) if augmenting else y)).sum()
         n += len(y)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -126,6 +145,7 @@ def evaluate(model: nn.Module, batches: Batches, device: torch.device, *,
              amp_dtype: str | None = None, progress: bool = False,
              dist_env: DistEnv | None = None) -> dict[str, Any]:
     """Loss and accuracy over ``batches`` (eval mode), plus confusion [11, 11] (rows = true).
+    Never augments: the samples as they are, the targets one-hot.
 
     Under DDP each rank passes its unwrapped model and its share of the split (every sample in
     exactly one rank's share); sums are reduced over ranks, so the result covers the split once."""
@@ -138,7 +158,7 @@ def evaluate(model: nn.Module, batches: Batches, device: torch.device, *,
         x, y = to_network_input(frames, labels, device)
         with _autocast(device, amp_dtype):
             out = model(x)
-            loss = _loss(out, y)
+            loss = _loss(out, _one_hot(y))
         loss_sum += loss.double() * len(y)
         # index_add_ into a fixed-size tensor: no host sync (bincount reads the max back)
         cell = y * N_CLASSES + out.argmax(1)
@@ -363,6 +383,7 @@ def _load_data(run: ResolvedRun, ckpt: dict[str, Any] | None) -> tuple[Any, torc
     log.info("data %s (fingerprint %s): %d train, %d val, %d test samples", config.data,
              data.fingerprint, data.train.n_samples, data.val.n_samples if data.val else 0,
              data.test.n_samples)
+    check_spec_T(config.augment_spec(), data.store_T)      # crop/subsample fit the store's T
     if ckpt is not None:
         check_data(ckpt, config.resume, data.fingerprint, config.data)
     return data, data_gen
@@ -457,6 +478,7 @@ def _train_epochs(run: ResolvedRun, run_dir: Path, run_id: str, state: TrainingS
     scalars = Scalars(run_dir, purge_step=start_epoch) if env.is_main else None
     progress = config.progress and env.is_main
     dist_env = env if env.enabled else None
+    augment = config.augment_spec()
     cuda_rng = device if env.enabled and device.type == "cuda" else None
     try:
         for epoch in range(start_epoch, config.epochs):
@@ -466,7 +488,8 @@ def _train_epochs(run: ResolvedRun, run_dir: Path, run_id: str, state: TrainingS
             t0 = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
             train = train_one_epoch(net, data.train, optimizer, device, scaler=scaler,
-                                    amp_dtype=amp_dtype, progress=progress, dist_env=dist_env)
+                                    amp_dtype=amp_dtype, progress=progress, dist_env=dist_env,
+                                    augment=augment, seed=config.seed, epoch=epoch)
             if scheduler is not None:
                 scheduler.step()
             distributed.broadcast_buffers(env, model)

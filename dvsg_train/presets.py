@@ -31,6 +31,20 @@ PRESETS: dict[str, Preset] = {p.name: p for p in (
                     val_fraction=0.0),
     ),
     Preset(
+        name="seed-augment",
+        summary="the seed's network, optimiser and schedule plus the published DVS128 Gesture augmentations, "
+                "with the label-aware mirror",
+        source="the seed preset plus: QKFormer's dvs128-gesture train.py (Zhou et al., NeurIPS 2024): random "
+               "horizontal flip, SNNAugmentWide (TrivialAugment-style: translate up to 5 px, rotate up to 30 "
+               "degrees, shear up to 0.3 rad = 17 degrees, nearest neighbour), mixup with probability 0.5, "
+               "label smoothing 0.1; EventDrop (Gu et al., IJCAI 2021): random event drop (0.1 here). The "
+               "flip relabels the 4 left/right gestures (MIRROR_LABEL), which the published code does not",
+        values=dict(T=16, batch_size=16, epochs=256, channels=128, net="multistep", neuron="lif", tau=2.0,
+                    opt="adam", lr=1e-3, lr_scheduler="cosalr", T_max=64, amp=True, cupy=None,
+                    val_fraction=0.0,
+                    augment="mirror,translate=5,rotate=30,shear=17,drop=0.1,mixup=0.5,smooth=0.1"),
+    ),
+    Preset(
         name="plif",
         summary="the PLIF paper's DVS128 Gesture run (Fang et al., ICCV 2021), accuracy-A protocol",
         source="Fang et al., 'Incorporating Learnable Membrane Time Constant to Enhance Learning of Spiking "

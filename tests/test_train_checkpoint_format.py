@@ -83,7 +83,9 @@ def test_a_checkpoint_written_before_the_move_resumes(tmp_path):
     # what the package writes now is the same format: same container, same payload keys
     assert set(torch.load(run_dir / "checkpoint_latest.pt", weights_only=True)) == CONTAINER_KEYS
     assert set(ckpt) == PAYLOAD_KEYS and ckpt["format"] == FORMAT
-    assert set(ckpt["config"]) == set(legacy_payload(str(store), fingerprint, run_dir)["config"])
+    # config fields added since (augment) take their defaults: the legacy run had no augmentation
+    assert set(ckpt["config"]) == set(legacy_payload(str(store), fingerprint, run_dir)["config"]) | {"augment"}
+    assert ckpt["config"]["augment"] == ""
 
 
 def _state() -> TrainingState:

@@ -284,9 +284,10 @@ def test_torchrun_cli_counts_every_test_sample_once(store, served, tmp_path, mon
     base, requests = served
     url = f"{base}/{store.name}/"
     monkeypatch.setenv("DVSPREP_CACHE", str(tmp_path / "cache"))
-    # from a URL, on the step-by-step net (neuron state reset per rank and step) with PLIF
+    # from a URL, on the step-by-step net (neuron state reset per rank and step) with PLIF, and
+    # augmented (each rank its own draws; evaluation is not augmented, as dvsg-eval shows below)
     res = torchrun("--data", url, "--out-dir", str(runs), "--data-fingerprint", fp[:16],
-                   "--sync-bn", "--net", "stepwise", "--neuron", "plif")
+                   "--sync-bn", "--net", "stepwise", "--neuron", "plif", "--augment", "mirror,translate=4,mixup=0.5")
     assert res.returncode == 0, res.stderr[-3000:]
     # one machine, two ranks: every file of the store was downloaded exactly once
     files = json.loads((store / "manifest.json").read_text())["files"]
@@ -295,9 +296,10 @@ def test_torchrun_cli_counts_every_test_sample_once(store, served, tmp_path, mon
     assert sum(l.startswith("epoch = 0, ") for l in lines) == 1           # rank 0 alone prints
     assert sum(l.startswith("max test acc") for l in lines) == 1
     assert "DDP over 2 processes: -b 3 per process, global batch 6, SyncBatchNorm" in res.stderr
-    run = runs / "T2_b6_adam_lr0.001_c4_plif_stepwise_syncbn"
+    run = runs / "T2_b6_adam_lr0.001_c4_plif_stepwise_syncbn_aug-mirror-translate4-mixup0.5"
     config = json.loads((run / "config.json").read_text())
     assert config["world_size"] == 2 and config["data_fingerprint"] == fp
+    assert config["augment"] == "mirror,translate=4,mixup=0.5"
     test_acc = json.loads((run / "metrics.jsonl").read_text())["test_acc"]
     # one process evaluating the saved model finds the accuracy the two ranks reported together
     res = CliRunner().invoke(eval_main, ["--checkpoint", str(run / "checkpoint_latest.pt"), "--data",

@@ -17,6 +17,9 @@ SEED = dict(T=16, batch_size=16, epochs=256, channels=128, net="multistep", neur
 PLIF = dict(T=20, batch_size=16, epochs=1024, channels=128, net="multistep", neuron="plif", tau=2.0, opt="adam",
             lr=1e-3, lr_scheduler="cosalr", T_max=64, amp=False, cupy=None, val_fraction=0.0, seed=2020,
             preset="plif")
+# the seed's run plus the published augmentations (README "Presets"), in canonical order
+SEED_AUGMENT = {**SEED, "preset": "seed-augment",
+                "augment": "mirror,translate=5,rotate=30,shear=17,drop=0.1,mixup=0.5,smooth=0.1"}
 
 
 def resolve(*args: str):
@@ -25,12 +28,13 @@ def resolve(*args: str):
         return _train_config(ctx)
 
 
-@pytest.mark.parametrize("name, want", [("seed", SEED), ("plif", PLIF)])
+@pytest.mark.parametrize("name, want", [("seed", SEED), ("plif", PLIF), ("seed-augment", SEED_AUGMENT)])
 def test_preset_resolves_to_documented_values(name, want):
     cfg = resolve("--data", "d", "--preset", name)
     assert {k: getattr(cfg, k) for k in want} == want
     assert cfg.backend == "auto"            # CUDA kernels when the run is on CUDA, else torch
-    assert set(PRESETS) == {"seed", "plif"}
+    assert set(PRESETS) == {"seed", "plif", "seed-augment"}
+    assert cfg.augment == want.get("augment", "")          # the tutorial and the paper: no augmentation
 
 
 def test_explicit_options_override_a_preset():

@@ -96,6 +96,10 @@ EXACT = {
     "StepLR": ["--lr-scheduler", "steplr", "--step-size", "1", "--gamma", "0.5", "--lr", "0.05"],
     "SGD momentum": ["--opt", "sgd", "--momentum", "0.9", "--lr", "0.1", "--T-max", "3"],
     "val-fraction": ["--val-fraction", "0.25", "--T-max", "3", "--lr", "0.05"],
+    # every random draw of the recipe (mirror, geometry, thinning, cutout, mixup) comes from the
+    # generator of (seed, epoch, rank, step), which a resumed run rebuilds
+    "augment": ["--augment", "mirror,translate=4,rotate=10,drop=0.2,cutout=16,mixup=0.5,smooth=0.1",
+                "--T-max", "3", "--lr", "0.05"],
 }
 
 
@@ -116,6 +120,8 @@ def test_bare_resume_reproduces_the_uninterrupted_run(store, tmp_path, case):
     assert not same(got["model"], cut["model"]) and not same(got["optimizer"], cut["optimizer"])
     if case == "fp16 GradScaler":
         assert want["scaler"] is not None and want["scaler"]["scale"] > 0
+    if case == "augment":
+        assert got["config"]["augment"] == want["config"]["augment"] == EXACT[case][1]
     if case == "StepLR":
         assert [r["lr"] for r in got["history"]] == [0.05, 0.025, 0.0125]
     if case == "SGD momentum":

@@ -88,7 +88,7 @@ def _field_option(*decls: str, **attrs: Any) -> Callable[[Callable], Callable]:
 def _augment_text(value: str) -> str:
     """--augment SPEC in its canonical form (names case-insensitive, as other choices); a bad SPEC
     is a usage error (exit 2)."""
-    from .augment import parse_augment
+    from .augment_spec import parse_augment
     from .errors import ConfigError
 
     try:

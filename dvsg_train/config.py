@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import ConfigError
 
 if TYPE_CHECKING:
-    from .augment import AugmentSpec
+    from .augment_spec import AugmentSpec
 
 # The choices of dvsg-train's options live here, with no torch import, so that --help and usage
 # errors return at once (model.py uses NETS and NEURONS from here).
@@ -137,7 +137,7 @@ class TrainConfig:
     def augment_spec(self) -> "AugmentSpec":
         """The training augmentations (`dvsg_train.augment`); ConfigError for a bad --augment or
         time-step options that need more than T steps."""
-        from .augment import check_spec_T, parse_augment    # torch only when a config is built
+        from .augment_spec import check_spec_T, parse_augment
 
         spec = parse_augment(self.augment)
         check_spec_T(spec, self.T)

@@ -81,14 +81,16 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
     """One pass over ``batches`` with one optimizer step per batch.
 
     amp_dtype: None, "fp16" (needs ``scaler``) or "bf16" (no scaler); autocast covers forward
-    and loss. Returns loss (mean MSE), acc, samples, seconds, samples_per_s; under DDP
-    (``dist_env``, ``model`` wrapped in DDP) over the samples of all ranks.
+    and loss. Returns loss (mean MSE), acc, samples, seconds, samples_per_s and output_rate (the
+    mean of the network's outputs, firing rates: 0 when the output layer emitted no spike in the
+    whole epoch); under DDP (``dist_env``, ``model`` wrapped in DDP) over the samples of all ranks.
     """
     if amp_dtype == "fp16" and scaler is None:
         raise ValueError("fp16 autocast needs a GradScaler")
     model.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
+    out_sum = torch.zeros((), dtype=torch.float64, device=device)     # 0 after the epoch: no output spike
     n = 0
     start = time.perf_counter()
     for frames, labels in _progress(batches, progress, "train", len(batches)):
@@ -106,19 +108,21 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
             optimizer.step()
         loss_sum += loss.detach().double() * len(y)
         correct += (out.detach().argmax(1) == y).sum()
+        out_sum += out.detach().sum(dtype=torch.float64)
         n += len(y)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(n), dtype=torch.float64, device=device)])
+    totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(n), dtype=torch.float64, device=device),
+                          out_sum])
     if dist_env is not None:
         distributed.all_reduce_sum(dist_env, totals)
-    loss_total, correct_total, n_total = totals.tolist()
+    loss_total, correct_total, n_total, out_total = totals.tolist()
     n = int(n_total)
     if n == 0:
         raise TrainError("the train split produced no batch")
     return {"loss": loss_total / n, "acc": correct_total / n, "samples": n,
-            "seconds": seconds, "samples_per_s": n / seconds}
+            "seconds": seconds, "samples_per_s": n / seconds, "output_rate": out_total / (n * N_CLASSES)}
 
 
 @torch.no_grad()
@@ -439,6 +443,13 @@ def _start_run_folder(run_dir: Path, run: ResolvedRun, fresh: bool, run_id: str,
                                          "version": __version__, "torch": torch.__version__})
 
 
+# The dead-network warning (once per run, the first training epoch in which the output layer
+# emitted no spike at all): the loss is then exactly 1/11 and the accuracy chance.
+SILENT_OUTPUT = ("the output layer emitted no spike in training epoch %d (loss 1/11 = 0.0909, chance "
+                 "accuracy): the network is silent at --lr %g, --channels %d; a larger --lr (at --channels 8 "
+                 "on the synthetic release: 0.005 or more) or more --channels usually helps")
+
+
 def _select(r: dict[str, Any]) -> float:
     """The number checkpoint_max.pt is chosen on: validation accuracy when held out, else test."""
     return r["val_acc"] if r.get("val_acc") is not None else r["test_acc"]
@@ -458,6 +469,7 @@ def _train_epochs(run: ResolvedRun, run_dir: Path, run_id: str, state: TrainingS
     progress = config.progress and env.is_main
     dist_env = env if env.enabled else None
     cuda_rng = device if env.enabled and device.type == "cuda" else None
+    warned_silent = False
     try:
         for epoch in range(start_epoch, config.epochs):
             if env.enabled:
@@ -467,6 +479,9 @@ def _train_epochs(run: ResolvedRun, run_dir: Path, run_id: str, state: TrainingS
             lr = optimizer.param_groups[0]["lr"]
             train = train_one_epoch(net, data.train, optimizer, device, scaler=scaler,
                                     amp_dtype=amp_dtype, progress=progress, dist_env=dist_env)
+            if train["output_rate"] == 0 and not warned_silent and env.is_main:
+                warned_silent = True            # once per run: every rank has the same (reduced) rate
+                log.warning(SILENT_OUTPUT, epoch, config.lr, config.channels)
             if scheduler is not None:
                 scheduler.step()
             distributed.broadcast_buffers(env, model)

@@ -446,8 +446,9 @@ def _start_run_folder(run_dir: Path, run: ResolvedRun, fresh: bool, run_id: str,
 # The dead-network warning (once per run, the first training epoch in which the output layer
 # emitted no spike at all): the loss is then exactly 1/11 and the accuracy chance.
 SILENT_OUTPUT = ("the output layer emitted no spike in training epoch %d (loss 1/11 = 0.0909, chance "
-                 "accuracy): the network is silent at --lr %g, --channels %d; a larger --lr (at --channels 8 "
-                 "on the synthetic release: 0.005 or more) or more --channels usually helps")
+                 "accuracy): the network is silent at --lr %g, --channels %d and its loss cannot fall until it "
+                 "spikes; a larger --lr (at --channels 8 on the synthetic release: 0.005 or more) or more "
+                 "--channels usually helps")
 
 
 def _select(r: dict[str, Any]) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import stat
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,7 +75,12 @@ class Run:
 
 def _read_text(path: Path, limit: int, what: str) -> str:
     try:
-        size = path.stat().st_size
+        st = path.stat()
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError
+        if not stat.S_ISREG(st.st_mode):       # a FIFO or device would block or never end
+            raise TrainError(f"{path}: not a regular file, not the run's {what}")
+        size = st.st_size
         if size > limit:
             raise TrainError(f"{path}: {size} bytes, more than a dvsg-train {what} holds ({limit})")
         with open(path, "rb") as f:

@@ -140,7 +140,13 @@ def test_a_missing_or_corrupt_run_file_is_one_line_and_nothing_is_written(runs, 
 
 
 def test_report_refuses_bad_folders(runs, tmp_path):
+    import os
+
     run = CliRunner().invoke
+    (runs[2] / "metrics.jsonl").unlink()
+    os.mkfifo(runs[2] / "metrics.jsonl")           # would block a reader that opened it
+    assert error_line(run(report_main, [str(runs[2])])) == \
+        f"error: {runs[2] / 'metrics.jsonl'}: not a regular file, not the run's metrics"
     assert error_line(run(report_main, [str(tmp_path / "nope")])) == f"error: {tmp_path / 'nope'}: no such run folder"
     msg = error_line(run(report_main, [str(runs[0]), str(runs[0]) + "/"]))
     assert "the same run folder" in msg and "given twice" in msg

@@ -6,8 +6,10 @@ logs and errors that every rank agreed on (other ranks log warnings and their ow
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -75,7 +77,7 @@ _CHOICE = functools.partial(click.Choice, case_sensitive=False)
 
 # dvsg-train's options that set a TrainConfig field of another name
 _FIELD = {"t_max": "T_max"}
-_NOT_FIELDS = ("quiet", "debug")
+_NOT_FIELDS = ("quiet", "debug", "seeds")
 
 
 def _field_option(*decls: str, **attrs: Any) -> Callable[[Callable], Callable]:
@@ -141,6 +143,66 @@ def _train_config(ctx: click.Context) -> TrainConfig:
     return TrainConfig(**values)
 
 
+MAX_SEED = 2**64 - 1     # what torch.manual_seed takes
+
+
+def _parse_seeds(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+    """--seeds 0,1,2 -> [0, 1, 2]: distinct integers in [0, 2**64 - 1]; anything else is one usage line."""
+    if value is None:
+        return None
+    items = [s.strip() for s in value.split(",")]
+    if not value.strip() or not all(items):
+        raise click.BadParameter(f"{value!r} holds an empty seed; give integers separated by commas, e.g. 0,1,2")
+    seeds: list[int] = []
+    for item in items:
+        if not re.fullmatch(r"[+-]?[0-9]+", item, re.ASCII):
+            raise click.BadParameter(f"{item!r} is not an integer; give integers separated by commas, e.g. 0,1,2")
+        seed = int(item)
+        if seed < 0:
+            raise click.BadParameter(f"seed {item} is negative; seeds are 0 to 2**64-1")
+        if seed > MAX_SEED:
+            raise click.BadParameter(f"seed {item} does not fit in 64 bits; seeds are 0 to 2**64-1")
+        if seed in seeds:
+            raise click.BadParameter(f"seed {seed} is given twice")
+        seeds.append(seed)
+    return seeds
+
+
+def _check_seeds_options(ctx: click.Context) -> None:
+    """--seeds excludes --seed, --resume and torchrun (usage errors)."""
+    from .distributed import _env_int
+
+    if ctx.get_parameter_source("seed") in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
+        raise click.UsageError("--seeds runs one run per seed; it cannot be combined with --seed")
+    if ctx.params["resume"] is not None:
+        raise click.UsageError("--resume continues one run; it cannot be combined with --seeds "
+                               "(resume each seed's run by its checkpoint)")
+    if _env_int("WORLD_SIZE", 1) > 1:
+        raise click.UsageError("--seeds runs in one process; under torchrun start one run per seed "
+                               "(--seed N --run-name NAME_seedN, see the README)")
+
+
+def _seed_runs(config: TrainConfig, seeds: list[int]) -> list[TrainConfig]:
+    """--seeds: one config per seed, each in its sibling folder <run name>_seed<N>, checked before
+    the first run starts (a folder that holds a run needs --force)."""
+    base = config.run_name or config.default_run_name()
+    configs = [dataclasses.replace(config, seed=s, run_name=f"{base}_seed{s}") for s in seeds]
+    for c in configs:
+        folder = Path(c.out_dir) / c.run_name
+        if (folder / "checkpoint_latest.pt").exists() and not c.force:
+            raise TrainError(f"{folder} already holds a run; start over with --force, or pick --run-name")
+    return configs
+
+
+def _echo_summary(summary: dict[str, Any]) -> None:
+    click.echo(f"run: {summary['run_dir']}")
+    click.echo(f"max test acc {summary['max_test_acc']:.4f}, final epoch ({summary['final_epoch']}) "
+               f"test acc {summary['final_test_acc']:.4f}")
+    if "test_acc_at_best_val" in summary:
+        click.echo(f"best val acc {summary['best_val_acc']:.4f} at epoch {summary['best_val_epoch']}: "
+                   f"test acc {summary['test_acc_at_best_val']:.4f} (accuracy-B)")
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--data", default=None, metavar="PATH|URL",
               help="Frame store (frames_T<T>_<split>.zarr, its .zip from dvsprep pack, or an http(s) URL "
@@ -184,6 +246,9 @@ def _train_config(ctx: click.Context) -> TrainConfig:
 @_field_option("--T-max", "t_max", type=click.IntRange(min=1), help="CosALR period in epochs (default: --epochs).")
 @_field_option("--device", help="cpu, cuda, cuda:1, ... (default: cuda when present).")
 @_field_option("--seed", type=int, show_default=True)
+@click.option("--seeds", metavar="N,N,...", default=None, callback=_parse_seeds,
+              help="One run per seed (e.g. 0,1,2), one after another, into sibling folders <run name>_seed<N>; "
+                   "then the dvsg-report table of them (mean +- std over the seeds). Not with --seed, --resume.")
 @_field_option("--net", type=_CHOICE(NETS), show_default=True)
 @_field_option("--neuron", type=_CHOICE(NEURONS), show_default=True)
 @_field_option("--preload", type=_CHOICE(PRELOAD), show_default=True,
@@ -202,11 +267,13 @@ def _train_config(ctx: click.Context) -> TrainConfig:
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @click.version_option(package_name="dvsgesture-kit")
 @_one_line_errors
-def train_main(quiet: bool, debug: bool, **options: Any) -> None:
+def train_main(quiet: bool, debug: bool, seeds: list[int] | None, **options: Any) -> None:
     """Train the PLIF-paper network on a dvsprep frame store.
 
     Reproduce SpikingJelly's tutorial: dvsg-train --data DATA_ROOT --preset seed.
     Continue a run: dvsg-train --resume logs/RUN/checkpoint_latest.pt [--epochs N].
+
+    Several seeds of one recipe: dvsg-train --data DATA_ROOT --seeds 0,1,2.
 
     Several GPUs or machines: start it with torchrun, e.g.
     torchrun --nproc-per-node 8 -m dvsg_train --data STORE -b 16 (global batch 128).
@@ -215,16 +282,29 @@ def train_main(quiet: bool, debug: bool, **options: Any) -> None:
 
     _setup_logging(not quiet)
     main_rank = _rank() == 0
-    config = _train_config(click.get_current_context())
+    ctx = click.get_current_context()
+    if seeds is not None:
+        _check_seeds_options(ctx)
+    config = _train_config(ctx)
     from .engine import main   # torch: imported when work begins, after the usage errors
-    summary = main(config, on_epoch=lambda r: click.echo(epoch_line(r)))
-    if summary["epochs"] and main_rank:
-        click.echo(f"run: {summary['run_dir']}")
-        click.echo(f"max test acc {summary['max_test_acc']:.4f}, final epoch ({summary['final_epoch']}) "
-                   f"test acc {summary['final_test_acc']:.4f}")
-        if "test_acc_at_best_val" in summary:
-            click.echo(f"best val acc {summary['best_val_acc']:.4f} at epoch {summary['best_val_epoch']}: "
-                       f"test acc {summary['test_acc_at_best_val']:.4f} (accuracy-B)")
+    if seeds is None:
+        summary = main(config, on_epoch=lambda r: click.echo(epoch_line(r)))
+        if summary["epochs"] and main_rank:
+            _echo_summary(summary)
+        return
+    from .compare import read_runs, report_text
+
+    configs = _seed_runs(config, seeds)
+    folders = []
+    for i, c in enumerate(configs, 1):
+        folder = Path(c.out_dir) / c.run_name
+        click.echo(f"seed {c.seed} (run {i} of {len(configs)}): {folder}")
+        summary = main(c, on_epoch=lambda r: click.echo(epoch_line(r)))
+        if summary["epochs"]:
+            _echo_summary(summary)
+        folders.append(folder)
+    click.echo("")
+    click.echo(report_text(read_runs(folders)))
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -303,3 +383,34 @@ def export_main(checkpoint, output, fmt, dt, force, debug) -> None:
         tau = f", tau={info['tau']!r}" if info["neuron"] == "lif" and info["tau"] != 2.0 else ""
         click.echo(f"wrote {output}: state dict for DVSGestureNet(channels=128, spiking_neuron={neuron}{tau}, "
                    f"surrogate_function=surrogate.ATan(), detach_reset=True), load_state_dict(strict=True)")
+
+
+# --- dvsg-report ---------------------------------------------------------------------------
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("run_dirs", nargs=-1, required=True, metavar="RUN_DIR...", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Also draw every run's test accuracy and loss curves into this PNG.")
+@click.option("--force", is_flag=True, help="Replace an existing -o file.")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@_one_line_errors
+def report_main(run_dirs, output, force, debug) -> None:
+    """Compare runs: one row per RUN_DIR (the settings that differ between the runs, max and final
+    test accuracy, test accuracy at the best validation epoch, seconds per epoch), then mean +- std
+    over the runs that differ only in their seed. Reads each run's config.json and metrics.jsonl."""
+    from dvsprep.atomic import check_output
+
+    from .compare import read_runs, report_text, run_files, write_report_png
+    from .report import check_output_file
+
+    _setup_logging(False)
+    if output is not None:      # refused before any work: a missing folder, an existing file, a run's own file
+        check_output_file(output)
+        check_output(output, "report", force=force, inputs=run_files(run_dirs))
+    runs = read_runs(run_dirs)
+    text = report_text(runs)
+    if output is not None:
+        write_report_png(output, runs, force=force)
+    click.echo(text)
+    if output is not None:
+        click.echo(f"curves written to {output}")

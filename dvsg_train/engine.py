@@ -94,14 +94,17 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
     rank, step)`` with step the batch's index in the epoch and rank ``dist_env``'s (0 without
     DDP). Returns loss (mean MSE against the targets), acc (share of samples whose output's
     argmax is the target's argmax: the label without augmentation, the mirrored label of a
-    mirrored sample, the larger share of a mixed one), samples, seconds, samples_per_s; under
-    DDP (``dist_env``, ``model`` wrapped in DDP) over the samples of all ranks.
+    mirrored sample, the larger share of a mixed one), samples, seconds, samples_per_s and
+    output_rate (the mean of the network's outputs, firing rates: 0 when the output layer emitted
+    no spike in the whole epoch); under DDP (``dist_env``, ``model`` wrapped in DDP) over the
+    samples of all ranks.
     """
     if amp_dtype == "fp16" and scaler is None:
         raise ValueError("fp16 autocast needs a GradScaler")
     model.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
+    out_sum = torch.zeros((), dtype=torch.float64, device=device)     # 0 after the epoch: no output spike
     n = 0
     start = time.perf_counter()
     rank = dist_env.rank if dist_env is not None else 0
@@ -125,19 +128,21 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
             optimizer.step()
         loss_sum += loss.detach().double() * len(y)
         correct += (out.detach().argmax(1) == (target.argmax(1) if augmenting else y)).sum()
+        out_sum += out.detach().sum(dtype=torch.float64)
         n += len(y)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
-    totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(n), dtype=torch.float64, device=device)])
+    totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(n), dtype=torch.float64, device=device),
+                          out_sum])
     if dist_env is not None:
         distributed.all_reduce_sum(dist_env, totals)
-    loss_total, correct_total, n_total = totals.tolist()
+    loss_total, correct_total, n_total, out_total = totals.tolist()
     n = int(n_total)
     if n == 0:
         raise TrainError("the train split produced no batch")
     return {"loss": loss_total / n, "acc": correct_total / n, "samples": n,
-            "seconds": seconds, "samples_per_s": n / seconds}
+            "seconds": seconds, "samples_per_s": n / seconds, "output_rate": out_total / (n * N_CLASSES)}
 
 
 @torch.no_grad()
@@ -460,6 +465,14 @@ def _start_run_folder(run_dir: Path, run: ResolvedRun, fresh: bool, run_id: str,
                                          "version": __version__, "torch": torch.__version__})
 
 
+# The dead-network warning (once per run, the first training epoch in which the output layer
+# emitted no spike at all): the loss is then exactly 1/11 and the accuracy chance.
+SILENT_OUTPUT = ("the output layer emitted no spike in training epoch %d (loss 1/11 = 0.0909, chance "
+                 "accuracy): the network is silent at --lr %g, --channels %d and its loss cannot fall until it "
+                 "spikes; a larger --lr (at --channels 8 on the synthetic release: 0.005 or more) or more "
+                 "--channels usually helps")
+
+
 def _select(r: dict[str, Any]) -> float:
     """The number checkpoint_max.pt is chosen on: validation accuracy when held out, else test."""
     return r["val_acc"] if r.get("val_acc") is not None else r["test_acc"]
@@ -480,6 +493,7 @@ def _train_epochs(run: ResolvedRun, run_dir: Path, run_id: str, state: TrainingS
     dist_env = env if env.enabled else None
     augment = config.augment_spec()
     cuda_rng = device if env.enabled and device.type == "cuda" else None
+    warned_silent = False
     try:
         for epoch in range(start_epoch, config.epochs):
             if env.enabled:
@@ -490,6 +504,9 @@ def _train_epochs(run: ResolvedRun, run_dir: Path, run_id: str, state: TrainingS
             train = train_one_epoch(net, data.train, optimizer, device, scaler=scaler,
                                     amp_dtype=amp_dtype, progress=progress, dist_env=dist_env,
                                     augment=augment, seed=config.seed, epoch=epoch)
+            if train["output_rate"] == 0 and not warned_silent and env.is_main:
+                warned_silent = True            # once per run: every rank has the same (reduced) rate
+                log.warning(SILENT_OUTPUT, epoch, config.lr, config.channels)
             if scheduler is not None:
                 scheduler.step()
             distributed.broadcast_buffers(env, model)

@@ -38,6 +38,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "dvsg-train": ("Training", "One GPU: `--cupy`", "Several GPUs and machines: torchrun"),
     "dvsg-eval": ("Training",),
     "dvsg-export": ("Exporting trained networks",),
+    "dvsg-report": ("Comparing runs and seeds",),
 }
 
 
@@ -127,7 +128,7 @@ def undocumented(cmd: click.Command, text: str) -> list[str]:
 def test_the_table_has_a_row_for_every_console_script_and_dvsprep_subcommand():
     scripts = list(console_scripts())
     rows = table_rows(scripts)
-    assert set(scripts) == {"dvsprep", "dvsg-train", "dvsg-eval", "dvsg-export"}
+    assert set(scripts) == {"dvsprep", "dvsg-train", "dvsg-eval", "dvsg-export", "dvsg-report"}
     assert sorted(set(commands()) - set(rows)) == []
     assert sorted(set(rows) - set(commands())) == []          # no row for a command that is gone
 

@@ -64,6 +64,9 @@ ENTRY_POINTS = {
         (["--help"], 0), ([], 2), (["a.pt"], 2), (["a.pt", "-o", "m.nir", "--format", "onnx"], 2),
         (["a.pt", "-o", "m.nir", "--dt", "0"], 2),
     ]),
+    "dvsg-report": ("dvsg_train.cli", "report_main", [
+        (["--help"], 0), ([], 2), (["--bogus"], 2),
+    ]),
 }
 
 

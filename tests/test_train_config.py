@@ -17,8 +17,8 @@ from dvsg_train.distributed import DistEnv
 from dvsg_train.engine import evaluate_checkpoint, resolve_run
 from dvsg_train.errors import BackendUnavailableError
 
-# options of dvsg-train that set no TrainConfig field
-NOT_FIELDS = {"quiet", "debug", "version", "help"}
+# options of dvsg-train that set no TrainConfig field (--seeds: one run per seed)
+NOT_FIELDS = {"quiet", "debug", "version", "help", "seeds"}
 # TrainConfig fields no option sets: the CLI (progress: stderr is a terminal) and the engine
 # (world_size: from torchrun's environment) fill them in; tau only comes from the library
 NO_OPTION = {"progress", "world_size", "tau"}

@@ -34,6 +34,7 @@ import os
 import pickle
 import re
 import stat
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,7 +162,11 @@ def _torch_load(source: Any, path: Path) -> Any:
     Exception, not BaseException: Ctrl-C (KeyboardInterrupt) and SystemExit pass through. A
     MemoryError is said as such, not as "not a checkpoint" (the file may be fine)."""
     try:
-        return torch.load(source, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch's notes on what it loads (sparse invariants, storage types) would come before
+            # the one line of a refusal; what is loaded is checked here anyway
+            warnings.simplefilter("ignore")
+            return torch.load(source, map_location="cpu", weights_only=True)
     except MemoryError as exc:
         raise CheckpointError(f"{path}: ran out of memory while loading it as a checkpoint") from exc
     except pickle.UnpicklingError as exc:
@@ -473,7 +478,7 @@ def check_resume(ckpt: dict[str, Any], path: str | os.PathLike, config: TrainCon
     if diffs:
         raise ConfigMismatchError(f"{path}: checkpoint was trained with another configuration "
                                   f"(checkpoint vs this run: {'; '.join(diffs)})")
-    done = ckpt["epoch"] + 1
+    done = ckpt["epoch"] + 1 if _is_int(ckpt.get("epoch")) else 0     # a validated checkpoint has one
     if config.epochs < done:
         raise ConfigMismatchError(f"{path}: the run has done {done} epochs; --epochs {config.epochs} would "
                                   f"end it before that (give --epochs {done} or more, or leave it out)")

@@ -9,11 +9,11 @@ checks can catch them)."""
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import resource
 import shutil
 import signal
+import warnings
 from pathlib import Path
 
 import pytest
@@ -180,11 +180,17 @@ def test_an_expanded_container_payload_is_refused(tmp_path):
         load_checkpoint(path)
 
 
-def test_a_sparse_weight_is_refused(tmp_path):
+def test_a_sparse_weight_is_refused(trained, tmp_path):
     state = sj_state(4, fill=dense)
     state["conv_fc.25.weight"] = state["conv_fc.25.weight"].to_sparse()
-    with pytest.raises(CheckpointError, match="conv_fc.25.weight is not a dense tensor"):
-        read_weights(write_sj(tmp_path / "sparse.pth", state))
+    ckpt = write_sj(tmp_path / "sparse.pth", state)
+    # torch's UserWarning about sparse invariants would come before the one line: none is shown
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(CheckpointError, match="conv_fc.25.weight is not a dense tensor") as e:
+            read_weights(ckpt)
+    assert seen == [] and str(e.value).endswith("tensor conv_fc.25.weight is not a dense tensor (torch.sparse_coo)")
+    refused_everywhere(trained, ckpt, tmp_path, commands=("export",))
 
 
 # ----------------------------------------------------------------------------- NaN and inf

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from dvsprep.inputs import STORE_OR_DATA_ROOT, InputKind, kind_of

@@ -33,6 +33,8 @@ import io
 import os
 import pickle
 import re
+import stat
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,7 @@ from dvsprep.atomic import publishing
 from . import __version__
 from .config import CARRIED_FIELDS, MODEL_FIELDS, RESUME_FIELDS, TrainConfig
 from .errors import CheckpointError, ConfigError, ConfigMismatchError, DataMismatchError
+from .model import build_model
 
 FORMAT = "dvsg-train-checkpoint/2"
 OLD_FORMATS = ("dvsg-train-checkpoint/1",)
@@ -57,6 +60,7 @@ HISTORY_REQUIRED = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
 MAX_DEPTH = 8
+_FC1 = 22                          # the first Linear layer (a bias there: SpikingJelly's weights)
 
 
 def rng_state(data_generator: torch.Generator, cuda_device: torch.device | None = None) -> dict[str, Any]:
@@ -153,18 +157,131 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
 
 
 def _torch_load(source: Any, path: Path) -> Any:
+    """torch.load(weights_only=True); every failure of the unpickler or the zip reader is one line.
+
+    Exception, not BaseException: Ctrl-C (KeyboardInterrupt) and SystemExit pass through. A
+    MemoryError is said as such, not as "not a checkpoint" (the file may be fine)."""
     try:
-        return torch.load(source, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch's notes on what it loads (sparse invariants, storage types) would come before
+            # the one line of a refusal; what is loaded is checked here anyway
+            warnings.simplefilter("ignore")
+            return torch.load(source, map_location="cpu", weights_only=True)
+    except MemoryError as exc:
+        raise CheckpointError(f"{path}: ran out of memory while loading it as a checkpoint") from exc
     except pickle.UnpicklingError as exc:
         # torch's own message here is a page about weights_only; one line says what matters.
-        raise CheckpointError(f"{path}: not a readable checkpoint (not a torch file, or it holds pickled "
+        raise CheckpointError(f"{path}: not a checkpoint (not a torch file, or it holds pickled "
                               f"objects that weights_only loading refuses)") from exc
-    except Exception as exc:  # zip, EOF, unicode, overflow... errors mean the same thing here
+    except Exception as exc:  # zip, EOF, IndexError, KeyError, struct.error... mean the same thing here
         first = (str(exc).strip().splitlines() or [""])[0][:160]
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {first})") from exc
+        raise CheckpointError(f"{path}: not a checkpoint (unreadable torch file: "
+                              f"{type(exc).__name__}: {first})") from exc
 
 
-def _open_container(obj: Any, path: Path) -> bytes:
+def read_torch_file(path: str | os.PathLike) -> tuple[Any, int]:
+    """(the object, the file's size) of ``torch.load(path, weights_only=True)``: a regular file
+    only (a FIFO, device or folder is refused before it is opened, so nothing blocks on it); every
+    failure to read it is a one-line CheckpointError naming ``path``."""
+    path = Path(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint file") from None
+    except (OSError, ValueError) as exc:   # ValueError: a NUL in the name
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({getattr(exc, 'strerror', None) or exc})") from None
+    if not stat.S_ISREG(st.st_mode):
+        what = "a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else \
+            "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a regular file"
+        raise CheckpointError(f"{path}: not a checkpoint file ({what})")
+    try:
+        # O_NONBLOCK: should a FIFO replace the file between stat and open, opening does not wait
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({exc.strerror or exc})") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{path}: not a checkpoint file (not a regular file)")
+        os.set_blocking(fd, True)
+        return _torch_load(f, path), st.st_size
+
+
+def _size(n: int) -> str:
+    return f"{n} bytes" if n < 10_000 else f"{n / 1e6:.3g} MB" if n < 1e11 else f"{n:.3g} bytes"
+
+
+def check_tensor_sizes(tensors: list[tuple[str, torch.Tensor]], path: str | os.PathLike, nbytes: int) -> None:
+    """Refuse, before anything allocates them, tensors that declare more data than the file holds.
+
+    torch.save stores every tensor's storage in the file, but a tensor's shape may cover its
+    storage many times over (stride 0: ``torch.zeros(1).expand(2048, 2048, 3, 3)`` loads from
+    4 bytes; the first copy or op allocates all of it). Each tensor must be dense: its shape needs
+    no more bytes than its storage holds; and all together no more than the ``nbytes`` they were
+    read from. Sparse and other non-strided layouts are refused."""
+    total = 0
+    for where, t in tensors:
+        if t.layout is not torch.strided or t.is_quantized:
+            raise CheckpointError(f"{path}: tensor {where} is not a dense tensor ({t.layout})")
+        dense = t.numel() * t.element_size()
+        stored = t.untyped_storage().nbytes()
+        if dense > stored:
+            raise CheckpointError(f"{path}: tensor {where} declares shape {tuple(t.shape)} ({_size(dense)}) from "
+                                  f"{_size(stored)} of data (an expanded or overlapping tensor): not a checkpoint "
+                                  f"of real weights")
+        total += dense
+    if total > nbytes:
+        raise CheckpointError(f"{path}: its tensors declare {_size(total)}, more than the {_size(nbytes)} the "
+                              f"checkpoint holds (tensors sharing their data): not a checkpoint of real weights")
+
+
+def state_mismatch(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> str | None:
+    """The first difference between a state dict and a network's (missing or unexpected keys,
+    a shape or kind of number): one phrase naming the layer and both shapes; None when it fits."""
+    missing = [k for k in expected if k not in state]
+    if missing:
+        return f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
+    unexpected = [k for k in state if k not in expected]
+    if unexpected:
+        return f"unexpected {', '.join(unexpected[:3])}{' ...' if len(unexpected) > 3 else ''}"
+    for k, want in expected.items():
+        got = state[k]
+        if tuple(got.shape) != tuple(want.shape):
+            return (f"size mismatch for {k}: shape {tuple(got.shape)} in the checkpoint, "
+                    f"{tuple(want.shape)} in the network")
+        if got.is_complex() or got.is_floating_point() != want.is_floating_point():
+            return f"{k} holds {got.dtype}, the network {want.dtype}"
+    return None
+
+
+def network_state(fields: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The state dict (shapes and dtypes only: on the meta device, nothing allocated) of the
+    network of these model fields (channels, net, neuron, tau, linear_bias)."""
+    with torch.device("meta"):
+        model = build_model(fields["channels"], fields.get("net", "multistep"), fields["neuron"], "torch",
+                            fields["tau"], fields.get("linear_bias", False))
+    return model.state_dict()
+
+
+def check_weights(state: dict[str, torch.Tensor], path: str | os.PathLike, fields: dict[str, Any]) -> None:
+    """Model weights that fit the network of ``fields`` (see `state_mismatch`) and are finite:
+    CheckpointError in one line otherwise. Call `check_tensor_sizes` first: the finite check
+    reads every element."""
+    problem = state_mismatch(state, network_state(fields))
+    if problem:
+        shown = {k: fields[k] for k in ("channels", "net", "neuron", "tau") if k in fields}
+        raise CheckpointError(f"{path}: model weights do not fit the network {shown} ({problem})")
+    check_finite(state.items(), path, "weight")
+
+
+def check_finite(tensors, path: str | os.PathLike, what: str) -> None:
+    for key, t in tensors:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = "NaN" if bool(torch.isnan(t).any()) else "inf"
+            raise CheckpointError(f"{path}: {what} {key} holds {bad} values: refusing to use it")
+
+
+def _open_container(obj: Any, path: Path, nbytes: int) -> bytes:
     """The payload bytes of a container whose digest matches; CheckpointError otherwise."""
     if not isinstance(obj, dict) or not isinstance(obj.get("format"), str):
         raise CheckpointError(f"{path}: not a dvsg-train checkpoint (no format field)")
@@ -182,6 +299,7 @@ def _open_container(obj: Any, path: Path) -> bytes:
         raise CheckpointError(f"{path}: checkpoint digest is not a sha256 hex string")
     if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8 or payload.dim() != 1:
         raise CheckpointError(f"{path}: checkpoint payload is not a byte tensor")
+    check_tensor_sizes([("payload", payload)], path, nbytes)
     data = payload.contiguous().numpy().tobytes()
     actual = hashlib.sha256(data).hexdigest()
     if actual != digest:
@@ -195,12 +313,16 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
     Raises CheckpointError with one line naming ``path`` for anything that is not an intact,
     well-formed dvsg-train checkpoint."""
+    obj, nbytes = read_torch_file(path)
+    return checkpoint_from(obj, nbytes, path)
+
+
+def checkpoint_from(obj: Any, nbytes: int, path: str | os.PathLike) -> dict[str, Any]:
+    """`load_checkpoint` of a file already read by `read_torch_file` (its object and size)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    data = _open_container(_torch_load(path, path), path)
+    data = _open_container(obj, path, nbytes)
     ckpt = _torch_load(io.BytesIO(data), path)
-    validate_checkpoint(ckpt, path)
+    validate_checkpoint(ckpt, path, len(data))
     return ckpt
 
 
@@ -218,21 +340,27 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _check_tree(value: Any, path: Path, where: str, depth: int = 0) -> None:
-    """Only tensors, numbers, strings, None, and dicts (str/int keys), lists and tuples of them."""
+def _check_tree(value: Any, path: Path, where: str, depth: int = 0,
+                tensors: list[tuple[str, torch.Tensor]] | None = None) -> None:
+    """Only tensors, numbers, strings, None, and dicts (str/int keys), lists and tuples of them.
+    tensors: collects (where, tensor) of every tensor found."""
     if depth > MAX_DEPTH:
         raise _bad(path, f"{where} is nested deeper than {MAX_DEPTH} levels")
-    if isinstance(value, (torch.Tensor, int, float, str, type(None))):
+    if isinstance(value, torch.Tensor):
+        if tensors is not None:
+            tensors.append((where, value))
+        return
+    if isinstance(value, (int, float, str, type(None))):
         return
     if isinstance(value, dict):
         for k, v in value.items():
             if not isinstance(k, (str, int)):
                 raise _bad(path, f"{where} has a key of type {type(k).__name__}")
-            _check_tree(v, path, f"{where}[{k!r:.40}]", depth + 1)
+            _check_tree(v, path, f"{where}[{k!r:.40}]", depth + 1, tensors)
         return
     if isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
-            _check_tree(v, path, f"{where}[{i}]", depth + 1)
+            _check_tree(v, path, f"{where}[{i}]", depth + 1, tensors)
         return
     raise _bad(path, f"{where} holds a {type(value).__name__}")
 
@@ -286,8 +414,12 @@ def _check_run(run: Any, path: Path) -> None:
         raise _bad(path, "run dir is not a path")
 
 
-def validate_checkpoint(ckpt: Any, path: str | os.PathLike) -> None:
-    """Check every field's type and range (see the module docstring); CheckpointError otherwise."""
+def validate_checkpoint(ckpt: Any, path: str | os.PathLike, nbytes: int | None = None) -> None:
+    """Check every field's type and range (see the module docstring); CheckpointError otherwise.
+
+    nbytes: the size of the payload it was loaded from; every tensor must be dense and (when
+    nbytes is given) all of them fit in it (`check_tensor_sizes`). The model weights must fit the network of the
+    checkpoint's config (names, shapes) and, like the optimizer state, be finite."""
     path = Path(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise _bad(path, f"payload is not a {FORMAT} dict")
@@ -296,7 +428,10 @@ def validate_checkpoint(ckpt: Any, path: str | os.PathLike) -> None:
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
     if not isinstance(ckpt.get("version", ""), str):
         raise _bad(path, "version is not a string")
-    _check_tree(ckpt, path, "payload")
+    tensors: list[tuple[str, torch.Tensor]] = []
+    _check_tree(ckpt, path, "payload", tensors=tensors)
+    # dense tensors always (the finite check below reads every element); within nbytes when known
+    check_tensor_sizes(tensors, path, nbytes if nbytes is not None else 2 ** 63)
     config = checkpoint_config(ckpt, path)
     epoch = ckpt["epoch"]
     if not _is_int(epoch) or not 0 <= epoch < config.epochs:
@@ -317,6 +452,10 @@ def validate_checkpoint(ckpt: Any, path: str | os.PathLike) -> None:
     _check_rng(ckpt["rng"], path)
     _check_history(ckpt["history"], epoch, path)
     _check_run(ckpt["run"], path)
+    fields = {k: getattr(config, k) for k in MODEL_FIELDS}
+    check_weights(model, path, {**fields, "linear_bias": f"conv_fc.{_FC1}.bias" in model})
+    check_finite(((where, t) for where, t in tensors if where.startswith("payload['optimizer']")),
+                 path, "optimizer state")
 
 
 def checkpoint_config(ckpt: dict[str, Any], path: str | os.PathLike) -> TrainConfig:
@@ -339,6 +478,10 @@ def check_resume(ckpt: dict[str, Any], path: str | os.PathLike, config: TrainCon
     if diffs:
         raise ConfigMismatchError(f"{path}: checkpoint was trained with another configuration "
                                   f"(checkpoint vs this run: {'; '.join(diffs)})")
+    done = ckpt["epoch"] + 1 if _is_int(ckpt.get("epoch")) else 0     # a validated checkpoint has one
+    if config.epochs < done:
+        raise ConfigMismatchError(f"{path}: the run has done {done} epochs; --epochs {config.epochs} would "
+                                  f"end it before that (give --epochs {done} or more, or leave it out)")
 
 
 def check_data(ckpt: dict[str, Any], path: str | os.PathLike, fingerprint: str, data: str) -> None:
@@ -348,12 +491,16 @@ def check_data(ckpt: dict[str, Any], path: str | os.PathLike, fingerprint: str, 
 
 
 def load_model_state(model: torch.nn.Module, ckpt: dict[str, Any], path: str | os.PathLike) -> None:
+    cfg = {k: ckpt["config"].get(k) for k in MODEL_FIELDS}
+    problem = state_mismatch(ckpt["model"], model.state_dict())
+    if problem:
+        raise CheckpointError(f"{path}: model weights do not fit the network {cfg} ({problem})")
     try:
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, KeyError, TypeError) as exc:
-        cfg = {k: ckpt["config"].get(k) for k in MODEL_FIELDS}
-        first = (str(exc).strip().splitlines() or [""])[0][:160]
-        raise CheckpointError(f"{path}: model weights do not fit the network {cfg} ({first})") from exc
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        detail = (lines[1] if len(lines) > 1 else lines[0] if lines else type(exc).__name__)[:200]
+        raise CheckpointError(f"{path}: model weights do not fit the network {cfg} ({detail})") from exc
 
 
 # ----------------------------------------------------------------------------- bare --resume

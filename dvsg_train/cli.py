@@ -20,8 +20,8 @@ from click.core import ParameterSource
 
 from dvsprep.errors import DvsprepError
 
-from .config import AMP_DTYPES, DEFAULTS, NETS, NEURONS, OPTIMIZERS, PRELOAD, SCHEDULERS, TrainConfig
-from .errors import TrainError
+from .config import AMP_DTYPES, DEFAULTS, NETS, NEURONS, OPTIMIZERS, PRELOAD, SCHEDULERS, TrainConfig, check_field
+from .errors import ConfigError, TrainError
 from .launch_env import FAILED_RANK_ATTR, env_rank
 from .presets import PRESETS
 
@@ -73,6 +73,15 @@ def _one_line_errors(fn):
 
 
 _CHOICE = functools.partial(click.Choice, case_sensitive=False)
+
+
+def _checked(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Option callback: TrainConfig's own rule for the field (config.check_field) as a usage error."""
+    try:
+        check_field(_FIELD.get(param.name, param.name), value)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
 
 
 # dvsg-train's options that set a TrainConfig field of another name
@@ -238,14 +247,14 @@ def _echo_summary(summary: dict[str, Any]) -> None:
                help="CUDA neuron kernels (needs pip install 'dvsgesture-kit[cuda]'). Presets use them when "
                     "the run is on CUDA with CuPy installed; --no-cupy turns that off.")
 @_field_option("--opt", type=_CHOICE(OPTIMIZERS), show_default=True)
-@_field_option("--lr", type=float, show_default=True)
-@_field_option("--momentum", type=float, show_default=True, help="SGD momentum.")
+@_field_option("--lr", type=float, show_default=True, callback=_checked)
+@_field_option("--momentum", type=float, show_default=True, help="SGD momentum.", callback=_checked)
 @_field_option("--lr-scheduler", type=_CHOICE(SCHEDULERS), show_default=True)
 @_field_option("--step-size", type=click.IntRange(min=1), show_default=True, help="StepLR step (epochs).")
-@_field_option("--gamma", type=float, show_default=True, help="StepLR factor.")
+@_field_option("--gamma", type=float, show_default=True, help="StepLR factor.", callback=_checked)
 @_field_option("--T-max", "t_max", type=click.IntRange(min=1), help="CosALR period in epochs (default: --epochs).")
-@_field_option("--device", help="cpu, cuda, cuda:1, ... (default: cuda when present).")
-@_field_option("--seed", type=int, show_default=True)
+@_field_option("--device", help="cpu, cuda, cuda:1, ... (default: cuda when present).", callback=_checked)
+@_field_option("--seed", type=int, show_default=True, callback=_checked)
 @click.option("--seeds", metavar="N,N,...", default=None, callback=_parse_seeds,
               help="One run per seed (e.g. 0,1,2), one after another, into sibling folders <run name>_seed<N>; "
                    "then the dvsg-report table of them (mean +- std over the seeds). Not with --seed, --resume.")
@@ -311,7 +320,7 @@ def train_main(quiet: bool, debug: bool, seeds: list[int] | None, **options: Any
 @click.option("--checkpoint", required=True, type=click.Path(path_type=Path), help="A dvsg-train checkpoint (.pt).")
 @click.option("--data", required=True, metavar="PATH|URL", help="Frame store (directory, .zip or URL) or DATA_ROOT.")
 @click.option("--split", type=click.Choice(["test", "train"]), default="test", show_default=True)
-@click.option("--device", default=None, help="Default: cuda when present.")
+@click.option("--device", default=None, help="Default: cuda when present.", callback=_checked)
 @click.option("-b", "batch_size", type=click.IntRange(min=1), default=None, help="Default: the checkpoint's.")
 @click.option("-j", "workers", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--preload", type=_CHOICE(PRELOAD), default="auto", show_default=True)
@@ -353,6 +362,15 @@ def eval_main(checkpoint, data, split, device, batch_size, workers, preload, png
 
 # --- dvsg-export ---------------------------------------------------------------------------
 
+def _checked_dt(value: float) -> float:
+    from .export.nir_graph import check_dt
+
+    try:
+        return check_dt(value)
+    except TrainError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
@@ -361,7 +379,7 @@ def eval_main(checkpoint, data, split, device, batch_size, workers, preload, png
               help="nir: the eval-mode network as an exact NIR graph (needs pip install "
                    "'dvsgesture-kit[nir]'); spikingjelly: a state dict for SpikingJelly's "
                    "DVSGestureNet(channels=128).")
-@click.option("--dt", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
+@click.option("--dt", type=float, default=1e-4, show_default=True, callback=lambda c, p, v: _checked_dt(v),
               help="NIR: seconds per time step; SpikingJelly's import_from_nir must be given the same dt "
                    "(1e-4 is its default).")
 @click.option("--force", is_flag=True, help="Replace an existing output file.")

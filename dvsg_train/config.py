@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +35,34 @@ MODEL_FIELDS = ("channels", "net", "neuron", "tau")
 # numbers of a run's epochs (or, like cupy and threads, only within rounding), but a resumed run
 # keeps them unless they are given again.
 CARRIED_FIELDS = ("epochs", "data", "data_fingerprint", "cupy", "threads", "sync_bn", "preset")
+MAX_LR = 1e3                       # no optimizer here trains with a step beyond this
+_DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?")
+
+
+def _in(ok: bool, name: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{name} must be {rule}, got {value!r:.60}")
+
+
+# Range rules of single fields: TrainConfig.validate applies them, and dvsg-train's options call
+# them as they are parsed (`check_field`), so both refuse the same values in the same words.
+FIELD_RULES = {
+    "lr": lambda v: _in(0 < v <= MAX_LR, "lr", f"> 0 and at most {MAX_LR:g}", v),   # nan, inf too
+    "momentum": lambda v: _in(0 <= v < 1, "momentum", "in [0, 1)", v),
+    "gamma": lambda v: _in(0 < v < math.inf, "gamma", "a finite number > 0", v),
+    "seed": lambda v: _in(0 <= v < 2 ** 64, "seed", "an integer in [0, 2**64)", v),
+    "device": lambda v: _in(isinstance(v, str) and bool(_DEVICE.fullmatch(v)), "device",
+                            "cpu, cuda or cuda:N", v),
+}
+
+
+def check_field(name: str, value: Any) -> None:
+    """The range rule of field ``name`` (FIELD_RULES; None is always allowed): ConfigError."""
+    rule = FIELD_RULES.get(name)
+    if rule is not None and value is not None:
+        rule(value)
+
+
 # The types each field may hold (checked before use: a checkpoint's config comes from a file).
 _TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "None": (type(None),)}
 
@@ -117,8 +146,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.amp_dtype is not None and self.amp_dtype not in AMP_DTYPES:
             raise ConfigError(f"amp_dtype must be one of {', '.join(AMP_DTYPES)}, got {self.amp_dtype!r}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        for name in FIELD_RULES:
+            check_field(name, getattr(self, name))
         if not self.tau > 1:
             raise ConfigError(f"tau must be > 1, got {self.tau}")
         if self.T_max is not None and self.T_max < 1:

@@ -77,6 +77,27 @@ def _size_arg(ctx: click.Context, param: click.Parameter, value: str | None) -> 
         raise click.BadParameter(str(exc)) from None
 
 
+def _split_by_arg(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--split-by: one of SPLIT_METHODS, as a usage error (imported here: the CLI loads no numpy)."""
+    from .constants import SPLIT_METHODS
+
+    if value is not None and value not in SPLIT_METHODS:
+        raise click.BadParameter(f"{value!r} is not one of {', '.join(map(repr, SPLIT_METHODS))}.")
+    return value
+
+
+def _label_arg(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """show --label: the library's own parse (`show.parse_label`), its refusal as a usage error."""
+    if value is not None:
+        from .show import parse_label
+
+        try:
+            parse_label(value)
+        except DvsprepError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return value
+
+
 def _progress() -> bool:
     return sys.stderr.isatty()
 
@@ -141,7 +162,7 @@ def convert(raw: str, out_dir: Path, jobs: int | None, strict: bool, force: bool
 
 @main.command()
 @click.option("-T", "T", type=click.IntRange(min=1), required=True, help="Frames per sample.")
-@click.option("--split-by", default="number", show_default=True, metavar="number|time",
+@click.option("--split-by", default="number", show_default=True, metavar="number|time", callback=_split_by_arg,
               help="Split a sample's events into frames by event count or by time.")
 @click.option("-d", "--data-root", type=click.Path(path_type=Path), default=Path("."), show_default=True,
               help="DATA_ROOT holding events.h5.")
@@ -187,13 +208,14 @@ def info(path: str, as_json: bool) -> None:
 @click.option("--split", type=click.Choice(["train", "test"]), default="test", show_default=True)
 @click.option("--sample", default=None, metavar="INDEX|RECORDING:ROW",
               help="Sample by index in the split or by recording and label-csv row (default: 0).")
-@click.option("--label", default=None, metavar="K|NAME|all",
+@click.option("--label", default=None, metavar="K|NAME|all", callback=_label_arg,
               help="Contact sheet of one class (0..10 or its name), or of every class.")
 @click.option("--count", type=int, default=None, help="Samples per class on a contact sheet (default 4; 1 for all).")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=None,
               help="OUT.png or OUT.gif (animation); default <split>_<recording>_<row>.png here.")
 @click.option("-T", "T", type=int, default=None, help="events.h5 only: frames to integrate (default 8).")
-@click.option("--split-by", default=None, metavar="number|time", help="events.h5 only (default number).")
+@click.option("--split-by", default=None, metavar="number|time", callback=_split_by_arg,
+              help="events.h5 only (default number).")
 @click.option("--scale", type=int, default=None, help="Pixels per sensor pixel (default 2; 1 for sheets).")
 @click.option("--columns", type=int, default=4, show_default=True, help="Frames per row of a sample's grid.")
 @click.option("--fps", type=float, default=4.0, show_default=True, help="GIF frames per second.")

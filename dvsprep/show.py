@@ -354,6 +354,12 @@ def parse_label(spec: str | int) -> int | None:
             return k
     elif text.replace("-", "_") in GESTURE_NAMES:
         return GESTURE_NAMES.index(text.replace("-", "_"))
+    import difflib
+
+    close = difflib.get_close_matches(text.replace("-", "_"), GESTURE_NAMES, n=2, cutoff=0.6)
+    if close:
+        raise StoreError(f"label {spec!r}: no such class; did you mean {' or '.join(close)}? "
+                         f"(0..{N_CLASSES - 1}, a class name or all)")
     raise StoreError(f"label {spec!r}: expected 0..{N_CLASSES - 1}, a class name "
                      f"({', '.join(GESTURE_NAMES)}) or all")
 

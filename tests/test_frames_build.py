@@ -115,7 +115,6 @@ def _corrupt(path: Path) -> None:
 
 
 @pytest.mark.parametrize("args, prepare, match", [
-    (["-T", "4", "--split-by", "duration"], None, "unknown split method 'duration'"),
     (["-T", "4"], "missing", "events.h5: no such events file"),
     (["-T", "4"], "corrupt", "events.h5: not a readable HDF5 file"),
     (["-T", "4"], "not_events", "events.h5: not a dvsprep events file"),

@@ -7,18 +7,24 @@ Both are read with ``torch.load(weights_only=True)``: tensors and plain containe
 from __future__ import annotations
 
 import os
-import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from dvsprep.inputs import STORE_OR_DATA_ROOT, InputKind, kind_of
 
-from ..checkpoint import checkpoint_config, load_checkpoint
+from ..checkpoint import (
+    check_tensor_sizes,
+    check_weights,
+    checkpoint_config,
+    checkpoint_from,
+    network_state,
+    read_torch_file,
+    state_mismatch,
+)
 from ..errors import CheckpointError, DataMismatchError
 from ..model import build_model
 from .sj_state import FC1, find_spikingjelly_state, spikingjelly_fields
@@ -88,30 +94,27 @@ def store_T(data: str | os.PathLike, weights: NetworkWeights) -> int | None:
     return found[0][0]
 
 
-def _load_weights_only(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError):
-        return None
-
-
 def read_weights(path: str | os.PathLike) -> NetworkWeights:
     """The weights in a dvsg-train checkpoint or in a SpikingJelly DVSGestureNet checkpoint (the
-    tutorial's ``{'net': state_dict, ...}`` or a bare state dict). Raises CheckpointError."""
+    tutorial's ``{'net': state_dict, ...}`` or a bare state dict). Raises CheckpointError.
+
+    Read once (a regular file only); before anything is built, every weight must be a dense
+    tensor within the file's size, fit the network the weights claim (names and shapes, for the
+    channels of the first convolution) and be finite."""
     path = Path(path)
-    try:
-        ckpt = load_checkpoint(path)
-    except CheckpointError as ours_error:
-        obj = _load_weights_only(path)
-        if obj is None or (isinstance(obj, dict) and "format" in obj):
-            raise                      # unreadable, or a broken / foreign checkpoint format
+    obj, nbytes = read_torch_file(path)
+    if not isinstance(obj, dict) or "format" not in obj:
         state = find_spikingjelly_state(obj)
         if state is None:
             raise CheckpointError(f"{path}: neither a dvsg-train checkpoint nor a SpikingJelly DVSGestureNet "
-                                  "checkpoint ({'net': state_dict, ...} or a state dict)") from ours_error
+                                  "checkpoint ({'net': state_dict, ...} or a state dict)")
+        check_tensor_sizes(list(state.items()), path, nbytes)
+        fields = spikingjelly_fields(state, str(path))
+        check_weights(state, path, fields)
         epoch = obj.get("epoch") if isinstance(obj, dict) and "net" in obj else None
-        return NetworkWeights(str(path), SPIKINGJELLY, state, **spikingjelly_fields(state, str(path)),
+        return NetworkWeights(str(path), SPIKINGJELLY, state, **fields,
                               epoch=epoch if isinstance(epoch, int) else None)
+    ckpt = checkpoint_from(obj, nbytes, path)  # a broken or foreign format: its own message
     cfg = checkpoint_config(ckpt, path)
     return NetworkWeights(str(path), OURS, ckpt["model"], cfg.channels, cfg.neuron, cfg.tau,
                           has_linear_bias(ckpt["model"]), net=cfg.net, T=cfg.T, batch_size=cfg.batch_size,
@@ -121,6 +124,10 @@ def read_weights(path: str | os.PathLike) -> NetworkWeights:
 def load_weights(model: nn.Module, weights: NetworkWeights, network: dict[str, Any] | None = None) -> None:
     """Load ``weights`` into ``model`` (strict); CheckpointError in one line when they do not fit.
     ``network``: how to name the model's shape in that message (default: the checkpoint's)."""
+    problem = state_mismatch(weights.state, model.state_dict())
+    if problem:
+        raise CheckpointError(f"{weights.path}: weights do not fit the network "
+                              f"{network or weights.model_fields} ({problem})")
     try:
         model.load_state_dict(weights.state)
     except (RuntimeError, KeyError, TypeError) as exc:
@@ -138,7 +145,10 @@ def read_init_weights(path: str | os.PathLike, channels: int, net: str, neuron: 
     or epoch. Raises CheckpointError in one line when they do not fit."""
     weights = read_weights(path)
     target = {"channels": channels, "net": net, "neuron": neuron, "tau": tau}
-    load_weights(build_model(channels, net, neuron, "torch", tau, weights.linear_bias), weights, target)
+    # against the network's shapes on the meta device: nothing is allocated for a misfit
+    problem = state_mismatch(weights.state, network_state({**target, "linear_bias": weights.linear_bias}))
+    if problem:
+        raise CheckpointError(f"{weights.path}: weights do not fit the network {target} ({problem})")
     return weights
 
 

@@ -193,13 +193,19 @@ def _vote_nodes(nir, i: int, m: Voting, shape: Shape) -> tuple[Nodes, Shape]:
             f"vote{i}_mean": nir.Linear(weight=np.diag(np.full(groups, w, np.float32)))}, (groups,)
 
 
+def check_dt(dt: float) -> float:
+    """The time step rule (seconds per step): a finite number > 0; ExportError otherwise."""
+    if not 0 < dt < math.inf:
+        raise ExportError(f"dt must be a finite number of seconds > 0, got {dt!r}")
+    return dt
+
+
 def network_to_nir(model: nn.Module, *, dt: float = DT, metadata: dict[str, Any] | None = None):
     """``model`` (our MultiStepNet or StepwiseNet) as a ``nir.NIRGraph``: one chain of nodes
     named after the layers they come from (``conv0``, ``lif2``, ``pool3_avg``, ``pool3_if``, ...)
     from ``input`` [2, 128, 128] to ``output`` [11]."""
     nir = import_nir()
-    if not dt > 0:
-        raise ExportError(f"dt must be > 0, got {dt}")
+    check_dt(dt)
     layers = list(model.conv_fc)
     shape: Shape = (N_POLARITIES, SENSOR_H, SENSOR_W)
     nodes: Nodes = {"input": nir.Input(input_type={"input": np.array(shape)})}

@@ -11,7 +11,7 @@ from dvsprep.atomic import check_output, publishing
 
 from ..errors import ExportError
 from .network import load_network
-from .nir_graph import DT, import_nir, network_to_nir
+from .nir_graph import DT, check_dt, import_nir, network_to_nir
 from .sj_state import to_spikingjelly_state
 
 FORMATS = ("nir", "spikingjelly")
@@ -31,6 +31,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, fmt
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     check_output(out, "export", force=force, inputs=[src])
     if fmt == "nir":
+        check_dt(dt)
         nir = import_nir()                 # before any work: say how to get it
     trained = load_network(src)
     fields = trained.config

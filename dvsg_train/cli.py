@@ -363,7 +363,7 @@ def eval_main(checkpoint, data, split, device, batch_size, workers, preload, png
 # --- dvsg-export ---------------------------------------------------------------------------
 
 def _checked_dt(value: float) -> float:
-    from .export.nir_graph import check_dt
+    from .config import check_dt
 
     try:
         return check_dt(value)

@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError
+from .errors import ConfigError, ExportError
 
 if TYPE_CHECKING:
     from .augment_spec import AugmentSpec
@@ -237,3 +237,11 @@ class TrainConfig:
 # default (min(4, CPUs)) is computed when a TrainConfig is made, and the CLI leaves it to that.
 DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(TrainConfig)
                             if f.default is not dataclasses.MISSING}
+
+
+def check_dt(dt: float) -> float:
+    """dvsg-export's time step rule (seconds per step): a finite number > 0; ExportError otherwise.
+    Here, with no torch import, so that the CLI checks --dt before any work."""
+    if not 0 < dt < math.inf:
+        raise ExportError(f"dt must be a finite number of seconds > 0, got {dt!r}")
+    return dt

@@ -39,6 +39,7 @@ from torch import nn
 from dvsprep.constants import N_POLARITIES, SENSOR_H, SENSOR_W
 
 from .. import __version__
+from ..config import check_dt
 from ..errors import ExportError
 from ..model import SequenceDropout, Voting
 from ..neuron import LIF, PLIF, MultiStepLIF, MultiStepPLIF
@@ -191,13 +192,6 @@ def _vote_nodes(nir, i: int, m: Voting, shape: Shape) -> tuple[Nodes, Shape]:
         summed[g, g * v:(g + 1) * v] = k
     return {f"vote{i}_sum": nir.Linear(weight=summed),
             f"vote{i}_mean": nir.Linear(weight=np.diag(np.full(groups, w, np.float32)))}, (groups,)
-
-
-def check_dt(dt: float) -> float:
-    """The time step rule (seconds per step): a finite number > 0; ExportError otherwise."""
-    if not 0 < dt < math.inf:
-        raise ExportError(f"dt must be a finite number of seconds > 0, got {dt!r}")
-    return dt
 
 
 def network_to_nir(model: nn.Module, *, dt: float = DT, metadata: dict[str, Any] | None = None):

@@ -164,12 +164,11 @@ def _candidates(p: Path, st: os.stat_result) -> tuple[InputKind, ...]:
         return tuple(found)
     if not stat.S_ISREG(st.st_mode):  # a FIFO or device: never read it to find out
         return ()
-    name = p.name.lower()
-    if name.endswith(ZIP_SUFFIXES):
+    if is_zip_path(p.name):
         return (InputKind.STORE_ZIP,)
-    if name.endswith(TAR_SUFFIXES):
+    if is_tar_path(p.name):
         return (InputKind.RAW_TAR,)
-    if name.endswith(HDF5_SUFFIXES) or _is_hdf5(p):
+    if p.name.lower().endswith(HDF5_SUFFIXES) or _is_hdf5(p):
         return (InputKind.EVENTS,)
     return ()
 

@@ -250,7 +250,7 @@ def show(ctx: click.Context, path: str, split: str, sample: str | None, label: s
 @click.option("--max-download", default=None, metavar="SIZE", callback=_size_arg,
               help="Refuse URL downloads larger than SIZE (e.g. 500M, 8G; default: $DVSPREP_MAX_DOWNLOAD or 8G).")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=None,
-              help="Threads hashing a raw release folder (default: number of CPUs).")
+              help="Threads hashing (files of a store or release, datasets of events.h5; default: number of CPUs).")
 @click.option("-v", "--verbose", "list_all", is_flag=True, help="List every problem, not the first few of each kind.")
 @click.pass_context
 def verify(ctx: click.Context, path: str, expected: str | None, cache_dir: Path | None, max_download: int | None,

@@ -24,7 +24,7 @@ from typing import Any, BinaryIO, Iterable, Mapping
 
 from .frames import MAX_MANIFEST_BYTES, StoreFiles, open_store_files, parse_manifest
 from .errors import MissingFileError, StoreError
-from .frames import check_layout, content_problems, read_meta_arrays, verify_files
+from .frames import check_layout, content_problems, read_meta_arrays, scan_files
 from .frames import check_fingerprint
 from .integrity import MANIFEST_NAME
 from .integrity import Problem, VerifyReport
@@ -94,13 +94,13 @@ def _invalid(source: str, name: str, exc: BaseException, checked: int = 0) -> Ve
 
 
 def verify_store(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
-                 expected_fingerprint: str | None = None) -> VerifyReport:
+                 expected_fingerprint: str | None = None, jobs: int | None = None) -> VerifyReport:
     """Verify a frame store (directory, .zip, or http(s) URL fetched into the cache).
 
     Never raises for what the store holds: every unreadable, undecodable or inconsistent file
     is a listed problem (MissingFileError only when nothing is there, and download errors for
     a URL). A store that verifies gets a verified-marker (`dvsprep.integrity.trust`), so readers open it
-    without hashing it again."""
+    without hashing it again. Files are hashed (and shards decoded) on `jobs` threads (default: CPUs)."""
     from .frames import remote
 
     source = str(path)
@@ -117,13 +117,14 @@ def verify_store(path: str | os.PathLike, cache_dir: str | os.PathLike | None = 
     except Exception as exc:  # noqa: BLE001 - verify reports, it does not raise
         return _invalid(source, Path(local).name, exc)
     try:
-        return _verify_opened(files, source, expected_fingerprint)
+        return _verify_opened(files, source, expected_fingerprint, jobs)
     except Exception as exc:  # noqa: BLE001 - a check we did not foresee failing is still a report
         log.debug("verify %s", source, exc_info=True)
         return _invalid(source, "store", exc)
 
 
-def _verify_opened(files: StoreFiles, source: str, expected_fingerprint: str | None) -> VerifyReport:
+def _verify_opened(files: StoreFiles, source: str, expected_fingerprint: str | None,
+                   jobs: int | None = None) -> VerifyReport:
     if files.span(MANIFEST_NAME) is None:
         return VerifyReport(path=source, kind="frames", checked=len(files.names()),
                             problems=[Problem("missing", MANIFEST_NAME, "no manifest: an incomplete store "
@@ -134,16 +135,18 @@ def _verify_opened(files: StoreFiles, source: str, expected_fingerprint: str | N
         manifest = parse_manifest(files.read(MANIFEST_NAME, MAX_MANIFEST_BYTES), source)
     except (StoreError, OSError) as exc:
         return _invalid(source, MANIFEST_NAME, exc, len(files.names()))
-    report = verify_files(files, manifest, source)
-    bad = {p.name for p in report.problems}
-    layout = None
+    layout = layout_error = None
     try:
         layout = check_layout(files)
     except (StoreError, OSError) as exc:
-        if not any(n.endswith("zarr.json") for n in bad):  # else already reported as corrupt/missing
-            report.problems.append(Problem("invalid", "layout", str(exc).split(": ", 1)[-1]))
+        layout_error = exc
+    # every file hashed once, and every shard decoded from the same bytes (on `jobs` threads)
+    report, checked = scan_files(files, manifest, source, layout, jobs)
+    bad = {p.name for p in report.problems}
+    if layout_error is not None and not any(n.endswith("zarr.json") for n in bad):  # else already reported
+        report.problems.append(Problem("invalid", "layout", str(layout_error).split(": ", 1)[-1]))
     if layout is not None:
-        for kind, name, detail in content_problems(files, layout, bad):
+        for kind, name, detail in content_problems(files, layout, bad, checked):
             report.problems.append(Problem(kind, name, detail))
         ids = _sample_ids(files, layout, report.problems) if report.problems else {}
         for p in report.problems:
@@ -165,11 +168,12 @@ def _verify_opened(files: StoreFiles, source: str, expected_fingerprint: str | N
 # ----------------------------------------------------------------------------- events.h5
 
 
-def verify_events(path: str | os.PathLike) -> VerifyReport:
+def verify_events(path: str | os.PathLike, jobs: int | None = None) -> VerifyReport:
     """Recompute an events.h5 manifest and compare it dataset by dataset, and check every value
     the readers check (offsets, labels, names, events inside the sensor). Never raises for what
     the file holds (MissingFileError only when it is absent); a file that verifies gets a
-    verified-marker (`dvsprep.integrity.trust`)."""
+    verified-marker (`dvsprep.integrity.trust`). Event datasets are hashed as stored
+    (`dvsprep.events.stored`) on `jobs` threads (default: CPUs)."""
     from .errors import DvsprepError
     from .events import EventsFile
 
@@ -185,7 +189,7 @@ def verify_events(path: str | os.PathLike) -> VerifyReport:
                             problems=[Problem("invalid", path.name, str(exc).split(": ", 1)[-1])])
     with ef:
         try:
-            problems = ef.problems()
+            problems = ef.problems(jobs) if jobs is not None else ef.problems()
             n = len(ef.manifest["datasets"]) if not any(k == "missing" and name == "manifest"
                                                       for k, name, _ in problems) else 0
             fp = ef.fingerprint if n else ""
@@ -338,13 +342,13 @@ def verify_path(path: str | os.PathLike, cache_dir: str | os.PathLike | None = N
     """Verify whatever PATH is: frame store (dir, .zip, URL), events.h5, or raw release."""
     kind = kind_of(path, FRAME_STORE | RAW_RELEASE | {InputKind.EVENTS})
     if kind is InputKind.URL:
-        return verify_store(path, cache_dir=cache_dir, expected_fingerprint=expected_fingerprint)
+        return verify_store(path, cache_dir=cache_dir, expected_fingerprint=expected_fingerprint, jobs=jobs)
     p = Path(path)
     if kind in FRAME_STORE:
-        return verify_store(p, expected_fingerprint=expected_fingerprint)
+        return verify_store(p, expected_fingerprint=expected_fingerprint, jobs=jobs)
     if kind in RAW_RELEASE:
         return verify_release(p, jobs)
-    report = verify_events(p)
+    report = verify_events(p, jobs)
     if expected_fingerprint and not report.fingerprint.startswith(expected_fingerprint.lower()):
         report.problems.append(Problem("mismatch", "fingerprint", f"{report.fingerprint[:16]}... differs "
                                        f"from the expected {expected_fingerprint[:16]}..."))

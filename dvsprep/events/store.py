@@ -35,6 +35,7 @@ from ..atomic import Publication
 from ..errors import DvsprepError, MissingFileError, ResourceLimitError, StoreError
 from ..inputs import InputKind, kind_of
 from ..integrity import MANIFEST_FORMAT, canonical_json, fingerprint
+from . import stored as stored_digest
 
 EVENT_FIELDS = {"t": T_DTYPE, "x": XY_DTYPE, "y": XY_DTYPE, "p": P_DTYPE}
 SAMPLE_FIELDS = {
@@ -77,6 +78,7 @@ class EventsWriter:
         self.path = Path(path)
         self._publication = Publication(self.path, "events.h5", force=force) if publish else None
         self._closed = False
+        self._fd = -1
         # .events.h5.tmp-<pid>-<hex>: removable once we are gone
         self.tmp = self._publication.begin() if self._publication is not None else self.path
         # No chunk cache: every write reaches the file at once, so a full disk raises OSError
@@ -99,12 +101,17 @@ class EventsWriter:
         self._samples: dict[str, dict[str, list]] = {
             s: {k: [] for k in (*SAMPLE_FIELDS, "recording", "n")} for s in SPLITS
         }
+        # The stored digests (`dvsprep.events.stored`) are fed, on the same thread, with every
+        # chunk once it is final: chunks below the last partial one are never written again.
+        self._stored: dict[str, stored_digest.StoredDigest] = {}
         for s in SPLITS:
             g = self.f.create_group(s)
             for name, dt in EVENT_FIELDS.items():
-                g.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dt, chunks=(EVENT_CHUNK,),
-                                 **EVENT_FILTERS[name])
+                ds = g.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dt, chunks=(EVENT_CHUNK,),
+                                      **EVENT_FILTERS[name])
                 self._hash[f"{s}/{name}"] = hashlib.sha256()
+                self._stored[f"{s}/{name}"] = stored_digest.StoredDigest(ds)
+        self._fd = os.open(self.tmp, os.O_RDONLY)
 
     def append(self, split: str, events: dict[str, np.ndarray], lengths: np.ndarray, meta: dict[str, Any]) -> None:
         """Append consecutive samples of `split`: events t/x/y/p [sum(lengths)], per-sample meta
@@ -125,6 +132,7 @@ class EventsWriter:
             ds.resize((a + n_new,))
             ds[a:] = arr
             self._hash_jobs.append(self._hasher.submit(self._hash[f"{split}/{name}"].update, arr))
+            self._hash_jobs.append(self._hasher.submit(self._feed_stored, split, name, (a + n_new) // EVENT_CHUNK))
         self._n_events[split] = a + n_new
         acc = self._samples[split]
         for k in SAMPLE_FIELDS:
@@ -132,10 +140,24 @@ class EventsWriter:
         acc["recording"].extend(meta["recording"])
         acc["n"].append(np.asarray(lengths, dtype=OFFSET_DTYPE))
 
+    def _feed_stored(self, split: str, name: str, upto: int) -> None:
+        """Hash the chunks of split/name below chunk `upto` not hashed yet (in the hasher thread)."""
+        digest, ds = self._stored[f"{split}/{name}"], self.f[split][name]
+        chunks = [stored_digest.chunk_info(ds, i) for i in range(digest.n_chunks, upto)]
+        if chunks:
+            digest.add(self._fd, chunks)
+
     def finish(self, attrs: dict[str, Any]) -> str:
         """Write per-sample datasets, attributes and the manifest; rename into place.
         Returns the fingerprint."""
+        self.f.flush()
+        for s in SPLITS:
+            for name in EVENT_FIELDS:
+                n_chunks = -(-self._n_events[s] // EVENT_CHUNK)
+                self._hash_jobs.append(self._hasher.submit(self._feed_stored, s, name, n_chunks))
         self._drain_hashes()
+        os.close(self._fd)
+        self._fd = -1
         datasets: dict[str, dict] = {}
         for s in SPLITS:
             g = self.f[s]
@@ -153,7 +175,8 @@ class EventsWriter:
             g.create_dataset("recording", data=np.array(recs, dtype=object), dtype=STR_DTYPE)
             datasets[f"{s}/recording"] = _ds_entry("str", (len(recs),), _str_digest(recs))
             for name, dt in EVENT_FIELDS.items():
-                datasets[f"{s}/{name}"] = _ds_entry(dt, (self._n_events[s],), self._hash[f"{s}/{name}"].hexdigest())
+                datasets[f"{s}/{name}"] = {**_ds_entry(dt, (self._n_events[s],), self._hash[f"{s}/{name}"].hexdigest()),
+                                           "stored": self._stored[f"{s}/{name}"].hexdigest()}
         full_attrs = {
             "format": EVENTS_FORMAT,
             "tool_version": __version__,
@@ -188,6 +211,9 @@ class EventsWriter:
         try:
             self._hasher.shutdown(wait=True, cancel_futures=True)
         finally:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
             if not self._closed:  # once closed, `tmp` may already be the published file's name
                 try:
                     os.truncate(self.tmp, 0)
@@ -310,12 +336,21 @@ def check_structure(f: h5py.File, where: str) -> None:
                 raise StoreError(f"{where}: {s}/{k} declares {ds.shape[0]} entries that are not stored")
 
 
-def compute_manifest(f: h5py.File, where: str, problems: list[tuple[str, str, str]] | None = None) -> dict:
+_LIMITS = {"x": SENSOR_SIZE[1] - 1, "y": SENSOR_SIZE[0] - 1, "p": 1}
+
+
+def compute_manifest(f: h5py.File, where: str, problems: list[tuple[str, str, str]] | None = None,
+                     want: dict | None = None, jobs: int | None = None) -> dict:
     """Recompute the manifest from the stored bytes (what `verify` compares). Events whose
-    x or y lie outside the sensor, or p outside 0..1, are added to `problems` on the way."""
-    datasets = {}
-    H, W = SENSOR_SIZE
-    limits = {"x": W - 1, "y": H - 1, "p": 1}
+    x or y lie outside the sensor, or p outside 0..1, are added to `problems` on the way.
+
+    `want`: the datasets of the embedded manifest. An event dataset whose stored digest
+    (`dvsprep.events.stored`) matches its entry there is not decoded: its ``sha256`` is the
+    entry's, its values checked from the stored bytes; the stored digests are hashed on `jobs`
+    threads (default: CPUs). Without `want`, every dataset is decoded and hashed and every stored
+    digest computed (the manifest a writer would write)."""
+    datasets: dict[str, dict] = {}
+    stored: dict[str, tuple[h5py.Dataset, list, Any]] = {}
     for s in SPLITS:
         g = f[s]
         for k in g:
@@ -326,18 +361,82 @@ def compute_manifest(f: h5py.File, where: str, problems: list[tuple[str, str, st
                         for r in _read(ds, where)]
                 datasets[name] = _ds_entry("str", (len(vals),), _str_digest(vals))
                 continue
-            h = hashlib.sha256()
-            step = EVENT_CHUNK * 16
-            top = 0
-            for a in range(0, ds.shape[0], step):
-                piece = np.ascontiguousarray(_read(ds, where, slice(a, a + step)))
-                h.update(piece)
-                if k in limits and piece.size:
-                    top = max(top, int(piece.max()))
-            if k in limits and top > limits[k] and problems is not None:
-                problems.append(("invalid", name, f"holds {top}, outside 0..{limits[k]}"))
-            datasets[name] = _ds_entry(ds.dtype, ds.shape, h.hexdigest())
+            entry = (want or {}).get(name)
+            if k in EVENT_FIELDS and (want is None or (isinstance(entry, dict) and "stored" in entry)):
+                plan = _stored_plan(ds, k)
+                if plan is not None:
+                    stored[name] = plan
+                    continue
+            datasets[name] = _decoded_entry(ds, name, where, problems)
+    if stored:
+        datasets.update(_stored_entries(f, stored, where, problems, want, jobs))
     return _events_manifest(datasets, f.attrs)
+
+
+def _decoded_entry(ds: h5py.Dataset, name: str, where: str, problems: list | None) -> dict:
+    """The manifest entry of a dataset from its decoded values (and its value check)."""
+    limit = _LIMITS.get(name.split("/")[-1])
+    h = hashlib.sha256()
+    step = EVENT_CHUNK * 16
+    top = 0
+    for a in range(0, ds.shape[0], step):
+        piece = np.ascontiguousarray(_read(ds, where, slice(a, a + step)))
+        h.update(piece)
+        if limit is not None and piece.size:
+            top = max(top, int(piece.max()))
+    if limit is not None and top > limit and problems is not None:
+        problems.append(("invalid", name, f"holds {top}, outside 0..{limit}"))
+    return _ds_entry(ds.dtype, ds.shape, h.hexdigest())
+
+
+def _stored_plan(ds: h5py.Dataset, field: str) -> tuple[h5py.Dataset, list, Any] | None:
+    """(dataset, chunk table, value check) of an event dataset stored as `EventsWriter` stores it."""
+    table = stored_digest.chunk_table(ds)
+    check = stored_digest.value_check(ds, _LIMITS.get(field)) if table is not None else None
+    return None if check is None else (ds, table, check)
+
+
+def _stored_entries(f: h5py.File, plans: dict[str, tuple[h5py.Dataset, list, Any]], where: str,
+                    problems: list | None, want: dict | None, jobs: int | None) -> dict[str, dict]:
+    """Entries of event datasets from their stored bytes, hashed on threads (pread and sha256
+    release the GIL), largest first; see `compute_manifest`."""
+    if f.mode == "r+":
+        f.flush()
+    digests = {name: stored_digest.StoredDigest(ds) for name, (ds, _, _) in plans.items()}
+    order = sorted(plans, key=lambda n: -sum(c[2] for c in plans[n][1]))
+    fd = os.open(f.filename, os.O_RDONLY)
+    try:
+        with ThreadPoolExecutor(max(1, min(jobs or os.cpu_count() or 1, len(order)))) as pool:
+            jobs_ = {n: pool.submit(digests[n].add, fd, plans[n][1], plans[n][2]) for n in order}
+            for name in order:
+                try:
+                    jobs_[name].result()
+                except OSError as exc:
+                    raise StoreError(f"{where}: cannot read {name} ({exc})") from None
+    finally:
+        os.close(fd)
+    out = {}
+    for name in sorted(plans):
+        ds, _, check = plans[name]
+        digest = digests[name].hexdigest()
+        entry = (want or {}).get(name)
+        if want is not None and isinstance(entry, dict) and entry.get("stored") == digest:
+            _check_values(ds, name, check, where, problems)
+            out[name] = {**_ds_entry(ds.dtype, ds.shape, entry.get("sha256")), "stored": digest}
+        else:  # not the bytes the manifest names (or no manifest to compare): decode it all
+            out[name] = {**_decoded_entry(ds, name, where, problems), "stored": digest}
+    return out
+
+
+def _check_values(ds: h5py.Dataset, name: str, check: Any, where: str, problems: list | None) -> None:
+    """Chunks the stored bytes did not settle are decoded (and so proven decodable) and checked."""
+    top = check.top
+    for i in check.fallback:
+        piece = _read(ds, where, slice(i * check.chunk, (i + 1) * check.chunk))
+        if check.limit is not None and piece.size:
+            top = max(top, int(piece.max()))
+    if check.limit is not None and top > check.limit and problems is not None:
+        problems.append(("invalid", name, f"holds {top}, outside 0..{check.limit}"))
 
 
 class EventsSplit:
@@ -485,15 +584,17 @@ class EventsFile:
                 raise StoreError(f"{self.path}: cannot read split {name!r} ({exc})") from None
         return self._splits[name]
 
-    def compute_manifest(self, problems: list[tuple[str, str, str]] | None = None) -> dict:
+    def compute_manifest(self, problems: list[tuple[str, str, str]] | None = None, want: dict | None = None,
+                         jobs: int | None = None) -> dict:
         """Recompute the manifest from the stored bytes (what `verify` compares); see
         `compute_manifest`."""
-        return compute_manifest(self.f, str(self.path), problems)
+        return compute_manifest(self.f, str(self.path), problems, want, jobs)
 
-    def problems(self) -> list[tuple[str, str, str]]:
+    def problems(self, jobs: int | None = None) -> list[tuple[str, str, str]]:
         """(kind, name, detail) for everything that keeps this file from being used: datasets
         whose bytes differ from the embedded manifest, attributes, fingerprint, values the
-        readers refuse. Never raises for what the file holds."""
+        readers refuse. Never raises for what the file holds. `jobs`: threads hashing
+        (default: CPUs)."""
         out: list[tuple[str, str, str]] = []
         where = str(self.path)
         try:
@@ -502,7 +603,7 @@ class EventsFile:
         except StoreError as exc:
             return [("missing", "manifest", str(exc).split(": ", 1)[-1])]
         try:
-            computed = self.compute_manifest(out)
+            computed = self.compute_manifest(out, want=stored["datasets"], jobs=jobs)
         except Exception as exc:  # noqa: BLE001 - unreadable bytes are a listed problem
             return out + [("corrupt", "datasets", _strip(str(exc), where))]
         want, got = stored["datasets"], computed["datasets"]
@@ -511,7 +612,7 @@ class EventsFile:
                 out.append(("missing", name, "in the manifest, not in the file"))
             elif name not in want:
                 out.append(("extra", name, "not in the manifest"))
-            elif want[name] != got[name]:
+            elif _unstored(want[name]) != _unstored(got[name]):
                 diff = [k for k in ("dtype", "shape", "sha256")
                         if not isinstance(want[name], dict) or want[name].get(k) != got[name].get(k)]
                 out.append(("corrupt", name, f"{' and '.join(diff)} differ from the manifest"))
@@ -544,6 +645,12 @@ def open_events(path: str | os.PathLike, *, verify: bool = False) -> EventsFile:
     ``with open_events(p) as ev: ev.split("train").sample(0)``; ``ev.fingerprint`` is its id."""
     kind_of(path, {InputKind.EVENTS}, noun="events file")
     return EventsFile(path, check="full" if verify else "auto")
+
+
+def _unstored(entry: Any) -> Any:
+    """A manifest entry less its stored digest: a dataset whose values hash right is intact
+    however its chunks are stored (rewritten by h5repack, say)."""
+    return {k: v for k, v in entry.items() if k != "stored"} if isinstance(entry, dict) else entry
 
 
 def _strip(msg: str, where: str) -> str:

@@ -3,7 +3,7 @@ its files in a folder or an uncompressed zip, the checks that verify it, http(s)
 into the cache), building a store from events.h5, and pack/unpack."""
 from . import remote
 from .build import BuildSummary, build_frame_store
-from .check import check_layout, content_problems, read_meta_arrays, verify_files
+from .check import check_layout, content_problems, read_meta_arrays, scan_files, verify_files
 from .files import MAX_MANIFEST_BYTES, StoreFiles, is_zip_path, open_store_files, parse_manifest
 from .integrate import check_params, frame_bounds, integrate, narrowest_dtype
 from .pack import PackSummary, pack_store, unpack_store
@@ -23,6 +23,6 @@ __all__ = [
     "build_frame_store", "check_fingerprint", "check_layout", "check_params", "content_problems",
     "describe_frame_store", "download_limit", "frame_bounds", "frame_store_name", "integrate",
     "is_url", "is_zip_path", "narrowest_dtype", "open_frame_store", "open_store_files", "pack_store",
-    "parse_manifest", "parse_size", "read_meta_arrays", "remote", "unpack_store", "verify_files",
+    "parse_manifest", "parse_size", "read_meta_arrays", "remote", "scan_files", "unpack_store", "verify_files",
     "write_frame_store_from_arrays",
 ]

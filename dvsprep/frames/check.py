@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -21,7 +22,7 @@ import numpy as np
 
 from . import schema
 from ..constants import N_CLASSES, SPLITS, recording_name_ok
-from .files import MAX_MANIFEST_BYTES, StoreFiles, iter_problems_against, parse_manifest, read_json
+from .files import MAX_MANIFEST_BYTES, StoreFiles, parse_manifest, read_json
 from ..errors import MissingFileError, StoreError, UntrustedStoreError
 from ..integrity import MANIFEST_NAME, sha256_bytes
 from ..integrity import Problem, VerifyReport
@@ -100,10 +101,13 @@ def check_layout(files: StoreFiles) -> Layout:
     return Layout(attrs=dict(attrs), manifest=manifest, fingerprint=sha256_bytes(raw_manifest), metas=metas)
 
 
-def content_problems(files: StoreFiles, layout: Layout, skip: set[str] = frozenset()) -> list[tuple[str, str, str]]:
+def content_problems(files: StoreFiles, layout: Layout, skip: set[str] = frozenset(),
+                     checked: Mapping[str, str] | None = None) -> list[tuple[str, str, str]]:
     """(kind, name, detail) for every array that does not read back as the readers need it:
     the metadata arrays decoded and checked (`check_meta_content`), every frames shard's index
-    and every sample decoded. Files named in `skip` (already known corrupt) are not decoded."""
+    and every sample decoded. Files named in `skip` (already known corrupt) are not decoded, nor
+    shards in `checked` (decoded while hashed, `scan_files`: their problem, or "")."""
+    checked = checked or {}
     problems: list[tuple[str, str, str]] = []
     where = str(files.path)
     for split, metas in layout.metas.items():
@@ -121,7 +125,9 @@ def content_problems(files: StoreFiles, layout: Layout, skip: set[str] = frozens
         try:
             for s in range(-(-n // reader.shard)):
                 name = reader._shard_name(s)
-                if name in skip:
+                if name in skip or name in checked:
+                    if checked.get(name):
+                        problems.append(("invalid", name, checked[name]))
                     continue
                 try:
                     index = reader.index(s)
@@ -217,11 +223,16 @@ class _ShardReader:
         """The (offset, nbytes) of every inner chunk of shard s, [n_inner, 2] uint64, checked."""
         if s in self._indexes:
             return self._indexes[s]
-        import google_crc32c
-
         fd, base, total = self._open(s)
         size = 16 * self.n_inner + 4
         raw = os.pread(fd, size, base + total - size) if total >= size else b""
+        self._indexes[s] = self._parse_index(s, raw, total)
+        return self._indexes[s]
+
+    def _parse_index(self, s: int, raw: bytes, total: int) -> np.ndarray:
+        import google_crc32c
+
+        size = 16 * self.n_inner + 4
         if len(raw) != size or google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
             raise StoreError(f"{self._where(s)}: corrupt shard index")
         index = np.frombuffer(raw[:-4], dtype="<u8").reshape(self.n_inner, 2)
@@ -229,7 +240,6 @@ class _ShardReader:
         ends = index[:, 0].astype(object) + index[:, 1].astype(object)
         if any(not e and end > total - size for e, end in zip(empty.tolist(), ends.tolist())):
             raise StoreError(f"{self._where(s)}: shard index points past the end of the shard")
-        self._indexes[s] = index
         return index
 
     def read(self, i: int) -> np.ndarray:
@@ -237,12 +247,32 @@ class _ShardReader:
         index = self.index(s)
         if index[k, 0] == np.iinfo(np.uint64).max:
             raise StoreError(f"{self._where(s)}: sample {i} is absent from its shard")
-        out = np.empty(self.sample_shape, dtype=self.dtype)
         off, n = int(index[k, 0]), int(index[k, 1])
         fd, base, _ = self._fds[s]
         buf = os.pread(fd, n, base + off)
         if len(buf) != n:
             raise StoreError(f"{self._where(s)}: truncated shard")
+        return self._decode(s, i, buf)
+
+    def check_shard(self, s: int, data: bytes | memoryview, n: int) -> None:
+        """Everything `content_problems` checks of shard s (of a split of n samples), on the
+        shard's bytes already in memory: its index, no chunks beyond the split, every sample
+        decoded. StoreError naming the shard."""
+        size = 16 * self.n_inner + 4
+        index = self._parse_index(s, bytes(data[-size:]) if len(data) >= size else b"", len(data))
+        last = min(self.shard, n - s * self.shard)
+        if (index[last:, 0] != np.iinfo(np.uint64).max).any():
+            raise StoreError(f"{self._where(s)}: holds chunks beyond the split's {n} samples")
+        out = np.empty(self.sample_shape, dtype=self.dtype)
+        for k in range(last):
+            if index[k, 0] == np.iinfo(np.uint64).max:
+                raise StoreError(f"{self._where(s)}: sample {s * self.shard + k} is absent from its shard")
+            off, nb = int(index[k, 0]), int(index[k, 1])
+            self._decode(s, s * self.shard + k, data[off:off + nb], out)
+
+    def _decode(self, s: int, i: int, buf: bytes | memoryview, out: np.ndarray | None = None) -> np.ndarray:
+        """Sample i from its encoded bytes, every declared size checked before decoding."""
+        out = np.empty(self.sample_shape, dtype=self.dtype) if out is None else out
         declared = _blosc_nbytes(buf) if self._codec == "blosc" else \
             schema.zstd_content_size(buf) if self._codec == "zstd" else out.nbytes
         if declared != out.nbytes:
@@ -369,21 +399,83 @@ def check_meta_content(where: str, split: str, meta: Mapping[str, Any], per_clas
 def verify_files(files: StoreFiles, manifest: dict, path: str) -> VerifyReport:
     """Compare every file of a store with its manifest (reads every file once); a file that
     cannot be read is a problem of its own."""
+    return scan_files(files, manifest, path)[0]
+
+
+# A frames shard up to this size is read whole once: hashed, then decoded from memory.
+_IN_MEMORY = 256 << 20
+
+
+def scan_files(files: StoreFiles, manifest: dict, path: str, layout: Layout | None = None,
+               jobs: int | None = None) -> tuple[VerifyReport, dict[str, str]]:
+    """Every file against the manifest, on `jobs` threads (default: CPUs; hashlib, zlib and the
+    codecs release the GIL), each read once: with a `layout`, a frames shard that hashes right
+    is decoded from the same bytes (`_ShardReader.check_shard`). Returns the report of the files
+    and {shard: its content problem, or ""} for the shards so checked (`content_problems`)."""
     raw = files.read(MANIFEST_NAME, MAX_MANIFEST_BYTES)
     report = VerifyReport(path=path, kind="frames", checked=len(manifest["files"]), fingerprint=sha256_bytes(raw))
+    listed, present = manifest["files"], files.names()
+    shards = _shard_plan(files, layout) if layout is not None else {}
+    where = str(files.path)
+
+    def one(name: str) -> tuple[list[tuple[str, str, str]], str | None]:
+        want = listed[name]
+        if name not in present:
+            return [("missing", name, "listed in the manifest, not in the store")], None
+        if present[name] != want["size"]:
+            return [("corrupt", name, f"{present[name]} bytes, manifest says {want['size']}")], None
+        plan = shards.get(name) if want["size"] <= _IN_MEMORY else None
+        data = files.read(name, want["size"]) if plan is not None else None
+        digest = files.sha256_of(name, data) if data is not None else files.sha256(name)[0]
+        if digest != want["sha256"]:
+            return [("corrupt", name, "sha256 differs from the manifest")], None
+        if files.crc_differs(name):
+            return [("corrupt", name, "the zip's CRC-32 of this member does not match its bytes")], None
+        if plan is None:
+            return [], None
+        reader, s, n = plan
+        try:
+            reader.check_shard(s, data, n)
+        except StoreError as exc:
+            return [], _detail(exc, where)
+        return [], ""
+
+    checked: dict[str, str] = {}
+    names = sorted(listed)
     try:
-        for kind, name, detail in iter_problems_against(files, manifest):
-            report.problems.append(Problem(kind, name, detail))
+        with ThreadPoolExecutor(max(1, jobs or os.cpu_count() or 1)) as pool:
+            for name, (problems, shard) in zip(names, pool.map(one, names)):
+                report.problems.extend(Problem(*p) for p in problems)
+                if shard is not None:
+                    checked[name] = shard
+        for name in sorted(set(present) - set(listed) - {MANIFEST_NAME}):
+            report.problems.append(Problem("extra", name, "not in the manifest"))
     except (OSError, StoreError) as exc:
         report.problems.append(Problem("invalid", "files", f"cannot read the store's files ({exc})"))
-    return report
+    return report, checked
 
 
-def full_report(files: StoreFiles, layout: Layout, source: str) -> VerifyReport:
+def _shard_plan(files: StoreFiles, layout: Layout) -> dict[str, tuple[_ShardReader, int, int]]:
+    """{shard file: (reader, shard number, samples in its split)} of every frames shard that
+    `content_problems` would decode."""
+    out = {}
+    for split, metas in layout.metas.items():
+        n = int(layout.attrs["splits"][split]["n_samples"])
+        decoder = _fast_codec(metas["frames"])
+        if decoder is None or not n:
+            continue
+        reader = _ShardReader(files, split, metas["frames"], decoder)
+        for s in range(-(-n // reader.shard)):
+            out[reader._shard_name(s)] = (reader, s, n)
+    return out
+
+
+def full_report(files: StoreFiles, layout: Layout, source: str, jobs: int | None = None) -> VerifyReport:
     """Every file against the manifest, then (for the files that hash right) every array read
-    back as the readers read it (`content_problems`)."""
-    report = verify_files(files, layout.manifest, source)
+    back as the readers read it (`content_problems`); shards are decoded as they are hashed
+    (`scan_files`), on `jobs` threads (default: CPUs)."""
+    report, checked = scan_files(files, layout.manifest, source, layout, jobs)
     skip = {p.name for p in report.problems}
-    for kind, name, detail in content_problems(files, layout, skip):
+    for kind, name, detail in content_problems(files, layout, skip, checked):
         report.problems.append(Problem(kind, name, detail))
     return report

@@ -117,6 +117,11 @@ class StoreFiles(ABC):
         bytes, as found by the last `sha256` of it (zip readers such as zarr's refuse such members)."""
         return False
 
+    def sha256_of(self, name: str, data: bytes) -> str:
+        """sha256 hex of `name`'s bytes `data`, read already (zips: their CRC-32 checked too,
+        as by `sha256`)."""
+        return hashlib.sha256(data).hexdigest()
+
     def sha256(self, name: str) -> tuple[str, int]:
         """(sha256 hex, bytes read) of `name`, streamed."""
         h = hashlib.sha256()
@@ -270,11 +275,18 @@ class ZipFiles(StoreFiles):
             h.update(chunk)
             crc = zlib.crc32(chunk, crc)
             n += len(chunk)
+        self._note_crc(name, crc)
+        return h.hexdigest(), n
+
+    def sha256_of(self, name: str, data: bytes) -> str:
+        self._note_crc(name, zlib.crc32(data))
+        return hashlib.sha256(data).hexdigest()
+
+    def _note_crc(self, name: str, crc: int) -> None:
         if crc != self._crcs.get(name, crc):
             self._crc_bad.add(name)
         else:
             self._crc_bad.discard(name)
-        return h.hexdigest(), n
 
     def crc_differs(self, name: str) -> bool:
         return name in self._crc_bad

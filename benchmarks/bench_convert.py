@@ -63,6 +63,58 @@ def _warm(files) -> None:
                 pass
 
 
+def convert_breakdown(rel: Path, scratch: Path) -> dict[str, float]:
+    """CPU seconds of each step of `dvsprep convert`, one after the other on one core (what
+    the workers and the parent's threads share out): decode, md5, cutting into samples, the
+    HDF5 writes (scale-offset for t and p), sha256 of the decoded arrays (the manifest), and the
+    stored digests (`dvsprep.events.stored`, read back from the file)."""
+    import hashlib
+
+    import h5py
+
+    from dvsprep.events import stored as stored_digest
+    from dvsprep.events.store import EVENT_CHUNK, EVENT_FIELDS, EVENT_FILTERS
+    from dvsprep.raw import cut_samples, decode_buffer, list_recordings, map_file, open_release, parse_labels
+
+    cpu = time.process_time
+    out = dict.fromkeys(("decode", "md5", "cut", "hdf5 write", "sha256 (manifest)", "stored digest"), 0.0)
+    path = scratch / "breakdown.h5"
+    with open_release(rel.parent, scratch=scratch) as release, h5py.File(path, "w", rdcc_nbytes=0) as f:
+        sets = {k: f.create_dataset(k, shape=(0,), maxshape=(None,), dtype=dt, chunks=(EVENT_CHUNK,),
+                                    **EVENT_FILTERS[k]) for k, dt in EVENT_FIELDS.items()}
+        hashes = {k: hashlib.sha256() for k in EVENT_FIELDS}
+        for rec in list_recordings(release):
+            a = cpu()
+            buf = map_file(rec.aedat)
+            ev = decode_buffer(buf, rec.aedat)
+            b = cpu()
+            hashlib.md5(buf).hexdigest()
+            c = cpu()
+            parts = cut_samples(ev.t, parse_labels(rec.labels))
+            arrays = {k: np.concatenate([getattr(ev, k)[p] for p in parts]) for k in EVENT_FIELDS}
+            d = cpu()
+            for k, arr in arrays.items():
+                ds = sets[k]
+                n = ds.shape[0]
+                ds.resize((n + arr.shape[0],))
+                ds[n:] = arr
+            e = cpu()
+            for k, arr in arrays.items():
+                hashes[k].update(arr)
+            g = cpu()
+            for key, dt in zip(("decode", "md5", "cut", "hdf5 write", "sha256 (manifest)"), (b - a, c - b, d - c, e - d, g - e)):
+                out[key] += dt
+        f.flush()
+        a = cpu()
+        fd = os.open(path, os.O_RDONLY)
+        for ds in sets.values():
+            stored_digest.StoredDigest(ds).add(fd, stored_digest.chunk_table(ds))
+        os.close(fd)
+        out["stored digest"] = cpu() - a
+    path.unlink()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recordings", type=int, default=10)
@@ -118,6 +170,12 @@ def main() -> None:
     print(f"convert ours {ours_conv:8.2f} s ({n_all / ours_conv / 1e6:.1f} M ev/s, -j {args.jobs}) | "
           f"SpikingJelly {sj_conv:7.2f} s | ratio {conv_ratio:6.1f}x   "
           f"({s.samples['train'] + s.samples['test']} samples)")
+    with tempfile.TemporaryDirectory(dir=args.dir) as scratch:
+        steps = convert_breakdown(rel, Path(scratch))
+    total = sum(steps.values())
+    print(f"convert's CPU time by step (one core, {total:.2f} s in all; -j spreads decode, md5 and cut over "
+          f"workers, the parent writes and hashes on two threads):")
+    print("  " + ", ".join(f"{k} {v:.2f} s ({100 * v / total:.0f}%)" for k, v in steps.items()))
     print(f"targets: decode >= 50x ({'met' if dec_ratio >= 50 else 'NOT met'}), "
           f"convert >= 30x ({'met' if conv_ratio >= 30 else 'NOT met'})")
     if args.json:
@@ -125,6 +183,7 @@ def main() -> None:
             "recordings": len(files), "events_per_recording": args.events, "jobs": args.jobs,
             "decode_ours_s": ours_dec, "decode_sj_s": sj_dec, "decode_ratio": dec_ratio,
             "convert_ours_s": ours_conv, "convert_sj_s": sj_conv, "convert_ratio": conv_ratio,
+            "convert_cpu_by_step_s": steps,
         }, indent=1))
 
 

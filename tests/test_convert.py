@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import tarfile
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -175,3 +178,15 @@ def test_tar_member_escaping(tmp_path):
 def test_missing_raw(tmp_path):
     r = _run("convert", tmp_path / "nope", "-o", tmp_path / "out")
     assert r.exit_code == 1 and "nope: no such file or directory" in r.output
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_each_recordings_md5_is_that_of_its_file(tmp_path, monkeypatch, jobs):
+    """The md5 runs on a thread beside the decoding, in slices (small here: many slices)."""
+    monkeypatch.setattr("dvsprep.events.convert._MD5_SLICE", 4096)
+    rel = small_release(tmp_path / "raw")
+    convert_release(tmp_path / "raw", tmp_path / "d", jobs=jobs)
+    with h5py.File(tmp_path / "d" / "events.h5", "r") as f:
+        recordings = json.loads(f.attrs["recordings"])
+    assert {stem: r["md5"] for stem, r in recordings.items()} == {
+        p.stem: hashlib.md5(p.read_bytes()).hexdigest() for p in rel.glob("*.aedat")}

@@ -8,6 +8,7 @@ import logging
 import os
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -74,7 +75,14 @@ def process_recording(rec: Recording, spill_dir: str | None = None) -> dict[str,
     """
     rows = parse_labels(rec.labels)
     buf = map_file(rec.aedat)  # one mapping serves decoding and the md5
-    ev = decode_buffer(buf, rec.aedat)
+    # The md5 (~700 MB/s, as long as the decoding itself) runs on a thread beside the decoding:
+    # hashlib releases the GIL while it hashes, numpy while it decodes a block.
+    with ThreadPoolExecutor(1, thread_name_prefix="md5") as hasher:
+        md5 = hasher.submit(_md5, buf)
+        try:
+            ev = decode_buffer(buf, rec.aedat)
+        finally:
+            md5_hex = md5.result()
     parts = cut_samples(ev.t, rows)
     lengths = np.array(
         [(p.stop - p.start) if isinstance(p, slice) else p.shape[0] for p in parts], dtype=np.int64
@@ -82,7 +90,7 @@ def process_recording(rec: Recording, spill_dir: str | None = None) -> dict[str,
     res = {
         "stem": rec.stem,
         "split": rec.split,
-        "md5": hashlib.md5(buf).hexdigest(),
+        "md5": md5_hex,
         "n_events": len(ev),
         "n_invalid": ev.n_invalid,
         "lengths": lengths,
@@ -102,6 +110,17 @@ def process_recording(rec: Recording, spill_dir: str | None = None) -> dict[str,
                 f.write(memoryview(np.ascontiguousarray(arr[p])))
     res["spill"] = spill
     return res
+
+
+_MD5_SLICE = 16 << 20
+
+
+def _md5(buf: np.ndarray) -> str:
+    """md5 of a recording's bytes, in slices (hashlib releases the GIL for each)."""
+    h = hashlib.md5()
+    for a in range(0, buf.nbytes, _MD5_SLICE):
+        h.update(buf[a:a + _MD5_SLICE])
+    return h.hexdigest()
 
 
 def _load_spill(res: dict[str, Any]) -> dict[str, np.ndarray]:

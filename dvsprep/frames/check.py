@@ -22,7 +22,7 @@ import numpy as np
 
 from . import schema
 from ..constants import N_CLASSES, SPLITS, recording_name_ok
-from .files import MAX_MANIFEST_BYTES, StoreFiles, parse_manifest, read_json
+from .files import MAX_MANIFEST_BYTES, StoreFiles, check_file, parse_manifest, read_json
 from ..errors import MissingFileError, StoreError, UntrustedStoreError
 from ..integrity import MANIFEST_NAME, sha256_bytes
 from ..integrity import Problem, VerifyReport
@@ -418,34 +418,27 @@ def scan_files(files: StoreFiles, manifest: dict, path: str, layout: Layout | No
     shards = _shard_plan(files, layout) if layout is not None else {}
     where = str(files.path)
 
-    def one(name: str) -> tuple[list[tuple[str, str, str]], str | None]:
+    def one(name: str) -> tuple[tuple[str, str, str] | None, str | None]:
+        """(the file's problem, the shard's content problem or "" when decoded here)."""
         want = listed[name]
-        if name not in present:
-            return [("missing", name, "listed in the manifest, not in the store")], None
-        if present[name] != want["size"]:
-            return [("corrupt", name, f"{present[name]} bytes, manifest says {want['size']}")], None
         plan = shards.get(name) if want["size"] <= _IN_MEMORY else None
-        data = files.read(name, want["size"]) if plan is not None else None
-        digest = files.sha256_of(name, data) if data is not None else files.sha256(name)[0]
-        if digest != want["sha256"]:
-            return [("corrupt", name, "sha256 differs from the manifest")], None
-        if files.crc_differs(name):
-            return [("corrupt", name, "the zip's CRC-32 of this member does not match its bytes")], None
-        if plan is None:
-            return [], None
+        problem, data = check_file(files, name, want, present, keep=plan is not None)
+        if problem is not None or plan is None:
+            return problem, None
         reader, s, n = plan
         try:
             reader.check_shard(s, data, n)
         except StoreError as exc:
-            return [], _detail(exc, where)
-        return [], ""
+            return None, _detail(exc, where)
+        return None, ""
 
     checked: dict[str, str] = {}
     names = sorted(listed)
     try:
         with ThreadPoolExecutor(max(1, jobs or os.cpu_count() or 1)) as pool:
-            for name, (problems, shard) in zip(names, pool.map(one, names)):
-                report.problems.extend(Problem(*p) for p in problems)
+            for name, (problem, shard) in zip(names, pool.map(one, names)):
+                if problem is not None:
+                    report.problems.append(Problem(*problem))
                 if shard is not None:
                     checked[name] = shard
         for name in sorted(set(present) - set(listed) - {MANIFEST_NAME}):

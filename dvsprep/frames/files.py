@@ -352,23 +352,32 @@ def read_json(files: StoreFiles, name: str, max_bytes: int = MAX_JSON_BYTES) -> 
         raise StoreError(f"{files.path}: {name} is not valid JSON (cannot open as a zarr v3 group: {exc})") from None
 
 
+def check_file(files: StoreFiles, name: str, want: dict, present: dict[str, int],
+               keep: bool = False) -> tuple[tuple[str, str, str] | None, bytes | None]:
+    """(problem or None, its bytes when `keep` and it matches) of one file listed in a manifest
+    with entry `want`: "missing", or "corrupt" (size, sha256, a zip's CRC-32). Reads it once:
+    streamed, or whole when `keep`."""
+    if name not in present:
+        return ("missing", name, "listed in the manifest, not in the store"), None
+    if present[name] != want["size"]:
+        return ("corrupt", name, f"{present[name]} bytes, manifest says {want['size']}"), None
+    data = files.read(name, want["size"]) if keep else None
+    digest = files.sha256_of(name, data) if data is not None else files.sha256(name)[0]
+    if digest != want["sha256"]:
+        return ("corrupt", name, "sha256 differs from the manifest"), None
+    if files.crc_differs(name):
+        return ("corrupt", name, "the zip's CRC-32 of this member does not match its bytes"), None
+    return None, data
+
+
 def iter_problems_against(files: StoreFiles, manifest: dict) -> Iterator[tuple[str, str, str]]:
     """(kind, name, detail) for every file that differs from `manifest`: "corrupt", "missing"
     or "extra". Reads every listed file once."""
     listed = manifest["files"]
     present = files.names()
     for name in sorted(listed):
-        want = listed[name]
-        if name not in present:
-            yield "missing", name, "listed in the manifest, not in the store"
-            continue
-        if present[name] != want["size"]:
-            yield "corrupt", name, f"{present[name]} bytes, manifest says {want['size']}"
-            continue
-        digest, _ = files.sha256(name)
-        if digest != want["sha256"]:
-            yield "corrupt", name, "sha256 differs from the manifest"
-        elif files.crc_differs(name):
-            yield "corrupt", name, "the zip's CRC-32 of this member does not match its bytes"
+        problem, _ = check_file(files, name, listed[name], present)
+        if problem is not None:
+            yield problem
     for name in sorted(set(present) - set(listed) - {MANIFEST_NAME}):
         yield "extra", name, "not in the manifest"

@@ -191,3 +191,29 @@ def test_reports_do_not_depend_on_jobs(tmp_path):
     assert [p.name for p in one.problems] == ["test/frames/c/0/0/0/0/0", "train/frames/c/1/0/0/0/0",
                                               "train/label/c/0", "train/extra"]
     assert verify_path(path, jobs=4).lines() == one.lines()
+
+
+def test_large_shards_are_hashed_streaming_then_decoded(tmp_path, monkeypatch):
+    """Shards above the in-memory bound are streamed through sha256 and decoded afterwards."""
+    path = tmp_path / "s.zarr"
+    make_multishard_store(path)
+    monkeypatch.setattr(frames_check, "_IN_MEMORY", 0)
+    monkeypatch.setattr(frames_check._ShardReader, "check_shard", lambda *a: pytest.fail("decoded from memory"))
+    assert verify_path(path, jobs=2).ok
+    shard = path / "train/frames/c/1/0/0/0/0"
+    data = bytearray(shard.read_bytes())
+    data[20] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert [(p.kind, p.name) for p in verify_path(path).problems] == [("corrupt", "train/frames/c/1/0/0/0/0")]
+
+
+def test_verify_takes_jobs_for_every_kind(ev, tmp_path):
+    from click.testing import CliRunner
+
+    from dvsprep.cli import main
+
+    store = tmp_path / "s.zarr"
+    make_multishard_store(store)
+    for target in (ev, store):
+        r = CliRunner().invoke(main, ["verify", "-j", "3", str(target)])
+        assert r.exit_code == 0 and " intact: " in r.output, r.output

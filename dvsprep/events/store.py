@@ -3,7 +3,8 @@
 Layout (groups `train`, `test`): t int64, x/y/p uint8 (events of all samples, in sample order),
 offsets int64 [N+1], label uint8 [N], recording str [N], row int32 [N], t_start/t_end int64 [N].
 Root attributes: format, tool_version, sensor_size, recordings (JSON), n_invalid_dropped,
-manifest (JSON: sha256 of every dataset's bytes and of the other attributes), fingerprint.
+manifest (JSON: sha256 of every dataset's values and of the other attributes, and for t/x/y/p
+also their stored digest, `dvsprep.events.stored`), fingerprint.
 """
 from __future__ import annotations
 

@@ -142,7 +142,8 @@ class EventsWriter:
         acc["n"].append(np.asarray(lengths, dtype=OFFSET_DTYPE))
 
     def _feed_stored(self, split: str, name: str, upto: int) -> None:
-        """Hash the chunks of split/name below chunk `upto` not hashed yet (in the hasher thread)."""
+        """Hash the chunks of split/name below chunk `upto` not hashed yet (in the hasher thread),
+        read from the file: with no chunk cache (rdcc_nbytes=0) a chunk is there once written."""
         digest, ds = self._stored[f"{split}/{name}"], self.f[split][name]
         chunks = [stored_digest.chunk_info(ds, i) for i in range(digest.n_chunks, upto)]
         if chunks:

@@ -140,6 +140,9 @@ def _store_name(url: str) -> str:
     return name[:100]
 
 
+store_name = _store_name
+
+
 def cache_entry(url: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """The cache folder for a store URL (fragment ignored)."""
     base, _ = split_pin(url)
@@ -400,7 +403,8 @@ def fetch_store(url: str, cache_dir: str | os.PathLike | None = None, refresh: b
             return hit[0], pinned
         tmp = entry.parent / f".{entry.name}{PARTIAL_SUFFIX}"
         try:
-            served, fp = _fetch_first([base, *mirrors], tmp, limit, pinned if mirrors else None)
+            served, fp = fetch_first([base, *mirrors], tmp / _store_name(base), tmp, limit,
+                                     pinned if mirrors else None)
             (tmp / SOURCE_NAME).write_text(json.dumps({"url": base, "name": _store_name(base), "fingerprint": fp,
                                                        "kind": "zip" if is_zip_path(_store_name(base)) else "dir",
                                                        "served_by": served,
@@ -417,20 +421,22 @@ def fetch_store(url: str, cache_dir: str | os.PathLike | None = None, refresh: b
     return entry / _store_name(base), pinned
 
 
-def _fetch_first(sources: list[str], tmp: Path, limit: int, pinned: str | None) -> tuple[str, str]:
-    """(the source that served it, fingerprint): each source in turn until one verifies (and
-    matches `pinned`, when given). The last failure is raised."""
+def fetch_first(sources: list[str], dest: Path, partial_dir: Path | None, limit: int,
+                pinned: str | None) -> tuple[str, str]:
+    """(the source that served it, fingerprint): download the store into `dest` from each source
+    in turn until one verifies (and matches `pinned`, when given); the last failure is raised.
+    `partial_dir`: where the download's resume state lives (None: no resume across processes)."""
     for i, src in enumerate(sources):
         try:
-            partial = _Partial(tmp, src)
-            fp = fetch_into(src, tmp / _store_name(sources[0]), limit, partial)
+            partial = _Partial(partial_dir, src) if partial_dir is not None else None
+            fp = fetch_into(src, dest, limit, partial)
             if pinned and not fp.startswith(pinned):
                 raise IntegrityError(f"{src}: fingerprint {fp[:16]}... differs from the expected {pinned[:16]}...")
             return src, fp
         except DvsprepError as exc:
             if i == len(sources) - 1 or disk_full(exc):
                 raise
-            remove_path(tmp)
+            remove_path(partial_dir if partial_dir is not None else dest)
             log.warning("%s; trying the mirror %s", one_line(exc), sources[i + 1])
     raise AssertionError("unreachable")
 

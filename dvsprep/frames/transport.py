@@ -235,10 +235,10 @@ def s3_error(url: str, exc: BaseException) -> StoreError:
 
     name = type(exc).__name__
     text = str(exc)
-    if isinstance(exc, ox.NotFoundError) or "NoSuchBucket" in text or "NoSuchKey" in text:
+    if isinstance(exc, (ox.NotFoundError, FileNotFoundError)) or "NoSuchBucket" in text or "NoSuchKey" in text:
         what = "no such bucket" if "NoSuchBucket" in text else "no such object"
         return MissingFileError(f"{url}: {what}")
-    if isinstance(exc, (ox.PermissionDeniedError, ox.UnauthenticatedError)) or \
+    if isinstance(exc, (ox.PermissionDeniedError, ox.UnauthenticatedError, PermissionError)) or \
             any(code in text for code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403")):
         return StoreError(f"{url}: access denied (check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)")
     if isinstance(exc, ox.PreconditionError):

@@ -116,11 +116,15 @@ def open_range(url: str, start: int = 0, validator: str | None = None) -> Reply:
 class _Redirects(urllib.request.HTTPRedirectHandler):
     """Follow http(s) redirects only; anything else (file:, data:, ftp:) is refused by name."""
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001 - urllib's signature
-        target = urllib.parse.urljoin(req.full_url, newurl)
-        if urllib.parse.urlsplit(target).scheme.lower() not in ("http", "https"):
-            raise StoreError(f"{req.full_url}: redirect to a non-http(s) URL refused ({target.split(':')[0]}:)")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+    def http_error_302(self, req, fp, code, msg, headers):  # noqa: ANN001 - urllib's signature
+        target = urllib.parse.urljoin(req.full_url, headers.get("Location") or headers.get("URI") or "")
+        scheme = urllib.parse.urlsplit(target).scheme.lower()
+        if scheme not in ("http", "https"):
+            fp.close()
+            raise StoreError(f"{req.full_url}: redirect to a non-http(s) URL refused ({scheme}:)")
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
 
 _OPENER = urllib.request.build_opener(_Redirects)
@@ -134,6 +138,8 @@ def _http_open(url: str, start: int, validator: str | None) -> Reply:
             headers["If-Range"] = validator
     try:
         resp = _OPENER.open(urllib.request.Request(url, headers=headers), timeout=TIMEOUT_S)
+    except StoreError:
+        raise  # a refused redirect, already one line
     except urllib.error.HTTPError as exc:
         exc.close()
         if 300 <= exc.code < 400:
@@ -159,10 +165,7 @@ def _http_open(url: str, start: int, validator: str | None) -> Reply:
     if got:
         first, total = int(got.group(1)), got.group(3)
         total_n = int(total) if total != "*" else None
-    else:
-        if start and validator and etag and etag != validator:
-            resp.close()
-            raise ObjectChangedError(f"{url}: changed on the server since the partial download began")
+    else:  # the whole object (no range support, or If-Range: it changed): the caller starts over
         first, total_n = 0, length_n
     return Reply(_http_chunks(resp, url, first), first, total_n, etag, resp.close)
 

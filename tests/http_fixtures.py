@@ -35,8 +35,8 @@ class RangeFiles(http.server.BaseHTTPRequestHandler):
     ``/<bucket>/<key>`` works as an S3 endpoint for GET and HEAD. For the tests it counts and
     breaks: ``server.sent`` (Counter: body bytes sent per path), ``server.ranges`` (list of
     (path, Range header)), ``server.cut`` ({path: n}: the next response to that path stops after
-    n body bytes and closes), ``server.stall`` ({path: n}: send n bytes, set ``server.stalled``,
-    then wait for ``server.release``), ``server.fail`` ({path: [status, ...]}: answer these first)."""
+    n body bytes and closes), ``server.stall`` ({path: n}: every response to that path sends n
+    bytes, sets ``server.stalled``, waits for ``server.release`` and closes), ``server.fail`` ({path: [status, ...]}: answer these first)."""
 
     protocol_version = "HTTP/1.1"
 
@@ -105,7 +105,7 @@ class RangeFiles(http.server.BaseHTTPRequestHandler):
             return
         body = data[start:]
         cut = self.server.cut.pop(path, None)
-        stall = self.server.stall.pop(path, None)
+        stall = self.server.stall.get(path)
         if stall is not None:
             self._send(path, body[:stall])
             self.server.stalled.set()
@@ -119,12 +119,12 @@ class RangeFiles(http.server.BaseHTTPRequestHandler):
         self._send(path, body)
 
     def _send(self, path: str, body: bytes) -> None:
+        self.server.sent[path] += len(body)  # counted first: the client may be done before write() returns
         try:
             self.wfile.write(body)
             self.wfile.flush()
         except OSError:
-            return
-        self.server.sent[path] += len(body)
+            pass
 
 
 @contextlib.contextmanager

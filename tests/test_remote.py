@@ -257,6 +257,7 @@ def test_a_killed_download_is_resumed_by_the_next_process(ranged, tmp_path):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        httpd.stall.clear()
         httpd.release.set()
     httpd.sent.clear()
     store = open_frame_store(url, cache_dir=cache)

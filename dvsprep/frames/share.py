@@ -109,8 +109,9 @@ def push_store(path: str | os.PathLike, url: str, *, force: bool = False) -> Sha
 def _push_zip(obstore: Any, s3: Any, url: str, key: str, path: Path, force: bool) -> int:
     if not force and _exists(obstore, s3, url, key) is not None:
         raise StoreExistsError(f"{url}: already exists (use --force to replace it)")
-    for stale in _call(url, lambda: [m["path"] for batch in obstore.list(s3, prefix=key + UPLOAD_TAG)
-                                     for m in batch]):
+    folder = key.rpartition("/")[0] or None  # obstore lists whole path segments: filter the names here
+    for stale in _call(url, lambda: [m["path"] for m in obstore.list_with_delimiter(s3, prefix=folder)["objects"]
+                                     if m["path"].startswith(key + UPLOAD_TAG)]):
         _call(url, obstore.delete, s3, stale)  # an interrupted push's temporary
     tmp = f"{key}{UPLOAD_TAG}{uuid.uuid4().hex[:12]}"
     try:

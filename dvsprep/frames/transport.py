@@ -34,6 +34,7 @@ TIMEOUT_S = 60.0                          # no byte for this long: the try fails
 RETRY_DELAYS_S: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)  # backoff between tries; tests set zeros
 RETRY_ENV = "DVSPREP_RETRY_DELAYS"
 CHUNK = 1 << 20
+S3_PIECE = 64 << 10
 S3_EXTRA = "pip install 'dvsgesture-kit[s3]'"
 _SECRET_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
@@ -95,6 +96,8 @@ def with_retries(step: Callable[[], T], url: str, delays: tuple[float, ...] | No
             return step()
         except TransientError as exc:
             if delay is None:
+                if not attempt:
+                    raise
                 raise TransientError(f"{exc} (gave up after {attempt + 1} tries)") from None
             log.info("%s; try %d of %d in %g s", exc, attempt + 2, len(delays) + 1, delay)
             if delay > 0:
@@ -273,7 +276,8 @@ def _s3_open(url: str, start: int, validator: str | None) -> Reply:
 
 def _s3_chunks(result: Any, url: str, first: int) -> Iterator[bytes]:
     n = first
-    stream = iter(result.stream(min_chunk_size=CHUNK))
+    # small pieces: what arrived before a cut is written, and the retry resumes after it
+    stream = iter(result.stream(min_chunk_size=S3_PIECE))
     while True:
         try:
             chunk = next(stream)

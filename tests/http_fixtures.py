@@ -36,7 +36,9 @@ class RangeFiles(http.server.BaseHTTPRequestHandler):
     breaks: ``server.sent`` (Counter: body bytes sent per path), ``server.ranges`` (list of
     (path, Range header)), ``server.cut`` ({path: n}: the next response to that path stops after
     n body bytes and closes), ``server.stall`` ({path: n}: every response to that path sends n
-    bytes, sets ``server.stalled``, waits for ``server.release`` and closes), ``server.fail`` ({path: [status, ...]}: answer these first)."""
+    bytes, sets ``server.stalled``, waits for ``server.release`` and closes), ``server.gets``
+    (Counter of GETs as they arrive; ``server.arrived`` is notified) and ``server.hold`` (an Event:
+    when set to one, every GET waits for it before it is answered), ``server.fail`` ({path: [status, ...]}: answer these first)."""
 
     protocol_version = "HTTP/1.1"
 
@@ -54,6 +56,12 @@ class RangeFiles(http.server.BaseHTTPRequestHandler):
         self._answer(head=True)
 
     def do_GET(self):  # noqa: N802
+        path, _ = self._file()
+        with self.server.lock:
+            self.server.gets[path] += 1
+            self.server.arrived.notify_all()
+        if self.server.hold is not None:
+            self.server.hold.wait()
         self._answer(head=False)
 
     def _answer(self, head: bool) -> None:
@@ -139,7 +147,11 @@ def range_server(root, monkeypatch) -> Iterator[http.server.ThreadingHTTPServer]
         httpd.ranges = []
         httpd.cut, httpd.stall, httpd.fail = {}, {}, {}
         httpd.stalled, httpd.release = threading.Event(), threading.Event()
+        httpd.gets, httpd.lock, httpd.hold = collections.Counter(), threading.Lock(), None
+        httpd.arrived = threading.Condition(httpd.lock)
         try:
             yield httpd
         finally:
             httpd.release.set()
+            if httpd.hold is not None:
+                httpd.hold.set()

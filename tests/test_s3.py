@@ -271,3 +271,35 @@ def test_a_slow_server_is_bounded_by_the_timeout(flaky, tmp_path, monkeypatch):
     line = _one_error_line(_cli("verify", url, "--cache-dir", tmp_path / "c"))
     assert re.fullmatch(rf"error: {url}: download failed after [0-9,]+ bytes \(.+\) \(gave up after 2 tries\)", line)
     assert _left_in(tmp_path / "c") == []
+
+
+# ----------------------------------------------------------- several machines: one download per node
+
+def test_two_nodes_download_once_each_into_their_own_cache(flaky, tmp_path):
+    """Two simulated nodes (two caches), two processes each, all started at once: each node's
+    URL lock lets one process download while the other waits, then opens that copy (under
+    torchrun, dvsg-train's local rank 0 fetches first: `distributed.local_main_first`)."""
+    import subprocess
+    import sys
+    import threading
+
+    httpd, url, data = flaky
+    httpd.hold = threading.Event()        # no answer until the first GET of both nodes arrived
+    code = ("import sys; from dvsprep.frames.store import open_frame_store; "
+            "s = open_frame_store(sys.argv[1], verify=True); print(s.path, s.fingerprint)")
+    procs = []
+    for node in (0, 1):
+        env = {**os.environ, "DVSPREP_CACHE": str(tmp_path / f"node{node}"),
+               "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        procs += [subprocess.Popen([sys.executable, "-c", code, url], env=env, stdout=subprocess.PIPE, text=True)
+                  for _ in range(2)]
+    path = f"/bkt/{STORE}.zip"
+    with httpd.arrived:
+        assert httpd.arrived.wait_for(lambda: httpd.gets[path] >= 2, timeout=120)
+    httpd.hold.set()
+    outs = [p.communicate(timeout=120)[0].split() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0]
+    for i, (where, fp) in enumerate(outs):
+        assert where == str(cache_entry(url, tmp_path / f"node{i // 2}") / f"{STORE}.zip")  # its node's copy
+    assert len({fp for _, fp in outs}) == 1
+    assert httpd.gets[path] == 2 and httpd.sent[path] == 2 * len(data)   # once per node, not per process

@@ -257,7 +257,7 @@ def test_a_server_that_dies_mid_download_is_one_line(flaky, tmp_path, monkeypatc
     monkeypatch.setenv("DVSPREP_RETRY_DELAYS", "none")
     httpd.cut[f"/bkt/{STORE}.zip"] = 50_000
     line = _one_error_line(_cli("verify", url, "--cache-dir", tmp_path / "c"))
-    assert re.fullmatch(rf"error: {url}: download failed after [0-9,]+ bytes \(.+\)", line), line
+    assert re.fullmatch(rf"error: {url}: download failed after [0-9,]+ bytes \(connection cut short: .+\)", line), line
     assert "secret-of-the-test" not in line and _left_in(tmp_path / "c") == []
     assert [p.name for p in (tmp_path / "c" / "stores").iterdir() if p.name.startswith(".")] == []
 
@@ -269,7 +269,8 @@ def test_a_slow_server_is_bounded_by_the_timeout(flaky, tmp_path, monkeypatch):
     monkeypatch.setattr(transport, "TIMEOUT_S", 0.5)
     httpd.stall[f"/bkt/{STORE}.zip"] = 10_000        # 10 kB, then nothing until the test ends
     line = _one_error_line(_cli("verify", url, "--cache-dir", tmp_path / "c"))
-    assert re.fullmatch(rf"error: {url}: download failed after [0-9,]+ bytes \(.+\) \(gave up after 2 tries\)", line)
+    assert re.fullmatch(rf"error: {url}: download failed after [0-9,]+ bytes \(timed out: .+\) \(gave up after 2 tries\)",
+                        line), line
     assert _left_in(tmp_path / "c") == []
 
 
@@ -303,3 +304,18 @@ def test_two_nodes_download_once_each_into_their_own_cache(flaky, tmp_path):
         assert where == str(cache_entry(url, tmp_path / f"node{i // 2}") / f"{STORE}.zip")  # its node's copy
     assert len({fp for _, fp in outs}) == 1
     assert httpd.gets[path] == 2 and httpd.sent[path] == 2 * len(data)   # once per node, not per process
+
+
+def test_an_s3_partial_of_an_object_that_changed_starts_over(flaky, tmp_path):
+    """If-Match with the partial's ETag: the server refuses (412), the download starts from byte 0."""
+    from dvsprep.frames.remote import fetch_store
+
+    httpd, url, data = flaky
+    entry = cache_entry(url, tmp_path / "c")
+    part = entry.parent / f".{entry.name}.partial"
+    part.mkdir(parents=True)
+    (part / f"{STORE}.zip").write_bytes(b"x" * 5000)   # an older version's first bytes
+    (part / "partial.json").write_text(json.dumps({"url": url, "validators": {f"{STORE}.zip": '"older"'}}))
+    assert fetch_store(url, cache_dir=tmp_path / "c")[0].read_bytes() == data
+    assert httpd.ranges == [] and httpd.gets[f"/bkt/{STORE}.zip"] == 2 and httpd.sent[f"/bkt/{STORE}.zip"] == len(data)
+    assert not part.exists()

@@ -249,13 +249,27 @@ def s3_error(url: str, exc: BaseException) -> StoreError:
         return StoreError(f"{url}: access denied (check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)")
     if isinstance(exc, ox.PreconditionError):
         return ObjectChangedError(f"{url}: changed on the server since the partial download began")
-    first = scrub(text.split("\n", 1)[0])[:300]
+    first = _s3_reason(text)
     if any(w in text for w in ("InvalidRange", "416")):
         return ObjectChangedError(f"{url}: the partial download is longer than the object")
     if isinstance(exc, ox.GenericError) or "timed out" in text or "connect" in text.lower() or \
             re.search(r"\b5\d\d\b", text):
         return TransientError(f"{url}: cannot download ({first or name})")
     return StoreError(f"{url}: {name}: {first}")
+
+
+_HTTP_KIND = re.compile(r"HttpError \{\s*kind: (\w+)")
+_HTTP_WORDS = {"Timeout": "timed out", "Interrupted": "connection cut short", "Connect": "cannot connect",
+               "Request": "request failed", "Decode": "malformed answer"}
+
+
+def _s3_reason(text: str) -> str:
+    """What went wrong, in words, from obstore's message (its first line, plus the HTTP error's kind)."""
+    first = scrub(text.split("\n", 1)[0])[:300]
+    kind = _HTTP_KIND.search(text)
+    if kind is None:
+        return first
+    return f"{_HTTP_WORDS.get(kind.group(1), kind.group(1))}: {first}"
 
 
 def _s3_open(url: str, start: int, validator: str | None) -> Reply:
@@ -284,7 +298,6 @@ def _s3_chunks(result: Any, url: str, first: int) -> Iterator[bytes]:
         except StopIteration:
             return
         except Exception as exc:  # noqa: BLE001 - a cut stream, a timeout
-            raise TransientError(f"{url}: download failed after {n:,} bytes ({scrub(str(exc).split(chr(10))[0])})") \
-                from None
+            raise TransientError(f"{url}: download failed after {n:,} bytes ({_s3_reason(str(exc))})") from None
         n += len(chunk)
         yield bytes(chunk)

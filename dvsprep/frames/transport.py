@@ -215,8 +215,11 @@ def s3_store(bucket: str) -> Any:
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
     key = (bucket, endpoint, TIMEOUT_S, *(os.environ.get(v) for v in (*_SECRET_VARS, "AWS_REGION", "AWS_PROFILE")))
     if key not in _stores:
+        # TIMEOUT_S bounds each wait for bytes, not the whole transfer (obstore's default would
+        # stop any download longer than 30 s)
         options: dict[str, Any] = {"allow_http": endpoint.lower().startswith("http://"),
-                                   "timeout": f"{TIMEOUT_S}s", "connect_timeout": f"{min(TIMEOUT_S, 10.0)}s"}
+                                   "read_timeout": f"{TIMEOUT_S}s", "timeout": "1d",
+                                   "connect_timeout": f"{min(TIMEOUT_S, 10.0)}s"}
         kwargs: dict[str, Any] = {}
         if os.environ.get("AWS_PROFILE") and not os.environ.get("AWS_ACCESS_KEY_ID"):
             kwargs["credential_provider"] = _profile_credentials()

@@ -212,8 +212,18 @@ def test_an_interrupted_zip_push_leaves_no_object_and_a_rerun_restarts(s3, local
     assert _cli("push", zipped, url, "--force").exit_code == 0
 
 
-def test_push_refusals(s3, local, tmp_path):
+def test_push_refusals(s3, local, tmp_path, monkeypatch):
+    from dvsprep.frames import share
+
     folder, zipped, fp = local
+    assert _one_error_line(_cli("push", zipped, f"s3://no-{s3['bucket']}/x/")) == \
+        f"error: s3://no-{s3['bucket']}/x/{zipped.name}: no such bucket"
+    monkeypatch.setattr(share, "MAX_COPY_BYTES", 1000)
+    size = zipped.stat().st_size
+    assert _one_error_line(_cli("push", zipped, f"s3://{s3['bucket']}/x/")) == \
+        f"error: {zipped}: {size:,} bytes, more than one S3 copy takes (1,000); push the store folder instead " \
+        f"(dvsprep unpack)"
+    assert "Contents" not in s3["client"].list_objects_v2(Bucket=s3["bucket"])   # nothing sent
     assert _one_error_line(_cli("push", zipped, "https://host/x.zip")) == \
         "error: https://host/x.zip: dvsprep push writes to s3:// URLs (serve http(s) stores as static files)"
     assert _one_error_line(_cli("push", zipped, f"s3://{s3['bucket']}/x.zarr")) == \

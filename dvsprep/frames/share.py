@@ -27,6 +27,7 @@ from . import remote, transport
 from .store import open_frame_store
 
 UPLOAD_TAG = ".dvsprep-upload-"     # the temporary key of a zip being pushed: <key>.dvsprep-upload-<hex>
+MAX_COPY_BYTES = 5 << 30            # S3's limit for one server-side copy (CopyObject)
 
 
 @dataclasses.dataclass
@@ -107,6 +108,9 @@ def push_store(path: str | os.PathLike, url: str, *, force: bool = False) -> Sha
 
 
 def _push_zip(obstore: Any, s3: Any, url: str, key: str, path: Path, force: bool) -> int:
+    if path.stat().st_size > MAX_COPY_BYTES:  # checked before any byte is sent
+        raise StoreError(f"{path}: {path.stat().st_size:,} bytes, more than one S3 copy takes "
+                         f"({MAX_COPY_BYTES:,}); push the store folder instead (dvsprep unpack)")
     if not force and _exists(obstore, s3, url, key) is not None:
         raise StoreExistsError(f"{url}: already exists (use --force to replace it)")
     folder = key.rpartition("/")[0] or None  # obstore lists whole path segments: filter the names here

@@ -240,6 +240,7 @@ def flaky(local, tmp_path, monkeypatch):
     """(server, s3:// URL of the zip, zip bytes): a RangeFiles server as the S3 endpoint (path style)."""
     from http_fixtures import range_server
 
+    pytest.importorskip("obstore", reason="the s3 extra (pip install 'dvsgesture-kit[s3]')")
     folder, zipped, fp = local
     root = tmp_path / "endpoint"
     (root / "bkt").mkdir(parents=True)

@@ -293,3 +293,33 @@ def unpack(archive: Path, out: Path | None, force: bool) -> None:
 
     for line in unpack_store(archive, out, force=force).lines():
         click.echo(line)
+
+
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@click.argument("url")
+@click.option("--force", is_flag=True, help="Replace a store already at URL.")
+def push(store: Path, url: str, force: bool) -> None:
+    """Upload a frame store (folder or .zip, verified first) to an s3:// URL so that no reader
+    ever sees half of it; prints the URL pinned to its fingerprint. A URL ending in / gets the
+    store's name appended."""
+    from .frames import push_store
+
+    for line in push_store(store, url, force=force).lines():
+        click.echo(line)
+
+
+@main.command()
+@click.argument("url")
+@click.option("-o", "--out", "out", type=click.Path(path_type=Path), required=True,
+              help="Where the store goes (a .zip URL gives a .zip, a folder URL a folder).")
+@click.option("--max-download", default=None, metavar="SIZE", callback=_size_arg,
+              help="Refuse downloads larger than SIZE (default: $DVSPREP_MAX_DOWNLOAD or 8G).")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+def pull(url: str, out: Path, max_download: int | None, force: bool) -> None:
+    """Download the frame store at URL (http(s) or s3://; #fingerprint= and &mirror= in its
+    fragment) to OUT, verified in full, as the cache does."""
+    from .frames import pull_store
+
+    for line in pull_store(url, out, force=force, max_bytes=max_download).lines():
+        click.echo(line)

@@ -8,8 +8,10 @@ what the path is instead. A new input form or suffix rule is added here, once.
 
 The rules, decided once:
 
-- URLs: `http://` and `https://` (any case) are frame stores fetched by urllib; any other
-  `scheme://` (s3://, gs://, ftp://) is refused in one line until a fetcher for it exists.
+- URLs: `http://`, `https://` and `s3://` (any case) are frame stores fetched into the cache
+  (`dvsprep.frames.remote`); any other `scheme://` (gs://, ftp://, file://) is refused in one
+  line until a fetcher for it exists. A URL with credentials in it (user:password@) is refused:
+  credentials come from the environment, never from text that lands in logs and config files.
 - Suffixes are compared without regard to case: .zip (a packed store), .tar.gz/.tgz/.tar (a raw
   release archive), .h5/.hdf5 (events).
 - A regular file is events.h5 when its name says so or its first bytes are HDF5's signature;
@@ -38,7 +40,7 @@ from typing import AbstractSet
 from .constants import ARCHIVE_NAME, EVENTS_NAME, FRAME_STORE_GLOB, MANIFEST_NAME, RELEASE_DIR, TRIAL_LISTS, ZARR_JSON
 from .errors import DvsprepError, MissingFileError, StoreError
 
-URL_SCHEMES = ("http", "https")            # fetched with urllib; s3:// would join with its extra
+URL_SCHEMES = ("http", "https", "s3")      # http(s) through urllib, s3:// through the s3 extra
 ZIP_SUFFIXES = (".zip",)
 TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 HDF5_SUFFIXES = (".h5", ".hdf5")
@@ -48,7 +50,7 @@ _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 class InputKind(str, enum.Enum):
-    URL = "url"                # http(s) URL of a frame store folder or .zip
+    URL = "url"                # http(s) or s3:// URL of a frame store folder or .zip
     STORE_DIR = "store_dir"    # frames_T<T>_<split_by>.zarr
     STORE_ZIP = "store_zip"    # what `dvsprep pack` writes
     EVENTS = "events"          # events.h5
@@ -69,13 +71,13 @@ ALL_KINDS: frozenset[InputKind] = frozenset(InputKind)
 # What a caller takes, in words, in the order a refusal lists them.
 _EXPECTED = (
     (frozenset({InputKind.EVENTS}), "an events.h5 file"),
-    (FRAME_STORE, "a frame store (.zarr folder, .zip or http(s) URL)"),
+    (FRAME_STORE, "a frame store (.zarr folder, .zip or http(s)/s3:// URL)"),
     (frozenset({InputKind.DATA_ROOT}), "a DATA_ROOT (a folder holding events.h5 or frames_T<T>_<split_by>.zarr)"),
     (RAW_RELEASE, f"a DvsGesture release ({TRIAL_LISTS['train']} here or in {RELEASE_DIR}/, or a .tar.gz)"),
 )
 # What a path is, in words, when it is not what the caller takes.
 _IS = {
-    InputKind.URL: "an http(s) URL",
+    InputKind.URL: "a URL",
     InputKind.STORE_DIR: "a frame store folder",
     InputKind.STORE_ZIP: "a packed frame store (.zip)",
     InputKind.EVENTS: "an events.h5 file",
@@ -92,20 +94,35 @@ def url_scheme(path: object) -> str | None:
 
 
 def is_url(path: object) -> bool:
-    """Whether `path` is a URL dvsprep fetches (http:// or https://, any case)."""
+    """Whether `path` is a URL dvsprep fetches (http://, https:// or s3://, any case)."""
     return url_scheme(path) in URL_SCHEMES
 
 
 def check_url(url: str) -> None:
-    """StoreError (one line naming it) for a URL urllib cannot use."""
+    """StoreError (one line naming it) for a URL dvsprep cannot use: malformed, without a host
+    (an s3:// URL without a bucket or key), or with credentials inside it (the message never
+    repeats them)."""
     try:
         parts = urllib.parse.urlsplit(url)
         host = parts.hostname
         parts.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError as exc:
         raise StoreError(f"{url}: not a valid URL ({exc})") from None
+    _refuse_credentials(url)
     if not host:
-        raise StoreError(f"{url}: not a valid URL (no host)")
+        raise StoreError(f"{url}: not a valid URL (no {'bucket' if url_scheme(url) == 's3' else 'host'})")
+    if url_scheme(url) == "s3" and not parts.path.strip("/"):
+        raise StoreError(f"{url}: not a valid URL (no key after the bucket)")
+
+
+def _refuse_credentials(url: str) -> None:
+    """StoreError for ``scheme://user:password@host/...``, without repeating the credentials."""
+    head, sep, rest = url.partition("://")
+    netloc = rest.split("/", 1)[0].split("#", 1)[0].split("?", 1)[0]
+    if sep and "@" in netloc:
+        path = rest[len(netloc):].split("#", 1)[0]
+        raise StoreError(f"{head}://***@{netloc.rpartition('@')[2]}{path}: credentials inside a URL are refused "
+                         f"(set them in the environment, e.g. AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
 
 
 def is_zip_path(path: str | os.PathLike) -> bool:
@@ -197,8 +214,9 @@ def kind_of(path: str | os.PathLike, accept: AbstractSet[InputKind] | None = Non
         text = os.fsdecode(text)
     scheme = url_scheme(text)
     if scheme is not None:
+        _refuse_credentials(text)
         if scheme not in URL_SCHEMES:
-            raise StoreError(f"{text}: {scheme}:// URLs are not supported (use an http:// or https:// URL)")
+            raise StoreError(f"{text}: {scheme}:// URLs are not supported (use an http://, https:// or s3:// URL)")
         if InputKind.URL not in accept:
             raise error(f"{text}: {expected_words(accept)}; it is {_IS[InputKind.URL]}")
         check_url(text)

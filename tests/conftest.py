@@ -32,6 +32,8 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
 
     if "DVSPREP_CACHE" not in os.environ or not os.environ["DVSPREP_CACHE"].startswith(str(tmp_path_factory.getbasetemp())):
         monkeypatch.setenv("DVSPREP_CACHE", str(tmp_path_factory.getbasetemp() / "dvsprep-cache"))
+    # Downloads retry once, at once: the retry path runs everywhere and no test ever sleeps.
+    monkeypatch.setenv("DVSPREP_RETRY_DELAYS", "0")
 
 
 @pytest.fixture(scope="module")

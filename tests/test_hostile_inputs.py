@@ -492,7 +492,7 @@ def test_redirect_loop_is_one_line_naming_the_url(hostile_server, tmp_path):
 
 
 def test_timeout_names_the_url(hostile_server, tmp_path, monkeypatch):
-    monkeypatch.setattr(remote_mod, "TIMEOUT_S", 0.5)
+    monkeypatch.setattr(remote_mod.transport, "TIMEOUT_S", 0.5)
     url = f"{hostile_server}/slow.zip"
     r = _cli("verify", url, "--cache-dir", tmp_path / "c")
     assert "timed out" in _refused(r.exit_code, r.stderr, url)

@@ -24,7 +24,7 @@ from dvsprep.inputs import (
 )
 
 K = InputKind
-FRAMES_WORDS = "a frame store (.zarr folder, .zip or http(s) URL)"
+FRAMES_WORDS = "a frame store (.zarr folder, .zip or http(s)/s3:// URL)"
 EVENTS_WORDS = "an events.h5 file"
 ROOT_WORDS = "a DATA_ROOT (a folder holding events.h5 or frames_T<T>_<split_by>.zarr)"
 RAW_WORDS = "a DvsGesture release (trials_to_train.txt here or in DvsGesture/, or a .tar.gz)"
@@ -129,7 +129,6 @@ def test_urls(url):
 
 
 @pytest.mark.parametrize("url, scheme", [
-    ("s3://bucket/frames_T16_number.zarr.zip", "s3"), ("S3://bucket/x.zip", "s3"),
     ("gs://bucket/x.zip", "gs"), ("ftp://host/x.zip", "ftp"), ("file:///tmp/x.zip", "file"),
 ])
 def test_other_schemes_are_one_clear_line(url, scheme):
@@ -137,7 +136,36 @@ def test_other_schemes_are_one_clear_line(url, scheme):
     for accept in (None, FRAME_STORE, RAW_RELEASE):
         with pytest.raises(StoreError) as e:
             kind_of(url, accept)
-        assert str(e.value) == f"{url}: {scheme}:// URLs are not supported (use an http:// or https:// URL)"
+        assert str(e.value) == f"{url}: {scheme}:// URLs are not supported (use an http://, https:// or s3:// URL)"
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/frames_T16_number.zarr.zip", "S3://bucket/p/x.zarr/",
+                                 "s3://bucket/x.zip#fingerprint=" + "ab" * 6])
+def test_s3_urls(url):
+    assert url_scheme(url) == "s3" and is_url(url) and kind_of(url, FRAME_STORE) is K.URL
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("https://alice:hunter22@host/x.zip", "https://***@host/x.zip"),
+    ("s3://AKIAXX:secretkey@bucket/x.zip#fingerprint=" + "ab" * 6, "s3://***@bucket/x.zip"),
+    ("ftp://bob:pw@host/x.zip", "ftp://***@host/x.zip"),
+    ("http://token@host:8080/s.zarr/", "http://***@host:8080/s.zarr/"),
+])
+def test_credentials_inside_a_url_are_refused_without_repeating_them(url, shown):
+    for check in (kind_of, check_url):
+        with pytest.raises(StoreError) as e:
+            check(url)
+        assert str(e.value) == (f"{shown}: credentials inside a URL are refused (set them in the environment, "
+                                f"e.g. AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)")
+
+
+def test_s3_urls_need_a_bucket_and_a_key():
+    with pytest.raises(StoreError) as e:
+        kind_of("s3:///x.zip")
+    assert str(e.value) == "s3:///x.zip: not a valid URL (no bucket)"
+    with pytest.raises(StoreError) as e:
+        kind_of("s3://bucket/")
+    assert str(e.value) == "s3://bucket/: not a valid URL (no key after the bucket)"
 
 
 def test_malformed_urls_and_url_lookalikes(tmp_path):
@@ -200,7 +228,7 @@ def test_refusals_say_what_was_expected_and_what_the_path_is(tmp_path):
     assert str(e.value) == f"{tmp_path}: neither {EVENTS_WORDS} nor {FRAMES_WORDS}; it is a DATA_ROOT"
     with pytest.raises(StoreError) as e:
         kind_of("https://host/x.zip", RAW_RELEASE)
-    assert str(e.value) == f"https://host/x.zip: not {RAW_WORDS}; it is an http(s) URL"
+    assert str(e.value) == f"https://host/x.zip: not {RAW_WORDS}; it is a URL"
 
 
 def test_name_rules():
@@ -248,8 +276,9 @@ def test_the_trainer_asks_the_same_resolver(tmp_path):
     from dvsg_train.config import TrainConfig
     import torch
 
-    with pytest.raises(StoreError, match=r"^s3://b/x\.zip: s3:// URLs are not supported"):
-        resolve_store_path("s3://b/x.zip", 4)
+    with pytest.raises(StoreError, match=r"^gs://b/x\.zip: gs:// URLs are not supported"):
+        resolve_store_path("gs://b/x.zip", 4)
+    assert resolve_store_path("s3://b/x.zip", 4) == "s3://b/x.zip"
     with pytest.raises(MissingFileError) as e:
         resolve_store_path(tmp_path / "nope", 4)
     assert str(e.value) == f"{tmp_path / 'nope'}: no such frame store"

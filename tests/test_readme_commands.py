@@ -34,6 +34,8 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "dvsprep verify": ("Sharing a store",),
     "dvsprep pack": ("Sharing a store",),
     "dvsprep unpack": ("Sharing a store",),
+    "dvsprep push": ("Sharing a store",),
+    "dvsprep pull": ("Sharing a store",),
     "dvsprep show": ("Looking at the data",),
     "dvsg-train": ("Training", "One GPU: `--cupy`", "Several GPUs and machines: torchrun"),
     "dvsg-eval": ("Training",),

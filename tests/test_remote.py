@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 import http.server
 import json
 import shutil
@@ -192,3 +193,180 @@ def test_a_zip_over_the_limit_is_refused_before_download(server, tmp_path):
     assert fetch_store(url, cache_dir=tmp_path / "c", max_bytes=size)[0].stat().st_size == size
     with pytest.raises(ResourceLimitError, match="its manifest lists .* more than the download limit"):
         fetch_store(f"{base}/frames_T64_number.zarr/", cache_dir=tmp_path / "d", max_bytes=1000)
+
+
+# ------------------------------------------------------------------ networks that fail: retries, resume, mirrors
+
+@pytest.fixture()
+def ranged(tmp_path, monkeypatch):
+    """(server, base URL, zip bytes, fingerprint): a RangeFiles server of one store, folder and zip."""
+    from http_fixtures import range_server
+
+    www = tmp_path / "www"
+    www.mkdir()
+    fp, _ = make_multishard_store(www / "frames_T64_number.zarr")
+    pack_store(www / "frames_T64_number.zarr", www / "frames_T64_number.zarr.zip")
+    with range_server(www, monkeypatch) as httpd:
+        yield httpd, httpd.url, (www / "frames_T64_number.zarr.zip").read_bytes(), fp
+
+
+def test_a_cut_download_resumes_from_where_it_stopped(ranged, tmp_path):
+    httpd, base, data, fp = ranged
+    url = f"{base}/frames_T64_number.zarr.zip"
+    httpd.cut["/frames_T64_number.zarr.zip"] = 100_000
+    store = open_frame_store(url, cache_dir=tmp_path / "c")
+    assert store.fingerprint == fp
+    # the retry asked for the rest only: every byte crossed the network once
+    assert httpd.ranges == [("/frames_T64_number.zarr.zip", "bytes=100000-")]
+    assert httpd.sent["/frames_T64_number.zarr.zip"] == len(data)
+    assert store.path.read_bytes() == data
+
+
+def test_a_directory_download_resumes_the_cut_file(ranged, tmp_path):
+    httpd, base, data, fp = ranged
+    shard = "/frames_T64_number.zarr/train/frames/c/1/0/0/0/0"
+    size = len((httpd.root / shard.lstrip("/")).read_bytes())
+    httpd.cut[shard] = size // 2
+    assert open_frame_store(f"{base}/frames_T64_number.zarr", cache_dir=tmp_path / "c").fingerprint == fp
+    assert httpd.ranges == [(shard, f"bytes={size // 2}-")] and httpd.sent[shard] == size
+
+
+def test_a_killed_download_is_resumed_by_the_next_process(ranged, tmp_path):
+    """SIGKILL mid-download leaves .<entry>.partial/; the next fetch fetches only the rest."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    httpd, base, data, fp = ranged
+    url = f"{base}/frames_T64_number.zarr.zip"
+    cache = tmp_path / "c"
+    half = len(data) // 2
+    httpd.stall["/frames_T64_number.zarr.zip"] = half
+    code = "import sys; from dvsprep.frames.remote import fetch_store; fetch_store(sys.argv[1], cache_dir=sys.argv[2])"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", code, url, str(cache)], env=env)
+    try:
+        assert httpd.stalled.wait(60)
+        part = cache_entry(url, cache).parent / f".{cache_entry(url, cache).name}.partial" / "frames_T64_number.zarr.zip"
+        deadline = time.monotonic() + 60  # wait for the event "the client wrote what it got"
+        while not (part.exists() and part.stat().st_size == half) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert part.stat().st_size == half
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        httpd.stall.clear()
+        httpd.release.set()
+    httpd.sent.clear()
+    store = open_frame_store(url, cache_dir=cache)
+    assert store.fingerprint == fp and store.path.read_bytes() == data
+    assert httpd.sent["/frames_T64_number.zarr.zip"] == len(data) - half
+    assert httpd.ranges == [("/frames_T64_number.zarr.zip", f"bytes={half}-")]
+    assert not part.parent.exists()
+
+
+def test_a_partial_of_an_object_that_changed_starts_over(ranged, tmp_path):
+    from dvsprep.frames.remote import fetch_store
+
+    httpd, base, data, fp = ranged
+    url = f"{base}/frames_T64_number.zarr.zip"
+    cache = tmp_path / "c"
+    entry = cache_entry(url, cache)
+    part = entry.parent / f".{entry.name}.partial"
+    part.mkdir(parents=True)
+    (part / "frames_T64_number.zarr.zip").write_bytes(b"x" * 1000)   # another version's first bytes
+    (part / "partial.json").write_text(json.dumps({"url": url, "validators": {"frames_T64_number.zarr.zip": '"old"'}}))
+    assert fetch_store(url, cache_dir=cache)[0].read_bytes() == data
+    assert httpd.ranges == [] and httpd.sent["/frames_T64_number.zarr.zip"] == len(data)  # If-Range: whole
+
+
+def test_transient_errors_are_retried_and_4xx_are_not(ranged, tmp_path, monkeypatch):
+    from dvsprep.frames.remote import fetch_store
+
+    httpd, base, data, fp = ranged
+    url = f"{base}/frames_T64_number.zarr.zip"
+    httpd.fail["/frames_T64_number.zarr.zip"] = [503, 500]
+    monkeypatch.setenv("DVSPREP_RETRY_DELAYS", "0,0")
+    assert fetch_store(url, cache_dir=tmp_path / "a")[0].read_bytes() == data
+    assert httpd.fail["/frames_T64_number.zarr.zip"] == []          # both failures were met
+    httpd.fail["/frames_T64_number.zarr.zip"] = [503, 503, 503, 200]
+    with pytest.raises(StoreError) as e:
+        fetch_store(url, cache_dir=tmp_path / "b")
+    assert str(e.value) == f"{url}: HTTP 503 Service Unavailable (gave up after 3 tries)"
+    assert httpd.fail["/frames_T64_number.zarr.zip"] == [200]
+    httpd.fail["/frames_T64_number.zarr.zip"] = [403, 200]
+    with pytest.raises(StoreError) as e:
+        fetch_store(url, cache_dir=tmp_path / "b")
+    assert str(e.value) == f"{url}: HTTP 403 Forbidden" and httpd.fail["/frames_T64_number.zarr.zip"] == [200]
+    assert sorted(p.name for p in (tmp_path / "b" / "stores").iterdir()) == [cache_entry(url, tmp_path / "b").name + ".lock"]
+    monkeypatch.setenv("DVSPREP_RETRY_DELAYS", "soon")
+    with pytest.raises(StoreError, match=r"\$DVSPREP_RETRY_DELAYS: 'soon' is not a list of seconds"):
+        fetch_store(url, cache_dir=tmp_path / "d")
+
+
+def test_mirrors_are_tried_in_order_until_one_matches_the_pin(ranged, tmp_path, caplog):
+    from dvsprep.frames.remote import fetch_store, split_source
+
+    httpd, base, data, fp = ranged
+    other = tmp_path / "www" / "other"
+    other.mkdir()
+    fp_other, _ = make_multishard_store(other / "frames_T64_number.zarr", n_train=2, n_test=1)
+    pack_store(other / "frames_T64_number.zarr", other / "frames_T64_number.zarr.zip")
+    dead = f"{base}/gone/frames_T64_number.zarr.zip"
+    wrong = f"{base}/other/frames_T64_number.zarr.zip"            # serves another store
+    good = f"{base}/frames_T64_number.zarr.zip"
+    url = f"{dead}#fingerprint={fp[:16]}&mirror={wrong}&mirror={good}"
+    assert split_source(url) == (dead, fp[:16], [wrong, good])
+    with caplog.at_level("WARNING", logger="dvsprep.frames.remote"):
+        store = open_frame_store(url, cache_dir=tmp_path / "c")
+    assert store.fingerprint == fp and store.path.read_bytes() == data
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{dead}: HTTP 404 Not Found; trying the mirror {wrong}",
+        f"{wrong}: fingerprint {fp_other[:16]}... differs from the expected {fp[:16]}...; trying the mirror {good}"]
+    src = json.loads((cache_entry(dead, tmp_path / "c") / "source.json").read_text())
+    assert src["url"] == dead and src["served_by"] == good
+    with pytest.raises(IntegrityError, match=f"^{wrong}: fingerprint"):  # the last failure is the error
+        fetch_store(f"{dead}#fingerprint={fp[:16]}&mirror={wrong}", cache_dir=tmp_path / "d")
+    assert sorted(p.name for p in (tmp_path / "d" / "stores").iterdir()) == [cache_entry(dead, tmp_path / "d").name + ".lock"]
+    with pytest.raises(StoreError, match="mirrors need #fingerprint=<hex> first"):
+        split_source(f"{dead}#mirror={good}")
+    with pytest.raises(StoreError, match="credentials inside a URL are refused"):
+        split_source(f"{dead}#fingerprint={fp[:16]}&mirror=https://u:p@host/x.zip")
+
+
+def test_a_fetch_of_any_url_removes_killed_downloads_of_others(ranged, tmp_path):
+    """Issue 19: a killed download's temporary is removed by the next fetch of another URL too."""
+    httpd, base, data, fp = ranged
+    cache = tmp_path / "c"
+    other = cache_entry(f"{base}/elsewhere.zarr.zip", cache)
+    other.parent.mkdir(parents=True)
+    dead_tmp = other.parent / f".{other.name}.tmp-999999999-abcdef12"
+    dead_tmp.mkdir()
+    partial = other.parent / f".{other.name}.partial"
+    partial.mkdir()
+    (partial / "elsewhere.zarr.zip").write_bytes(b"half")
+    open_frame_store(f"{base}/frames_T64_number.zarr.zip", cache_dir=cache)
+    assert not dead_tmp.exists() and not partial.exists()
+
+
+def test_a_redirect_to_a_non_http_url_is_named(tmp_path, monkeypatch):
+    from dvsprep.frames.remote import fetch_store
+
+    class _Redirect(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(302)
+            self.send_header("Location", "file:///etc/passwd" if "file" in self.path else "data:,hello")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    with serving(_Redirect, monkeypatch) as httpd:
+        for kind in ("file", "data"):
+            url = f"{httpd.url}/{kind}/s.zip"
+            with pytest.raises(StoreError) as e:
+                fetch_store(url, cache_dir=tmp_path / "c")
+            assert str(e.value) == f"{url}: redirect to a non-http(s) URL refused ({kind}:)"

@@ -1,6 +1,6 @@
 """The frames wing: frame integration (exactly SpikingJelly's), the zarr v3 frame store (schema,
-its files in a folder or an uncompressed zip, the checks that verify it, http(s) stores fetched
-into the cache), building a store from events.h5, and pack/unpack."""
+its files in a folder or an uncompressed zip, the checks that verify it, http(s)/s3:// stores fetched
+into the cache, pushed to and pulled from object storage), building a store from events.h5, and pack/unpack."""
 from . import remote
 from .build import BuildSummary, build_frame_store
 from .check import check_layout, content_problems, read_meta_arrays, scan_files, verify_files
@@ -8,6 +8,7 @@ from .files import MAX_MANIFEST_BYTES, StoreFiles, is_zip_path, open_store_files
 from .integrate import check_params, frame_bounds, integrate, narrowest_dtype
 from .pack import PackSummary, pack_store, unpack_store
 from .remote import download_limit, is_url, parse_size
+from .share import ShareSummary, pull_store, push_store
 from .store import (
     FrameSplit,
     FrameStore,
@@ -23,6 +24,7 @@ __all__ = [
     "build_frame_store", "check_fingerprint", "check_layout", "check_params", "content_problems",
     "describe_frame_store", "download_limit", "frame_bounds", "frame_store_name", "integrate",
     "is_url", "is_zip_path", "narrowest_dtype", "open_frame_store", "open_store_files", "pack_store",
-    "parse_manifest", "parse_size", "read_meta_arrays", "remote", "scan_files", "unpack_store", "verify_files",
+    "parse_manifest", "parse_size", "pull_store", "push_store", "ShareSummary", "read_meta_arrays", "remote",
+    "scan_files", "unpack_store", "verify_files",
     "write_frame_store_from_arrays",
 ]

@@ -17,6 +17,9 @@ augmentation and with the recipe (equal epochs, T, batch, channels, lr), then th
 ``dvsg-report`` table of the runs prints max and final test accuracy per run and mean +- std over
 the seeds, and the seconds per epoch that the recipe adds.
 
+--thinning also times exact alternatives to torch.binomial for the event drop on the same batch
+(torch.binomial on the nonzero pixels only, a Bernoulli per event) and torch.rand over the batch.
+
 Without --data the store is the built-in synthetic release (dvsprep synth, convert, frames -T T)
 made in a temporary folder (about 30 s).
 
@@ -45,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from dvsprep.constants import N_CLASSES  # noqa: E402
-from dvsg_train.augment import augment_batch, augment_generator, parse_augment  # noqa: E402
+from dvsg_train.augment import augment_batch, augment_generator, parse_augment, thin  # noqa: E402
 from dvsg_train.compare import read_runs, report_text  # noqa: E402
 from dvsg_train.data import open_store, to_network_input  # noqa: E402
 from dvsg_train.model import build_model  # noqa: E402
@@ -138,6 +141,50 @@ def measure_cost(a: argparse.Namespace, store: Path, dev: torch.device) -> float
     return share
 
 
+def thinning_samplers(x: torch.Tensor, keep: float) -> dict[str, Callable[[torch.Generator], torch.Tensor]]:
+    """Exact ways to keep each event of the counts x with probability ``keep`` (what `thin` could
+    use), and torch.rand over the batch: the least that any sampler drawing per pixel pays."""
+    flat = x.reshape(-1)
+
+    def binomial_nonzero(g: torch.Generator) -> torch.Tensor:
+        nz = flat.nonzero().squeeze(1)
+        out = torch.zeros_like(flat)
+        out[nz] = torch.binomial(flat[nz], torch.full_like(flat[nz], keep), generator=g)
+        return out
+
+    def bernoulli_per_event(g: torch.Generator) -> torch.Tensor:
+        nz = flat.nonzero().squeeze(1)
+        event_pixel = torch.repeat_interleave(torch.arange(len(nz), device=x.device), flat[nz].long())
+        kept = (torch.rand(len(event_pixel), generator=g, device=x.device) < keep).to(x.dtype)
+        out = torch.zeros_like(flat)
+        out[nz] = torch.zeros(len(nz), dtype=x.dtype, device=x.device).index_add_(0, event_pixel, kept)
+        return out
+
+    return {"torch.binomial (thin)": lambda g: thin(x, keep, g),
+            "torch.binomial on the nonzero pixels": binomial_nonzero,
+            "a Bernoulli per event": bernoulli_per_event,
+            "torch.rand over the batch (a floor)": lambda g: torch.rand(x.shape, generator=g, device=x.device)}
+
+
+def measure_thinning(a: argparse.Namespace, store: Path, dev: torch.device) -> None:
+    """Print what each exact thinning sampler costs on the batch, and its kept share (about keep)."""
+    x, _ = load_batch(store, a.T, a.b, dev)
+    keep = 1 - parse_augment(RECIPE).drop
+    clock, clock_name = timer(dev, a.threads)
+    samplers = thinning_samplers(x, keep)
+    g = torch.Generator(device=dev).manual_seed(0)
+    times: dict[str, list[float]] = {name: [] for name in samplers}
+    for _ in range(a.repeats + 1):           # the first round warms up
+        for name, sample in samplers.items():
+            t0 = clock()
+            sample(g)
+            times[name].append(clock() - t0)
+    print(f"\nthinning samplers, keep {keep:g} ({clock_name}, median of {a.repeats}):")
+    for name, sample in samplers.items():
+        kept = "" if "floor" in name else f"   kept {sample(g).sum().item() / x.sum().item():.4f} of the events"
+        print(f"  {name:<38} {statistics.median(times[name][1:]) * 1e3:8.2f} ms{kept}")
+
+
 def train_seeds(a: argparse.Namespace, store: Path, out: Path, name: str, augment: str) -> list[Path]:
     """dvsg-train --seeds into out/<name>_seed<N>; the run folders."""
     cmd = [sys.executable, "-m", "dvsg_train", "--data", str(store), "-T", str(a.T), "-b", str(a.b),
@@ -145,7 +192,8 @@ def train_seeds(a: argparse.Namespace, store: Path, out: Path, name: str, augmen
            "--out-dir", str(out), "--run-name", name, "--seeds", a.seeds, "-j", "0", "-q"]
     cmd += ["--augment", augment] if augment else []
     cmd += ["--amp"] if a.amp else []
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     print(f"\n$ {' '.join(cmd[1:])}", flush=True)
     if subprocess.run(cmd, env=env).returncode != 0:
         raise SystemExit(f"bench_augment: dvsg-train failed for {name!r} (see above)")
@@ -176,6 +224,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (dvsg-train's default: 1)")
     ap.add_argument("--repeats", type=int, default=8)
     ap.add_argument("--amp", action="store_true", help="bf16 autocast for the step (and --amp for the runs)")
+    ap.add_argument("--thinning", action="store_true",
+                    help="also time exact alternatives to torch.binomial for the event drop")
     ap.add_argument("--accuracy", action="store_true",
                     help="also train without augmentation and with the recipe over --seeds (minutes)")
     ap.add_argument("--seeds", default="0,1,2")
@@ -183,12 +233,15 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.02)
     ap.add_argument("--out-dir", type=Path, help="keep the --accuracy runs here (default: a temporary folder)")
     a = ap.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)      # our lines and dvsg-train's in order, also in a log
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
     with tempfile.TemporaryDirectory(prefix="bench_augment_") as tmp:
         store = a.data if a.data is not None else make_store(Path(tmp), a.T, 0)
         measure_cost(a, store, dev)
+        if a.thinning:
+            measure_thinning(a, store, dev)
         if a.accuracy:
             measure_accuracy(a, store, a.out_dir or Path(tmp) / "runs")
 

@@ -104,10 +104,10 @@ def thin(x: Tensor, keep: float, generator: torch.Generator) -> Tensor:
     """Binomial thinning of event counts x [T, B, C, H, W]: each counted event is kept with
     probability ``keep`` independently, which is what dropping events before integration gives.
 
-    torch.binomial is the fastest exact sampler measured here (benchmarks/bench_augment.py): it
-    returns 0 for a zero count without drawing, and for keep > 0.5 draws the dropped events
-    (about drop * n + 1 uniforms per pixel), where a Bernoulli per event, inversion of the CDF or
-    sampling only the nonzero pixels all cost more on the CPU."""
+    torch.binomial is the fastest exact sampler measured (``bench_augment.py --thinning``): it
+    returns 0 for a zero count without drawing and, for keep > 0.5, draws the dropped events
+    (about drop * n + 1 uniforms for a count n), where torch.binomial on the nonzero pixels only
+    and a Bernoulli per event cost more on the CPU."""
     counts = x.to(torch.float32)
     kept = torch.binomial(counts, torch.tensor(keep, device=x.device).expand_as(counts), generator=generator)
     return kept.to(x.dtype)

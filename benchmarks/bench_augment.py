@@ -12,7 +12,7 @@ time on an idle machine and is not stretched by other processes sharing the core
 threads or on CUDA it is the wall time (synchronised). Goal (issue 22): the whole recipe under
 10% of a step on a CPU, under 5% on a GPU.
 
-Accuracy (--accuracy): ``dvsg-train --seeds`` trains the same small network on the store without
+Accuracy (--accuracy): ``dvsg-train --seeds`` (run in this process) trains the same small network on the store without
 augmentation and with the recipe (equal epochs, T, batch, channels, lr), then the
 ``dvsg-report`` table of the runs prints max and final test accuracy per run and mean +- std over
 the seeds, and the seconds per epoch that the recipe adds.
@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,6 +48,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from dvsprep.constants import N_CLASSES  # noqa: E402
 from dvsg_train.augment import augment_batch, augment_generator, parse_augment, thin  # noqa: E402
+from dvsg_train.cli import train_main  # noqa: E402
 from dvsg_train.compare import read_runs, report_text  # noqa: E402
 from dvsg_train.data import open_store, to_network_input  # noqa: E402
 from dvsg_train.model import build_model  # noqa: E402
@@ -186,17 +186,18 @@ def measure_thinning(a: argparse.Namespace, store: Path, dev: torch.device) -> N
 
 
 def train_seeds(a: argparse.Namespace, store: Path, out: Path, name: str, augment: str) -> list[Path]:
-    """dvsg-train --seeds into out/<name>_seed<N>; the run folders."""
-    cmd = [sys.executable, "-m", "dvsg_train", "--data", str(store), "-T", str(a.T), "-b", str(a.b),
-           "--channels", str(a.channels), "--lr", str(a.lr), "--epochs", str(a.epochs), "--device", a.device,
-           "--out-dir", str(out), "--run-name", name, "--seeds", a.seeds, "-j", "0", "-q"]
-    cmd += ["--augment", augment] if augment else []
-    cmd += ["--amp"] if a.amp else []
-    env = dict(os.environ, PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    print(f"\n$ {' '.join(cmd[1:])}", flush=True)
-    if subprocess.run(cmd, env=env).returncode != 0:
-        raise SystemExit(f"bench_augment: dvsg-train failed for {name!r} (see above)")
+    """dvsg-train --seeds (in this process) into out/<name>_seed<N>; the run folders."""
+    args = ["--data", str(store), "-T", str(a.T), "-b", str(a.b), "--channels", str(a.channels),
+            "--lr", str(a.lr), "--epochs", str(a.epochs), "--device", a.device, "--out-dir", str(out),
+            "--run-name", name, "--seeds", a.seeds, "-j", "0", "-q"]
+    args += ["--augment", augment] if augment else []
+    args += ["--amp"] if a.amp else []
+    print(f"\n$ dvsg-train {' '.join(args)}")
+    try:
+        train_main.main(args=args, prog_name="dvsg-train")
+    except SystemExit as exc:            # click's way to end; its usage and error lines are printed
+        if exc.code:
+            raise SystemExit(f"bench_augment: dvsg-train failed for {name!r} (exit {exc.code})") from None
     return [out / f"{name}_seed{s.strip()}" for s in a.seeds.split(",")]
 
 
@@ -214,7 +215,7 @@ def measure_accuracy(a: argparse.Namespace, store: Path, out: Path) -> None:
           f"({per_epoch[1] / per_epoch[0] - 1:+.0%}, measured in these runs, with whatever else ran)")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, help="a frame store (default: the synthetic release, made here)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -232,8 +233,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--lr", type=float, default=0.02)
     ap.add_argument("--out-dir", type=Path, help="keep the --accuracy runs here (default: a temporary folder)")
-    a = ap.parse_args()
-    sys.stdout.reconfigure(line_buffering=True)      # our lines and dvsg-train's in order, also in a log
+    a = ap.parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # our lines and dvsg-train's in order, also in a log
     if a.threads > 0:
         torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
@@ -244,7 +246,8 @@ def main() -> None:
             measure_thinning(a, store, dev)
         if a.accuracy:
             measure_accuracy(a, store, a.out_dir or Path(tmp) / "runs")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

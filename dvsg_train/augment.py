@@ -264,8 +264,8 @@ def _mix(spec: AugmentSpec, x: Tensor, target: Tensor, g: torch.Generator,
     """Mixup with probability spec.mixup, else cutmix with probability spec.cutmix, per batch.
     Every parameter is drawn whatever the coin says (the stream does not depend on it). On the CPU
     (``on_host`` None: the batch's device decides) reading the coin costs nothing, so only the
-    outcome drawn is computed; on an accelerator the coin stays on the device: both outcomes are
-    computed and one selected, with no host sync. The batch is the same either way."""
+    outcome drawn is computed; on an accelerator the coin stays on the device (no host sync): the
+    outcomes not drawn run as exact identities. The batch is the same either way."""
     T, B, C, H, W = x.shape
     dev = x.device
     u = torch.rand((), generator=g, device=dev)
@@ -280,14 +280,13 @@ def _mix(spec: AugmentSpec, x: Tensor, target: Tensor, g: torch.Generator,
         if box is not None and use_cut:
             return cutmix(x, target, box, perm)
         return x, target
-    out_x, out_t = x, target
+    # the outcome not drawn becomes the identity, exactly: mixup with lam 1 (lerp returns its end)
+    # and cutmix with an empty box; mixup and cutmix exclude each other, so they chain
     if lam is not None:
-        mx, mt = mixup(x, target, lam, perm)
-        out_x, out_t = torch.where(use_mix, mx, out_x), torch.where(use_mix, mt, out_t)
+        x, target = mixup(x, target, torch.where(use_mix, lam, 1.0), perm)
     if box is not None:
-        cx, ct = cutmix(x, target, box, perm)
-        out_x, out_t = torch.where(use_cut, cx, out_x), torch.where(use_cut, ct, out_t)
-    return out_x, out_t
+        x, target = cutmix(x, target, torch.where(use_cut, box, 0), perm)
+    return x, target
 
 
 def _cutmix_box(B: int, H: int, W: int, g: torch.Generator, dev: torch.device) -> Tensor:

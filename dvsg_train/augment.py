@@ -34,8 +34,10 @@ def mirror(x: Tensor, target: Tensor, flip: Tensor) -> tuple[Tensor, Tensor]:
 
 def mirror_target(target: Tensor, flip: Tensor) -> Tensor:
     """Targets [B, 11] of the samples where ``flip`` [B] is set permuted by MIRROR_LABEL."""
-    perm = torch.tensor(MIRROR_LABEL, device=target.device)
-    return torch.where(flip.view(-1, 1), target[:, perm], target)
+    # columns picked one by one: an index tensor made from MIRROR_LABEL would be a host-to-device
+    # copy, which waits for the GPU's queue on every step
+    mirrored = torch.stack([target[:, j] for j in MIRROR_LABEL], 1)
+    return torch.where(flip.view(-1, 1), mirrored, target)
 
 
 def pixel_source(matrix: Tensor, shift: Tensor, H: int, W: int, *, flip: Tensor | None = None,
@@ -109,7 +111,7 @@ def thin(x: Tensor, keep: float, generator: torch.Generator) -> Tensor:
     (about drop * n + 1 uniforms for a count n), where torch.binomial on the nonzero pixels only
     and a Bernoulli per event cost more on the CPU."""
     counts = x.to(torch.float32)
-    kept = torch.binomial(counts, torch.tensor(keep, device=x.device).expand_as(counts), generator=generator)
+    kept = torch.binomial(counts, counts.new_full((1,), keep).expand_as(counts), generator=generator)
     return kept.to(x.dtype)
 
 

@@ -275,3 +275,25 @@ def test_augment_batch_off_is_the_identity():
     x, y = _batch()
     out, target = augment_batch(AugmentSpec(), x, y, augment_generator(0, 0, 0, 0, torch.device("cpu")))
     assert out is x and torch.equal(target, torch.eye(11)[y])
+
+
+@pytest.mark.cuda
+def test_cuda_augment_batch_never_syncs_the_host():
+    """Every augmentation, drawn and applied on the GPU, with no host sync (no .item(), no
+    host-to-device copy, no nonzero): the training step's queue keeps running."""
+    import warnings
+
+    dev = torch.device("cuda")
+    x, y = _batch()
+    x, y = x.to(dev), y.to(dev)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(4):      # mixup, cutmix or neither, by the coin
+                out, target = augment_batch(RECIPE, x, y, augment_generator(0, 0, 0, step, dev))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert [str(w.message) for w in caught if "synchroniz" in str(w.message)] == []
+    assert out.device.type == "cuda" and out.shape == (4, 4, 2, H, W) and target.shape == (4, 11)

@@ -29,9 +29,59 @@ def mirror(x: Tensor, target: Tensor, flip: Tensor) -> tuple[Tensor, Tensor]:
     """Mirror the samples where ``flip`` [B] (bool) is set: x -> W-1-x, and their targets [B, 11]
     permuted by MIRROR_LABEL (a right hand wave mirrored is a left hand wave)."""
     sel = flip.view(1, -1, 1, 1, 1)
-    x = torch.where(sel, x.flip(-1), x)
-    perm = torch.tensor(MIRROR_LABEL, device=target.device)
-    return x, torch.where(flip.view(-1, 1), target[:, perm], target)
+    return torch.where(sel, x.flip(-1), x), mirror_target(target, flip)
+
+
+def mirror_target(target: Tensor, flip: Tensor) -> Tensor:
+    """Targets [B, 11] of the samples where ``flip`` [B] is set permuted by MIRROR_LABEL."""
+    # columns picked one by one: an index tensor made from MIRROR_LABEL would be a host-to-device
+    # copy, which waits for the GPU's queue on every step
+    mirrored = torch.stack([target[:, j] for j in MIRROR_LABEL], 1)
+    return torch.where(flip.view(-1, 1), mirrored, target)
+
+
+def pixel_source(matrix: Tensor, shift: Tensor, H: int, W: int, *, flip: Tensor | None = None,
+                 cut: tuple[Tensor, int] | None = None) -> Tensor:
+    """Where each output pixel of an affine map reads: [B, H*W] int64, y*W + x of the input pixel,
+    or H*W (read as 0) where that lies outside the image.
+
+    matrix [B, 2, 2] acts on (x, y) pixel coordinates about the centre c = ((W-1)/2, (H-1)/2);
+    shift [B, 2] (dx, dy) in pixels: an input pixel p lands at ``matrix @ (p - c) + c + shift``,
+    so output pixel q reads the input pixel nearest to ``inverse(matrix) @ (q - c - shift) + c``
+    (ties round up). The map is separable in x and y, so it costs O(B*H*W) with no matrix product
+    per pixel, and the 2x2 inverse is written out (no linalg call, which would check for a
+    singular matrix on the host). flip [B] (bool): those samples are mirrored (x -> W-1-x) BEFORE
+    the map, as `mirror` then `affine` would; cut (corner [B, 2], size): the output square of
+    `cutout` reads 0, as `cutout` after the map would. Both fold into the one read of
+    `read_pixels`.
+    """
+    B, dev = matrix.shape[0], matrix.device
+    m = matrix.to(torch.float32)
+    a, b, c, d = m[:, 0, 0], m[:, 0, 1], m[:, 1, 0], m[:, 1, 1]
+    det = a * d - b * c
+    i00, i01, i10, i11 = (v.view(B, 1, 1) for v in (d / det, -b / det, -c / det, a / det))
+    cx, cy = (W - 1) / 2, (H - 1) / 2
+    shift = shift.to(torch.float32)
+    u = torch.arange(W, device=dev, dtype=torch.float32).view(1, 1, W) - cx - shift[:, 0].view(B, 1, 1)
+    v = torch.arange(H, device=dev, dtype=torch.float32).view(1, H, 1) - cy - shift[:, 1].view(B, 1, 1)
+    sx = torch.floor(i00 * u + i01 * v + (cx + 0.5)).to(torch.int64)       # [B, H, W]
+    sy = torch.floor(i10 * u + i11 * v + (cy + 0.5)).to(torch.int64)
+    outside = (sx < 0) | (sx >= W) | (sy < 0) | (sy >= H)
+    if flip is not None:
+        sx = torch.where(flip.view(B, 1, 1), W - 1 - sx, sx)
+    if cut is not None:
+        outside |= _square(cut[0], cut[1], H, W)
+    return torch.where(outside, H * W, sy * W + sx).view(B, H * W)
+
+
+def read_pixels(x: Tensor, source: Tensor) -> Tensor:
+    """out[t, b, c, q] = x[t, b, c, source[b, q]] (0 where source is H*W), one gather over the
+    whole batch: x [T, B, C, H, W], source [B, H*W] from `pixel_source` -> [T, B, C, H, W]."""
+    T, B, C, H, W = x.shape
+    none = (source == H * W).view(1, B, 1, H * W)
+    index = source.clamp(max=H * W - 1).view(1, B, 1, H * W).expand(T, B, C, H * W)
+    out = x.reshape(T, B, C, H * W).gather(3, index)
+    return out.masked_fill_(none, 0).view(T, B, C, H, W)
 
 
 def affine(x: Tensor, matrix: Tensor, shift: Tensor) -> Tensor:
@@ -43,19 +93,7 @@ def affine(x: Tensor, matrix: Tensor, shift: Tensor) -> Tensor:
     (ties round up), so counts stay counts; pixels that come from outside the image are 0.
     Identity matrix and integer shifts move counts exactly.
     """
-    T, B, C, H, W = x.shape
-    dev = x.device
-    ys, xs = torch.meshgrid(torch.arange(H, device=dev, dtype=torch.float32),
-                            torch.arange(W, device=dev, dtype=torch.float32), indexing="ij")
-    centre = torch.tensor([(W - 1) / 2, (H - 1) / 2], device=dev)
-    q = torch.stack([xs, ys], -1).reshape(1, H * W, 2) - centre - shift.to(torch.float32).view(B, 1, 2)
-    inv = torch.linalg.inv(matrix.to(torch.float32))
-    src = torch.floor(q @ inv.transpose(1, 2) + centre + 0.5).to(torch.int64)    # [B, H*W, 2]
-    sx, sy = src[..., 0], src[..., 1]
-    inside = (sx >= 0) & (sx < W) & (sy >= 0) & (sy < H)
-    index = (sy.clamp(0, H - 1) * W + sx.clamp(0, W - 1)).view(1, B, 1, H * W).expand(T, B, C, H * W)
-    out = x.reshape(T, B, C, H * W).gather(3, index)
-    return (out * inside.view(1, B, 1, H * W).to(x.dtype)).view(T, B, C, H, W)
+    return read_pixels(x, pixel_source(matrix, shift, x.shape[3], x.shape[4]))
 
 
 def translate(x: Tensor, shift: Tensor) -> Tensor:
@@ -66,21 +104,31 @@ def translate(x: Tensor, shift: Tensor) -> Tensor:
 
 def thin(x: Tensor, keep: float, generator: torch.Generator) -> Tensor:
     """Binomial thinning of event counts x [T, B, C, H, W]: each counted event is kept with
-    probability ``keep`` independently, which is what dropping events before integration gives."""
+    probability ``keep`` independently, which is what dropping events before integration gives.
+
+    torch.binomial is the fastest exact sampler measured (``bench_augment.py --thinning``): it
+    returns 0 for a zero count without drawing and, for keep > 0.5, draws the dropped events
+    (about drop * n + 1 uniforms for a count n), where torch.binomial on the nonzero pixels only
+    and a Bernoulli per event cost more on the CPU."""
     counts = x.to(torch.float32)
-    kept = torch.binomial(counts, torch.full_like(counts, keep), generator=generator)
+    kept = torch.binomial(counts, counts.new_full((1,), keep).expand_as(counts), generator=generator)
     return kept.to(x.dtype)
+
+
+def _square(corner: Tensor, size: int, H: int, W: int) -> Tensor:
+    """[B, H, W] bool: x0 <= x < x0+size and y0 <= y < y0+size, corner [B, 2] (x0, y0)."""
+    B = corner.shape[0]
+    xs = torch.arange(W, device=corner.device).view(1, 1, W)
+    ys = torch.arange(H, device=corner.device).view(1, H, 1)
+    x0, y0 = corner[:, 0].view(B, 1, 1), corner[:, 1].view(B, 1, 1)
+    return (xs >= x0) & (xs < x0 + size) & (ys >= y0) & (ys < y0 + size)
 
 
 def cutout(x: Tensor, corner: Tensor, size: int) -> Tensor:
     """Zero a size x size square per sample at all time steps; corner [B, 2] (x0, y0), the square
     covering x0 <= x < x0+size, y0 <= y < y0+size (clipped at the border). x [T, B, C, H, W]."""
     T, B, C, H, W = x.shape
-    xs = torch.arange(W, device=x.device).view(1, 1, W)
-    ys = torch.arange(H, device=x.device).view(1, H, 1)
-    x0, y0 = corner[:, 0].view(B, 1, 1), corner[:, 1].view(B, 1, 1)
-    box = (xs >= x0) & (xs < x0 + size) & (ys >= y0) & (ys < y0 + size)          # [B, H, W]
-    return x.masked_fill(box.view(1, B, 1, H, W), 0)
+    return x.masked_fill(_square(corner, size, H, W).view(1, B, 1, H, W), 0)
 
 
 def take_times(x: Tensor, index: Tensor) -> Tensor:
@@ -106,7 +154,8 @@ def mixup(x: Tensor, target: Tensor, lam: Tensor, perm: Tensor) -> tuple[Tensor,
     x [T, B, C, H, W], target [B, 11], lam [B] in [0, 1], perm [B] (a permutation of the batch)."""
     lx = lam.to(x.dtype).view(1, -1, 1, 1, 1)
     lt = lam.to(target.dtype).view(-1, 1)
-    return x * lx + x[:, perm] * (1 - lx), target * lt + target[perm] * (1 - lt)
+    # one copy and one pass: lerp from the partner to the sample (exactly the sample at lam 1)
+    return x[:, perm].lerp_(x, lx), target * lt + target[perm] * (1 - lt)
 
 
 def cutmix(x: Tensor, target: Tensor, box: Tensor, perm: Tensor) -> tuple[Tensor, Tensor]:
@@ -161,15 +210,23 @@ def _geometry(spec: AugmentSpec, B: int, g: torch.Generator, dev: torch.device) 
     sh[:, 1, 1] = 1
     sh[:, 0, 1] = shear
     matrix = zoom.view(B, 1, 1) * (rot @ sh)
-    shift = torch.stack([_randint(g, B, -spec.translate, spec.translate, dev),
-                         _randint(g, B, -spec.translate, spec.translate, dev)], -1)
-    return matrix, shift
+    return matrix, _shift(spec, B, g, dev)
+
+
+def _shift(spec: AugmentSpec, B: int, g: torch.Generator, dev: torch.device) -> Tensor:
+    """Integer shifts [B, 2] (dx, dy), each uniform in -translate..translate."""
+    return torch.stack([_randint(g, B, -spec.translate, spec.translate, dev),
+                        _randint(g, B, -spec.translate, spec.translate, dev)], -1)
 
 
 def augment_batch(spec: AugmentSpec, x: Tensor, labels: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
     """Apply ``spec`` to a training batch: x [T, B, 2, H, W], labels [B] (int64) -> (x' [T', B, 2, H, W],
     soft targets [B, 11] float32). Parameters are drawn from ``g`` in a fixed order (so the same
-    generator state gives the same batch); an option that is off draws nothing."""
+    generator state gives the same batch); an option that is off draws nothing.
+
+    Mirror, rotate/shear/scale/translate and cutout are one read of the batch when a geometric
+    option is on (`pixel_source` folds them into one source map): the same result as applying
+    `mirror`, `affine` and `cutout` in turn, at the cost of one gather."""
     T, B, C, H, W = x.shape
     dev = x.device
     target = torch.nn.functional.one_hot(labels, N_CLASSES).to(torch.float32)
@@ -179,18 +236,24 @@ def augment_batch(spec: AugmentSpec, x: Tensor, labels: Tensor, g: torch.Generat
         x = take_times(x, subsample_index(torch.rand(B, x.shape[0], generator=g, device=dev), spec.subsample))
     if spec.drop:
         x = thin(x, 1 - spec.drop, g)
-    if spec.mirror:
-        x, target = mirror(x, target, torch.rand(B, generator=g, device=dev) < 0.5)
+    flip = torch.rand(B, generator=g, device=dev) < 0.5 if spec.mirror else None
+    geometry = None
     if spec.rotate or spec.shear or spec.scale:
-        matrix, shift = _geometry(spec, B, g, dev)
-        x = affine(x, matrix, shift)
+        geometry = _geometry(spec, B, g, dev)
     elif spec.translate:
-        x = translate(x, torch.stack([_randint(g, B, -spec.translate, spec.translate, dev),
-                                      _randint(g, B, -spec.translate, spec.translate, dev)], -1))
+        geometry = (torch.eye(2, device=dev).expand(B, 2, 2), _shift(spec, B, g, dev))
+    cut = None
     if spec.cutout:
-        corner = torch.stack([_randint(g, B, -spec.cutout + 1, W - 1, dev),
-                              _randint(g, B, -spec.cutout + 1, H - 1, dev)], -1)
-        x = cutout(x, corner, spec.cutout)
+        cut = (torch.stack([_randint(g, B, -spec.cutout + 1, W - 1, dev),
+                            _randint(g, B, -spec.cutout + 1, H - 1, dev)], -1), spec.cutout)
+    if geometry is not None:
+        x = read_pixels(x, pixel_source(*geometry, H, W, flip=flip, cut=cut))
+        target = mirror_target(target, flip) if flip is not None else target
+    else:
+        if flip is not None:
+            x, target = mirror(x, target, flip)
+        if cut is not None:
+            x = cutout(x, *cut)
     if spec.mixup or spec.cutmix:
         x, target = _mix(spec, x, target, g)
     if spec.smooth:
@@ -198,26 +261,41 @@ def augment_batch(spec: AugmentSpec, x: Tensor, labels: Tensor, g: torch.Generat
     return x, target
 
 
-def _mix(spec: AugmentSpec, x: Tensor, target: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
+def _mix(spec: AugmentSpec, x: Tensor, target: Tensor, g: torch.Generator,
+         on_host: bool | None = None) -> tuple[Tensor, Tensor]:
     """Mixup with probability spec.mixup, else cutmix with probability spec.cutmix, per batch.
-    The coin stays on the device: both outcomes are computed and one is selected, so no host sync."""
+    Every parameter is drawn whatever the coin says (the stream does not depend on it). On the CPU
+    (``on_host`` None: the batch's device decides) reading the coin costs nothing, so only the
+    outcome drawn is computed; on an accelerator the coin stays on the device (no host sync): the
+    outcomes not drawn run as exact identities. The batch is the same either way."""
     T, B, C, H, W = x.shape
     dev = x.device
     u = torch.rand((), generator=g, device=dev)
     perm = torch.randperm(B, generator=g, device=dev)
-    out_x, out_t = x, target
-    if spec.mixup:
-        mx, mt = mixup(x, target, torch.rand(B, generator=g, device=dev), perm)
-        use = u < spec.mixup
-        out_x, out_t = torch.where(use, mx, out_x), torch.where(use, mt, out_t)
-    if spec.cutmix:
-        # box side sqrt(1 - lam) of the image with lam ~ U(0, 1), centred anywhere, clipped
-        side = torch.sqrt(torch.rand(B, generator=g, device=dev))
-        cx, cy = torch.rand(B, generator=g, device=dev) * W, torch.rand(B, generator=g, device=dev) * H
-        half_w, half_h = side * W / 2, side * H / 2
-        box = torch.stack([(cx - half_w).clamp(0, W), (cy - half_h).clamp(0, H),
-                           (cx + half_w).clamp(0, W), (cy + half_h).clamp(0, H)], -1).round().to(torch.int64)
-        cx_, ct = cutmix(x, target, box, perm)
-        use = (u >= spec.mixup) & (u < spec.mixup + spec.cutmix)
-        out_x, out_t = torch.where(use, cx_, out_x), torch.where(use, ct, out_t)
-    return out_x, out_t
+    lam = torch.rand(B, generator=g, device=dev) if spec.mixup else None
+    box = _cutmix_box(B, H, W, g, dev) if spec.cutmix else None
+    use_mix = u < spec.mixup
+    use_cut = (u >= spec.mixup) & (u < spec.mixup + spec.cutmix)
+    if on_host if on_host is not None else dev.type == "cpu":
+        if lam is not None and use_mix:
+            return mixup(x, target, lam, perm)
+        if box is not None and use_cut:
+            return cutmix(x, target, box, perm)
+        return x, target
+    # the outcome not drawn becomes the identity, exactly: mixup with lam 1 (lerp returns its end)
+    # and cutmix with an empty box; mixup and cutmix exclude each other, so they chain
+    if lam is not None:
+        x, target = mixup(x, target, torch.where(use_mix, lam, 1.0), perm)
+    if box is not None:
+        x, target = cutmix(x, target, torch.where(use_cut, box, 0), perm)
+    return x, target
+
+
+def _cutmix_box(B: int, H: int, W: int, g: torch.Generator, dev: torch.device) -> Tensor:
+    """Boxes [B, 4] (x0, y0, x1, y1): side sqrt(1 - lam) of the image with lam ~ U(0, 1), centred
+    anywhere, clipped at the border."""
+    side = torch.sqrt(torch.rand(B, generator=g, device=dev))
+    cx, cy = torch.rand(B, generator=g, device=dev) * W, torch.rand(B, generator=g, device=dev) * H
+    half_w, half_h = side * W / 2, side * H / 2
+    return torch.stack([(cx - half_w).clamp(0, W), (cy - half_h).clamp(0, H),
+                        (cx + half_w).clamp(0, W), (cy + half_h).clamp(0, H)], -1).round().to(torch.int64)

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from dvsg_train import augment as augment_module
 from dvsg_train.augment import (
     AugmentSpec,
     affine,
@@ -18,6 +19,8 @@ from dvsg_train.augment import (
     mirror,
     mixup,
     parse_augment,
+    pixel_source,
+    read_pixels,
     smooth,
     subsample_index,
     take_times,
@@ -89,6 +92,66 @@ def test_affine_rotates_about_the_centre_with_nearest_neighbour():
     # c + 0.25 = 63.75 -> 64, (62, 62) reads 62.75 -> 63 (rounding to nearest, ties up)
     zoom = affine(one_event(B=1, b=0, x=64, y=64), 2 * torch.eye(2)[None], torch.zeros(1, 2))
     assert where_nonzero(zoom) == [(1, 0, 1, 64, 64), (1, 0, 1, 64, 65), (1, 0, 1, 65, 64), (1, 0, 1, 65, 65)]
+    # x0.5 zoom: output (u, v) reads c + 2 (u - c) = 2u - 63.5, a tie: (64, 64) reads 64.5 -> 65
+    half = affine(one_event(B=1, b=0, x=65, y=65) + one_event(B=1, b=0, x=64, y=64, c=0),
+                  0.5 * torch.eye(2)[None], torch.zeros(1, 2))
+    assert where_nonzero(half) == [(1, 0, 1, 64, 64)]
+
+
+def test_one_read_folds_mirror_before_and_cutout_after_the_map():
+    rot = torch.tensor([[[0.0, -1.0], [1.0, 0.0]]])                      # 90 degrees, as above
+    x = one_event(B=1, b=0, x=57, y=60, value=3)
+    # mirrored first: x 57 -> 127 - 57 = 70, then (70, 60) -> (67, 70) as in the rotation test
+    src = pixel_source(rot, torch.zeros(1, 2), H, W, flip=torch.tensor([True]))
+    assert where_nonzero(read_pixels(x, src)) == [(1, 0, 1, 70, 67)]
+    # not flipped: (57, 60) = c + (-6.5, -3.5) -> c + (3.5, -6.5) = (67, 57)
+    src = pixel_source(rot, torch.zeros(1, 2), H, W, flip=torch.tensor([False]))
+    assert where_nonzero(read_pixels(x, src)) == [(1, 0, 1, 57, 67)]
+    # the cutout square lies in output coordinates: a 4 x 4 square at (66, 55) hides (67, 57) ...
+    src = pixel_source(rot, torch.zeros(1, 2), H, W, cut=(torch.tensor([[66, 55]]), 4))
+    assert where_nonzero(read_pixels(x, src)) == []
+    # ... and one at (68, 57), just right of it, does not
+    src = pixel_source(rot, torch.zeros(1, 2), H, W, cut=(torch.tensor([[68, 57]]), 4))
+    assert where_nonzero(read_pixels(x, src)) == [(1, 0, 1, 57, 67)]
+    assert (src.view(H, W)[57:61, 68:72] == H * W).all() and (src == H * W).sum() == 16
+
+
+def test_augment_batch_equals_the_transforms_applied_in_turn():
+    """The fused read (mirror, geometry, cutout) against mirror, affine and cutout one after the
+    other, with the parameters drawn in the documented order from a second generator."""
+    x, y = _batch()
+    spec = parse_augment("mirror,translate=8,rotate=15,shear=10,scale=0.2,cutout=40")
+    dev = torch.device("cpu")
+    flips = []
+    for step in range(3):
+        got_x, got_t = augment_batch(spec, x, y, augment_generator(0, 0, 0, step, dev))
+        g = augment_generator(0, 0, 0, step, dev)
+        flip = torch.rand(4, generator=g) < 0.5
+        matrix, shift = augment_module._geometry(spec, 4, g, dev)
+        corner = torch.stack([torch.randint(-39, W, (4,), generator=g), torch.randint(-39, H, (4,), generator=g)], -1)
+        want_x, want_t = mirror(x, torch.eye(11)[y], flip)
+        want_x = cutout(affine(want_x, matrix, shift), corner, 40)
+        assert torch.equal(got_x, want_x) and torch.equal(got_t, want_t)
+        flips.append(flip)
+    assert 0 < torch.cat(flips).sum() < 12          # some samples flipped, some not
+
+
+@pytest.mark.parametrize("spec_text", ["mixup=0.5", "cutmix=0.5", "mixup=0.3,cutmix=0.4"])
+def test_mixing_on_the_host_coin_equals_selecting_on_the_device(spec_text):
+    """On the CPU only the outcome the coin drew is computed; on an accelerator both are and
+    torch.where selects: the same batch either way, coin up or down."""
+    x, y = _batch()
+    x = x + torch.rand(x.shape, generator=torch.Generator().manual_seed(1))       # not just counts
+    spec = parse_augment(spec_text)
+    target = torch.eye(11)[y]
+    outcomes = set()
+    for step in range(12):
+        host = augment_module._mix(spec, x, target, augment_generator(0, 0, 0, step, torch.device("cpu")))
+        device = augment_module._mix(spec, x, target, augment_generator(0, 0, 0, step, torch.device("cpu")),
+                                     on_host=False)
+        assert torch.equal(host[0], device[0]) and torch.equal(host[1], device[1])
+        outcomes.add("plain" if host[0] is x else "mixed")
+    assert outcomes == {"plain", "mixed"}
 
 
 def test_thin_keeps_each_event_with_probability_keep():
@@ -133,6 +196,10 @@ def test_mixup_and_cutmix_weights():
     mx, mt = mixup(x, target, torch.tensor([0.25, 1.0]), torch.tensor([1, 0]))
     assert mx[:, 0].unique().tolist() == [0.25 * 4 + 0.75 * 8] and mx[:, 1].unique().tolist() == [8.0]
     assert mt[0, 2].item() == 0.25 and mt[0, 7].item() == 0.75 and torch.equal(mt[1], target[1])
+    # lam 1 is the sample and lam 0 its partner, exactly, for any values (not just counts)
+    frac = torch.stack([torch.full((2, 2, H, W), 0.1), torch.full((2, 2, H, W), 0.7)], 1)
+    mx, _ = mixup(frac, target, torch.tensor([1.0, 0.0]), torch.tensor([1, 0]))
+    assert torch.equal(mx[:, 0], frac[:, 0]) and torch.equal(mx[:, 1], frac[:, 0])
     cx, ct = cutmix(x, target, torch.tensor([[0, 0, 64, 128], [0, 0, 0, 0]]), torch.tensor([1, 0]))
     assert cx[:, 0, :, :, :64].unique().tolist() == [8.0] and cx[:, 0, :, :, 64:].unique().tolist() == [4.0]
     assert torch.equal(cx[:, 1], x[:, 1])
@@ -208,3 +275,25 @@ def test_augment_batch_off_is_the_identity():
     x, y = _batch()
     out, target = augment_batch(AugmentSpec(), x, y, augment_generator(0, 0, 0, 0, torch.device("cpu")))
     assert out is x and torch.equal(target, torch.eye(11)[y])
+
+
+@pytest.mark.cuda
+def test_cuda_augment_batch_never_syncs_the_host():
+    """Every augmentation, drawn and applied on the GPU, with no host sync (no .item(), no
+    host-to-device copy, no nonzero): the training step's queue keeps running."""
+    import warnings
+
+    dev = torch.device("cuda")
+    x, y = _batch()
+    x, y = x.to(dev), y.to(dev)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(4):      # mixup, cutmix or neither, by the coin
+                out, target = augment_batch(RECIPE, x, y, augment_generator(0, 0, 0, step, dev))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert [str(w.message) for w in caught if "synchroniz" in str(w.message)] == []
+    assert out.device.type == "cuda" and out.shape == (4, 4, 2, H, W) and target.shape == (4, 11)

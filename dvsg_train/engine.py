@@ -42,8 +42,8 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig
-from .data import (Batches, choose_feed, load_run_data, open_store, resolve_store_path, store_inputs,
-                   to_network_input)
+from .data import (Batches, check_eval_memory, choose_feed, load_run_data, open_store, resolve_store_path,
+                   store_inputs, to_network_input)
 from .distributed import DistEnv, resolve_device
 from .errors import BackendUnavailableError, ConfigError, DataMismatchError, TrainError
 from .export.network import NetworkWeights, has_linear_bias, load_network, load_weights, read_init_weights, store_T
@@ -600,8 +600,10 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "test", devi
     if net.weights.data_fingerprint is not None and store.fingerprint != net.weights.data_fingerprint:
         log.warning("%s was trained on a store with another fingerprint than %s", checkpoint, data)
     sp = store.split(split)
+    batch_size = batch_size or net.weights.batch_size
     feed = choose_feed(data, (sp,), preload, dev, workers=workers)
-    batches = feed.batches(sp, batch_size or net.weights.batch_size)
+    check_eval_memory(checkpoint, store.T, min(batch_size, max(1, len(sp))), net.weights.channels, dev)
+    batches = feed.batches(sp, batch_size)
     model = net.model.to(dev)
     result = evaluate(model, batches, dev)
     result.update(epoch=net.weights.epoch, split=split, config={**net.config, "T": store.T},

@@ -31,6 +31,27 @@ def available_memory() -> int | None:
     return None
 
 
+def size_text(n: float) -> str:
+    """Bytes as GiB (from 1 GiB) or MiB, one decimal: the unit of every memory refusal."""
+    return f"{n / 2**30:,.1f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB"
+
+
+def memory_refusal(who: str | os.PathLike, task: str, need: int, have: int, hint: str,
+                   where: str = "memory") -> str:
+    """The one wording of "this will not fit": `who` (the input or output), what would allocate
+    `need` bytes, the `have` bytes free, and what to do instead."""
+    return f"{who}: {task} needs about {size_text(need)} of {where}, but only {size_text(have)} is free ({hint})"
+
+
+def check_memory(who: str | os.PathLike, task: str, need: int, hint: str) -> None:
+    """ResourceLimitError (`memory_refusal`) when `need` bytes exceed `available_memory()`:
+    callers estimate what they will allocate and ask before allocating it (a refusal instead of
+    a MemoryError traceback, or of the machine swapping). Unknown available memory: no check."""
+    have = available_memory()
+    if have is not None and need > have:
+        raise ResourceLimitError(memory_refusal(who, task, need, have, hint))
+
+
 def disk_full(exc: BaseException) -> bool:
     """Whether `exc` is the operating system's "no space left" (ENOSPC, or a quota: EDQUOT),
     as opposed to one of our own errors that subclass OSError."""

@@ -46,9 +46,10 @@ log = logging.getLogger(__name__)
 PRELOAD_SHARE = 0.5
 
 
-def resolve_store_path(path: str | os.PathLike, T: int | None) -> str:
+def resolve_store_path(path: str | os.PathLike, T: int | None, why: str | None = None) -> str:
     """A store path (folder, .zip or URL), or a DATA_ROOT holding ``frames_T<T>_number.zarr``
-    (dvsprep frames' default). Anything else is one line: MissingFileError / StoreError."""
+    (dvsprep frames' default). Anything else is one line: MissingFileError / StoreError; `why`
+    says where T comes from (default "-T <T>", the option; dvsg-eval has none: its checkpoint's)."""
     if kind_of(path, STORE_OR_DATA_ROOT, noun="frame store") is not InputKind.DATA_ROOT:
         return str(path)
     p = Path(path)
@@ -59,7 +60,7 @@ def resolve_store_path(path: str | os.PathLike, T: int | None) -> str:
     candidate = p / frame_store_name(T, "number")
     if candidate.is_dir():
         return str(candidate)
-    raise MissingFileError(f"{p}: no {candidate.name} for -T {T} ({have}; make one with "
+    raise MissingFileError(f"{p}: no {candidate.name} for {why or f'-T {T}'} ({have}; make one with "
                            f"dvsprep frames -T {T} -d {p}, or pass the store path)")
 
 

@@ -355,6 +355,7 @@ def _previous_run(config: TrainConfig, run_dir: Path) -> dict[str, Any] | None:
         ckpt = load_checkpoint(config.resume)
         check_resume(ckpt, config.resume, config)
         return ckpt
+    resolve_store_path(config.data, config.T)  # a mistyped --data is said first, not masked by the next line
     if (run_dir / LATEST).exists() and not config.force:
         raise TrainError(f"{run_dir} already holds a run; continue it with --resume "
                          f"{run_dir / LATEST}, start over with --force, or pick --run-name")
@@ -592,7 +593,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "test", devi
     dev = resolve_device(device)
     T = store_T(data, net.weights)     # a SpikingJelly checkpoint records no T
     # opened without a T check, to say what dvsg-eval (which has no -T) needs
-    store = open_store(resolve_store_path(data, T))
+    store = open_store(resolve_store_path(data, T, why=f"T={T}, what {checkpoint} was trained with"))
     if T is not None and store.T != T:
         raise DataMismatchError(f"{data}: store has T={store.T} frames per sample, but {checkpoint} was trained "
                                 f"with T={T}; evaluate it on a store made with dvsprep frames -T {T}")

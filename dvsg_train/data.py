@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -44,6 +45,9 @@ log = logging.getLogger(__name__)
 
 # Preload only when the frames take at most this share of the memory that is free.
 PRELOAD_SHARE = 0.5
+
+# torch says this in four lines at every epoch; `choose_feed` says it once, in one line.
+warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
 
 
 def resolve_store_path(path: str | os.PathLike, T: int | None, why: str | None = None) -> str:
@@ -348,6 +352,14 @@ class Feed:
         return Batches(labels, batch_size, frames=torch.from_numpy(frames).to(self.where), **kw)
 
 
+def _cpus() -> int:
+    """CPUs this process may run on (torch's own count for its DataLoader warning)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def choose_feed(path: str, splits: Sequence[FrameSplit], preload: str, device: torch.device, *,
                 workers: int = 0, cpu_copies: int = 1) -> Feed:
     """The preload-or-stream choice of training and evaluation alike: the ``splits`` of the
@@ -356,6 +368,9 @@ def choose_feed(path: str, splits: Sequence[FrameSplit], preload: str, device: t
     where = resolve_preload(preload, sum(sp.nbytes for sp in splits), device, cpu_copies=cpu_copies, what=path)
     if where is not None:
         log.info("preloading %s into %s memory", path, where.type)
+    elif workers > _cpus():
+        log.warning("-j %d: more DataLoader workers than the %d CPUs this process may use, which usually "
+                    "slows loading", workers, _cpus())
     return Feed(path, where, workers, pin_memory=device.type == "cuda" and where is None)
 
 

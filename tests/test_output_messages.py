@@ -91,3 +91,23 @@ def test_output_error_rules(tmp_path):
     assert resources.output_error(OSError(errno.ENOENT, "No such file"), final, [tmp]) is None
     assert resources.output_error(OSError("unable to read"), final, [tmp]) is None
     assert resources.output_error(ValueError("x"), final, [tmp]) is None
+
+
+def test_more_loader_workers_than_cpus_is_one_line_of_ours_not_torchs(tmp_path):
+    """torch's DataLoader prints a four-line UserWarning (twice) when -j exceeds the CPUs."""
+    import torch
+
+    from dvsg_train.model import build_model
+
+    tiny_store(tmp_path / "s.zarr")
+    ckpt = tmp_path / "net.pth"
+    torch.save({"net": build_model(4, linear_bias=True).state_dict(), "epoch": 1}, ckpt)
+    cpus = len(os.sched_getaffinity(0))
+    code = "import sys; from dvsg_train.cli import eval_main; sys.argv[0] = 'dvsg-eval'; eval_main()"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run([sys.executable, "-c", code, "--checkpoint", str(ckpt), "--data", str(tmp_path / "s.zarr"),
+                        "--device", "cpu", "--preload", "none", "-j", str(cpus + 1), "--png", str(tmp_path / "c.png")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == (f"WARNING: -j {cpus + 1}: more DataLoader workers than the {cpus} CPUs this process may "
+                        f"use, which usually slows loading\n")

@@ -85,8 +85,9 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
                     device: torch.device, *, scaler: torch.amp.GradScaler | None = None,
                     amp_dtype: str | None = None, progress: bool = False,
                     dist_env: DistEnv | None = None, augment: AugmentSpec | None = None,
-                    seed: int = 0, epoch: int = 0) -> dict[str, float]:
-    """One pass over ``batches`` with one optimizer step per batch.
+                    seed: int = 0, epoch: int = 0,
+                    on_batch: Callable[[int], None] | None = None) -> dict[str, float]:
+    """One pass over ``batches`` with one optimizer step per batch (``on_batch(step)`` after each).
 
     amp_dtype: None, "fp16" (needs ``scaler``) or "bf16" (no scaler); autocast covers forward
     and loss. augment: augmentations of each batch on the device (None or an inactive spec:
@@ -130,6 +131,8 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
         correct += (out.detach().argmax(1) == (target.argmax(1) if augmenting else y)).sum()
         out_sum += out.detach().sum(dtype=torch.float64)
         n += len(y)
+        if on_batch is not None:
+            on_batch(step)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
@@ -474,6 +477,47 @@ SILENT_OUTPUT = ("the output layer emitted no spike in training epoch %d (loss 1
                  "--channels usually helps")
 
 
+FORECAST_BATCHES = 5      # batches timed, after the first (warm-up), before the forecast
+
+
+def duration_text(seconds: float) -> str:
+    """A duration as people say it: 42 s, 12.5 min, 9.1 h, 3.2 days."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+class RunForecast:
+    """Times the first batches of a run's first epoch and logs, once, what the whole run will take
+    at that pace: epochs x batches per epoch x seconds per batch (the first batch, which warms up
+    kernels and caches, is not counted; evaluation adds to it). Call it after each batch."""
+
+    def __init__(self, epochs: int, batches: int, device: torch.device,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.epochs, self.batches, self.device, self.clock = epochs, batches, device, clock
+        self.at = min(FORECAST_BATCHES, batches - 1)   # the step after which to say it
+        self.t0: float | None = None
+        self.said: str | None = None
+
+    def __call__(self, step: int) -> None:
+        if self.said is not None or self.at < 1 or step not in (0, self.at):
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)          # the batches are done, not only queued
+        if step == 0:
+            self.t0 = self.clock()
+            return
+        per_batch = (self.clock() - self.t0) / self.at
+        self.said = (f"projected time: about {duration_text(per_batch * self.batches * self.epochs)} for "
+                     f"{self.epochs} epoch{'s' if self.epochs != 1 else ''} of {self.batches} batches "
+                     f"({per_batch:.2f} s per batch over batches 2-{self.at + 1}; evaluation comes on top)")
+        log.info("%s", self.said)
+
+
 def _select(r: dict[str, Any]) -> float:
     """The number checkpoint_max.pt is chosen on: validation accuracy when held out, else test."""
     return r["val_acc"] if r.get("val_acc") is not None else r["test_acc"]
@@ -502,9 +546,11 @@ def _train_epochs(run: ResolvedRun, run_dir: Path, run_id: str, state: TrainingS
                 torch.manual_seed(distributed.rank_seed(config.seed, epoch, env.rank))
             t0 = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
+            forecast = RunForecast(config.epochs - start_epoch, len(data.train), device) \
+                if epoch == start_epoch and env.is_main else None
             train = train_one_epoch(net, data.train, optimizer, device, scaler=scaler,
                                     amp_dtype=amp_dtype, progress=progress, dist_env=dist_env,
-                                    augment=augment, seed=config.seed, epoch=epoch)
+                                    augment=augment, seed=config.seed, epoch=epoch, on_batch=forecast)
             if train["output_rate"] == 0 and not warned_silent and env.is_main:
                 warned_silent = True            # once per run: every rank has the same (reduced) rate
                 log.warning(SILENT_OUTPUT, epoch, config.lr, config.channels)

@@ -132,3 +132,45 @@ def test_a_checkpoint_of_another_T_suggests_a_store_not_an_option(tmp_path):
         f"error: {store}: store has T=4 frames per sample, but {ckpt} was trained with T=2; evaluate it on a "
         f"store made with dvsprep frames -T 2\n")
     assert "pass -T" not in res.stderr
+
+
+def test_forecast_from_the_first_batches_with_an_injected_clock(caplog):
+    import logging
+
+    import torch
+
+    from dvsg_train.engine import RunForecast, duration_text
+
+    ticks = iter([100.0, 112.5])                  # after batch 1, after batch 6: 12.5 s for 5 batches
+    f = RunForecast(256, 67, torch.device("cpu"), clock=lambda: next(ticks))
+    with caplog.at_level(logging.INFO, logger="dvsg_train"):
+        for step in range(67):
+            f(step)                               # the clock is read twice, or next() raises
+    # 256 x 67 x 2.5 s = 42,880 s
+    line = "projected time: about 11.9 h for 256 epochs of 67 batches (2.50 s per batch over batches 2-6; " \
+           "evaluation comes on top)"
+    assert f.said == line and [r.getMessage() for r in caplog.records] == [line]
+    ticks = iter([0.0, 3.0])
+    f = RunForecast(1, 2, torch.device("cpu"), clock=lambda: next(ticks))   # two batches: times the second
+    f(0), f(1)
+    assert f.said == "projected time: about 6 s for 1 epoch of 2 batches (3.00 s per batch over batches 2-2; " \
+                     "evaluation comes on top)"
+    f = RunForecast(9, 1, torch.device("cpu"), clock=lambda: pytest.fail("no second batch to time"))
+    f(0)
+    assert f.said is None
+    assert [duration_text(s) for s in (42, 750, 32_760, 276_480)] == ["42 s", "12.5 min", "9.1 h", "3.2 days"]
+
+
+def test_training_says_the_forecast_once_after_the_first_batches(tmp_path, caplog):
+    import logging
+
+    tiny_store(tmp_path / "s.zarr")                 # 6 train samples: 3 batches of 2
+    with caplog.at_level(logging.INFO, logger="dvsg_train"):
+        res = CliRunner().invoke(train_main, ["--data", str(tmp_path / "s.zarr"), "--out-dir", str(tmp_path / "runs"),
+                                              "-T", "2", "-b", "2", "--epochs", "2", "--channels", "4", "--device",
+                                              "cpu", "-j", "0"])
+    assert res.exit_code == 0, res.output
+    said = [r.getMessage() for r in caplog.records if "projected time" in r.getMessage()]
+    assert len(said) == 1 and re.fullmatch(r"projected time: about \S+ (s|min) for 2 epochs of 3 batches "
+                                           r"\(\d+\.\d\d s per batch over batches 2-3; evaluation comes on top\)",
+                                           said[0]), said

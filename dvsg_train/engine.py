@@ -478,6 +478,7 @@ SILENT_OUTPUT = ("the output layer emitted no spike in training epoch %d (loss 1
 
 
 FORECAST_BATCHES = 5      # batches timed, after the first (warm-up), before the forecast
+FORECAST_SECONDS = 30.0   # ... or fewer, once they took this long (a slow CPU run says it sooner)
 
 
 def duration_text(seconds: float) -> str:
@@ -493,28 +494,32 @@ def duration_text(seconds: float) -> str:
 
 class RunForecast:
     """Times the first batches of a run's first epoch and logs, once, what the whole run will take
-    at that pace: epochs x batches per epoch x seconds per batch (the first batch, which warms up
-    kernels and caches, is not counted; evaluation adds to it). Call it after each batch."""
+    at that pace: epochs x batches per epoch x seconds per batch. The first batch, which warms up
+    kernels and caches, is not counted; the forecast comes after FORECAST_BATCHES more, or sooner
+    once those took FORECAST_SECONDS; evaluation adds to it. Call it after each batch."""
 
     def __init__(self, epochs: int, batches: int, device: torch.device,
                  clock: Callable[[], float] = time.perf_counter):
         self.epochs, self.batches, self.device, self.clock = epochs, batches, device, clock
-        self.at = min(FORECAST_BATCHES, batches - 1)   # the step after which to say it
+        self.at = min(FORECAST_BATCHES, batches - 1)   # the step after which to say it at the latest
         self.t0: float | None = None
         self.said: str | None = None
 
     def __call__(self, step: int) -> None:
-        if self.said is not None or self.at < 1 or step not in (0, self.at):
+        if self.said is not None or self.at < 1 or step > self.at:
             return
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)          # the batches are done, not only queued
+        now = self.clock()
         if step == 0:
-            self.t0 = self.clock()
+            self.t0 = now
             return
-        per_batch = (self.clock() - self.t0) / self.at
+        if step < self.at and now - self.t0 < FORECAST_SECONDS:
+            return
+        per_batch = (now - self.t0) / step
         self.said = (f"projected time: about {duration_text(per_batch * self.batches * self.epochs)} for "
                      f"{self.epochs} epoch{'s' if self.epochs != 1 else ''} of {self.batches} batches "
-                     f"({per_batch:.2f} s per batch over batches 2-{self.at + 1}; evaluation comes on top)")
+                     f"({per_batch:.2f} s per batch over batches 2-{step + 1}; evaluation comes on top)")
         log.info("%s", self.said)
 
 

@@ -141,11 +141,11 @@ def test_forecast_from_the_first_batches_with_an_injected_clock(caplog):
 
     from dvsg_train.engine import RunForecast, duration_text
 
-    ticks = iter([100.0, 112.5])                  # after batch 1, after batch 6: 12.5 s for 5 batches
+    ticks = iter([100.0, 102.5, 105.0, 107.5, 110.0, 112.5])   # after batches 1..6: 12.5 s for 5 batches
     f = RunForecast(256, 67, torch.device("cpu"), clock=lambda: next(ticks))
     with caplog.at_level(logging.INFO, logger="dvsg_train"):
         for step in range(67):
-            f(step)                               # the clock is read twice, or next() raises
+            f(step)                               # the clock is read 6 times, or next() raises
     # 256 x 67 x 2.5 s = 42,880 s
     line = "projected time: about 11.9 h for 256 epochs of 67 batches (2.50 s per batch over batches 2-6; " \
            "evaluation comes on top)"
@@ -155,6 +155,12 @@ def test_forecast_from_the_first_batches_with_an_injected_clock(caplog):
     f(0), f(1)
     assert f.said == "projected time: about 6 s for 1 epoch of 2 batches (3.00 s per batch over batches 2-2; " \
                      "evaluation comes on top)"
+    ticks = iter([0.0, 45.0])                     # a slow batch: said after it, not after 5 more
+    f = RunForecast(256, 13, torch.device("cpu"), clock=lambda: next(ticks))
+    for step in range(13):
+        f(step)
+    assert f.said == "projected time: about 41.6 h for 256 epochs of 13 batches (45.00 s per batch over " \
+                     "batches 2-2; evaluation comes on top)"
     f = RunForecast(9, 1, torch.device("cpu"), clock=lambda: pytest.fail("no second batch to time"))
     f(0)
     assert f.said is None

@@ -73,8 +73,8 @@ _WRITE_ERRNOS = frozenset({errno.EFBIG, errno.EROFS, errno.EIO})
 def _names_one_of(filename: object, hidden: Iterable[Path]) -> bool:
     if not isinstance(filename, (str, bytes, os.PathLike)):
         return False
-    f = Path(os.fsdecode(filename))
-    return any(f == h or f.is_relative_to(h) for h in hidden)
+    f = Path(os.path.abspath(os.fsdecode(filename)))
+    return any(f == h or f.is_relative_to(h) for h in (Path(os.path.abspath(h)) for h in hidden))
 
 
 def output_error(exc: BaseException, output: str | os.PathLike, hidden: Iterable[Path]) -> DvsprepError | None:
@@ -89,5 +89,6 @@ def output_error(exc: BaseException, output: str | os.PathLike, hidden: Iterable
     hidden = [Path(h) for h in hidden if h is not None]
     if _names_one_of(exc.filename, hidden) or _names_one_of(exc.filename2, hidden) or (
             exc.filename is None and exc.errno in _WRITE_ERRNOS):
-        return OutputWriteError(f"{output}: {os.strerror(exc.errno)}")   # not the library's text, which names the temporary
+        # the system's words for the errno, not the library's text (HDF5's names the temporary)
+        return OutputWriteError(f"{output}: {os.strerror(exc.errno)}")
     return None

@@ -509,7 +509,8 @@ def test_explicit_preload_that_does_not_fit_is_one_line():
     from dvsg_train.data import resolve_preload
     from dvsg_train.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"s.zarr: --preload cpu \(the frames\) needs about 244.1 GiB of memory, but only"):
+    with pytest.raises(ConfigError, match=r"s.zarr: --preload cpu \(the frames\) needs about 244.1 GiB of memory, "
+                                          r"but only"):
         resolve_preload("cpu", 2 * 1_000_000 * 2 * 2 * 128 * 128 * 2, torch.device("cpu"), what="s.zarr")
     assert resolve_preload("auto", 1 << 60, torch.device("cpu")) is None
 

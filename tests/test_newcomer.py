@@ -37,7 +37,8 @@ def test_verify_of_the_synthetic_release_is_intact_and_still_catches_a_changed_b
     # mapping and README.txt: 24 files, none of them the published release's
     res = _verify(release)
     assert res.exit_code == 0, res.output
-    assert res.output.splitlines()[0] == f"{release}: synthetic release (dvsprep synth, seed {SEED}): intact: 24 files match"
+    assert res.output.splitlines()[0] == \
+        f"{release}: synthetic release (dvsprep synth, seed {SEED}): intact: 24 files match"
     record = json.loads((release / "DvsGesture" / synth.SYNTH_RECORD).read_text())
     assert (record["seed"], record["scale"], record["users"], record["test_users"]) == (SEED, "small", 2, 1)
     assert len(record["md5"]) == 24 and "README.txt" in record["md5"]

@@ -194,6 +194,10 @@ def _check_seeds_options(ctx: click.Context) -> None:
 def _seed_runs(config: TrainConfig, seeds: list[int]) -> list[TrainConfig]:
     """--seeds: one config per seed, each in its sibling folder <run name>_seed<N>, checked before
     the first run starts (a folder that holds a run needs --force)."""
+    from .data import resolve_store_path
+
+    if config.data is not None:   # a mistyped --data first, before "already holds a run"
+        resolve_store_path(config.data, config.T)
     base = config.run_name or config.default_run_name()
     configs = [dataclasses.replace(config, seed=s, run_name=f"{base}_seed{s}") for s in seeds]
     for c in configs:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -31,10 +32,11 @@ import torch
 from torch import Tensor
 
 from dvsprep.constants import FRAME_STORE_GLOB, N_CLASSES, ZARR_JSON
-from dvsprep.errors import MissingFileError
+from dvsprep.errors import MissingFileError, ResourceLimitError
 from dvsprep.frames import FrameSplit, FrameStore, frame_store_name, open_frame_store
 from dvsprep.inputs import STORE_OR_DATA_ROOT, InputKind, is_url, kind_of
-from dvsprep.resources import available_memory
+from dvsprep import resources
+from dvsprep.constants import N_POLARITIES, SENSOR_H, SENSOR_W
 
 from .distributed import rank_share, share_size
 from .errors import ConfigError, DataMismatchError
@@ -44,10 +46,14 @@ log = logging.getLogger(__name__)
 # Preload only when the frames take at most this share of the memory that is free.
 PRELOAD_SHARE = 0.5
 
+# torch says this in four lines at every epoch; `choose_feed` says it once, in one line.
+warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
 
-def resolve_store_path(path: str | os.PathLike, T: int | None) -> str:
+
+def resolve_store_path(path: str | os.PathLike, T: int | None, why: str | None = None) -> str:
     """A store path (folder, .zip or URL), or a DATA_ROOT holding ``frames_T<T>_number.zarr``
-    (dvsprep frames' default). Anything else is one line: MissingFileError / StoreError."""
+    (dvsprep frames' default). Anything else is one line: MissingFileError / StoreError; `why`
+    says where T comes from (default "-T <T>", the option; dvsg-eval has none: its checkpoint's)."""
     if kind_of(path, STORE_OR_DATA_ROOT, noun="frame store") is not InputKind.DATA_ROOT:
         return str(path)
     p = Path(path)
@@ -58,7 +64,7 @@ def resolve_store_path(path: str | os.PathLike, T: int | None) -> str:
     candidate = p / frame_store_name(T, "number")
     if candidate.is_dir():
         return str(candidate)
-    raise MissingFileError(f"{p}: no {candidate.name} for -T {T} ({have}; make one with "
+    raise MissingFileError(f"{p}: no {candidate.name} for {why or f'-T {T}'} ({have}; make one with "
                            f"dvsprep frames -T {T} -d {p}, or pass the store path)")
 
 
@@ -257,7 +263,7 @@ def _available_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
-    mem = available_memory()
+    mem = resources.available_memory()
     if mem is not None:
         return mem
     try:
@@ -266,8 +272,27 @@ def _available_bytes(device: torch.device) -> int:
         return 0
 
 
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+# Peak memory of a forward pass without gradients, in float32 copies of the first block's
+# output [T*B, channels, 128, 128]: conv, BatchNorm and neuron outputs plus the neuron's
+# state (measured on CPU: 4.0-4.2 for the multi-step net, 2.5 for the stepwise one).
+EVAL_ACTIVATION_COPIES = 4
+
+
+def eval_batch_bytes(T: int, batch: int, channels: int) -> int:
+    """Estimated peak memory of evaluating one batch: its float32 input and the activations."""
+    plane = SENSOR_H * SENSOR_W
+    return 4 * T * batch * plane * (N_POLARITIES + EVAL_ACTIVATION_COPIES * channels)
+
+
+def check_eval_memory(who: str, T: int, batch: int, channels: int, device: torch.device) -> None:
+    """Refuse (ResourceLimitError, the one wording) an evaluation whose batches cannot fit the
+    memory free on `device`, before the first batch is allocated."""
+    need, have = eval_batch_bytes(T, batch, channels), _available_bytes(device)
+    if need > have:
+        where = "memory" if device.type == "cpu" else f"{device.type} memory"
+        raise ResourceLimitError(resources.memory_refusal(
+            who, f"evaluating batches of {batch} at T={T} with channels {channels}", need, have,
+            "use a smaller -b", where=where))
 
 
 def resolve_preload(preload: str, nbytes: int, device: torch.device,
@@ -288,8 +313,9 @@ def resolve_preload(preload: str, nbytes: int, device: torch.device,
         need = nbytes * (cpu_copies if where.type == "cpu" else 1)
         have = _available_bytes(where)
         if need > have:
-            raise ConfigError(f"{what}: --preload {preload} needs {_gib(need)} for the frames, but only "
-                              f"{_gib(have)} of {where.type} memory is free (use --preload auto or none)")
+            raise ConfigError(resources.memory_refusal(
+                what, f"--preload {preload} (the frames)", need, have, "use --preload auto or none",
+                where="memory" if where.type == "cpu" else f"{where.type} memory"))
         return where
     for where in ([device, torch.device("cpu")] if device.type == "cuda" else [torch.device("cpu")]):
         need = nbytes * (cpu_copies if where.type == "cpu" else 1)
@@ -326,6 +352,14 @@ class Feed:
         return Batches(labels, batch_size, frames=torch.from_numpy(frames).to(self.where), **kw)
 
 
+def _cpus() -> int:
+    """CPUs this process may run on (torch's own count for its DataLoader warning)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def choose_feed(path: str, splits: Sequence[FrameSplit], preload: str, device: torch.device, *,
                 workers: int = 0, cpu_copies: int = 1) -> Feed:
     """The preload-or-stream choice of training and evaluation alike: the ``splits`` of the
@@ -334,6 +368,9 @@ def choose_feed(path: str, splits: Sequence[FrameSplit], preload: str, device: t
     where = resolve_preload(preload, sum(sp.nbytes for sp in splits), device, cpu_copies=cpu_copies, what=path)
     if where is not None:
         log.info("preloading %s into %s memory", path, where.type)
+    elif workers > _cpus():
+        log.warning("-j %d: more DataLoader workers than the %d CPUs this process may use, which usually "
+                    "slows loading", workers, _cpus())
     return Feed(path, where, workers, pin_memory=device.type == "cuda" and where is None)
 
 

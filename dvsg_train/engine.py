@@ -42,8 +42,8 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig
-from .data import (Batches, choose_feed, load_run_data, open_store, resolve_store_path, store_inputs,
-                   to_network_input)
+from .data import (Batches, check_eval_memory, choose_feed, load_run_data, open_store, resolve_store_path,
+                   store_inputs, to_network_input)
 from .distributed import DistEnv, resolve_device
 from .errors import BackendUnavailableError, ConfigError, DataMismatchError, TrainError
 from .export.network import NetworkWeights, has_linear_bias, load_network, load_weights, read_init_weights, store_T
@@ -85,8 +85,9 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
                     device: torch.device, *, scaler: torch.amp.GradScaler | None = None,
                     amp_dtype: str | None = None, progress: bool = False,
                     dist_env: DistEnv | None = None, augment: AugmentSpec | None = None,
-                    seed: int = 0, epoch: int = 0) -> dict[str, float]:
-    """One pass over ``batches`` with one optimizer step per batch.
+                    seed: int = 0, epoch: int = 0,
+                    on_batch: Callable[[int], None] | None = None) -> dict[str, float]:
+    """One pass over ``batches`` with one optimizer step per batch (``on_batch(step)`` after each).
 
     amp_dtype: None, "fp16" (needs ``scaler``) or "bf16" (no scaler); autocast covers forward
     and loss. augment: augmentations of each batch on the device (None or an inactive spec:
@@ -130,6 +131,8 @@ def train_one_epoch(model: nn.Module, batches: Batches, optimizer: torch.optim.O
         correct += (out.detach().argmax(1) == (target.argmax(1) if augmenting else y)).sum()
         out_sum += out.detach().sum(dtype=torch.float64)
         n += len(y)
+        if on_batch is not None:
+            on_batch(step)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
@@ -355,6 +358,7 @@ def _previous_run(config: TrainConfig, run_dir: Path) -> dict[str, Any] | None:
         ckpt = load_checkpoint(config.resume)
         check_resume(ckpt, config.resume, config)
         return ckpt
+    resolve_store_path(config.data, config.T)  # a mistyped --data is said first, not masked by the next line
     if (run_dir / LATEST).exists() and not config.force:
         raise TrainError(f"{run_dir} already holds a run; continue it with --resume "
                          f"{run_dir / LATEST}, start over with --force, or pick --run-name")
@@ -473,6 +477,52 @@ SILENT_OUTPUT = ("the output layer emitted no spike in training epoch %d (loss 1
                  "--channels usually helps")
 
 
+FORECAST_BATCHES = 5      # batches timed, after the first (warm-up), before the forecast
+FORECAST_SECONDS = 30.0   # ... or fewer, once they took this long (a slow CPU run says it sooner)
+
+
+def duration_text(seconds: float) -> str:
+    """A duration as people say it: 42 s, 12.5 min, 9.1 h, 3.2 days."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+class RunForecast:
+    """Times the first batches of a run's first epoch and logs, once, what the whole run will take
+    at that pace: epochs x batches per epoch x seconds per batch. The first batch, which warms up
+    kernels and caches, is not counted; the forecast comes after FORECAST_BATCHES more, or sooner
+    once those took FORECAST_SECONDS; evaluation adds to it. Call it after each batch."""
+
+    def __init__(self, epochs: int, batches: int, device: torch.device,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.epochs, self.batches, self.device, self.clock = epochs, batches, device, clock
+        self.at = min(FORECAST_BATCHES, batches - 1)   # the step after which to say it at the latest
+        self.t0: float | None = None
+        self.said: str | None = None
+
+    def __call__(self, step: int) -> None:
+        if self.said is not None or self.at < 1 or step > self.at:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)          # the batches are done, not only queued
+        now = self.clock()
+        if step == 0:
+            self.t0 = now
+            return
+        if step < self.at and now - self.t0 < FORECAST_SECONDS:
+            return
+        per_batch = (now - self.t0) / step
+        self.said = (f"projected time: about {duration_text(per_batch * self.batches * self.epochs)} for "
+                     f"{self.epochs} epoch{'s' if self.epochs != 1 else ''} of {self.batches} batches "
+                     f"({per_batch:.2f} s per batch over batches 2-{step + 1}; evaluation comes on top)")
+        log.info("%s", self.said)
+
+
 def _select(r: dict[str, Any]) -> float:
     """The number checkpoint_max.pt is chosen on: validation accuracy when held out, else test."""
     return r["val_acc"] if r.get("val_acc") is not None else r["test_acc"]
@@ -501,9 +551,11 @@ def _train_epochs(run: ResolvedRun, run_dir: Path, run_id: str, state: TrainingS
                 torch.manual_seed(distributed.rank_seed(config.seed, epoch, env.rank))
             t0 = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
+            forecast = RunForecast(config.epochs - start_epoch, len(data.train), device) \
+                if epoch == start_epoch and env.is_main else None
             train = train_one_epoch(net, data.train, optimizer, device, scaler=scaler,
                                     amp_dtype=amp_dtype, progress=progress, dist_env=dist_env,
-                                    augment=augment, seed=config.seed, epoch=epoch)
+                                    augment=augment, seed=config.seed, epoch=epoch, on_batch=forecast)
             if train["output_rate"] == 0 and not warned_silent and env.is_main:
                 warned_silent = True            # once per run: every rank has the same (reduced) rate
                 log.warning(SILENT_OUTPUT, epoch, config.lr, config.channels)
@@ -592,7 +644,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "test", devi
     dev = resolve_device(device)
     T = store_T(data, net.weights)     # a SpikingJelly checkpoint records no T
     # opened without a T check, to say what dvsg-eval (which has no -T) needs
-    store = open_store(resolve_store_path(data, T))
+    store = open_store(resolve_store_path(data, T, why=f"T={T}, what {checkpoint} was trained with"))
     if T is not None and store.T != T:
         raise DataMismatchError(f"{data}: store has T={store.T} frames per sample, but {checkpoint} was trained "
                                 f"with T={T}; evaluate it on a store made with dvsprep frames -T {T}")
@@ -600,8 +652,10 @@ def evaluate_checkpoint(checkpoint: str, data: str, *, split: str = "test", devi
     if net.weights.data_fingerprint is not None and store.fingerprint != net.weights.data_fingerprint:
         log.warning("%s was trained on a store with another fingerprint than %s", checkpoint, data)
     sp = store.split(split)
+    batch_size = batch_size or net.weights.batch_size
     feed = choose_feed(data, (sp,), preload, dev, workers=workers)
-    batches = feed.batches(sp, batch_size or net.weights.batch_size)
+    check_eval_memory(checkpoint, store.T, min(batch_size, max(1, len(sp))), net.weights.channels, dev)
+    batches = feed.batches(sp, batch_size)
     model = net.model.to(dev)
     result = evaluate(model, batches, dev)
     result.update(epoch=net.weights.epoch, split=split, config={**net.config, "T": store.T},

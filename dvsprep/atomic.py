@@ -32,7 +32,7 @@ from typing import Callable, Iterable, Iterator, Literal
 
 from .errors import InputOutputClashError, MissingFileError, OutputLockedError, StoreError, StoreExistsError
 from .inputs import url_scheme
-from .resources import disk_full, no_space_error
+from .resources import output_error
 
 log = logging.getLogger(__name__)
 
@@ -288,8 +288,9 @@ class Publication:
                 os.replace(self.tmp, self.final)
         except BaseException as exc:
             self.abort()
-            if disk_full(exc):
-                raise no_space_error(self.final) from None
+            named = output_error(exc, self.final, [self.tmp, lock_path(self.final)])
+            if named is not None:
+                raise named from None
             raise
         try:
             for fn in self._published:
@@ -319,9 +320,11 @@ class Publication:
         if exc is None:
             self.commit()
             return False
+        tmp = self.tmp
         self.abort()   # any failure, Ctrl-C and SystemExit included
-        if disk_full(exc):
-            raise no_space_error(self.final) from None
+        named = output_error(exc, self.final, [tmp, lock_path(self.final)])
+        if named is not None:
+            raise named from None
         return False
 
 
@@ -360,7 +363,13 @@ def output_lock(path: str | os.PathLike, what: str = "output") -> Iterator[Path]
     path.parent.mkdir(parents=True, exist_ok=True)
     lp = lock_path(path)
     while True:
-        fd = os.open(lp, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(lp, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:   # a read-only folder, say: named by the output, not the lock
+            named = output_error(exc, path, [lp])
+            if named is not None:
+                raise named from None
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

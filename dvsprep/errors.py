@@ -61,3 +61,8 @@ class InputOutputClashError(DvsprepError, ValueError):
 class ResourceLimitError(DvsprepError, OSError):
     """Not enough disk or memory for what an input declares, or a declared size over a bound."""
 
+
+
+class OutputWriteError(DvsprepError, OSError):
+    """The system refused to write an output (read-only filesystem, file too large, I/O error);
+    the message names the output, never its temporary or its lock."""

@@ -9,7 +9,7 @@ import numpy as np
 
 from .constants import N_CLASSES, SPLITS
 from .frames import describe_frame_store
-from .inputs import FRAME_STORE, InputKind, kind_of
+from .inputs import FRAME_STORE, InputKind, is_url, kind_of
 
 
 def describe_events(path: str | os.PathLike) -> dict[str, Any]:
@@ -60,7 +60,10 @@ def _size(n: int) -> str:
 
 def format_description(d: dict[str, Any]) -> list[str]:
     """Human-readable lines for `describe`'s dict."""
-    lines = [f"{d['path']}: {'events file' if d['kind'] == 'events' else 'frame store'} ({d['format']})"]
+    url = d.get("source") if is_url(str(d.get("source"))) else None
+    lines = [f"{url or d['path']}: {'events file' if d['kind'] == 'events' else 'frame store'} ({d['format']})"]
+    if url:   # what the user asked about heads the lines; where it lies on this machine follows
+        lines.append(f"  cached at {d['path']}")
     if d["kind"] == "frames":
         lines.append(f"  T={d['T']}  split_by={d['split_by']}  dtype={d['dtype']}  "
                      f"sensor={d['sensor_size'][0]}x{d['sensor_size'][1]}  codec={d.get('codec')}")

@@ -72,6 +72,11 @@ OUTPUT_SUFFIXES = (".png", ".gif")
 MAX_SCALE = 16
 MIN_FPS, MAX_FPS = 0.01, 50.0   # GIF frame durations are 1/100 s units (20 ms: what viewers show)
 PILLOW_HINT = "dvsprep show needs Pillow: pip install 'dvsgesture-kit[show]'"
+# Peak memory of rendering, per picture pixel (RGB, its stacked copy, palette keys, their sort,
+# indices, the Pillow image) and per frame value held (int64 counts and what saturation() takes
+# of them); measured: 13.5-15.8 B/pixel and 8.6 B/value (README, "dvsprep show").
+PIXEL_BYTES = 16
+FRAME_VALUE_BYTES = 10
 
 
 @dataclass
@@ -259,6 +264,29 @@ def events_picture(events: dict[str, np.ndarray], frames: np.ndarray, title: Seq
         parts += [_band([f"{axis} (0 at top) over time, 0 to {seconds:.3f} s; grey: frame starts"], grid.size[0]),
                   _block([rgb], 1)]
     return _stack(parts)
+
+
+def grid_size(T: int, columns: int, scale: int, lines: int) -> tuple[int, int]:
+    """(width, height) of `grid_picture` of T frames under `lines` title lines (module docstring)."""
+    tile, c = SENSOR_SIZE[0] * scale, min(columns, T)
+    r = -(-T // c)
+    return c * tile + (c + 1) * GAP, lines * LINE_H + r * tile + (r + 1) * GAP
+
+
+def render_bytes(pixels: int, frame_values: int) -> int:
+    """Estimated peak memory of rendering `pixels` picture pixels from `frame_values` frame values."""
+    return pixels * PIXEL_BYTES + frame_values * FRAME_VALUE_BYTES
+
+
+def _check_memory(src: "_Source", size: tuple[int, int], pictures: int, samples: int, hint: str) -> None:
+    """Refuse (one line, before allocating) a rendering that cannot fit the free memory:
+    `pictures` pictures of `size` from `samples` samples of T frames."""
+    from .resources import check_memory
+
+    w, h = size
+    values = samples * src.T * N_POLARITIES * SENSOR_SIZE[0] * SENSOR_SIZE[1]
+    what = f"{pictures} pictures of {w}x{h} px" if pictures > 1 else f"a picture of {w}x{h} px"
+    check_memory(src.where, f"{what} from T={src.T} frames", render_bytes(pictures * w * h, values), hint)
 
 
 # ----------------------------------------------------------------------------- saving (Pillow)
@@ -526,8 +554,16 @@ def show(
 def _single(src: _Source, i: int, scale: int, columns: int, fps: float, out: Any,
             save: dict[str, Any]) -> ShowResult:
     out = Path(out) if out is not None else Path(f"{src.split}_{src.recordings[i]}_{int(src.rows[i])}.png")
+    T, gif = src.T, out.suffix.lower() == ".gif"
+    hint = "use a smaller -T or --scale" if src.kind == "events" else "use a smaller --scale"
+    if gif:
+        _check_memory(src, grid_size(1, 1, scale, 4), T, 1, hint)
+    else:
+        w, h = grid_size(T, columns, scale, 3)
+        rasters = 2 * (LINE_H + SENSOR_SIZE[0] * scale + 2 * GAP) if src.kind == "events" else 0
+        _check_memory(src, (w, h + rasters), 1, 1, hint)
     frames = src.frames(i)
-    if out.suffix.lower() == ".gif":
+    if gif:
         pictures = animation_pictures(frames, src.title(i, source=False), scale=scale)
         save_gif(pictures, out, fps=fps, **save)
         return ShowResult(out, pictures[0].size, len(pictures), [src.name(i)])
@@ -550,15 +586,21 @@ def _sheet(src: _Source, k: int | None, count: int | None, scale: int, out: Any,
     classes = range(N_CLASSES) if k is None else [k]
     count = count or (1 if k is None else 4)
     picked: list[tuple[int, int]] = []  # (label, index)
+    missing = []
     for c in classes:
         idx = np.flatnonzero(src.labels == c)
         if idx.size == 0 and k is not None:
             raise StoreError(f"{src.where}: no samples of label {c} ({GESTURE_NAMES[c]})")
         if idx.size == 0:
-            log.warning("%s: no samples of label %d (%s)", src.where, c, GESTURE_NAMES[c])
+            missing.append(c)
         picked += [(c, int(i)) for i in idx[:count]]
     if not picked:
         raise StoreError(f"{src.where}: no samples")
+    tile = SENSOR_SIZE[0] * scale
+    _check_memory(src, (src.T * tile + (src.T + 1) * GAP, LINE_H + len(picked) * (LINE_H + tile + 2 * GAP)), 1,
+                  len(picked), f"use a smaller {'-T, ' if src.kind == 'events' else ''}--count or --scale")
+    for c in missing:   # after the refusals: an error stays one line
+        log.warning("%s: no samples of label %d (%s)", src.where, c, GESTURE_NAMES[c])
     rows = []
     for c, i in picked:
         cap = f"{src.name(i)} #{i}, {int(src.n_events[i]):,} events"

@@ -15,6 +15,7 @@ Each yields a `VerifyReport` (`dvsprep.integrity.report`).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import tarfile
@@ -241,7 +242,7 @@ def _md5_file(path: Path) -> str:
 def _release_files_from_tar(archive: Path) -> tuple[dict[str, str], dict[str, bytes], str]:
     """Stream a tar(.gz): ({file name: md5}, {trial list name: bytes}, archive md5). Only files at
     the archive root or in DvsGesture/ are release files."""
-    from .raw import RELEASE_DIR, TRIAL_LISTS, check_member_size
+    from .raw import RELEASE_DIR, SYNTH_RECORD, TRIAL_LISTS, check_member_size
 
     md5s: dict[str, str] = {}
     lists: dict[str, bytes] = {}
@@ -256,7 +257,7 @@ def _release_files_from_tar(archive: Path) -> tuple[dict[str, str], dict[str, by
                     if not m.isfile() or not (len(parts) == 1 or (len(parts) == 2 and parts[0] == RELEASE_DIR)):
                         continue
                     fobj = tf.extractfile(m)
-                    if parts[-1] in TRIAL_LISTS.values():
+                    if parts[-1] in (*TRIAL_LISTS.values(), SYNTH_RECORD):
                         data = fobj.read(1 << 20)
                         lists[parts[-1]] = data
                         md5s[parts[-1]] = hashlib.md5(data).hexdigest()
@@ -268,19 +269,23 @@ def _release_files_from_tar(archive: Path) -> tuple[dict[str, str], dict[str, by
 
 
 def _release_files_from_dir(folder: Path, jobs: int) -> tuple[dict[str, str], dict[str, bytes]]:
-    from .raw import TRIAL_LISTS
+    from .raw import SYNTH_RECORD, TRIAL_LISTS
 
     paths = sorted(p for p in folder.iterdir() if p.is_file())
     with ThreadPoolExecutor(max(1, jobs)) as pool:  # hashlib releases the GIL on large buffers
         md5s = dict(zip((p.name for p in paths), pool.map(_md5_file, paths)))
-    lists = {p.name: p.read_bytes() for p in paths if p.name in TRIAL_LISTS.values()}
+    lists = {}
+    for p in paths:
+        if p.name in (*TRIAL_LISTS.values(), SYNTH_RECORD):
+            with open(p, "rb") as f:
+                lists[p.name] = f.read(1 << 20)
     return md5s, lists
 
 
 def verify_release(raw: str | os.PathLike, jobs: int | None = None) -> VerifyReport:
     """Check a raw release (folder holding DvsGesture/, that folder, or a tar(.gz)) against the
     published manifest."""
-    from .raw import ARCHIVE_NAME, TRIAL_LISTS, find_release_dir, load_published_manifest
+    from .raw import ARCHIVE_NAME, SYNTH_RECORD, TRIAL_LISTS, find_release_dir, load_published_manifest
 
     kind = kind_of(raw, RAW_RELEASE)
     raw = Path(raw)
@@ -293,6 +298,8 @@ def verify_release(raw: str | os.PathLike, jobs: int | None = None) -> VerifyRep
         if folder is None:  # the only other RAW_DIR: a folder holding the archive
             return verify_release(raw / ARCHIVE_NAME, jobs)
         md5s, lists = _release_files_from_dir(folder, jobs or os.cpu_count() or 1)
+    if SYNTH_RECORD in lists:
+        return _verify_synthetic(raw, md5s, lists[SYNTH_RECORD])
     expected: dict[str, str] = published["recordings"]
     found = {n: h for n, h in md5s.items() if n.endswith(".aedat")}
     report = VerifyReport(path=str(raw), kind="raw", checked=len(found))
@@ -331,6 +338,34 @@ def verify_release(raw: str | os.PathLike, jobs: int | None = None) -> VerifyRep
         else:
             report.notes.append(f"archive md5 {archive_md5} matches the published {published['archive']['name']}")
     report.checked = len(md5s) + (archive_md5 is not None)
+    return report
+
+
+def _verify_synthetic(raw: Path, md5s: dict[str, str], record_bytes: bytes) -> VerifyReport:
+    """A release written by `dvsprep synth`: every file against the md5s its SYNTH_RECORD lists
+    (the published md5s are of the IBM recordings, which it does not hold)."""
+    from .raw import SYNTH_FORMAT, SYNTH_RECORD
+
+    report = VerifyReport(path=str(raw), kind="raw", checked=len(md5s))
+    try:
+        record = json.loads(record_bytes)
+        listed, seed = record["md5"], record["seed"]
+        if record.get("format") != SYNTH_FORMAT or not isinstance(listed, dict) or not isinstance(seed, int):
+            raise ValueError
+    except (ValueError, KeyError, TypeError):
+        report.problems.append(Problem("invalid", SYNTH_RECORD, f"not a record of dvsprep synth ({SYNTH_FORMAT})"))
+        return report
+    report.title = f"synthetic release (dvsprep synth, seed {seed})"
+    for name in sorted(set(listed) | set(md5s) - {SYNTH_RECORD}):
+        if name not in md5s:
+            report.problems.append(Problem("missing", name, f"written by dvsprep synth, listed in {SYNTH_RECORD}"))
+        elif name not in listed:
+            report.problems.append(Problem("extra", name, f"not written by dvsprep synth (not in {SYNTH_RECORD})"))
+        elif md5s[name] != listed[name]:
+            report.problems.append(Problem("mismatch", name, f"md5 {md5s[name]}, {SYNTH_RECORD} says {listed[name]}"))
+    report.checked = len(md5s) - 1
+    report.notes.append(f"not the published DVS128 Gesture release: every file checked against {SYNTH_RECORD}, "
+                        f"which dvsprep synth wrote with it")
     return report
 
 

@@ -509,7 +509,8 @@ def test_explicit_preload_that_does_not_fit_is_one_line():
     from dvsg_train.data import resolve_preload
     from dvsg_train.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"s.zarr: --preload cpu needs 244.1 GiB for the frames, but only"):
+    with pytest.raises(ConfigError, match=r"s.zarr: --preload cpu \(the frames\) needs about 244.1 GiB of memory, "
+                                          r"but only"):
         resolve_preload("cpu", 2 * 1_000_000 * 2 * 2 * 128 * 128 * 2, torch.device("cpu"), what="s.zarr")
     assert resolve_preload("auto", 1 << 60, torch.device("cpu")) is None
 
@@ -575,7 +576,12 @@ def test_eval_explicit_preload_beyond_free_memory_is_one_line(trained, monkeypat
     res = CliRunner().invoke(eval_main, ["--checkpoint", str(ckpt), "--data", str(store), "--device", "cpu",
                                          "--preload", "cpu", "--force"])   # --force: the PNG beside ckpt
     assert_one_line(res, store)
-    assert "--preload cpu needs 1.4 MiB for the frames, but only 1.0 MiB of cpu memory is free" in res.stderr
+    assert res.stderr == (f"error: {store}: --preload cpu (the frames) needs about 1.4 MiB of memory, but only "
+                          f"1.0 MiB is free (use --preload auto or none)\n")
     res = CliRunner().invoke(eval_main, ["--checkpoint", str(ckpt), "--data", str(store), "--device", "cpu",
                                          "--preload", "auto", "--force"])
-    assert res.exit_code == 0, res.output                                # auto streams instead
+    assert res.exit_code == 1 and "evaluating batches of 6 at T=4" in res.stderr   # auto streams, batches don't fit
+    monkeypatch.setattr(D, "_available_bytes", lambda where: 28 << 20)  # batches of 6 need 27.0 MiB
+    res = CliRunner().invoke(eval_main, ["--checkpoint", str(ckpt), "--data", str(store), "--device", "cpu",
+                                         "--preload", "auto", "--force"])
+    assert res.exit_code == 0, res.output

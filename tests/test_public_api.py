@@ -134,3 +134,32 @@ def test_readme_training_loop_runs(tmp_path, capsys):
     assert out[0] == f"{store}: T=4, fingerprint {fp[:16]}"
     acc = re.fullmatch(r"test accuracy (\d\.\d{3})", out[1])
     assert acc and 0.0 <= float(acc.group(1)) <= 1.0 and len(out) == 2
+
+
+def test_readme_nir_import_runs(tmp_path, monkeypatch):
+    """The README's three lines that load an exported NIR graph into SpikingJelly, on the export
+    of a 4-channel network; its output equals our network's (the export is exact)."""
+    pytest.importorskip("nir")
+    pytest.importorskip("spikingjelly.activation_based.nir_exchange.from_nir")
+    import torch
+    from click.testing import CliRunner
+
+    from dvsg_train.cli import export_main
+    from dvsg_train.model import build_model
+
+    model = build_model(4, linear_bias=True).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.rand(p.shape, generator=g) * 2)     # large enough to spike
+    torch.save({"net": model.state_dict(), "epoch": 1}, tmp_path / "net.pth")
+    res = CliRunner().invoke(export_main, [str(tmp_path / "net.pth"), "-o", str(tmp_path / "model.nir")])
+    assert res.exit_code == 0, res.output
+    monkeypatch.chdir(tmp_path)          # the block reads model.nir where it runs
+    frames = (torch.rand(3, 2, 2, 128, 128, generator=g) < 0.2).float()
+    scope: dict = {"frames": frames}
+    exec(compile(readme_block("nir-import"), "README.md:nir-import", "exec"), scope)
+    with torch.no_grad():
+        ours = model(frames)
+    assert scope["rates"].shape == (2, 11) and ours.sum() > 0    # the network spikes: not all zeros
+    assert torch.equal(scope["rates"].argmax(1), ours.argmax(1)) and torch.allclose(scope["rates"], ours, atol=1e-6)

@@ -108,7 +108,7 @@ def test_release_layout(release):
     plan = synth.plan_release(users=2, seed=SEED)
     stems = [r.name for r in plan.recordings]
     expected = {f"{s}.aedat" for s in stems} | {f"{s}_labels.csv" for s in stems}
-    expected |= {"trials_to_train.txt", "trials_to_test.txt", "gesture_mapping.csv", "README.txt"}
+    expected |= {"trials_to_train.txt", "trials_to_test.txt", "gesture_mapping.csv", "README.txt", "SYNTHETIC.json"}
     assert {p.name for p in rel.iterdir()} == expected
     assert [p.name for p in out.iterdir()] == ["DvsGesture"]  # no temporary folder left
     assert parse_trials(rel / "trials_to_train.txt") == [f"user01_{x}.aedat" for x in

@@ -22,7 +22,7 @@ from zarr.storage import LocalStore
 from . import schema
 from ..atomic import check_output, publishing
 from ..constants import N_POLARITIES, SENSOR_SIZE, SPLITS
-from ..errors import MissingFileError, ResourceLimitError, StoreError
+from ..errors import MissingFileError, StoreError
 from ..events import EventsFile
 from .store import (
     DEFAULT_CODEC,
@@ -37,7 +37,7 @@ from .store import (
     writing_every_chunk,
 )
 from .integrate import check_params, integrate, narrowest_dtype
-from ..resources import available_memory
+from ..resources import check_memory
 from ..integrity import stamp_path
 from ..workers import interrupt_once, process_pool, stop_pool
 
@@ -172,10 +172,8 @@ def _check_resources(final: Path, T: int, shard: int, jobs: int) -> None:
     if T > schema.MAX_T:
         raise StoreError(f"{final}: -T {T} is more frames per sample than a frame store may hold "
                          f"({schema.MAX_T}; readers refuse larger stores)")
-    need, have = jobs * task_bytes(T, shard), available_memory()
-    if have is not None and need > have:
-        raise ResourceLimitError(f"{final}: framing at -T {T} with -j {jobs} needs about {need / 2**30:.1f} GiB "
-                                 f"of memory, {have / 2**30:.1f} GiB are available (use fewer jobs or a smaller -T)")
+    check_memory(final, f"framing at -T {T} with -j {jobs}", jobs * task_bytes(T, shard),
+                 "use fewer jobs or a smaller -T")
 
 
 def _read_events_meta(events_path: Path) -> tuple[str, tuple, dict[str, dict[str, Any]]]:

@@ -26,6 +26,9 @@ _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
 @dataclass
 class PackSummary:
+    """What pack/unpack wrote. `files` counts what `dvsprep verify` counts: the files the manifest
+    lists (each checked as it was copied); the output holds them plus manifest.json."""
+
     source: Path
     out: Path
     files: int
@@ -33,7 +36,9 @@ class PackSummary:
     fingerprint: str
 
     def lines(self) -> list[str]:
-        return [f"{self.out}: {self.files} files, {self.size_bytes / 1e6:.1f} MB",
+        kind = "zip members" if is_zip_path(self.out) else "files"
+        return [f"{self.out}: {self.files} files match the manifest ({self.files + 1} {kind} with {MANIFEST_NAME}), "
+                f"{self.size_bytes / 1e6:.1f} MB",
                 f"  fingerprint {self.fingerprint} (same as {self.source})"]
 
 
@@ -88,7 +93,7 @@ def pack_store(store: str | os.PathLike, out: str | os.PathLike | None = None, f
                 with zf.open(_zip_info(name, want["size"]), "w", force_zip64=want["size"] >= zipfile.ZIP64_LIMIT) as dst:
                     _copy_checked(files, name, want, dst, str(store))
             zf.writestr(_zip_info(MANIFEST_NAME, len(raw)), raw)
-    return PackSummary(store, out, len(manifest["files"]) + 1, out.stat().st_size, sha256_bytes(raw))
+    return PackSummary(store, out, len(manifest["files"]), out.stat().st_size, sha256_bytes(raw))
 
 
 def _zip_info(name: str, size: int) -> zipfile.ZipInfo:
@@ -122,7 +127,7 @@ def unpack_store(archive: str | os.PathLike, out: str | os.PathLike | None = Non
                 _copy_checked(files, name, manifest["files"][name], dst, str(archive))
         (tmp / MANIFEST_NAME).write_bytes(raw)  # last, as when the store was written
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    return PackSummary(archive, out, len(manifest["files"]) + 1, size, sha256_bytes(raw))
+    return PackSummary(archive, out, len(manifest["files"]), size, sha256_bytes(raw))
 
 
 __all__ = ["PackSummary", "pack_store", "unpack_store"]

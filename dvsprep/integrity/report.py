@@ -29,19 +29,21 @@ class VerifyReport:
     problems: list[Problem] = field(default_factory=list)
     fingerprint: str = ""
     notes: list[str] = field(default_factory=list)
+    title: str = ""                    # what was checked, in place of the kind's name
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
     def headline(self) -> str:
-        what = {"frames": "frame store", "events": "events file", "raw": "raw release"}[self.kind]
+        what = self.title or {"frames": "frame store", "events": "events file", "raw": "raw release"}[self.kind]
+        sep = ":" if self.title else ""
         unit = {"frames": "files", "events": "datasets", "raw": "files"}[self.kind]
         if self.ok:
             fp = f", fingerprint {self.fingerprint}" if self.fingerprint else ""
-            return f"{what} intact: {self.checked} {unit} match{fp}"
+            return f"{what}{sep} intact: {self.checked} {unit} match{fp}"
         counts = {k: n for k in KINDS if (n := sum(p.kind == k for p in self.problems))}
-        return f"{what} NOT intact: " + ", ".join(f"{n} {k}" for k, n in counts.items()) + \
+        return f"{what}{sep} NOT intact: " + ", ".join(f"{n} {k}" for k, n in counts.items()) + \
             f" (of {self.checked} {unit})"
 
     def lines(self, verbose: bool = False) -> list[str]:

@@ -17,10 +17,11 @@ from .release import (
     parse_trials,
     sj_sample_names,
 )
-from .synth import SynthSummary, write_release
+from .synth import SYNTH_FORMAT, SYNTH_RECORD, SynthSummary, write_release
 
 __all__ = [
-    "ARCHIVE_NAME", "RELEASE_DIR", "TRIAL_LISTS", "Events", "LabelRows", "Recording", "SynthSummary",
+    "ARCHIVE_NAME", "RELEASE_DIR", "SYNTH_FORMAT", "SYNTH_RECORD", "TRIAL_LISTS", "Events", "LabelRows",
+    "Recording", "SynthSummary",
     "check_member_size", "cut_samples", "decode_buffer", "find_release_dir", "list_recordings",
     "load_published_manifest", "map_file", "open_release", "parse_labels", "parse_trials",
     "polarity_packets", "read_aedat", "sj_sample_names", "write_aedat", "write_release",

@@ -19,10 +19,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
+import json
 import logging
 import os
 import time
-from concurrent.futures import FIRST_COMPLETED, wait
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Sequence
@@ -687,6 +688,11 @@ def gesture_mapping_csv() -> bytes:
     return (CRLF.join(lines) + CRLF).encode("ascii")
 
 
+# The record of a synthetic release, written beside its files (see `synth_record`).
+SYNTH_RECORD = "SYNTHETIC.json"
+SYNTH_FORMAT = "dvsprep-synth/1"
+
+
 def readme_txt(plan: ReleasePlan) -> bytes:
     """README.txt bytes: says plainly that the data is synthetic and how it was made."""
     users = sorted({r.user for r in plan.recordings})
@@ -705,6 +711,8 @@ def readme_txt(plan: ReleasePlan) -> bytes:
         "unchanged: userNN_<lighting>.aedat (AEDAT 3.1 polarity packets), userNN_<lighting>_labels.csv",
         "(class,startTime_usec,endTime_usec; one row per sample), trials_to_train.txt,",
         "trials_to_test.txt and gesture_mapping.csv. Test users are the highest-numbered users.",
+        f"{SYNTH_RECORD} records these options and every file's md5: `dvsprep verify` checks",
+        "the release against it.",
         "",
         f"Recordings: {len(plan.names('train'))} train, {len(plan.names('test'))} test. "
         f"Samples: {plan.n_samples('train')} train, {plan.n_samples('test')} test.",
@@ -809,6 +817,35 @@ def _write_into(tmp: Path, plan: ReleasePlan, seed: int, scale: str, jobs: int, 
     for fname, data in texts.items():
         (tmp / fname).write_bytes(data)
         summary.bytes += len(data)
+    record = synth_record(plan, _md5s(tmp, jobs))
+    (tmp / SYNTH_RECORD).write_bytes(record)    # last: a release without it was not finished
+    summary.bytes += len(record)
+
+
+def _md5_file(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _md5s(folder: Path, jobs: int) -> dict[str, str]:
+    """md5 of every file in `folder` (threads: hashlib releases the GIL; the files were just
+    written, so they are read from the page cache)."""
+    paths = sorted(p for p in folder.iterdir() if p.is_file())
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        return dict(zip((p.name for p in paths), pool.map(_md5_file, paths)))
+
+
+def synth_record(plan: ReleasePlan, md5s: dict[str, str]) -> bytes:
+    """SYNTH_RECORD's bytes: what `dvsprep synth` wrote (its options and every file's md5), so that
+    `dvsprep verify` checks a synthetic release against it instead of the published md5s."""
+    users = sorted({r.user for r in plan.recordings})
+    test = sorted({r.user for r in plan.recordings if r.split == "test"})
+    record = {"format": SYNTH_FORMAT, "tool": "dvsprep synth", "version": __version__, "seed": plan.seed,
+              "scale": plan.scale, "users": len(users), "test_users": len(test), "md5": md5s}
+    return (json.dumps(record, indent=1, sort_keys=True) + "\n").encode("ascii")
 
 
 def write_release(

@@ -61,3 +61,6 @@ class InputOutputClashError(DvsprepError, ValueError):
 class ResourceLimitError(DvsprepError, OSError):
     """Not enough disk or memory for what an input declares, or a declared size over a bound."""
 
+
+class WorkerDiedError(DvsprepError, RuntimeError):
+    """A worker process of a pool died in the middle of a task (killed, out of memory)."""

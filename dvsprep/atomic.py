@@ -133,7 +133,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> No
 
 
 def remove_path(path: Path) -> None:
-    """Remove a file, link or directory tree (never following a link into a tree)."""
+    """Remove a file, link or directory tree (never following a link into a tree). Interrupted
+    (Ctrl-C or SIGTERM landing in the middle of a tree), it finishes the removal before the
+    interruption goes on: further signals are ignored while the first one unwinds."""
+    try:
+        _remove(path)
+    except BaseException:
+        _remove(path)
+        raise
+
+
+def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:

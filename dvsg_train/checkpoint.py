@@ -157,8 +157,8 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     # raises ENOSPC, which the protocol turns into one line naming the checkpoint.
     buf = io.BytesIO()
     torch.save(container, buf)
-    with publishing(path, "checkpoint", force=True) as tmp, open(tmp, "wb") as f:
-        f.write(buf.getbuffer())
+    with publishing(path, "checkpoint", force=True) as tmp:
+        tmp.write_bytes(buf.getbuffer())
 
 
 def _torch_load(source: Any, path: Path) -> Any:

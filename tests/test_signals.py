@@ -65,7 +65,7 @@ def test_a_stop_dropped_inside_a_weakref_callback_is_delivered_again(signum, exc
     with pytest.raises(exc) as info:
         with stop_signals():
             _raise_signal_inside_a_weakref_callback(signum)
-            woke.wait(60)   # the redelivered signal interrupts this wait
+            woke.wait(20)   # the redelivered signal interrupts this wait
     assert not woke.is_set()
     if exc is SystemExit:
         assert info.value.code == 128 + signal.SIGTERM
@@ -282,3 +282,55 @@ def test_the_trainer_stops_at_any_moment(trained, tmp_path, name):
         stopped += _check_stopped(r, signum, what)
         assert _leftovers(out, set()) == [], what
     assert stopped >= 1, f"{name}: the moments drawn came after the command had finished"
+
+
+# ----------------------------------------------------------------------------- pools and clean-up
+
+
+_STUCK_WORKER = r"""
+import os, signal, threading
+import dvsprep.events.convert as m
+def stuck(*a, **k):   # a worker's task that never ends (a huge recording, say)
+    os.killpg(0, signal.{sig})
+    threading.Event().wait()
+m.process_recording = stuck
+from dvsprep.entry import dvsprep
+dvsprep()
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_stop_does_not_wait_for_the_workers_tasks(world, tmp_path, sig):
+    """The workers ignore SIGINT: the command kills them instead of waiting for their task."""
+    out = tmp_path / "d"
+    r = subprocess.run([sys.executable, "-c", _STUCK_WORKER.replace("{sig}", sig), "convert", str(world / "raw"),
+                        "-o", str(out), "-j", "2"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True, preexec_fn=_quiet_sigint)
+    if sig == "SIGINT":
+        assert (r.returncode, r.stderr) == (1, "\nAborted!\n")
+    else:
+        assert (r.returncode, r.stderr) == (128 + signal.SIGTERM, "")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_removal_interrupted_midway_finishes_first(tmp_path, monkeypatch):
+    import dvsprep.atomic as atomic
+
+    tree = tmp_path / ".s.zarr.tmp-1-abcdef12"
+    for i in range(3):
+        (tree / f"d{i}").mkdir(parents=True)
+        (tree / f"d{i}" / "chunk").write_bytes(b"x")
+    real = shutil.rmtree
+    calls = []
+
+    def interrupted(path, ignore_errors=False):
+        calls.append(path)
+        if len(calls) == 1:   # Ctrl-C lands after part of the tree is gone
+            real(Path(path) / "d0")
+            raise KeyboardInterrupt
+        return real(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(atomic.shutil, "rmtree", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        atomic.remove_path(tree)
+    assert not tree.exists() and len(calls) == 2

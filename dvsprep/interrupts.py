@@ -56,11 +56,6 @@ def stop_exception(signum: int) -> BaseException:
     return KeyboardInterrupt() if signum == signal.SIGINT else SystemExit(128 + signum)
 
 
-def stopping() -> bool:
-    """Whether a stop signal has been raised in this process and not yet unwound."""
-    return _state.raised is not None
-
-
 def _handler(signum: int, frame: FrameType | None) -> None:
     st = _state
     if _inside_hook(frame):      # raised here, it would be dropped again: after the hook

@@ -2,8 +2,9 @@
 
 Workers ignore SIGINT: the terminal sends it to the whole process group, and a worker that
 dies of KeyboardInterrupt prints its own traceback and breaks the pool. The parent alone takes
-the interrupt, stops the pool (`stop_pool`), removes its temporaries and lets click print
-"Aborted!". SIGTERM keeps its default action in workers (die at once).
+the interrupt, kills the workers rather than wait for the task each holds (`stop_pool`), removes
+its temporaries and lets click print "Aborted!". SIGTERM keeps its default action in workers
+(die at once); a worker that dies under the pool is one line (`worker_deaths`).
 
 The workers are forked when the pool is made, with SIGINT and SIGTERM held back meanwhile: a
 signal handled in the middle of a fork runs inside the interpreter's at-fork hooks, where the

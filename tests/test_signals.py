@@ -194,6 +194,8 @@ def _commands(w: Path, out: Path) -> dict[str, tuple[list[str], list[Path]]]:
                        [out / "f.zarr"]),
         "frames -j2": (["dvsprep", "frames", "-T", "4", "-d", str(w / "data"), "-o", str(out / "f.zarr"), "-j", "2"],
                        [out / "f.zarr"]),
+        "frames --force": (["dvsprep", "frames", "-T", "4", "-d", str(w / "data"), "-o", str(out / "f.zarr"), "-j",
+                            "2", "--force"], [out / "f.zarr"]),
         "pack": (["dvsprep", "pack", str(store), "-o", str(out / "s.zip")], [out / "s.zip"]),
         "unpack": (["dvsprep", "unpack", str(w / "s.zip"), "-o", str(out / "u.zarr")], [out / "u.zarr"]),
         "synth": (["dvsprep", "synth", str(out / "syn"), "--users", "2", "--test-users", "1", "-j", "2"],
@@ -216,14 +218,16 @@ def _check_stopped(r: subprocess.CompletedProcess, signum: int, what: str) -> bo
     return True
 
 
-@pytest.mark.parametrize("name", ["convert -j1", "convert -j2", "frames -j1", "frames -j2", "pack", "unpack",
-                                  "synth", "show -o", "verify"])
+@pytest.mark.parametrize("name", ["convert -j1", "convert -j2", "frames -j1", "frames -j2", "frames --force",
+                                  "pack", "unpack", "synth", "show -o", "verify"])
 def test_dvsprep_stops_at_any_moment(world, tmp_path, name):
     stopped = 0
     for i, (kind, k, signum) in enumerate(_moments(name, 4 if "-j2" in name else 2)):
         out = tmp_path / f"m{i}"
         out.mkdir()
         cmd, outputs = _commands(world, out)[name]
+        if name == "frames --force":   # the store it replaces: the old one or the new one, whole
+            shutil.copytree(world / "data" / "frames_T4_number.zarr", out / "f.zarr")
         r = _run(cmd, kind, k, signum, out)
         what = f"{name}: {signal.Signals(signum).name} at {kind} #{k}"
         stopped += _check_stopped(r, signum, what)

@@ -132,15 +132,22 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> No
         raise
 
 
-def remove_path(path: Path) -> None:
-    """Remove a file, link or directory tree (never following a link into a tree). Interrupted
-    (Ctrl-C or SIGTERM landing in the middle of a tree), it finishes the removal before the
-    interruption goes on: further signals are ignored while the first one unwinds."""
+def finish(step: Callable[[], object]) -> None:
+    """Run a clean-up step that must not stop halfway: interrupted (Ctrl-C or SIGTERM landing
+    in it, the first one included), run it again to its end before the interruption goes on
+    (further signals are ignored while the first one unwinds: `dvsprep.interrupts`). `step`
+    must be safe to run twice."""
     try:
-        _remove(path)
+        step()
     except BaseException:
-        _remove(path)
+        step()
         raise
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file, link or directory tree (never following a link into a tree), to its end
+    even if interrupted (`finish`)."""
+    finish(lambda: _remove(path))
 
 
 def _remove(path: Path) -> None:
@@ -392,12 +399,16 @@ class Publication:
         if self.tmp is not None:
             remove_path(self.tmp)
         self._release()
+        finish(self._remove_created)
+
+    def _remove_created(self) -> None:
         for d in self._created:   # deepest first
             try:
                 d.rmdir()
+            except FileNotFoundError:
+                continue
             except OSError:
                 break
-        self._created = []
 
     def _release(self) -> None:
         held, self._held = self._held, None
@@ -482,8 +493,17 @@ def output_lock(path: str | os.PathLike, what: str = "output") -> Iterator[Path]
         clean_stale_temps(path.parent, path.name)
         yield path
     finally:
-        try:
-            os.unlink(lp)
-        except OSError:
-            pass
-        os.close(fd)
+        done: list[str] = []
+
+        def release() -> None:
+            if "unlinked" not in done:
+                try:
+                    os.unlink(lp)
+                except OSError:
+                    pass
+                done.append("unlinked")
+            if "closed" not in done:
+                done.append("closed")   # first: closing a number twice is worse than a leak
+                os.close(fd)
+
+        finish(release)

@@ -86,6 +86,8 @@ def _unraisable(unraisable: Any) -> None:
         st.raised = None         # dropped where exceptions cannot propagate: deliver it again
         _deliver_later(st.signum)
         return
+    if st.raised is not None:    # stopping: what breaks on the way out (a DataLoader's workers
+        return                   # killed by the same SIGTERM, say) is no news to the user
     (st.previous_hook or sys.__unraisablehook__)(unraisable)
 
 
@@ -157,11 +159,17 @@ class ConsoleScript:
         return getattr(importlib.import_module(self.module), self.function)
 
     def __call__(self) -> NoReturn:
-        with stop_signals():
-            try:
-                command = self.click_command
-            except KeyboardInterrupt:
-                sys.stderr.write("\nAborted!\n")
-                sys.exit(1)
-            command(prog_name=self.prog_name)
-        sys.exit(0)
+        try:
+            with stop_signals():
+                try:
+                    command = self.click_command
+                except KeyboardInterrupt:
+                    sys.stderr.write("\nAborted!\n")
+                    sys.exit(1)
+                command(prog_name=self.prog_name)
+            sys.exit(0)
+        finally:
+            # the command is done (or stopping): a signal now would only turn a finished
+            # command's exit into a traceback during the interpreter's shutdown
+            for s in STOP_SIGNALS:
+                signal.signal(s, signal.SIG_IGN)

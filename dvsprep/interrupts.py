@@ -22,6 +22,7 @@ modules are imported, so a Ctrl-C during start-up is "Aborted!" too, not an impo
 from __future__ import annotations
 
 import importlib
+import logging
 import signal
 import sys
 import threading
@@ -69,6 +70,8 @@ def _handler(signum: int, frame: FrameType | None) -> None:
 def _raise(signum: int) -> BaseException:
     st = _state
     st.pending = 0
+    # zarr's event loop, cut short, logs "Task was destroyed but it is pending!" on the way out
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
     st.raised, st.signum, st.since = stop_exception(signum), signum, time.monotonic()
     return st.raised
 

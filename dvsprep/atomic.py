@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import uuid
 from contextlib import ExitStack, contextmanager
@@ -130,6 +131,28 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> No
     except BaseException:
         remove_path(tmp)
         raise
+
+
+def settle_background_io(timeout: float = 10.0) -> None:
+    """Wait (at most `timeout` s) for the zarr writes in flight to end. zarr runs them on its own
+    event-loop thread: the main thread interrupted while it waits for one (Ctrl-C, SIGTERM, an
+    error) gives up waiting, but the write goes on, and would recreate files in a temporary
+    already removed. A no-op where zarr was never imported."""
+    zsync = sys.modules.get("zarr.core.sync")
+    loop = (getattr(zsync, "loop", None) or [None])[0]
+    if loop is None or not loop.is_running():
+        return
+    import asyncio
+
+    async def drained() -> None:
+        me = asyncio.current_task()
+        while others := [t for t in asyncio.all_tasks() if t is not me and not t.done()]:
+            await asyncio.wait(others)
+
+    try:
+        asyncio.run_coroutine_threadsafe(drained(), loop).result(timeout)
+    except Exception as exc:  # noqa: BLE001 - a clean-up aid: the removal follows anyway
+        log.debug("zarr I/O did not settle: %s", exc)
 
 
 def finish(step: Callable[[], object]) -> None:
@@ -397,6 +420,7 @@ class Publication:
         """Remove the temporary (whatever state it is in), release the lock and remove the folders
         that `begin` created for the output (if still empty); never raises."""
         if self.tmp is not None:
+            settle_background_io()
             remove_path(self.tmp)
         self._release()
         finish(self._remove_created)

@@ -455,10 +455,13 @@ class _Hostile(http.server.BaseHTTPRequestHandler):
                 pass
         elif self.path == "/slow.zip":
             _SLOW_GATE.wait(60)   # answers only once the test has seen the client give up
-            self.send_response(200)
-            self.send_header("Content-Length", "4")
-            self.end_headers()
-            self.wfile.write(b"PK\x03\x04")
+            try:
+                self.send_response(200)
+                self.send_header("Content-Length", "4")
+                self.end_headers()
+                self.wfile.write(b"PK\x03\x04")
+            except OSError:   # the client is gone, as it should be
+                pass
         elif self.path == "/endless.zip":  # no Content-Length: streams until the client stops
             self.send_response(200)
             self.end_headers()

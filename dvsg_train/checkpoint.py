@@ -152,8 +152,13 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
                  "payload": torch.frombuffer(bytearray(data), dtype=torch.uint8)}
     # a run replaces its checkpoints every epoch by design (force), still locked, written aside
     # and renamed: a kill or a full disk leaves the previous one whole
+    # Serialized in memory and written with plain writes: torch.save onto a full disk says only
+    # "[enforce fail at inline_container.cc] unexpected pos" (a RuntimeError), where a write
+    # raises ENOSPC, which the protocol turns into one line naming the checkpoint.
+    buf = io.BytesIO()
+    torch.save(container, buf)
     with publishing(path, "checkpoint", force=True) as tmp:
-        torch.save(container, tmp)
+        tmp.write_bytes(buf.getbuffer())
 
 
 def _torch_load(source: Any, path: Path) -> Any:

@@ -19,6 +19,7 @@ import click
 from click.core import ParameterSource
 
 from dvsprep.errors import DvsprepError
+from dvsprep.interrupts import stop_signals
 
 from .config import AMP_DTYPES, DEFAULTS, NETS, NEURONS, OPTIMIZERS, PRELOAD, SCHEDULERS, TrainConfig, check_field
 from .errors import ConfigError, TrainError
@@ -51,7 +52,8 @@ def _one_line_errors(fn):
     def wrapper(*args, **kwargs):
         debug = kwargs.get("debug", False)
         try:
-            return fn(*args, **kwargs)
+            with stop_signals():   # Ctrl-C and SIGTERM stop it at any moment, once
+                return fn(*args, **kwargs)
         except (TrainError, DvsprepError, OSError) as exc:
             if debug or (isinstance(exc, BrokenPipeError) and not isinstance(exc, (TrainError, DvsprepError))):
                 raise  # a closed stdout (`| head`): click's main() exits 1 without a word

@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import uuid
 from contextlib import ExitStack, contextmanager
@@ -41,6 +42,7 @@ EXISTS = "already exists (use --force to replace it)"
 
 _TEMP_RE = re.compile(r"^\..+\.(?:tmp|old|part|extract|convert)[-.]?(\d+)(?:-[0-9a-f]+)?$")
 _SCRATCH_RE = re.compile(r"^\.dvsprep-[a-z]+-(\d+)-")
+_OLD_RE = re.compile(r"^\.(.+)\.old-\d+-[0-9a-f]+$")
 
 
 def temp_sibling(path: Path, tag: str = "tmp") -> Path:
@@ -92,11 +94,27 @@ def clean_stale_temps(directory: Path, name: str | None = None) -> list[Path]:
         if pid is None or pid_alive(pid):
             continue
         try:
-            remove_path(entry)
+            if not _put_back(entry):
+                remove_path(entry)
             removed.append(entry)
         except OSError:
             pass
     return removed
+
+
+def _put_back(entry: Path) -> bool:
+    """A dead writer's ``.<name>.old-<pid>-<hex>`` is the previous output, moved aside to make way
+    for the new one: if the output is missing (killed between the two renames) it goes back to
+    its place, never deleted. Returns whether it was put back."""
+    m = _OLD_RE.match(entry.name)
+    if m is None:
+        return False
+    final = entry.with_name(m.group(1))
+    if final.exists() or final.is_symlink():
+        return False          # the new output made it: the old one is stale
+    publish_new(entry, final)
+    log.warning("%s: put back from %s, left by an interrupted writer", final, entry.name)
+    return True
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
@@ -115,8 +133,47 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> No
         raise
 
 
+def settle_background_io(timeout: float = 10.0) -> None:
+    """Wait (at most `timeout` s) for the zarr writes in flight to end. zarr runs them on its own
+    event-loop thread: the main thread interrupted while it waits for one (Ctrl-C, SIGTERM, an
+    error) gives up waiting, but the write goes on, and would recreate files in a temporary
+    already removed. A no-op where zarr was never imported."""
+    zsync = sys.modules.get("zarr.core.sync")
+    loop = (getattr(zsync, "loop", None) or [None])[0]
+    if loop is None or not loop.is_running():
+        return
+    import asyncio
+
+    async def drained() -> None:
+        me = asyncio.current_task()
+        while others := [t for t in asyncio.all_tasks() if t is not me and not t.done()]:
+            await asyncio.wait(others)
+
+    try:
+        asyncio.run_coroutine_threadsafe(drained(), loop).result(timeout)
+    except Exception as exc:  # noqa: BLE001 - a clean-up aid: the removal follows anyway
+        log.debug("zarr I/O did not settle: %s", exc)
+
+
+def finish(step: Callable[[], object]) -> None:
+    """Run a clean-up step that must not stop halfway: interrupted (Ctrl-C or SIGTERM landing
+    in it, the first one included), run it again to its end before the interruption goes on
+    (further signals are ignored while the first one unwinds: `dvsprep.interrupts`). `step`
+    must be safe to run twice."""
+    try:
+        step()
+    except BaseException:
+        step()
+        raise
+
+
 def remove_path(path: Path) -> None:
-    """Remove a file, link or directory tree (never following a link into a tree)."""
+    """Remove a file, link or directory tree (never following a link into a tree), to its end
+    even if interrupted (`finish`)."""
+    finish(lambda: _remove(path))
+
+
+def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     else:
@@ -156,7 +213,12 @@ def publish_dir(tmp: Path, final: Path) -> None:
             return
         trash = temp_sibling(final, "old")
         os.replace(final, trash)
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except BaseException:   # Ctrl-C, SIGTERM or an error between the renames: undo the first
+            if not (final.exists() or final.is_symlink()):
+                os.replace(trash, final)
+            raise
         remove_path(trash)
     else:
         os.replace(tmp, final)
@@ -183,6 +245,51 @@ def publish_new(tmp: Path, final: Path) -> None:
     if final.exists() or final.is_symlink():
         raise StoreExistsError(f"{final}: {EXISTS}")
     os.replace(tmp, final)
+
+
+def durable() -> bool:
+    """Whether outputs are synced to disk when published (the default); DVSPREP_NO_FSYNC=1 turns
+    it off, for scratch data on a machine whose power loss costs nothing but a rerun."""
+    return os.environ.get("DVSPREP_NO_FSYNC", "").strip() in ("", "0")
+
+
+def sync_dir(path: str | os.PathLike) -> None:
+    """fsync a folder: the names created, renamed or removed in it reach the disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(path: Path) -> None:
+    """fsync a file, or every file of a folder tree and then its folders, deepest first (links
+    are not followed: what they point at is not part of the output)."""
+    if path.is_symlink():
+        return
+    if not path.is_dir():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return
+    for root, _dirs, files in os.walk(path, topdown=False):
+        for f in files:
+            p = os.path.join(root, f)
+            if not os.path.islink(p):
+                sync_tree(Path(p))
+        sync_dir(root)
+
+
+def missing_parents(path: Path) -> list[Path]:
+    """`path` and those of its ancestors that do not exist yet, deepest first."""
+    out = []
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        out.append(p)
+        p = p.parent
+    return out
 
 
 def same_or_inside(a: Path, b: Path) -> bool:
@@ -253,6 +360,7 @@ class Publication:
         self.inputs = local_paths(inputs)
         self.tmp: Path | None = None
         self._held: ExitStack | None = None
+        self._created: list[Path] = []
         self._published: list[Callable[[], object]] = []
 
     def on_published(self, fn: Callable[[], object]) -> None:
@@ -267,6 +375,7 @@ class Publication:
 
     def begin(self) -> Path:
         self._check()   # before the lock: a refusal takes no lock and leaves nothing
+        self._created = missing_parents(self.final.parent)   # made by the lock; gone on abort
         held = ExitStack()
         held.enter_context(output_lock(self.final, self.what))
         try:
@@ -280,6 +389,8 @@ class Publication:
 
     def commit(self) -> None:
         try:
+            if durable():
+                sync_tree(self.tmp)   # the data is on the disk before the name points at it
             if not self.force:
                 publish_new(self.tmp, self.final)   # --force again: what appeared meanwhile stays
             elif self.kind == "dir":
@@ -292,6 +403,11 @@ class Publication:
             if named is not None:
                 raise named from None
             raise
+        if durable():
+            try:
+                sync_dir(self.final.parent)   # ... and the rename itself survives a power loss
+            except OSError as exc:
+                log.warning("%s: published, but its folder could not be synced to disk: %s", self.final, exc)
         try:
             for fn in self._published:
                 try:
@@ -302,10 +418,22 @@ class Publication:
             self._release()
 
     def abort(self) -> None:
-        """Remove the temporary (whatever state it is in) and release the lock; never raises."""
+        """Remove the temporary (whatever state it is in), release the lock and remove the folders
+        that `begin` created for the output (if still empty); never raises."""
         if self.tmp is not None:
+            settle_background_io()
             remove_path(self.tmp)
         self._release()
+        finish(self._remove_created)
+
+    def _remove_created(self) -> None:
+        for d in self._created:   # deepest first
+            try:
+                d.rmdir()
+            except FileNotFoundError:
+                continue
+            except OSError:
+                break
 
     def _release(self) -> None:
         held, self._held = self._held, None
@@ -398,8 +526,17 @@ def output_lock(path: str | os.PathLike, what: str = "output") -> Iterator[Path]
         clean_stale_temps(path.parent, path.name)
         yield path
     finally:
-        try:
-            os.unlink(lp)
-        except OSError:
-            pass
-        os.close(fd)
+        done: list[str] = []
+
+        def release() -> None:
+            if "unlinked" not in done:
+                try:
+                    os.unlink(lp)
+                except OSError:
+                    pass
+                done.append("unlinked")
+            if "closed" not in done:
+                done.append("closed")   # first: closing a number twice is worse than a leak
+                os.close(fd)
+
+        finish(release)

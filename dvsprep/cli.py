@@ -5,14 +5,13 @@ import errno
 import logging
 import os
 import re
-import signal
 import sys
-import threading
 from pathlib import Path
 
 import click
 
 from .errors import DvsprepError, one_line
+from .interrupts import stop_signals
 
 log = logging.getLogger("dvsprep")
 
@@ -20,14 +19,15 @@ log = logging.getLogger("dvsprep")
 class _Group(click.Group):
     """Library errors (and OS errors such as permissions) become `error: ...` and exit 1.
 
-    While a command runs, SIGTERM raises SystemExit(143) so that every `finally` removes its
-    temporaries, as Ctrl-C (KeyboardInterrupt, "Aborted!") does. A closed stdout (``| head``)
-    is left to click, which exits 1 without a word."""
+    While a command runs, Ctrl-C raises KeyboardInterrupt ("Aborted!", exit 1) and SIGTERM
+    SystemExit(143), once and at any moment (`dvsprep.interrupts.stop_signals`), so that every
+    `finally` removes its temporaries. A closed stdout (``| head``) is left to click, which
+    exits 1 without a word."""
 
     def invoke(self, ctx: click.Context):
-        previous = _catch_sigterm()
         try:
-            return super().invoke(ctx)
+            with stop_signals():
+                return super().invoke(ctx)
         except (DvsprepError, OSError) as exc:
             if isinstance(exc, OSError) and exc.errno == errno.EPIPE and not isinstance(exc, DvsprepError):
                 raise  # click's main() exits 1 quietly on EPIPE
@@ -36,20 +36,6 @@ class _Group(click.Group):
             msg = str(exc) if isinstance(exc, DvsprepError) else _os_error_line(exc)
             click.echo(f"error: {one_line(msg)}", err=True)
             ctx.exit(1)
-        finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
-
-
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
-def _catch_sigterm():
-    """Install the SIGTERM handler (main thread only); returns the previous one, or None."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, _on_sigterm)
 
 
 def _os_error_line(exc: OSError) -> str:

@@ -66,3 +66,7 @@ class ResourceLimitError(DvsprepError, OSError):
 class OutputWriteError(DvsprepError, OSError):
     """The system refused to write an output (read-only filesystem, file too large, I/O error);
     the message names the output, never its temporary or its lock."""
+
+
+class WorkerDiedError(DvsprepError, RuntimeError):
+    """A worker process of a pool died in the middle of a task (killed, out of memory)."""

@@ -2,8 +2,9 @@
 
 Workers ignore SIGINT: the terminal sends it to the whole process group, and a worker that
 dies of KeyboardInterrupt prints its own traceback and breaks the pool. The parent alone takes
-the interrupt, stops the pool (`stop_pool`), removes its temporaries and lets click print
-"Aborted!". SIGTERM keeps its default action in workers (die at once).
+the interrupt, kills the workers rather than wait for the task each holds (`stop_pool`), removes
+its temporaries and lets click print "Aborted!". SIGTERM keeps its default action in workers
+(die at once); a worker that dies under the pool is one line (`worker_deaths`).
 
 The workers are forked when the pool is made, with SIGINT and SIGTERM held back meanwhile: a
 signal handled in the middle of a fork runs inside the interpreter's at-fork hooks, where the
@@ -15,10 +16,13 @@ import multiprocessing as mp
 import os
 import signal
 import sys
-import threading
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
-from typing import Iterator
+from typing import ContextManager, Iterator
+
+from .errors import WorkerDiedError
+from .interrupts import stop_signals, take_pending
 
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
@@ -72,36 +76,51 @@ def process_pool(jobs: int) -> ProcessPoolExecutor:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)  # a held-back signal is handled here
     except BaseException:
-        stop_pool(pool)
+        stop_pool(pool, kill=True)
         raise
     return pool
 
 
-def stop_pool(pool: ProcessPoolExecutor | None, *, wait: bool = True) -> None:
-    """Cancel what has not started and end the workers (on success, error or Ctrl-C)."""
+def stop_pool(pool: ProcessPoolExecutor | None, *, kill: bool = False) -> None:
+    """Cancel what has not started and end the workers: after success let them go idle, on any
+    failure (`kill`: an error, Ctrl-C, SIGTERM) kill them at once, since the task a worker holds
+    may take seconds and what it writes goes with the temporary; they are gone on return, so
+    the caller may remove that temporary."""
     if pool is None:
         return
-    pool.shutdown(wait=wait, cancel_futures=True)
+    if kill:
+        procs = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for p in procs:
+            try:
+                p.kill()
+            except (OSError, ValueError, AttributeError):  # already gone or never started
+                pass
+        for p in procs:
+            try:
+                p.join()
+            except (OSError, ValueError, AssertionError):
+                pass
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 @contextmanager
-def interrupt_once() -> Iterator[None]:
-    """Ctrl-C interrupts the body once; later presses are ignored until it has unwound, so the
-    clean-up that the first KeyboardInterrupt runs cannot itself be interrupted (a handler that
-    ignores only from inside the clean-up leaves a window between the raise and that point)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    fired = False
-
-    def handler(signum: int, frame: object) -> None:
-        nonlocal fired
-        if not fired:
-            fired = True
-            raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGINT, handler)
+def worker_deaths(output: str | os.PathLike) -> Iterator[None]:
+    """Around the use of a pool: a worker that died under it (killed by someone, or by the kernel
+    when memory ran out) is one line naming the `output` being written, not a BrokenProcessPool
+    traceback; one that died of the SIGTERM this process also received is that SIGTERM."""
     try:
         yield
-    finally:
-        signal.signal(signal.SIGINT, old)
+    except BrokenProcessPool:
+        stop = take_pending()
+        if stop is not None:
+            raise stop from None
+        raise WorkerDiedError(f"{output}: a worker process died before finishing (killed, or out of "
+                              f"memory?)") from None
+
+
+def interrupt_once() -> ContextManager[None]:
+    """Ctrl-C interrupts the body once, at any moment; later presses are ignored while the clean-up
+    that the first KeyboardInterrupt runs goes on (`dvsprep.interrupts.stop_signals`; inside a
+    command, the command's own handling of Ctrl-C and SIGTERM stays in charge)."""
+    return stop_signals((signal.SIGINT,))

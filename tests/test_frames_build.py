@@ -307,7 +307,7 @@ def test_ctrl_c_with_two_jobs_prints_aborted_and_leaves_nothing(big_events, tmp_
 
     shutil.copy(big_events, tmp_path / "events.h5")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen([sys.executable, "-c", "from dvsprep.cli import main; main()", "frames", "-T", "256",
+    proc = subprocess.Popen([sys.executable, "-c", "from dvsprep.entry import dvsprep; dvsprep()", "frames", "-T", "256",
                              "-d", str(tmp_path), "-j", "2"], env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60

@@ -122,9 +122,9 @@ def test_no_import_cycles():
     assert not found, "import cycles:\n" + "\n".join(lines)
 
 
-HELPERS = {"constants", "errors", "atomic", "workers", "resources", "cache", "inputs", "lazy"}
+HELPERS = {"constants", "errors", "atomic", "workers", "resources", "cache", "inputs", "lazy", "interrupts"}
 WINGS = ("integrity", "raw", "events", "frames")     # lowest first
-COMMANDS = {"cli", "info", "show", "verify"}
+COMMANDS = {"cli", "entry", "info", "show", "verify"}
 THIRD_PARTY_TORCH = ("torch", "spikingjelly", "cupy", "dvsg_train")
 
 

@@ -280,7 +280,7 @@ WRITERS = [
            lambda w, out, force: _call(save_checkpoint, out, {"epoch": 0, "model": {}}),
            lambda w, out: ("from dvsg_train.checkpoint import save_checkpoint\n"
                            f"save_checkpoint({str(out)!r}, {{'epoch': 0, 'model': {{}}}})\n"),
-           lambda: (torch, "save"), force_flag=False),
+           lambda: (pathlib.Path, "write_bytes"), force_flag=False),   # torch.save goes to memory first
     Writer("report", "metrics", "file", lambda d: d / "metrics.jsonl",
            lambda w, out, force: _call(write_metrics, out, HISTORY),
            lambda w, out: ("from dvsg_train.report import write_metrics\n"
@@ -292,7 +292,7 @@ WRITERS = [
            lambda w, out: _py_cli("dvsg_train.cli", "train_main",
                                   ["--data", w.store, "--out-dir", out.parent, "--run-name", out.name,
                                    "--epochs", "1", *TINY_TRAIN, "--force"]),
-           lambda: (torch, "save"),                                   # the checkpoint of the resumed epoch
+           lambda: (pathlib.Path, "write_bytes"),                     # the checkpoint of the resumed epoch
            lambda w: [(w.store / "runs" / "r", w.store)], run_folder=True),
 ]
 

@@ -59,7 +59,8 @@ def console_scripts() -> dict[str, click.Command]:
     out = {}
     for name, target in scripts.items():
         module, _, attr = target.partition(":")
-        out[name] = getattr(importlib.import_module(module), attr)
+        script = getattr(importlib.import_module(module), attr)
+        out[name] = getattr(script, "click_command", script)   # dvsprep.interrupts.ConsoleScript
     return out
 
 

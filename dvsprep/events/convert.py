@@ -30,7 +30,7 @@ from ..raw import (
     parse_labels,
 )
 from ..inputs import RAW_RELEASE, kind_of
-from ..workers import interrupt_once, process_pool, stop_pool
+from ..workers import interrupt_once, process_pool, stop_pool, worker_deaths
 
 log = logging.getLogger(__name__)
 
@@ -157,15 +157,20 @@ def _results(recs: list[Recording], jobs: int, scratch: Path) -> Iterator[dict[s
         pool = process_pool(min(jobs, len(recs)))
         pending: deque = deque()
         todo = iter(recs)
-        for r in itertools.islice(todo, jobs + 1):
-            pending.append(pool.submit(process_recording, r, str(spill_dir)))
-        while pending:
-            res = pending.popleft().result()
-            nxt = next(todo, None)
-            if nxt is not None:
-                pending.append(pool.submit(process_recording, nxt, str(spill_dir)))
-            res["events"] = _load_spill(res)
-            yield res
+        with worker_deaths(scratch / EVENTS_NAME):
+            for r in itertools.islice(todo, jobs + 1):
+                pending.append(pool.submit(process_recording, r, str(spill_dir)))
+            while pending:
+                res = pending.popleft().result()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    pending.append(pool.submit(process_recording, nxt, str(spill_dir)))
+                res["events"] = _load_spill(res)
+                yield res
+    except BaseException:   # an error, Ctrl-C, SIGTERM, or the consumer closing us early
+        stop_pool(pool, kill=True)
+        pool = None
+        raise
     finally:
         stop_pool(pool)
         if spill_dir is not None:

@@ -39,7 +39,7 @@ from .store import (
 from .integrate import check_params, integrate, narrowest_dtype
 from ..resources import check_memory
 from ..integrity import stamp_path
-from ..workers import interrupt_once, process_pool, stop_pool
+from ..workers import interrupt_once, process_pool, stop_pool, worker_deaths
 
 log = logging.getLogger(__name__)
 
@@ -295,8 +295,9 @@ def _build(events_path: Path, tmp: Path, final: Path, events_fp: str, stamp: tup
 
             bar = tqdm(total=sum(b - a for _, a, b in tasks), unit="sample", desc="frames")
         runner = pool if pool is not None else _InlineExecutor()
-        dtype, top = _frame_blocks(runner, events_path, tmp, tasks, jobs=jobs, T=T, split_by=split_by,
-                                   stamp=stamp, codec=codec, shard=shard, bar=bar)
+        with worker_deaths(final):
+            dtype, top = _frame_blocks(runner, events_path, tmp, tasks, jobs=jobs, T=T, split_by=split_by,
+                                       stamp=stamp, codec=codec, shard=shard, bar=bar)
         group = zarr.open_group(LocalStore(tmp), mode="r+", zarr_format=3)
         counts = {}
         for s in SPLITS:
@@ -306,7 +307,7 @@ def _build(events_path: Path, tmp: Path, final: Path, events_fp: str, stamp: tup
                                             events_fingerprint=events_fp, codec=codec, shard_samples=shard))
         fp = finish_store(tmp)
     except BaseException:
-        stop_pool(pool)   # before the protocol removes the temporary its workers write into
+        stop_pool(pool, kill=True)   # before the protocol removes the temporary its workers write into
         pool = None
         raise
     finally:

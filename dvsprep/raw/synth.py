@@ -36,7 +36,7 @@ from ..atomic import check_output, publishing
 from ..constants import GESTURE_NAMES, LIGHTINGS, N_CLASSES, SENSOR_H, SENSOR_W, SPLITS, T_DTYPE, XY_DTYPE
 from ..errors import DvsprepError
 from .release import RELEASE_DIR, TRIAL_LISTS, load_published_manifest
-from ..workers import process_pool, stop_pool
+from ..workers import process_pool, stop_pool, worker_deaths
 
 log = logging.getLogger(__name__)
 
@@ -748,15 +748,20 @@ def _results(tasks: list[tuple[RecordingPlan, int, str, str]], jobs: int) -> Ite
     # temporary release, and click prints "Aborted!" (no worker tracebacks).
     pool = process_pool(min(jobs, len(tasks)))
     try:
-        todo = iter(tasks)
-        running = {pool.submit(_write_task, t) for t in itertools.islice(todo, 2 * jobs)}
-        while running:
-            done, running = wait(running, return_when=FIRST_COMPLETED)
-            for fut in done:
-                nxt = next(todo, None)
-                if nxt is not None:
-                    running.add(pool.submit(_write_task, nxt))
-                yield fut.result()
+        with worker_deaths(Path(tasks[0][3]).parent / RELEASE_DIR):
+            todo = iter(tasks)
+            running = {pool.submit(_write_task, t) for t in itertools.islice(todo, 2 * jobs)}
+            while running:
+                done, running = wait(running, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    nxt = next(todo, None)
+                    if nxt is not None:
+                        running.add(pool.submit(_write_task, nxt))
+                    yield fut.result()
+    except BaseException:   # an error, Ctrl-C, SIGTERM, or the consumer closing us early
+        stop_pool(pool, kill=True)
+        pool = None
+        raise
     finally:
         stop_pool(pool)
 

@@ -36,7 +36,7 @@ from .store import (
     write_metadata,
     writing_every_chunk,
 )
-from .integrate import check_params, integrate, narrowest_dtype
+from .integrate import check_params, count_frames, narrowest_dtype
 from ..resources import available_memory
 from ..integrity import stamp_path
 from ..workers import interrupt_once, process_pool, stop_pool
@@ -124,24 +124,25 @@ def frame_block(
     if off[-1] and (int(ev["x"].max()) >= W or int(ev["y"].max()) >= H):
         raise StoreError(f"{events_path}: {split} samples {a}..{b - 1} have x or y outside the {H}x{W} sensor")
     want = np.dtype(dtype)
-    block = np.zeros((b - a, T, N_POLARITIES, H, W), dtype=np.uint16)
+    limit = int(np.iinfo(want).max)
+    # Counted straight into the store's dtype (count_frames writes every frame), with no int64
+    # or uint16 copy of the block; the first count over the dtype stops the block (_Overflow).
+    block = np.empty((b - a, T, N_POLARITIES, H, W), dtype=want)
     top = 0
     for k in range(b - a):
         lo, hi = int(off[k]), int(off[k + 1])
         t = None if ev["t"] is None else ev["t"][lo:hi]
-        counts = integrate(t, ev["x"][lo:hi], ev["y"][lo:hi], ev["p"][lo:hi], T, split_by)
-        m = int(counts.max())
+        m = count_frames(t, ev["x"][lo:hi], ev["y"][lo:hi], ev["p"][lo:hi], T, split_by, block[k])
         try:
             narrowest_dtype(m)  # raises when even uint16 cannot hold it
         except StoreError as exc:
             raise StoreError(f"{events_path}: {split} sample {a + k}: {exc}") from None
         top = max(top, m)
-        block[k] = counts
-    if top > np.iinfo(want).max:
-        raise _Overflow(top)
+        if m > limit:
+            raise _Overflow(top)
     group = zarr.open_group(LocalStore(store_path), mode="r+", zarr_format=3)
     with writing_every_chunk():
-        group[split]["frames"][a:b] = block.astype(want, copy=False)
+        group[split]["frames"][a:b] = block
     return a, b, top
 
 

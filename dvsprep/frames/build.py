@@ -6,6 +6,7 @@ integrates them (`framing.integrate`) and writes the shard into the temporary st
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -13,7 +14,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import zarr
@@ -27,13 +28,16 @@ from ..events import EventsFile
 from .store import (
     DEFAULT_CODEC,
     create_frames_array,
-    create_layout,
+    create_frames_layout,
+    create_meta_arrays,
     finish_store,
     samples_per_shard,
+    shard_encoder,
     split_counts,
     store_attributes,
     vouch_store,
     write_metadata,
+    write_frames_shard,
     writing_every_chunk,
 )
 from .integrate import check_params, count_frames, narrowest_dtype
@@ -140,9 +144,16 @@ def frame_block(
         top = max(top, m)
         if m > limit:
             raise _Overflow(top)
-    group = zarr.open_group(LocalStore(store_path), mode="r+", zarr_format=3)
-    with writing_every_chunk():
-        group[split]["frames"][a:b] = block
+    frames_dir = Path(store_path) / split / "frames"
+    meta = json.loads((frames_dir / "zarr.json").read_bytes())   # written by this build
+    shard = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
+    encode = shard_encoder(meta)
+    if encode is not None and a % shard == 0 and b == min(a + shard, int(meta["shape"][0])):
+        write_frames_shard(frames_dir, shard, a // shard, block, encode)
+    else:
+        group = zarr.open_group(LocalStore(store_path), mode="r+", zarr_format=3)
+        with writing_every_chunk():
+            group[split]["frames"][a:b] = block
     return a, b, top
 
 
@@ -239,10 +250,11 @@ def build_frame_store(
 
 def _frame_blocks(runner: Any, events_path: Path, tmp: Path, tasks: list[tuple[str, int, int]], *, jobs: int,
                   T: int, split_by: str, stamp: tuple, codec: dict[str, Any], shard: int,
-                  bar: Any) -> tuple[np.dtype, int]:
+                  bar: Any, meanwhile: Callable[[], None] | None) -> tuple[np.dtype, int]:
     """Frame every (split, first, end) block into the store at `tmp`, at most 2 x jobs in flight.
     Blocks start as uint8; the first count over 255 promotes the store to uint16 once every
-    in-flight block has finished, and the overflowed blocks run again. Returns (dtype, max count)."""
+    in-flight block has finished, and the overflowed blocks run again. `meanwhile` runs once,
+    after the first blocks are handed out. Returns (dtype, max count)."""
     dtype = np.dtype("u1")
     written: dict[str, list[tuple[int, int]]] = {s: [] for s in SPLITS}
     top = 0
@@ -250,10 +262,15 @@ def _frame_blocks(runner: Any, events_path: Path, tmp: Path, tasks: list[tuple[s
     args = (str(events_path), str(tmp))
     running: dict[Any, tuple[str, int, int]] = {}
     promote_wanted = False
+    if not pending and meanwhile is not None:
+        meanwhile()
     while pending or running:
         while pending and not promote_wanted and len(running) < 2 * jobs:
             s, a, b = pending.pop()
             running[runner.submit(frame_block, *args, s, a, b, T, split_by, dtype.str, stamp)] = (s, a, b)
+        if meanwhile is not None:
+            meanwhile()   # in this process, while the workers frame
+            meanwhile = None
         done, _ = wait(running, return_when=FIRST_COMPLETED)
         for fut in done:
             s, a, b = running.pop(fut)
@@ -291,20 +308,27 @@ def _build(events_path: Path, tmp: Path, final: Path, events_fp: str, stamp: tup
             # child must not inherit, and process_pool forks every worker at once. Workers
             # ignore SIGINT (dvsprep.workers).
             pool = process_pool(min(jobs, len(tasks)))
-        create_layout(tmp, T=T, sizes={s: len(meta[s]["label"]) for s in SPLITS}, dtype=dtype,
-                      codec=codec, shard_samples=shard)
+        sizes = {s: len(meta[s]["label"]) for s in SPLITS}
+        group = create_frames_layout(tmp, T=T, sizes=sizes, dtype=dtype, codec=codec, shard_samples=shard)
+        counts = {}
+
+        def write_meta() -> None:
+            # The metadata arrays are no worker's business: made and filled while they frame.
+            create_meta_arrays(group, sizes)
+            for s in SPLITS:
+                write_metadata(group, s, meta[s])
+                counts[s] = split_counts(meta[s]["label"])
+
         if progress:
             from tqdm import tqdm
 
             bar = tqdm(total=sum(b - a for _, a, b in tasks), unit="sample", desc="frames")
         runner = pool if pool is not None else _InlineExecutor()
         dtype, top = _frame_blocks(runner, events_path, tmp, tasks, jobs=jobs, T=T, split_by=split_by,
-                                   stamp=stamp, codec=codec, shard=shard, bar=bar)
-        group = zarr.open_group(LocalStore(tmp), mode="r+", zarr_format=3)
-        counts = {}
-        for s in SPLITS:
-            write_metadata(group, s, meta[s])
-            counts[s] = split_counts(meta[s]["label"])
+                                   stamp=stamp, codec=codec, shard=shard, bar=bar, meanwhile=write_meta)
+        # Every block is written: the workers may exit while the manifest is hashed.
+        stop_pool(pool, wait=False)
+        group = zarr.open_group(LocalStore(tmp), mode="r+", zarr_format=3)   # after any promotion
         group.attrs.update(store_attributes(T=T, split_by=split_by, dtype=dtype, counts=counts,
                                             events_fingerprint=events_fp, codec=codec, shard_samples=shard))
         fp = finish_store(tmp)

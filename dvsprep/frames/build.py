@@ -105,12 +105,14 @@ def _close_worker_files() -> None:
 
 def frame_block(
     events_path: str, store_path: str, split: str, a: int, b: int, T: int, split_by: str, dtype: str,
-    stamp: tuple | None = None,
-) -> tuple[int, int, int]:
-    """Integrate samples a..b-1 of `split` and write them to `store_path`'s frames array.
+    stamp: tuple | None = None, encoded: bool = False,
+) -> tuple[int, int, int, list[bytes] | None]:
+    """Integrate samples a..b-1 of `split`; write them to `store_path`'s frames array (a whole
+    shard), or with `encoded` return them encoded as the array's inner chunks (any run of
+    samples: the parent assembles the shard, `write_frames_shard`).
 
-    Returns (a, b, max count). Raises _Overflow (writing nothing) when the counts do not fit
-    `dtype`. Runs in worker processes: everything is passed by path.
+    Returns (a, b, max count, encoded samples or None). Raises _Overflow (writing nothing) when
+    the counts do not fit `dtype`. Runs in worker processes: everything is passed by path.
     """
     H, W = SENSOR_SIZE
     sp = _events_split(events_path, split, stamp)
@@ -144,17 +146,44 @@ def frame_block(
         top = max(top, m)
         if m > limit:
             raise _Overflow(top)
-    frames_dir = Path(store_path) / split / "frames"
-    meta = json.loads((frames_dir / "zarr.json").read_bytes())   # written by this build
-    shard = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
-    encode = shard_encoder(meta)
-    if encode is not None and a % shard == 0 and b == min(a + shard, int(meta["shape"][0])):
-        write_frames_shard(frames_dir, shard, a // shard, block, encode)
-    else:
-        group = zarr.open_group(LocalStore(store_path), mode="r+", zarr_format=3)
-        with writing_every_chunk():
-            group[split]["frames"][a:b] = block
-    return a, b, top
+    if encoded:
+        meta = json.loads((Path(store_path) / split / "frames" / "zarr.json").read_bytes())  # this build's
+        encode = shard_encoder(meta)
+        if encode is None or np.dtype(meta["data_type"]) != want:
+            raise StoreError(f"{store_path}: {split}/frames is not laid out as this build made it")
+        return a, b, top, [encode(sample) for sample in block]
+    group = zarr.open_group(LocalStore(store_path), mode="r+", zarr_format=3)
+    with writing_every_chunk():
+        group[split]["frames"][a:b] = block
+    return a, b, top, None
+
+
+class _Shards:
+    """Encoded samples returned by the workers, written as a shard file once the shard is whole."""
+
+    def __init__(self, root: Path, sizes: Mapping[str, int], shards: Mapping[str, int]):
+        self.root, self.sizes, self.shards = root, sizes, shards   # shards: samples per shard
+        self.parts: dict[tuple[str, int], dict[int, tuple[int, list[bytes]]]] = {}
+
+    def add(self, split: str, a: int, b: int, chunks: list[bytes]) -> tuple[int, int] | None:
+        """Keep samples a..b-1; returns the shard's sample range once it is written."""
+        shard = self.shards[split]
+        first = a - a % shard
+        parts = self.parts.setdefault((split, first), {})
+        parts[a] = (b, chunks)
+        end = min(first + shard, self.sizes[split])
+        if sum(len(c) for _, c in parts.values()) < end - first:
+            return None
+        ordered = [c for _, (_, chunks) in sorted(parts.items()) for c in chunks]
+        write_frames_shard(self.root / split / "frames", shard, first // shard, ordered)
+        del self.parts[(split, first)]
+        return first, end
+
+    def drop(self) -> list[tuple[str, int, int]]:
+        """Forget the shards not yet whole (the store's dtype changed); returns their pieces."""
+        out = [(split, a, b) for (split, _), parts in self.parts.items() for a, (b, _) in parts.items()]
+        self.parts.clear()
+        return out
 
 
 def _promote(root: Path, splits: Sequence[str], written: Mapping[str, list[tuple[int, int]]],
@@ -250,11 +279,13 @@ def build_frame_store(
 
 def _frame_blocks(runner: Any, events_path: Path, tmp: Path, tasks: list[tuple[str, int, int]], *, jobs: int,
                   T: int, split_by: str, stamp: tuple, codec: dict[str, Any], shard: int,
-                  bar: Any, meanwhile: Callable[[], None] | None) -> tuple[np.dtype, int]:
-    """Frame every (split, first, end) block into the store at `tmp`, at most 2 x jobs in flight.
-    Blocks start as uint8; the first count over 255 promotes the store to uint16 once every
-    in-flight block has finished, and the overflowed blocks run again. `meanwhile` runs once,
-    after the first blocks are handed out. Returns (dtype, max count)."""
+                  shards: _Shards | None, bar: Any, meanwhile: Callable[[], None] | None) -> tuple[np.dtype, int]:
+    """Frame every (split, first, end) block into the store at `tmp`, at most 2 x jobs in flight:
+    whole shards that the workers write, or (with `shards`) smaller pieces that they encode and
+    this process writes as shards. Blocks start as uint8; the first count over 255 promotes the
+    store to uint16 once every in-flight block has finished, and the overflowed blocks (and the
+    pieces of shards not yet written) run again. `meanwhile` runs once, after the first blocks
+    are handed out. Returns (dtype, max count)."""
     dtype = np.dtype("u1")
     written: dict[str, list[tuple[int, int]]] = {s: [] for s in SPLITS}
     top = 0
@@ -267,7 +298,8 @@ def _frame_blocks(runner: Any, events_path: Path, tmp: Path, tasks: list[tuple[s
     while pending or running:
         while pending and not promote_wanted and len(running) < 2 * jobs:
             s, a, b = pending.pop()
-            running[runner.submit(frame_block, *args, s, a, b, T, split_by, dtype.str, stamp)] = (s, a, b)
+            fut = runner.submit(frame_block, *args, s, a, b, T, split_by, dtype.str, stamp, shards is not None)
+            running[fut] = (s, a, b)
         if meanwhile is not None:
             meanwhile()   # in this process, while the workers frame
             meanwhile = None
@@ -275,21 +307,36 @@ def _frame_blocks(runner: Any, events_path: Path, tmp: Path, tasks: list[tuple[s
         for fut in done:
             s, a, b = running.pop(fut)
             try:
-                _, _, m = fut.result()
+                _, _, m, chunks = fut.result()
             except _Overflow:
                 promote_wanted = True
                 pending.append((s, a, b))
                 continue
-            written[s].append((a, b))
             top = max(top, m)
-            if bar is not None:
-                bar.update(b - a)
+            span = (a, b) if shards is None else shards.add(s, a, b, chunks)
+            if span is not None:
+                written[s].append(span)
+                if bar is not None:
+                    bar.update(span[1] - span[0])
         if promote_wanted and not running:
             # Every in-flight block has finished (as uint8 or overflowed): rewrite and go on.
             _promote(tmp, SPLITS, written, T, codec, shard)
+            if shards is not None:
+                pending.extend(reversed(shards.drop()))
             dtype = np.dtype("u2")
             promote_wanted = False
     return dtype, top
+
+
+def _blocks(sizes: Mapping[str, int], shards: Mapping[str, int], parts: int) -> list[tuple[str, int, int]]:
+    """(split, first, end) of each shard of each split (`shards`: samples per shard) cut in
+    `parts` pieces, none across a shard boundary."""
+    out = []
+    for s, n in sizes.items():
+        step = max(1, -(-shards[s] // parts))
+        out += [(s, a, min(a + step, first + shards[s], n))
+                for first in range(0, n, shards[s]) for a in range(first, min(first + shards[s], n), step)]
+    return out
 
 
 def _build(events_path: Path, tmp: Path, final: Path, events_fp: str, stamp: tuple,
@@ -298,18 +345,23 @@ def _build(events_path: Path, tmp: Path, final: Path, events_fp: str, stamp: tup
     """Write the store into `tmp` (the protocol's temporary; it publishes it as `final`)."""
     shard = samples_per_shard(T, np.uint8)
     dtype = np.dtype("u1")
-    tasks = [(s, a, min(a + shard, len(meta[s]["label"])))
-             for s in SPLITS for a in range(0, len(meta[s]["label"]), shard)]
+    sizes = {s: len(meta[s]["label"]) for s in SPLITS}
+    per_shard = {s: max(1, min(shard, n)) for s, n in sizes.items()}   # as create_frames_array
+    # Quarter shards, encoded by the workers and written here as shards: a few shards then
+    # still keep every worker busy to the end.
+    pieces = _blocks(sizes, per_shard, 4)
     bar = None
     pool = None
     try:
-        if jobs > 1 and len(tasks) > 1:
+        if jobs > 1 and len(pieces) > 1:
             # Made before this process touches zarr: zarr runs an event-loop thread that a forked
             # child must not inherit, and process_pool forks every worker at once. Workers
             # ignore SIGINT (dvsprep.workers).
-            pool = process_pool(min(jobs, len(tasks)))
-        sizes = {s: len(meta[s]["label"]) for s in SPLITS}
+            pool = process_pool(min(jobs, len(pieces)))
         group = create_frames_layout(tmp, T=T, sizes=sizes, dtype=dtype, codec=codec, shard_samples=shard)
+        encoded = shard_encoder(json.loads((tmp / SPLITS[0] / "frames" / "zarr.json").read_bytes())) is not None
+        tasks = pieces if encoded else _blocks(sizes, per_shard, 1)
+        shards = _Shards(tmp, sizes, per_shard) if encoded else None
         counts = {}
 
         def write_meta() -> None:
@@ -325,7 +377,8 @@ def _build(events_path: Path, tmp: Path, final: Path, events_fp: str, stamp: tup
             bar = tqdm(total=sum(b - a for _, a, b in tasks), unit="sample", desc="frames")
         runner = pool if pool is not None else _InlineExecutor()
         dtype, top = _frame_blocks(runner, events_path, tmp, tasks, jobs=jobs, T=T, split_by=split_by,
-                                   stamp=stamp, codec=codec, shard=shard, bar=bar, meanwhile=write_meta)
+                                   stamp=stamp, codec=codec, shard=shard, shards=shards, bar=bar,
+                                   meanwhile=write_meta)
         # Every block is written: the workers may exit while the manifest is hashed.
         stop_pool(pool, wait=False)
         group = zarr.open_group(LocalStore(tmp), mode="r+", zarr_format=3)   # after any promotion

@@ -238,26 +238,23 @@ def shard_encoder(array_meta: Mapping[str, Any]) -> Callable[[np.ndarray], bytes
     return lambda sample: codec.encode(np.ascontiguousarray(sample, dtype=sample.dtype.newbyteorder("<")))
 
 
-def write_frames_shard(array_dir: Path, shard_samples: int, s: int, block: np.ndarray,
-                       encode: Callable[[np.ndarray], bytes]) -> None:
-    """Write shard `s` of the frames array at `array_dir` (samples s*shard_samples.. of the
-    array, all of them in `block`) as zarr's sharding codec writes it: the encoded samples in
-    order, then (offset, nbytes) per inner chunk as little-endian uint64 (absent: both 2**64-1,
-    only past the array's end) and the crc32c of that index. Byte for byte what zarr writes,
-    without zarr's per-chunk machinery (half the frame step's writing time)."""
+def write_frames_shard(array_dir: Path, shard_samples: int, s: int, chunks: list[bytes]) -> None:
+    """Write shard `s` of the frames array at `array_dir` from its samples (inner chunks) encoded
+    by `shard_encoder`, all of them, in order, as zarr's sharding codec writes it: the chunks,
+    then (offset, nbytes) per inner chunk as little-endian uint64 (absent: both 2**64-1, only
+    past the array's end) and the crc32c of that index. Byte for byte what zarr writes, without
+    zarr's per-chunk machinery (it took half the frame step's writing time)."""
     import google_crc32c
 
     index = np.full((shard_samples, 2), _NO_CHUNK, dtype="<u8")
-    parts, pos = [], 0
-    for k in range(block.shape[0]):
-        parts.append(encode(block[k]))
-        index[k] = (pos, len(parts[-1]))
-        pos += len(parts[-1])
+    sizes = np.array([len(c) for c in chunks], dtype=np.uint64)
+    index[: len(chunks), 0] = np.cumsum(sizes) - sizes
+    index[: len(chunks), 1] = sizes
     raw = index.tobytes()
     path = array_dir / "c" / str(s) / "0" / "0" / "0" / "0"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
-        f.write(b"".join(parts) + raw + google_crc32c.value(raw).to_bytes(4, "little"))
+        f.write(b"".join(chunks) + raw + google_crc32c.value(raw).to_bytes(4, "little"))
 
 
 def writing_every_chunk() -> Any:

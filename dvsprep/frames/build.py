@@ -1,8 +1,10 @@
 """Building a frame store from events.h5: `dvsprep frames`.
 
-Samples are framed one shard at a time (the unit a worker writes, so no two processes touch the
-same file) by `jobs` worker processes; each worker reads its samples' events from events.h5,
-integrates them (`framing.integrate`) and writes the shard into the temporary store.
+Samples are framed a quarter shard at a time by `jobs` worker processes: each worker reads its
+samples' events from events.h5, counts them (`integrate.count_frames`) and encodes them as the
+store's inner chunks; this process writes each shard file once all its samples are back (so no
+two processes touch a file, and a few shards still keep every worker busy). With a codec that
+`store.shard_encoder` does not reproduce, each worker writes whole shards through zarr.
 """
 from __future__ import annotations
 
@@ -245,7 +247,7 @@ def build_frame_store(
     codec: Mapping[str, Any] | None = None,
     progress: bool = False,
 ) -> BuildSummary:
-    """events.h5 -> frame store. Streams one shard of samples per task over `jobs` worker
+    """events.h5 -> frame store. Streams a quarter shard of samples per task over `jobs` worker
     processes (1: in this process); peak memory is about jobs x one shard's events and frames.
 
     events.h5 is verified first (against its embedded manifest, and everything the frame-store

@@ -384,8 +384,8 @@ def _build(events_path: Path, tmp: Path, final: Path, events_fp: str, stamp: tup
         # Every block is written: the workers may exit while the manifest is hashed.
         stop_pool(pool, wait=False)
         group = zarr.open_group(LocalStore(tmp), mode="r+", zarr_format=3)   # after any promotion
-        group.attrs.update(store_attributes(T=T, split_by=split_by, dtype=dtype, counts=counts,
-                                            events_fingerprint=events_fp, codec=codec, shard_samples=shard))
+        group.update_attributes(store_attributes(T=T, split_by=split_by, dtype=dtype, counts=counts,
+                                                 events_fingerprint=events_fp, codec=codec, shard_samples=shard))
         fp = finish_store(tmp)
     except BaseException:
         stop_pool(pool)   # before the protocol removes the temporary its workers write into

@@ -351,9 +351,9 @@ def write_frame_store_from_arrays(
                     group[name]["frames"][:] = fr
             write_metadata(group, name, sp)
             counts[name] = split_counts(np.asarray(sp["label"]))
-        group.attrs.update(store_attributes(T=T, split_by=split_by, dtype=dtype, counts=counts,
-                                            events_fingerprint=events_fingerprint, codec=codec,
-                                            shard_samples=shard))
+        group.update_attributes(store_attributes(T=T, split_by=split_by, dtype=dtype, counts=counts,
+                                                 events_fingerprint=events_fingerprint, codec=codec,
+                                                 shard_samples=shard))
         fp = finish_store(tmp)
         vouch_store(publication, fp)
     return fp

@@ -108,13 +108,13 @@ def test_shards_assembled_from_pieces_are_zarrs_bytes(tmp_path, monkeypatch, job
     # T=64: 8 samples a shard, pieces of 2 samples, the last train shard partial (37 = 4*8 + 5).
     # Train sample 13 overflows uint8 after the pieces 8..11 of its shard were encoded as uint8:
     # the store is promoted, those pieces are framed again. Every file must equal, byte for
-    # byte, the store that zarr writes shard by shard (no shard encoder: the workers write
+    # byte, the store that zarr writes shard by shard (no chunk codec: the workers write
     # through zarr), and every sample the frames counted event by event.
     truth = _write_events(tmp_path / "events.h5", seed=2, hot=("train", 13))
     fast = build_frame_store(tmp_path / "events.h5", tmp_path / "fast.zarr", T=64, jobs=jobs)
     import dvsprep.frames.build as build_mod
 
-    monkeypatch.setattr(build_mod, "shard_encoder", lambda meta: None)
+    monkeypatch.setattr(build_mod, "chunk_codec", lambda codec, dtype: None)
     ref = build_frame_store(tmp_path / "events.h5", tmp_path / "zarr.zarr", T=64, jobs=jobs)
     assert fast.dtype == ref.dtype == np.uint16 and fast.max_count == ref.max_count > 255
     names = sorted(str(p.relative_to(tmp_path / "zarr.zarr")) for p in (tmp_path / "zarr.zarr").rglob("*") if p.is_file())

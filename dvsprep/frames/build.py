@@ -4,7 +4,7 @@ Samples are framed a quarter shard at a time by `jobs` worker processes: each wo
 samples' events from events.h5, counts them (`integrate.count_frames`) and encodes them as the
 store's inner chunks; this process writes each shard file once all its samples are back (so no
 two processes touch a file, and a few shards still keep every worker busy). With a codec that
-`store.shard_encoder` does not reproduce, each worker writes whole shards through zarr.
+`store.chunk_codec` does not describe, each worker writes whole shards through zarr.
 """
 from __future__ import annotations
 
@@ -34,7 +34,9 @@ from .store import (
     create_meta_arrays,
     finish_store,
     samples_per_shard,
-    shard_encoder,
+    chunk_codec,
+    chunk_encoder,
+    stored_chunk_codec,
     split_counts,
     store_attributes,
     vouch_store,
@@ -107,11 +109,11 @@ def _close_worker_files() -> None:
 
 def frame_block(
     events_path: str, store_path: str, split: str, a: int, b: int, T: int, split_by: str, dtype: str,
-    stamp: tuple | None = None, encoded: bool = False,
+    stamp: tuple | None = None, codec: dict[str, Any] | None = None,
 ) -> tuple[int, int, int, list[bytes] | None]:
     """Integrate samples a..b-1 of `split`; write them to `store_path`'s frames array (a whole
-    shard), or with `encoded` return them encoded as the array's inner chunks (any run of
-    samples: the parent assembles the shard, `write_frames_shard`).
+    shard), or with `codec` (`store.chunk_codec`) return them encoded as the array's inner
+    chunks (any run of samples: the parent assembles the shard, `write_frames_shard`).
 
     Returns (a, b, max count, encoded samples or None). Raises _Overflow (writing nothing) when
     the counts do not fit `dtype`. Runs in worker processes: everything is passed by path.
@@ -148,11 +150,8 @@ def frame_block(
         top = max(top, m)
         if m > limit:
             raise _Overflow(top)
-    if encoded:
-        meta = json.loads((Path(store_path) / split / "frames" / "zarr.json").read_bytes())  # this build's
-        encode = shard_encoder(meta)
-        if encode is None or np.dtype(meta["data_type"]) != want:
-            raise StoreError(f"{store_path}: {split}/frames is not laid out as this build made it")
+    if codec is not None:
+        encode = chunk_encoder(codec)
         return a, b, top, [encode(sample) for sample in block]
     group = zarr.open_group(LocalStore(store_path), mode="r+", zarr_format=3)
     with writing_every_chunk():
@@ -300,7 +299,8 @@ def _frame_blocks(runner: Any, events_path: Path, tmp: Path, tasks: list[tuple[s
     while pending or running:
         while pending and not promote_wanted and len(running) < 2 * jobs:
             s, a, b = pending.pop()
-            fut = runner.submit(frame_block, *args, s, a, b, T, split_by, dtype.str, stamp, shards is not None)
+            enc = chunk_codec(codec, dtype) if shards is not None else None
+            fut = runner.submit(frame_block, *args, s, a, b, T, split_by, dtype.str, stamp, enc)
             running[fut] = (s, a, b)
         if meanwhile is not None:
             meanwhile()   # in this process, while the workers frame
@@ -324,10 +324,21 @@ def _frame_blocks(runner: Any, events_path: Path, tmp: Path, tasks: list[tuple[s
             # Every in-flight block has finished (as uint8 or overflowed): rewrite and go on.
             _promote(tmp, SPLITS, written, T, codec, shard)
             if shards is not None:
+                _check_chunk_codec(tmp, chunk_codec(codec, np.dtype("u2")))
                 pending.extend(reversed(shards.drop()))
             dtype = np.dtype("u2")
             promote_wanted = False
     return dtype, top
+
+
+def _check_chunk_codec(tmp: Path, config: dict[str, Any]) -> None:
+    """The frames arrays zarr made store their samples with `config`, the codec the workers
+    encode with (`store.chunk_codec` predicted it before the arrays existed)."""
+    for split in SPLITS:
+        stored = stored_chunk_codec(json.loads((tmp / split / "frames" / "zarr.json").read_bytes()))
+        if stored != config:
+            raise StoreError(f"{tmp}: {split}/frames stores its samples with {stored}, not the {config} "
+                             f"they were encoded with")
 
 
 def _blocks(sizes: Mapping[str, int], shards: Mapping[str, int], parts: int) -> list[tuple[str, int, int]]:
@@ -360,14 +371,27 @@ def _build(events_path: Path, tmp: Path, final: Path, events_fp: str, stamp: tup
             # child must not inherit, and process_pool forks every worker at once. Workers
             # ignore SIGINT (dvsprep.workers).
             pool = process_pool(min(jobs, len(pieces)))
-        group = create_frames_layout(tmp, T=T, sizes=sizes, dtype=dtype, codec=codec, shard_samples=shard)
-        encoded = shard_encoder(json.loads((tmp / SPLITS[0] / "frames" / "zarr.json").read_bytes())) is not None
-        tasks = pieces if encoded else _blocks(sizes, per_shard, 1)
-        shards = _Shards(tmp, sizes, per_shard) if encoded else None
+        # Workers that encode never touch the store: they start before its layout exists.
+        encode = chunk_codec(codec, dtype)
+        shards = _Shards(tmp, sizes, per_shard) if encode is not None else None
+        tasks = pieces if encode is not None else _blocks(sizes, per_shard, 1)
+        group = None
+
+        def layout() -> zarr.Group:
+            nonlocal group
+            group = create_frames_layout(tmp, T=T, sizes=sizes, dtype=dtype, codec=codec, shard_samples=shard)
+            if encode is not None:
+                _check_chunk_codec(tmp, encode)
+            return group
+
+        if encode is None:
+            layout()
         counts = {}
 
         def write_meta() -> None:
             # The metadata arrays are no worker's business: made and filled while they frame.
+            if group is None:
+                layout()
             create_meta_arrays(group, sizes)
             for s in SPLITS:
                 write_metadata(group, s, meta[s])

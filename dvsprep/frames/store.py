@@ -210,13 +210,10 @@ def create_frames_array(
 _NO_CHUNK = np.iinfo(np.uint64).max  # a shard index entry for an absent inner chunk
 
 
-def shard_encoder(array_meta: Mapping[str, Any]) -> Callable[[np.ndarray], bytes] | None:
-    """The encoder of one sample (inner chunk) of a frames array whose metadata (its zarr.json)
-    is `array_meta`, equal to what zarr does for it, when the array is laid out as
-    `create_frames_array` lays it out with a blosc codec (the default); else None (write through
-    zarr). Used by `write_frames_shard`."""
-    import numcodecs
-
+def stored_chunk_codec(array_meta: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The blosc configuration of the inner chunks (samples) of a frames array whose metadata
+    (its zarr.json) is `array_meta`, when it is laid out as `create_frames_array` lays it out
+    with a blosc codec (the default); else None."""
     try:
         (shard_codec,) = array_meta["codecs"]
         cfg = shard_codec["configuration"]
@@ -228,19 +225,36 @@ def shard_encoder(array_meta: Mapping[str, Any]) -> Callable[[np.ndarray], bytes
                 or [c["name"] for c in index] != ["bytes", "crc32c"]
                 or index[0].get("configuration", {}).get("endian", "little") != "little"):
             return None
-        b = inner[1]["configuration"]
-        shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[b["shuffle"]]
-        # zarr's BloscCodec builds this very numcodecs codec from the same configuration.
-        codec = numcodecs.Blosc.from_config({"cname": b["cname"], "clevel": int(b["clevel"]), "shuffle": shuffle,
-                                             "blocksize": int(b.get("blocksize", 0)), "typesize": int(b["typesize"])})
+        return dict(inner[1]["configuration"])
     except (KeyError, TypeError, ValueError):
         return None
+
+
+def chunk_codec(codec: Mapping[str, Any], dtype: np.dtype) -> dict[str, Any] | None:
+    """The blosc configuration zarr stores for the samples of a frames array that
+    `create_frames_array` makes with `codec` and `dtype` (what `stored_chunk_codec` then reads
+    back), or None for a codec other than blosc. Known before the array exists."""
+    if codec["name"] != "blosc":
+        return None
+    return {"typesize": np.dtype(dtype).itemsize, "cname": codec.get("cname", "lz4"),
+            "clevel": int(codec.get("clevel", 5)), "shuffle": codec.get("shuffle", "bitshuffle"), "blocksize": 0}
+
+
+def chunk_encoder(config: Mapping[str, Any]) -> Callable[[np.ndarray], bytes]:
+    """Encoder of one sample with a blosc `config` (as `stored_chunk_codec` returns it): the
+    numcodecs codec that zarr's BloscCodec builds from the same configuration."""
+    import numcodecs
+
+    shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[config["shuffle"]]
+    codec = numcodecs.Blosc.from_config({"cname": config["cname"], "clevel": int(config["clevel"]),
+                                         "shuffle": shuffle, "blocksize": int(config.get("blocksize", 0)),
+                                         "typesize": int(config["typesize"])})
     return lambda sample: codec.encode(np.ascontiguousarray(sample, dtype=sample.dtype.newbyteorder("<")))
 
 
 def write_frames_shard(array_dir: Path, shard_samples: int, s: int, chunks: list[bytes]) -> None:
     """Write shard `s` of the frames array at `array_dir` from its samples (inner chunks) encoded
-    by `shard_encoder`, all of them, in order, as zarr's sharding codec writes it: the chunks,
+    by `chunk_encoder`, all of them, in order, as zarr's sharding codec writes it: the chunks,
     then (offset, nbytes) per inner chunk as little-endian uint64 (absent: both 2**64-1, only
     past the array's end) and the crc32c of that index. Byte for byte what zarr writes, without
     zarr's per-chunk machinery (it took half the frame step's writing time)."""

@@ -81,11 +81,12 @@ def process_pool(jobs: int) -> ProcessPoolExecutor:
     return pool
 
 
-def stop_pool(pool: ProcessPoolExecutor | None, *, kill: bool = False) -> None:
+def stop_pool(pool: ProcessPoolExecutor | None, *, kill: bool = False, wait: bool = True) -> None:
     """Cancel what has not started and end the workers: after success let them go idle, on any
     failure (`kill`: an error, Ctrl-C, SIGTERM) kill them at once, since the task a worker holds
     may take seconds and what it writes goes with the temporary; they are gone on return, so
-    the caller may remove that temporary."""
+    the caller may remove that temporary. `wait=False` (after success only) lets idle workers
+    exit while the caller goes on."""
     if pool is None:
         return
     if kill:
@@ -101,7 +102,7 @@ def stop_pool(pool: ProcessPoolExecutor | None, *, kill: bool = False) -> None:
                 p.join()
             except (OSError, ValueError, AssertionError):
                 pass
-    pool.shutdown(wait=True, cancel_futures=True)
+    pool.shutdown(wait=wait or kill, cancel_futures=True)
 
 
 @contextmanager

@@ -25,20 +25,24 @@ def _run(*args):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def _write_events(path: Path, seed: int = 0, sizes=(37, 6), hot_test: bool = False) -> dict:
-    """A small events.h5 with samples of 0..3000 events (sorted t); returns the events per split."""
+def _write_events(path: Path, seed: int = 0, sizes=(37, 6), hot_test: bool = False,
+                  hot: tuple[str, int] | None = None) -> dict:
+    """A small events.h5 with samples of 0..3000 events (sorted t); returns the events per split.
+    `hot`: (split, sample) of 40000 events on one pixel (over 255 in a frame up to T = 128)."""
     rng = np.random.default_rng(seed)
     w = EventsWriter(path)
     truth = {}
     for split, n in zip(("train", "test"), sizes):
         lens = rng.integers(0, 3000, n)
         lens[:3] = [0, 1, 5][: min(3, n)]
+        if hot is not None and hot[0] == split:
+            lens[hot[1]] = 40_000
         samples = []
         for k, m in enumerate(lens):
             t = np.sort(rng.integers(0, 2_000_000, m)).astype(np.int64)
             ev = {"t": t, "x": rng.integers(0, 128, m).astype(np.uint8),
                   "y": rng.integers(0, 128, m).astype(np.uint8), "p": rng.integers(0, 2, m).astype(np.uint8)}
-            if hot_test and split == "test" and k == n - 1:
+            if (hot_test and split == "test" and k == n - 1) or (split, k) == hot:
                 ev["x"][:], ev["y"][:] = 9, 10  # one pixel far beyond uint8 in a frame
             samples.append(ev)
         cat = {k: np.concatenate([s[k] for s in samples]) for k in "txyp"}
@@ -87,6 +91,43 @@ def test_parallel_build_is_identical_and_promotes_to_uint16(tmp_path):
     assert s1.fingerprint == s2.fingerprint
     _check_store(tmp_path / "b.zarr", truth, 2, "number")
     assert open_frame_store(tmp_path / "a.zarr").attrs["dtype"] == "uint16"
+
+
+def _naive_number_frames(ev: dict, T: int) -> np.ndarray:
+    """split_by "number" by its definition, event by event (np.add.at): the oracle below."""
+    n = ev["x"].size
+    di = n // T
+    frame = np.minimum(np.arange(n) // di, T - 1) if di else np.full(n, T - 1)
+    out = np.zeros((T, 2, 128, 128), dtype=np.int64)
+    np.add.at(out, (frame, (ev["p"] != 0).astype(int), ev["y"].astype(int), ev["x"].astype(int)), 1)
+    return out
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_shards_assembled_from_pieces_are_zarrs_bytes(tmp_path, monkeypatch, jobs):
+    # T=64: 8 samples a shard, pieces of 2 samples, the last train shard partial (37 = 4*8 + 5).
+    # Train sample 13 overflows uint8 after the pieces 8..11 of its shard were encoded as uint8:
+    # the store is promoted, those pieces are framed again. Every file must equal, byte for
+    # byte, the store that zarr writes shard by shard (no chunk codec: the workers write
+    # through zarr), and every sample the frames counted event by event.
+    truth = _write_events(tmp_path / "events.h5", seed=2, hot=("train", 13))
+    fast = build_frame_store(tmp_path / "events.h5", tmp_path / "fast.zarr", T=64, jobs=jobs)
+    import dvsprep.frames.build as build_mod
+
+    monkeypatch.setattr(build_mod, "chunk_codec", lambda codec, dtype: None)
+    ref = build_frame_store(tmp_path / "events.h5", tmp_path / "zarr.zarr", T=64, jobs=jobs)
+    assert fast.dtype == ref.dtype == np.uint16 and fast.max_count == ref.max_count > 255
+    names = sorted(str(p.relative_to(tmp_path / "zarr.zarr")) for p in (tmp_path / "zarr.zarr").rglob("*") if p.is_file())
+    assert len([n for n in names if "/frames/c/" in n]) == 5 + 1   # 5 train shards, 1 test shard
+    assert names == sorted(str(p.relative_to(tmp_path / "fast.zarr")) for p in (tmp_path / "fast.zarr").rglob("*")
+                           if p.is_file())
+    for name in names:
+        assert (tmp_path / "fast.zarr" / name).read_bytes() == (tmp_path / "zarr.zarr" / name).read_bytes(), name
+    assert fast.fingerprint == ref.fingerprint
+    store = open_frame_store(tmp_path / "fast.zarr")
+    for split, samples in truth.items():
+        for i, ev in enumerate(samples):
+            np.testing.assert_array_equal(store.split(split)[i], _naive_number_frames(ev, 64))
 
 
 def test_cli_frames_and_info(tmp_path):

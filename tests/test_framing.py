@@ -6,7 +6,7 @@ import pytest
 from spikingjelly.datasets import utils as sju
 
 from dvsprep.errors import StoreError
-from dvsprep.frames.integrate import frame_bounds, integrate, narrowest_dtype
+from dvsprep.frames.integrate import count_frames, frame_bounds, integrate, narrowest_dtype
 
 H = W = 128
 
@@ -154,3 +154,29 @@ def test_bad_parameters(T, split_by, match):
     ev = _events(np.random.default_rng(0), 10)
     with pytest.raises(StoreError, match=match):
         _ours(ev, T, split_by)
+
+
+@pytest.mark.parametrize("order", ["sorted", "unsorted"])
+def test_count_frames_into_uint8_equals_spikingjelly_and_stops_at_an_overflow(order):
+    rng = np.random.default_rng(7)
+    for n, T in ((0, 4), (5, 16), (4099, 16), (30_000, 3)):
+        ev = _events(rng, n, order=order)
+        for split_by in ("number", "time"):
+            out = np.full((T, 2, H, W), 77, dtype=np.uint8)   # every frame must be overwritten
+            top = count_frames(ev["t"], ev["x"], ev["y"], ev["p"], T, split_by, out)
+            try:
+                ref = sju.integrate_events_by_fixed_frames_number(ev, split_by, T, H, W)
+            except IndexError:   # SpikingJelly fails on an empty time window (and N = 0)
+                ref = integrate(ev["t"], ev["x"], ev["y"], ev["p"], T, split_by)
+            np.testing.assert_array_equal(out, ref, err_msg=f"{order} N={n} T={T} {split_by}")
+            assert top == int(ref.max())
+    # 300 events on one pixel in frame 1 of 2: frame 0 is written, counting stops at frame 1
+    # (returning its count) and leaves the rest of `out` as it was, never a wrapped 300 % 256.
+    ev = {"t": np.arange(600, dtype=np.int64), "x": np.full(600, 3, np.uint8), "y": np.full(600, 4, np.uint8),
+          "p": np.ones(600, np.uint8)}
+    ev["x"][:300] = np.arange(300) % 128
+    out = np.full((2, 2, H, W), 9, dtype=np.uint8)
+    assert count_frames(ev["t"], ev["x"], ev["y"], ev["p"], 2, "number", out) == 300
+    assert int(out[0].sum()) == 300 and (out[1] == 9).all()
+    with pytest.raises(ValueError, match="C-contiguous"):
+        count_frames(ev["t"], ev["x"], ev["y"], ev["p"], 2, "number", np.zeros((2, 2, H, 2 * W), np.uint8)[..., ::2])

@@ -1,11 +1,14 @@
 """Building a frame store from events.h5: `dvsprep frames`.
 
-Samples are framed one shard at a time (the unit a worker writes, so no two processes touch the
-same file) by `jobs` worker processes; each worker reads its samples' events from events.h5,
-integrates them (`framing.integrate`) and writes the shard into the temporary store.
+Samples are framed a quarter shard at a time by `jobs` worker processes: each worker reads its
+samples' events from events.h5, counts them (`integrate.count_frames`) and encodes them as the
+store's inner chunks; this process writes each shard file once all its samples are back (so no
+two processes touch a file, and a few shards still keep every worker busy). With a codec that
+`store.chunk_codec` does not describe, each worker writes whole shards through zarr.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -13,7 +16,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import zarr
@@ -27,16 +30,21 @@ from ..events import EventsFile
 from .store import (
     DEFAULT_CODEC,
     create_frames_array,
-    create_layout,
+    create_frames_layout,
+    create_meta_arrays,
     finish_store,
     samples_per_shard,
+    chunk_codec,
+    chunk_encoder,
+    stored_chunk_codec,
     split_counts,
     store_attributes,
     vouch_store,
     write_metadata,
+    write_frames_shard,
     writing_every_chunk,
 )
-from .integrate import check_params, integrate, narrowest_dtype
+from .integrate import check_params, count_frames, narrowest_dtype
 from ..resources import check_memory
 from ..integrity import stamp_path
 from ..workers import interrupt_once, process_pool, stop_pool, worker_deaths
@@ -101,12 +109,14 @@ def _close_worker_files() -> None:
 
 def frame_block(
     events_path: str, store_path: str, split: str, a: int, b: int, T: int, split_by: str, dtype: str,
-    stamp: tuple | None = None,
-) -> tuple[int, int, int]:
-    """Integrate samples a..b-1 of `split` and write them to `store_path`'s frames array.
+    stamp: tuple | None = None, codec: dict[str, Any] | None = None,
+) -> tuple[int, int, int, list[bytes] | None]:
+    """Integrate samples a..b-1 of `split`; write them to `store_path`'s frames array (a whole
+    shard), or with `codec` (`store.chunk_codec`) return them encoded as the array's inner
+    chunks (any run of samples: the parent assembles the shard, `write_frames_shard`).
 
-    Returns (a, b, max count). Raises _Overflow (writing nothing) when the counts do not fit
-    `dtype`. Runs in worker processes: everything is passed by path.
+    Returns (a, b, max count, encoded samples or None). Raises _Overflow (writing nothing) when
+    the counts do not fit `dtype`. Runs in worker processes: everything is passed by path.
     """
     H, W = SENSOR_SIZE
     sp = _events_split(events_path, split, stamp)
@@ -124,25 +134,57 @@ def frame_block(
     if off[-1] and (int(ev["x"].max()) >= W or int(ev["y"].max()) >= H):
         raise StoreError(f"{events_path}: {split} samples {a}..{b - 1} have x or y outside the {H}x{W} sensor")
     want = np.dtype(dtype)
-    block = np.zeros((b - a, T, N_POLARITIES, H, W), dtype=np.uint16)
+    limit = int(np.iinfo(want).max)
+    # Counted straight into the store's dtype (count_frames writes every frame), with no int64
+    # or uint16 copy of the block; the first count over the dtype stops the block (_Overflow).
+    block = np.empty((b - a, T, N_POLARITIES, H, W), dtype=want)
     top = 0
     for k in range(b - a):
         lo, hi = int(off[k]), int(off[k + 1])
         t = None if ev["t"] is None else ev["t"][lo:hi]
-        counts = integrate(t, ev["x"][lo:hi], ev["y"][lo:hi], ev["p"][lo:hi], T, split_by)
-        m = int(counts.max())
+        m = count_frames(t, ev["x"][lo:hi], ev["y"][lo:hi], ev["p"][lo:hi], T, split_by, block[k])
         try:
             narrowest_dtype(m)  # raises when even uint16 cannot hold it
         except StoreError as exc:
             raise StoreError(f"{events_path}: {split} sample {a + k}: {exc}") from None
         top = max(top, m)
-        block[k] = counts
-    if top > np.iinfo(want).max:
-        raise _Overflow(top)
+        if m > limit:
+            raise _Overflow(top)
+    if codec is not None:
+        encode = chunk_encoder(codec)
+        return a, b, top, [encode(sample) for sample in block]
     group = zarr.open_group(LocalStore(store_path), mode="r+", zarr_format=3)
     with writing_every_chunk():
-        group[split]["frames"][a:b] = block.astype(want, copy=False)
-    return a, b, top
+        group[split]["frames"][a:b] = block
+    return a, b, top, None
+
+
+class _Shards:
+    """Encoded samples returned by the workers, written as a shard file once the shard is whole."""
+
+    def __init__(self, root: Path, sizes: Mapping[str, int], shards: Mapping[str, int]):
+        self.root, self.sizes, self.shards = root, sizes, shards   # shards: samples per shard
+        self.parts: dict[tuple[str, int], dict[int, tuple[int, list[bytes]]]] = {}
+
+    def add(self, split: str, a: int, b: int, chunks: list[bytes]) -> tuple[int, int] | None:
+        """Keep samples a..b-1; returns the shard's sample range once it is written."""
+        shard = self.shards[split]
+        first = a - a % shard
+        parts = self.parts.setdefault((split, first), {})
+        parts[a] = (b, chunks)
+        end = min(first + shard, self.sizes[split])
+        if sum(len(c) for _, c in parts.values()) < end - first:
+            return None
+        ordered = [c for _, (_, chunks) in sorted(parts.items()) for c in chunks]
+        write_frames_shard(self.root / split / "frames", shard, first // shard, ordered)
+        del self.parts[(split, first)]
+        return first, end
+
+    def drop(self) -> list[tuple[str, int, int]]:
+        """Forget the shards not yet whole (the store's dtype changed); returns their pieces."""
+        out = [(split, a, b) for (split, _), parts in self.parts.items() for a, (b, _) in parts.items()]
+        self.parts.clear()
+        return out
 
 
 def _promote(root: Path, splits: Sequence[str], written: Mapping[str, list[tuple[int, int]]],
@@ -202,7 +244,7 @@ def build_frame_store(
     codec: Mapping[str, Any] | None = None,
     progress: bool = False,
 ) -> BuildSummary:
-    """events.h5 -> frame store. Streams one shard of samples per task over `jobs` worker
+    """events.h5 -> frame store. Streams a quarter shard of samples per task over `jobs` worker
     processes (1: in this process); peak memory is about jobs x one shard's events and frames.
 
     events.h5 is verified first (against its embedded manifest, and everything the frame-store
@@ -236,10 +278,13 @@ def build_frame_store(
 
 def _frame_blocks(runner: Any, events_path: Path, tmp: Path, tasks: list[tuple[str, int, int]], *, jobs: int,
                   T: int, split_by: str, stamp: tuple, codec: dict[str, Any], shard: int,
-                  bar: Any) -> tuple[np.dtype, int]:
-    """Frame every (split, first, end) block into the store at `tmp`, at most 2 x jobs in flight.
-    Blocks start as uint8; the first count over 255 promotes the store to uint16 once every
-    in-flight block has finished, and the overflowed blocks run again. Returns (dtype, max count)."""
+                  shards: _Shards | None, bar: Any, meanwhile: Callable[[], None] | None) -> tuple[np.dtype, int]:
+    """Frame every (split, first, end) block into the store at `tmp`, at most 2 x jobs in flight:
+    whole shards that the workers write, or (with `shards`) smaller pieces that they encode and
+    this process writes as shards. Blocks start as uint8; the first count over 255 promotes the
+    store to uint16 once every in-flight block has finished, and the overflowed blocks (and the
+    pieces of shards not yet written) run again. `meanwhile` runs once, after the first blocks
+    are handed out. Returns (dtype, max count)."""
     dtype = np.dtype("u1")
     written: dict[str, list[tuple[int, int]]] = {s: [] for s in SPLITS}
     top = 0
@@ -247,29 +292,62 @@ def _frame_blocks(runner: Any, events_path: Path, tmp: Path, tasks: list[tuple[s
     args = (str(events_path), str(tmp))
     running: dict[Any, tuple[str, int, int]] = {}
     promote_wanted = False
+    if not pending and meanwhile is not None:
+        meanwhile()
     while pending or running:
         while pending and not promote_wanted and len(running) < 2 * jobs:
             s, a, b = pending.pop()
-            running[runner.submit(frame_block, *args, s, a, b, T, split_by, dtype.str, stamp)] = (s, a, b)
+            enc = chunk_codec(codec, dtype) if shards is not None else None
+            fut = runner.submit(frame_block, *args, s, a, b, T, split_by, dtype.str, stamp, enc)
+            running[fut] = (s, a, b)
+        if meanwhile is not None:
+            meanwhile()   # in this process, while the workers frame
+            meanwhile = None
         done, _ = wait(running, return_when=FIRST_COMPLETED)
         for fut in done:
             s, a, b = running.pop(fut)
             try:
-                _, _, m = fut.result()
+                _, _, m, chunks = fut.result()
             except _Overflow:
                 promote_wanted = True
                 pending.append((s, a, b))
                 continue
-            written[s].append((a, b))
             top = max(top, m)
-            if bar is not None:
-                bar.update(b - a)
+            span = (a, b) if shards is None else shards.add(s, a, b, chunks)
+            if span is not None:
+                written[s].append(span)
+                if bar is not None:
+                    bar.update(span[1] - span[0])
         if promote_wanted and not running:
             # Every in-flight block has finished (as uint8 or overflowed): rewrite and go on.
             _promote(tmp, SPLITS, written, T, codec, shard)
+            if shards is not None:
+                _check_chunk_codec(tmp, chunk_codec(codec, np.dtype("u2")))
+                pending.extend(reversed(shards.drop()))
             dtype = np.dtype("u2")
             promote_wanted = False
     return dtype, top
+
+
+def _check_chunk_codec(tmp: Path, config: dict[str, Any]) -> None:
+    """The frames arrays zarr made store their samples with `config`, the codec the workers
+    encode with (`store.chunk_codec` predicted it before the arrays existed)."""
+    for split in SPLITS:
+        stored = stored_chunk_codec(json.loads((tmp / split / "frames" / "zarr.json").read_bytes()))
+        if stored != config:
+            raise StoreError(f"{tmp}: {split}/frames stores its samples with {stored}, not the {config} "
+                             f"they were encoded with")
+
+
+def _blocks(sizes: Mapping[str, int], shards: Mapping[str, int], parts: int) -> list[tuple[str, int, int]]:
+    """(split, first, end) of each shard of each split (`shards`: samples per shard) cut in
+    `parts` pieces, none across a shard boundary."""
+    out = []
+    for s, n in sizes.items():
+        step = max(1, -(-shards[s] // parts))
+        out += [(s, a, min(a + step, first + shards[s], n))
+                for first in range(0, n, shards[s]) for a in range(first, min(first + shards[s], n), step)]
+    return out
 
 
 def _build(events_path: Path, tmp: Path, final: Path, events_fp: str, stamp: tuple,
@@ -278,18 +356,45 @@ def _build(events_path: Path, tmp: Path, final: Path, events_fp: str, stamp: tup
     """Write the store into `tmp` (the protocol's temporary; it publishes it as `final`)."""
     shard = samples_per_shard(T, np.uint8)
     dtype = np.dtype("u1")
-    tasks = [(s, a, min(a + shard, len(meta[s]["label"])))
-             for s in SPLITS for a in range(0, len(meta[s]["label"]), shard)]
+    sizes = {s: len(meta[s]["label"]) for s in SPLITS}
+    per_shard = {s: max(1, min(shard, n)) for s, n in sizes.items()}   # as create_frames_array
+    # Quarter shards, encoded by the workers and written here as shards: a few shards then
+    # still keep every worker busy to the end.
+    pieces = _blocks(sizes, per_shard, 4)
     bar = None
     pool = None
     try:
-        if jobs > 1 and len(tasks) > 1:
+        if jobs > 1 and len(pieces) > 1:
             # Made before this process touches zarr: zarr runs an event-loop thread that a forked
             # child must not inherit, and process_pool forks every worker at once. Workers
             # ignore SIGINT (dvsprep.workers).
-            pool = process_pool(min(jobs, len(tasks)))
-        create_layout(tmp, T=T, sizes={s: len(meta[s]["label"]) for s in SPLITS}, dtype=dtype,
-                      codec=codec, shard_samples=shard)
+            pool = process_pool(min(jobs, len(pieces)))
+        # Workers that encode never touch the store: they start before its layout exists.
+        encode = chunk_codec(codec, dtype)
+        shards = _Shards(tmp, sizes, per_shard) if encode is not None else None
+        tasks = pieces if encode is not None else _blocks(sizes, per_shard, 1)
+        group = None
+
+        def layout() -> zarr.Group:
+            nonlocal group
+            group = create_frames_layout(tmp, T=T, sizes=sizes, dtype=dtype, codec=codec, shard_samples=shard)
+            if encode is not None:
+                _check_chunk_codec(tmp, encode)
+            return group
+
+        if encode is None:
+            layout()
+        counts = {}
+
+        def write_meta() -> None:
+            # The metadata arrays are no worker's business: made and filled while they frame.
+            if group is None:
+                layout()
+            create_meta_arrays(group, sizes)
+            for s in SPLITS:
+                write_metadata(group, s, meta[s])
+                counts[s] = split_counts(meta[s]["label"])
+
         if progress:
             from tqdm import tqdm
 
@@ -297,14 +402,13 @@ def _build(events_path: Path, tmp: Path, final: Path, events_fp: str, stamp: tup
         runner = pool if pool is not None else _InlineExecutor()
         with worker_deaths(final):
             dtype, top = _frame_blocks(runner, events_path, tmp, tasks, jobs=jobs, T=T, split_by=split_by,
-                                       stamp=stamp, codec=codec, shard=shard, bar=bar)
-        group = zarr.open_group(LocalStore(tmp), mode="r+", zarr_format=3)
-        counts = {}
-        for s in SPLITS:
-            write_metadata(group, s, meta[s])
-            counts[s] = split_counts(meta[s]["label"])
-        group.attrs.update(store_attributes(T=T, split_by=split_by, dtype=dtype, counts=counts,
-                                            events_fingerprint=events_fp, codec=codec, shard_samples=shard))
+                                       stamp=stamp, codec=codec, shard=shard, shards=shards, bar=bar,
+                                       meanwhile=write_meta)
+        # Every block is written: the workers may exit while the manifest is hashed.
+        stop_pool(pool, wait=False)
+        group = zarr.open_group(LocalStore(tmp), mode="r+", zarr_format=3)   # after any promotion
+        group.update_attributes(store_attributes(T=T, split_by=split_by, dtype=dtype, counts=counts,
+                                                 events_fingerprint=events_fp, codec=codec, shard_samples=shard))
         fp = finish_store(tmp)
     except BaseException:
         stop_pool(pool, kill=True)   # before the protocol removes the temporary its workers write into

@@ -160,3 +160,29 @@ def test_backend_errors(monkeypatch):
     assert "\n" not in msg and "pip install 'dvsgesture-kit[cuda]'" in msg
     with pytest.raises(ConfigError, match="tau must be > 1"):
         MultiStepLIF(tau=1.0)
+
+
+@pytest.mark.parametrize("cls", [PLIF, MultiStepPLIF])
+@pytest.mark.parametrize("tau0,w,decay", [(3.0, -math.log(2.0), 1 / 3), (5.0, -math.log(4.0), 0.2),
+                                          (1.25, math.log(4.0), 0.8)])
+def test_plif_init_away_from_tau0_2(cls, tau0, w, decay):
+    """w = -log(tau0 - 1), so decay = sigmoid(w) = 1/tau0 (by hand: tau0 3 -> w -log 2, decay 1/3;
+    5 -> -log 4, 0.2; 1.25 -> log 4, 0.8): tau0 = 2 alone (w 0) cannot tell -log(tau0 - 1) from
+    log(tau0 - 1) or 1/tau0 from 1 - 1/tau0. w is the float32 of -log(tau0 - 1) exactly; decay
+    within 2 float32 ulps of 1/tau0 (w rounded once, its sigmoid once)."""
+    m = cls(tau=tau0)
+    assert m.w.dtype == torch.float32 and float(m.w) == float(torch.tensor(w, dtype=torch.float32))
+    assert abs(float(m.decay(torch.device("cpu"))) - decay) <= 2 * float(torch.finfo(torch.float32).eps) * decay
+    # one step from rest with x = 3 charges v to decay * 3 (< threshold 1 for decay 0.2, >= for 1/3)
+    x = torch.tensor([[3.0]])
+    s = m(x if cls is PLIF else x[None])
+    assert float(s.flatten()[0]) == float(3.0 * decay >= 1.0 - 1e-6)
+
+
+@pytest.mark.parametrize("cls", [LIF, MultiStepLIF, PLIF, MultiStepPLIF])
+def test_tau_boundary_one_is_refused_just_above_accepted(cls):
+    """tau must be > 1: exactly 1 is refused (LIF decay 1, PLIF w = -log 0), the next float above
+    is accepted."""
+    with pytest.raises(ConfigError, match="tau must be > 1, got 1.0"):
+        cls(tau=1.0)
+    cls(tau=math.nextafter(1.0, 2.0))

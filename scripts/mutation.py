@@ -32,7 +32,7 @@ OUT = ROOT / "build" / "mutation"
 CLUSTERS: dict[str, tuple[list[str], list[str]]] = {
     # test_output_protocol runs every writer of both packages through atomic (minutes a mutant):
     # the unit tests of test_atomic.py must pin the protocol by themselves
-    "atomic": (["dvsprep/atomic.py"], ["tests/test_atomic.py"]),
+    "atomic": (["dvsprep/atomic.py"], ["tests/test_atomic.py", "tests/test_publishing.py"]),
     "integrate": (["dvsprep/frames/integrate.py"], ["tests/test_framing.py", "tests/test_frames_build.py"]),
     "frames_build": (["dvsprep/frames/build.py", "dvsprep/frames/check.py"],
                      ["tests/test_frames_build.py", "tests/test_writer_vouches.py", "tests/test_frames_store.py",

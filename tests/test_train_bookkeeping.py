@@ -94,3 +94,60 @@ def test_no_validation_split_keeps_every_sample_in_order(fraction):
     labels = np.array([4, 4, 1, 1, 1])
     tr, va = split_train_val(labels, fraction, seed=1)
     assert tr.tolist() == [0, 1, 2, 3, 4] and va.tolist() == [] and va.dtype == np.int64
+
+
+def test_step_dropout_keeps_one_mask_per_sample_from_the_first_step_until_reset():
+    from dvsg_train.model import StepDropout
+
+    torch.manual_seed(0)
+    d = StepDropout(0.5).train()
+    x0, x1 = torch.full((4, 64), 3.0), torch.full((4, 64), 5.0)
+    m0 = d(x0) / 3.0                                  # the mask: 0 or 1 / (1 - p) = 2
+    assert set(m0.unique().tolist()) == {0.0, 2.0}
+    assert torch.equal(d(x1) / 5.0, m0)               # step 2: the same mask, not a new one
+    assert len({tuple(r) for r in m0.tolist()}) == 4  # one mask per sample (and per feature)
+    d.reset()
+    assert d.mask is None
+    assert not torch.equal(d(x0) / 3.0, m0)           # a new sequence: a new mask
+    d.reset()
+    d.eval()
+    assert torch.equal(d(x1), x1) and d.mask is None  # eval: identity, nothing drawn
+    d.train()
+    d.p = 0
+    assert torch.equal(d(x1), x1) and d.mask is None
+
+
+def test_sequence_dropout_shares_each_samples_mask_over_time():
+    from dvsg_train.model import SequenceDropout
+
+    torch.manual_seed(0)
+    d = SequenceDropout(0.5).train()
+    x = torch.arange(1, 4, dtype=torch.float32).view(3, 1, 1).expand(3, 4, 64)   # x[t] = t + 1
+    m = d(x) / x
+    assert set(m.unique().tolist()) == {0.0, 2.0}
+    assert torch.equal(m[0], m[1]) and torch.equal(m[0], m[2])                   # all steps alike
+    assert len({tuple(r) for r in m[0].tolist()}) == 4                          # samples differ
+    assert torch.equal(d.eval()(x), x)
+
+
+def test_stepwise_net_resets_its_dropout_masks_around_every_forward():
+    from dvsg_train.model import StepDropout, StepwiseNet
+
+    torch.manual_seed(0)
+    net = StepwiseNet(channels=2).train()
+    drops = [m for m in net.modules() if isinstance(m, StepDropout)]
+    assert len(drops) == 2
+    seen = []
+    for d in drops:   # record each layer's mask at every step of the forward
+        d.register_forward_hook(lambda mod, inp, out: seen.append(mod.mask.clone()))
+    x = torch.rand(3, 2, 2, 128, 128).round()
+    net(x)
+    assert all(d.mask is None for d in drops)          # reset after the forward
+    first = seen[:]                                    # [t0 d1, t0 d2, t1 d1, t1 d2, t2 d1, t2 d2]
+    assert len(first) == 6
+    for k in (0, 1):
+        assert torch.equal(first[k], first[k + 2]) and torch.equal(first[k], first[k + 4])
+        assert first[k].shape[0] == 2 and not torch.equal(first[k][0], first[k][1])
+    seen.clear()
+    net(x)
+    assert not torch.equal(seen[0], first[0])          # reset before: a new mask per forward

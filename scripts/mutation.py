@@ -33,7 +33,7 @@ CLUSTERS: dict[str, tuple[list[str], list[str]]] = {
     # test_output_protocol runs every writer of both packages through atomic (minutes a mutant):
     # the unit tests of test_atomic.py must pin the protocol by themselves
     "atomic": (["dvsprep/atomic.py"], ["tests/test_atomic.py", "tests/test_publishing.py"]),
-    "integrate": (["dvsprep/frames/integrate.py"], ["tests/test_framing.py", "tests/test_frames_build.py"]),
+    "integrate": (["dvsprep/frames/integrate.py"], ["tests/test_framing.py", "tests/test_framing_edges.py"]),
     "frames_build": (["dvsprep/frames/build.py", "dvsprep/frames/check.py"],
                      ["tests/test_frames_build.py", "tests/test_writer_vouches.py", "tests/test_frames_store.py",
                       "tests/test_hostile_stores.py"]),

@@ -360,3 +360,194 @@ def test_output_lock_writes_our_pid_and_removes_its_file(tmp_path):
             with output_lock(out, "report"):
                 pass
     assert tree(tmp_path) == {"deeper": None}
+
+
+# --------------------------------------------------------------------------- the edges mutation testing found
+
+def _fake_renameat2(err: int):
+    """A renameat2 that fails with errno `err` (set where ctypes.get_errno reads it)."""
+    import ctypes
+
+    calls = []
+
+    def fake(dirfd, src, dirfd2, dst, flags):
+        calls.append((dirfd, src, dirfd2, dst, flags))
+        ctypes.set_errno(err)
+        return -1
+    return fake, calls
+
+
+@pytest.mark.parametrize("err", [errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP])
+def test_a_filesystem_without_renameat2_falls_back(tmp_path, monkeypatch, err):
+    fake, calls = _fake_renameat2(err)
+    monkeypatch.setattr(atomic, "_renameat2", fake)
+    final, tmp = tmp_path / "s", tmp_path / ".s.tmp-1-00000000"
+    _old_dir(final)
+    tmp.mkdir()
+    atomic.publish_dir(tmp, final)                                      # EXCHANGE refused: moved aside
+    assert tree(tmp_path) == {"s": None}
+    assert calls == [(-100, os.fsencode(tmp), -100, os.fsencode(final), 2)]
+
+
+def test_another_renameat2_error_is_raised_naming_both_paths(tmp_path, monkeypatch):
+    fake, _ = _fake_renameat2(errno.EXDEV)
+    monkeypatch.setattr(atomic, "_renameat2", fake)
+    with pytest.raises(OSError) as e:
+        atomic.publish_new(tmp_path / "a", tmp_path / "b")
+    assert (e.value.errno, e.value.strerror, e.value.filename, e.value.filename2) == (
+        errno.EXDEV, os.strerror(errno.EXDEV), str(tmp_path / "a"), str(tmp_path / "b"))
+
+
+def test_relative_paths_are_renamed_in_the_current_folder(tmp_path, monkeypatch):
+    """renameat2 gets AT_FDCWD: relative paths resolve in the current folder."""
+    monkeypatch.chdir(tmp_path)
+    Path(".a.tmp-1-0").write_bytes(b"a")
+    atomic.publish_new(Path(".a.tmp-1-0"), Path("a"))
+    Path(".a.tmp-1-1").write_bytes(b"b")
+    atomic.publish_dir(Path(".a.tmp-1-1"), Path("a"))
+    assert tree(tmp_path) == {"a": b"b"}
+
+
+def test_the_fallback_moves_the_old_output_aside_under_an_old_name(tmp_path, monkeypatch):
+    """Without renameat2 the old output is renamed to .<name>.old-<pid>-<hex> (a name the next
+    writer recognises and removes should this process die here), then removed."""
+    _no_renameat2(monkeypatch)
+    moves = []
+    real = os.replace
+    monkeypatch.setattr(atomic.os, "replace", lambda a, b: (moves.append((Path(a).name, Path(b).name)), real(a, b)))
+    final, tmp = tmp_path / "s", tmp_path / ".s.tmp-1-00000000"
+    _old_dir(final)
+    tmp.mkdir()
+    atomic.publish_dir(tmp, final)
+    assert moves[0][0] == "s" and re.fullmatch(rf"\.s\.old-{os.getpid()}-[0-9a-f]{{8}}", moves[0][1])
+    assert temp_owner(moves[0][1]) == os.getpid()
+    assert moves[1] == (tmp.name, "s") and tree(tmp_path) == {"s": None}
+
+
+@pytest.mark.parametrize("kind", ["file", "dir"])
+def test_force_publishes_where_nothing_was(tmp_path, rename_mode, kind):
+    out = tmp_path / "o"
+    with publishing(out, "thing", force=True, kind=kind) as tmp:
+        tmp.mkdir() if kind == "dir" else tmp.write_bytes(b"x")
+    assert tree(tmp_path) == ({"o": None} if kind == "dir" else {"o": b"x"})
+
+
+def test_the_fallback_publishes_a_file_by_hard_link_and_a_folder_by_rename(tmp_path, monkeypatch):
+    """A hard link never replaces: the file path needs no check-then-rename window."""
+    _no_renameat2(monkeypatch)
+    links = []
+    real = os.link
+    monkeypatch.setattr(atomic.os, "link", lambda a, b: (links.append(Path(a).name), real(a, b)))
+    f = tmp_path / ".f.tmp-1-0"
+    f.write_bytes(b"f")
+    atomic.publish_new(f, tmp_path / "f")
+    d = tmp_path / ".d.tmp-1-0"
+    d.mkdir()
+    atomic.publish_new(d, tmp_path / "d")
+    target = tmp_path / "t"
+    target.write_bytes(b"t")
+    ln = tmp_path / ".l.tmp-1-0"
+    ln.symlink_to(target)                                                 # a link is published as one
+    atomic.publish_new(ln, tmp_path / "l")
+    assert links == [".f.tmp-1-0"]
+    assert (tmp_path / "l").is_symlink() and tree(tmp_path) == {"d": None, "f": b"f", "l": b"t", "t": b"t"}
+
+
+def test_check_output_defaults_to_a_file_in_an_existing_folder(tmp_path):
+    (tmp_path / "d").mkdir()
+    with pytest.raises(StoreError, match="is a directory, not a file to write"):
+        atomic.check_output(tmp_path / "d", "x", force=True)
+    with pytest.raises(MissingFileError, match="output directory does not exist"):
+        atomic.check_output(tmp_path / "no" / "f", "x", force=True)
+    with pytest.raises(StoreError, match="is a directory, not a file to write"):
+        atomic.Publication(tmp_path / "d", "x", force=True).begin()
+    with pytest.raises(MissingFileError, match="output directory does not exist"):
+        atomic.Publication(tmp_path / "no" / "f", "x", force=True).begin()
+
+
+def test_clean_stale_temps_for_one_output_also_takes_dead_scratch_folders(tmp_path):
+    dead = 2 ** 22 + 12345
+    for n in (f".s.tmp-{dead}-0a", f".dvsprep-convert-{dead}-x", f".other.tmp-{dead}-0a"):
+        (tmp_path / n).mkdir()
+    removed = clean_stale_temps(tmp_path, "s")
+    assert sorted(p.name for p in removed) == [f".dvsprep-convert-{dead}-x", f".s.tmp-{dead}-0a"]
+    assert [p.name for p in tmp_path.iterdir()] == [f".other.tmp-{dead}-0a"]
+
+
+def test_local_paths_leave_out_urls_and_none():
+    assert atomic.local_paths(["http://h/x", None, "a", Path("b"), "s3://b/k"]) == [Path("a"), Path("b")]
+
+
+def test_pid_alive_sends_no_signal(tmp_path):
+    """Signal 0 only checks: a live process is not touched (it would print HUP on SIGHUP)."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import signal, sys\n"
+                              "signal.signal(signal.SIGHUP, lambda *a: print('HUP', flush=True))\n"
+                              "print('ready', flush=True)\nsys.stdin.read()"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline() == "ready\n"
+    assert pid_alive(child.pid)
+    out, _ = child.communicate("")
+    assert out == "" and child.returncode == 0
+
+
+def test_pid_alive_counts_a_process_we_may_not_signal(monkeypatch):
+    def denied(pid, sig):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    def gone(pid, sig):
+        raise ProcessLookupError(errno.ESRCH, "No such process")
+    monkeypatch.setattr(atomic.os, "kill", denied)
+    assert pid_alive(4242)
+    monkeypatch.setattr(atomic.os, "kill", gone)
+    assert not pid_alive(4242)
+
+
+def test_remove_path_never_raises_on_a_tree_it_cannot_remove(tmp_path, monkeypatch):
+    d = tmp_path / "busy"
+    d.mkdir()
+
+    def busy(*a, **k):
+        raise OSError(errno.EBUSY, "Device or resource busy")
+    monkeypatch.setattr(os, "rmdir", busy)
+    remove_path(d)                                                        # a mount point, say
+    monkeypatch.undo()
+    assert d.is_dir()
+
+
+def test_same_or_inside_is_false_when_the_files_cannot_be_compared(tmp_path, monkeypatch):
+    (tmp_path / "a").write_bytes(b"a")
+    (tmp_path / "b").write_bytes(b"b")
+
+    def fails(a, b):
+        raise PermissionError(errno.EACCES, "Permission denied")
+    monkeypatch.setattr(atomic.os.path, "samefile", fails)
+    assert not same_or_inside(tmp_path / "a", tmp_path / "b")
+
+
+def test_scratch_dir_is_a_new_hidden_folder_inside_its_parent(tmp_path):
+    s = atomic.scratch_dir(tmp_path / "a" / "b", "convert")
+    assert s.parent == tmp_path / "a" / "b" and s.is_dir()
+    assert re.fullmatch(rf"\.dvsprep-convert-{os.getpid()}-\w+", s.name) and temp_owner(s.name) == os.getpid()
+    assert atomic.scratch_dir(tmp_path / "a" / "b", "convert") != s
+
+
+def test_a_publication_aborted_before_it_began_does_nothing(tmp_path):
+    p = atomic.Publication(tmp_path / "o", "x", force=False)
+    p.abort()
+    p.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failing_marker_is_logged_at_debug_naming_the_output(tmp_path, caplog):
+    import logging
+
+    out = tmp_path / "pic.png"
+    p = atomic.Publication(out, "picture", force=False)
+    p.on_published(lambda: (_ for _ in ()).throw(ValueError("no marker")))
+    with caplog.at_level(logging.DEBUG, logger="dvsprep.atomic"):
+        with p as tmp:
+            tmp.write_bytes(b"x")
+    assert [r.getMessage() for r in caplog.records] == [f"{out}: after publishing: no marker"]

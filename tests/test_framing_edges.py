@@ -107,3 +107,28 @@ def test_check_params_accepts_and_names_the_methods():
     with pytest.raises(StoreError) as e:
         check_params(4, "Time")
     assert str(e.value) == "unknown split method 'Time'; expected one of number, time"
+
+
+@pytest.mark.parametrize("t,j_l,j_r", [
+    # frame i: first to last event of window i ([0,10) [10,20) ...; dt = (t[-1] - t[0]) // 4),
+    # empty windows (0, 0); the last frame from its window's first event (or the first later one) to N
+    ([0, 10, 20, 30, 40], [0, 1, 2, 3], [1, 2, 3, 5]),
+    ([0, 9, 10, 19, 20, 40], [0, 2, 4, 5], [2, 4, 5, 6]),       # window 3 empty: the event at 40
+    ([0, 1, 35, 40], [0, 0, 0, 2], [2, 0, 0, 4]),
+    ([5, 5, 5], [0, 0, 0, 0], [0, 0, 0, 3]),                     # dt 0: everything in the last
+    ([5, 3, 5], [0, 0, 0, 0], [0, 0, 0, 3]),                     # dt 0, out of order
+    ([5, 3, 4], [0, 0, 0, 0], [0, 0, 0, 3]),                     # dt -1 (t ends below t0): t >= 2, all
+    ([7], [0, 0, 0, 0], [0, 0, 0, 1]),
+    ([], [0, 0, 0, 0], [0, 0, 0, 0]),
+])
+def test_frame_bounds_by_hand(t, j_l, j_r):
+    got_l, got_r = frame_bounds(np.asarray(t, dtype=np.int64), 4, "time")
+    assert (got_l.tolist(), got_r.tolist()) == (j_l, j_r)
+    assert got_l.dtype == got_r.dtype == np.int64
+
+
+def test_frame_starts_are_int64_in_every_path():
+    for t, n, split_by in ((None, 7, "number"), (np.zeros(0, np.int64), 0, "time"),
+                           (np.arange(5, dtype=np.int64), 5, "time")):
+        assert frame_starts(t, n, 3, split_by).dtype == np.int64
+    assert frame_starts(None, 7, 3, "number").tolist() == [0, 2, 4, 7]

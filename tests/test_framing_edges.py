@@ -132,3 +132,12 @@ def test_frame_starts_are_int64_in_every_path():
                            (np.arange(5, dtype=np.int64), 5, "time")):
         assert frame_starts(t, n, 3, split_by).dtype == np.int64
     assert frame_starts(None, 7, 3, "number").tolist() == [0, 2, 4, 7]
+
+
+def test_two_events_out_of_order_leave_the_tiling_path():
+    """N = 2 is the smallest input that can be out of order (t = [5, 3]): SpikingJelly's ranges."""
+    t = np.array([5, 3], dtype=np.int64)
+    assert frame_starts(t, 2, 2, "time") is None
+    assert frame_starts(np.array([3, 5], dtype=np.int64), 2, 2, "time").tolist() == [0, 1, 2]
+    # dt = (3 - 5) // 2 = -1: the last frame takes t >= 5 - 1, from event 0: both events
+    assert _per_frame(t, 2, "time") == [0, 2]

@@ -99,3 +99,29 @@ def test_capacity_beyond_number_is_skipped_and_number_zero_decodes_nothing():
     empty = struct.pack("<hhiiiiii", 1, 1, 8, 4, 0, 0, 0, 0)
     ev = aedat.decode_buffer(np.frombuffer(HEADER + empty + head + body, dtype=np.uint8))
     assert (ev.t.tolist(), ev.x.tolist(), ev.y.tolist(), ev.p.tolist(), ev.n_invalid) == ([9], [1], [2], [1], 0)
+
+
+# --------------------------------------------------------------------------- the encoder (synth, tests)
+
+def test_the_encoder_writes_the_layout_by_hand(tmp_path):
+    assert aedat.encode_packet(1, b"", event_size=8, capacity=0, number=0) == \
+        struct.pack("<hhiiiiii", 1, 1, 8, 4, 0, 0, 0, 0)                  # source 1, tsOffset 4
+    body = aedat.encode_polarity_records(np.array([5, (1 << 31) | 7]), np.array([127, 2]), np.array([0, 3]),
+                                         np.array([1, 0]), valid=np.array([1, 0]))
+    assert body == struct.pack("<IIII", _word(127, 0, 1, 1), 5, _word(2, 3, 0, 0), 7)   # ts: low 31 bits
+    # a new packet where t >> 31 changes; the header's valid count counts valid events only
+    pks = list(aedat.polarity_packets(np.array([1, 2, (1 << 31) | 3]), np.array([1, 2, 3]), np.array([4, 5, 6]),
+                                      np.array([1, 1, 0]), valid=np.array([1, 0, 1])))
+    assert [struct.unpack_from("<hhiiiiii", pk) for pk in pks] == [(1, 1, 8, 4, 0, 2, 2, 1), (1, 1, 8, 4, 1, 1, 1, 1)]
+    assert [struct.unpack_from("<hhiiiiii", pk)[7] for pk in aedat.polarity_packets(
+        np.array([1, 2]), np.array([1, 2]), np.array([1, 2]), np.array([0, 1]))] == [2]
+    # 4096 events a packet by default: 4097 make two
+    z = np.zeros(4097, dtype=np.int64)
+    assert [struct.unpack_from("<hhiiiiii", pk)[6] for pk in aedat.polarity_packets(z, z, z, z)] == [4096, 1]
+    # a special packet: type 0, every record valid with type code 2 (data word 0b101)
+    assert aedat.special_packet(2, ts=9) == struct.pack("<hhiiiiii", 0, 1, 8, 4, 0, 2, 2, 2) + \
+        struct.pack("<IIII", 5, 9, 5, 9)
+    aedat.write_aedat(tmp_path / "a.aedat", [b"P1", b"P2"], header=b"H")
+    assert (tmp_path / "a.aedat").read_bytes() == b"HP1P2"
+    aedat.write_aedat(tmp_path / "b.aedat", [])
+    assert (tmp_path / "b.aedat").read_bytes() == HEADER.replace(b"RAW\r\n", b"RAW\r\n#Source 1: DVS128\r\n")

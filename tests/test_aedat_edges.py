@@ -125,3 +125,26 @@ def test_the_encoder_writes_the_layout_by_hand(tmp_path):
     assert (tmp_path / "a.aedat").read_bytes() == b"HP1P2"
     aedat.write_aedat(tmp_path / "b.aedat", [])
     assert (tmp_path / "b.aedat").read_bytes() == HEADER.replace(b"RAW\r\n", b"RAW\r\n#Source 1: DVS128\r\n")
+
+
+def test_invalid_events_are_dropped_when_every_event_is_on():
+    """All polarities 1 (bit 1 set everywhere) and one event invalid: still dropped."""
+    events = [(1, 1, 1, 1, 1), (2, 2, 1, 0, 2), (3, 3, 1, 1, 3)]
+    ev = aedat.decode_buffer(np.frombuffer(HEADER + _packet(events, 0), dtype=np.uint8))
+    assert (ev.x.tolist(), ev.t.tolist(), ev.n_invalid) == ([1, 3], [1, 3], 1)
+
+
+def test_header_lines_and_the_read_only_map(tmp_path):
+    assert aedat.header_bytes(["a: 1", "#b"]) == (b"#!AER-DAT3.1\r\n#Format: RAW\r\n#Source 1: DVS128\r\n"
+                                                  b"#a: 1\r\n#b\r\n#!END-HEADER\r\n")
+    p = tmp_path / "r.aedat"
+    p.write_bytes(HEADER)
+    m = aedat.map_file(p)
+    assert m.dtype == np.uint8 and not m.flags.writeable and m.tobytes() == HEADER
+    with pytest.raises(aedat.MissingFileError) as e:
+        aedat.map_file(tmp_path / "gone.aedat")
+    assert str(e.value) == f"{tmp_path / 'gone.aedat'}: no such file"
+    (tmp_path / "e.aedat").write_bytes(b"")
+    with pytest.raises(AedatFormatError) as e:
+        aedat.map_file(tmp_path / "e.aedat")
+    assert str(e.value) == f"{tmp_path / 'e.aedat'}: empty file"

@@ -63,12 +63,19 @@ def served(tmp_path_factory):
     return www, fp
 
 
+@pytest.fixture(scope="module")
+def _httpd(served):
+    """One server for the module (stopping one takes its 0.5 s poll interval)."""
+    www, _ = served
+    with pytest.MonkeyPatch.context() as mp, serving(functools.partial(_Handler, directory=str(www)), mp) as httpd:
+        yield httpd
+
+
 @pytest.fixture()
-def server(served, monkeypatch):
+def server(served, _httpd):
     www, fp = served
-    with serving(functools.partial(_Handler, directory=str(www)), monkeypatch) as httpd:
-        httpd.gets = Counter()
-        yield httpd.url, www, httpd.gets, fp
+    _httpd.gets = Counter()                             # the requests of this test only
+    yield _httpd.url, www, _httpd.gets, fp
 
 
 def _cache_names(cache: Path) -> list[str]:

@@ -140,13 +140,13 @@ def test_stepwise_net_resets_its_dropout_masks_around_every_forward():
     seen = []
     for d in drops:   # record each layer's mask at every step of the forward
         d.register_forward_hook(lambda mod, inp, out: seen.append(mod.mask.clone()))
-    x = torch.rand(3, 2, 2, 128, 128).round()
+    x = torch.rand(2, 2, 2, 128, 128).round()
     net(x)
     assert all(d.mask is None for d in drops)          # reset after the forward
-    first = seen[:]                                    # [t0 d1, t0 d2, t1 d1, t1 d2, t2 d1, t2 d2]
-    assert len(first) == 6
+    first = seen[:]                                    # [t0 d1, t0 d2, t1 d1, t1 d2]
+    assert len(first) == 4
     for k in (0, 1):
-        assert torch.equal(first[k], first[k + 2]) and torch.equal(first[k], first[k + 4])
+        assert torch.equal(first[k], first[k + 2])
         assert first[k].shape[0] == 2 and not torch.equal(first[k][0], first[k][1])
     seen.clear()
     net(x)

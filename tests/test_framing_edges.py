@@ -113,6 +113,7 @@ def test_check_params_accepts_and_names_the_methods():
     # frame i: first to last event of window i ([0,10) [10,20) ...; dt = (t[-1] - t[0]) // 4),
     # empty windows (0, 0); the last frame from its window's first event (or the first later one) to N
     ([0, 10, 20, 30, 40], [0, 1, 2, 3], [1, 2, 3, 5]),
+    ([0, 1, 2, 3, 4], [0, 1, 2, 3], [1, 2, 3, 5]),               # dt 1, the smallest window
     ([0, 9, 10, 19, 20, 40], [0, 2, 4, 5], [2, 4, 5, 6]),       # window 3 empty: the event at 40
     ([0, 1, 35, 40], [0, 0, 0, 2], [2, 0, 0, 4]),
     ([5, 5, 5], [0, 0, 0, 0], [0, 0, 0, 3]),                     # dt 0: everything in the last

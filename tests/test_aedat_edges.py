@@ -148,3 +148,27 @@ def test_header_lines_and_the_read_only_map(tmp_path):
     with pytest.raises(AedatFormatError) as e:
         aedat.map_file(tmp_path / "e.aedat")
     assert str(e.value) == f"{tmp_path / 'e.aedat'}: empty file"
+
+
+@pytest.mark.parametrize("block", [1, 1 << 15])
+def test_the_refusal_names_the_first_valid_event_outside_the_sensor_and_its_byte(block, monkeypatch):
+    """Blocks hold several packets: the byte offset is found through the right packet; an
+    invalid event outside the sensor before it is not the one named."""
+    monkeypatch.setattr(aedat, "BLOCK_EVENTS", block)
+    ok = (1, 1, 1, 1, 1)
+    body0 = len(HEADER) + 28
+    body1 = body0 + 2 * 8 + 28
+    cases = [([ok, ok], [(128, 3, 1, 1, 5), ok], body1, "x=128, y=3"),          # first of packet 2
+             ([ok, (4, 128, 0, 1, 2)], [ok], body0 + 8, "x=4, y=128"),           # in packet 1, block of 3
+             ([(300, 300, 1, 0, 1), ok], [ok, (129, 0, 1, 1, 9)], body1 + 8, "x=129, y=0")]
+    for p0, p1, offset, where in cases:
+        buf = np.frombuffer(HEADER + _packet(p0, 0) + _packet(p1, 0), dtype=np.uint8)
+        with pytest.raises(AedatFormatError) as e:
+            aedat.decode_buffer(buf, "b.aedat")
+        assert str(e.value) == f"b.aedat: byte {offset}: event at {where} is outside the 128x128 sensor"
+
+
+def test_packets_of_other_types_with_zero_sized_events_are_skipped():
+    other = struct.pack("<hhiiiiii", 2, 1, 0, 4, 0, 5, 5, 5)          # eventSize 0: no body
+    ev = aedat.decode_buffer(np.frombuffer(HEADER + other + _packet([(6, 7, 1, 1, 8)], 0), dtype=np.uint8))
+    assert (ev.x.tolist(), ev.y.tolist(), ev.t.tolist()) == ([6], [7], [8])

@@ -186,3 +186,84 @@ def test_tau_boundary_one_is_refused_just_above_accepted(cls):
     with pytest.raises(ConfigError, match="tau must be > 1, got 1.0"):
         cls(tau=1.0)
     cls(tau=math.nextafter(1.0, 2.0))
+
+
+def test_load_cupy_backend_each_way_it_can_fail(monkeypatch):
+    import importlib
+    import types
+
+    from dvsg_train import neuron
+
+    hint = "pip install 'dvsgesture-kit[cuda]'"
+    real_find = importlib.util.find_spec
+
+    def find(missing):
+        return lambda name, *a: None if name in missing else (object() if name == "cupy" else real_find(name, *a))
+
+    def refused(message):
+        with pytest.raises(BackendUnavailableError) as e:
+            neuron.load_cupy_backend()
+        assert str(e.value) == message
+
+    monkeypatch.setattr(importlib.util, "find_spec", find({"dvsg_train.cupy_lif"}))
+    refused("the cupy neuron backend is not part of this installation (dvsg_train.cupy_lif is missing); "
+            f"reinstall dvsgesture-kit with its CUDA extra: {hint}")
+    monkeypatch.setattr(importlib.util, "find_spec", find(set()))
+
+    def broken(name):
+        raise ImportError("libcuda.so.1: cannot open")
+    monkeypatch.setattr(importlib, "import_module", broken)
+    refused(f"the cupy neuron backend failed to import (libcuda.so.1: cannot open); {hint}")
+    module = types.SimpleNamespace(cupy_available=lambda: (False, "no GPU here"), lif_multistep_cupy="kernel")
+    imported = []
+    monkeypatch.setattr(importlib, "import_module", lambda name: imported.append(name) or module)
+    refused("no GPU here")
+    module.cupy_available = lambda: (True, "")
+    assert neuron.load_cupy_backend() == "kernel" and set(imported) == {"dvsg_train.cupy_lif"}
+    # a cupy_lif without cupy_available: CuPy importable and a CUDA device, both needed
+    del module.cupy_available
+    for cupy, cuda in ((True, False), (False, True)):
+        monkeypatch.setattr(importlib.util, "find_spec", find(set() if cupy else {"cupy"}))
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        refused(f"--cupy needs CuPy and a CUDA device: {hint}")
+    monkeypatch.setattr(importlib.util, "find_spec", find(set()))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert neuron.load_cupy_backend() == "kernel"
+
+
+@pytest.mark.parametrize("cls", [LIF, PLIF])
+def test_single_step_reset_below_zero_with_the_reset_in_the_graph(cls):
+    """v_reset -0.5 and detach_reset False against the loop reference (the same float32
+    operations in the same order: spikes equal, gradients within 1 ulp of their own size)."""
+    x0 = torch.tensor(DESIGN_X) * 1.3
+    weights = torch.linspace(-1, 1, 3)
+    got = []
+    for run in ("ours", "reference"):
+        x = x0.clone().requires_grad_()
+        if run == "ours":
+            m = cls(tau=2.0, v_reset=-0.5, detach_reset=False)
+            s = torch.stack([m(x[t]) for t in range(4)])
+        else:
+            s = loop_reference(x, torch.tensor(0.5), v_reset=-0.5, detach_reset=False)
+        (s * weights).sum().backward()
+        got.append((s.detach(), x.grad))
+    assert torch.equal(got[0][0], got[1][0]) and got[0][0].sum() > 0
+    ulp = torch.finfo(torch.float32).eps * got[1][1].abs()
+    assert torch.all((got[0][1] - got[1][1]).abs() <= ulp)
+    assert not torch.equal(got[1][1], _grad_with_detached_reset(x0, weights))   # the case tells them apart
+
+
+def _grad_with_detached_reset(x0, weights):
+    x = x0.clone().requires_grad_()
+    (loop_reference(x, torch.tensor(0.5), v_reset=-0.5, detach_reset=True) * weights).sum().backward()
+    return x.grad
+
+
+def test_single_step_state_dtype_follows_the_input():
+    """float16 in: float32 state, float16 spikes; float64 in: float64 state and spikes."""
+    m = LIF()
+    s = m(torch.tensor([[1.5, 3.0]], dtype=torch.float16))
+    assert s.dtype == torch.float16 and m.v.dtype == torch.float32 and s.tolist() == [[0.0, 1.0]]
+    m.reset()
+    s = m(torch.tensor([[1.5, 3.0]], dtype=torch.float64))
+    assert s.dtype == torch.float64 and m.v.dtype == torch.float64 and m.v.tolist() == [[0.75, 0.0]]

@@ -267,3 +267,53 @@ def test_single_step_state_dtype_follows_the_input():
     m.reset()
     s = m(torch.tensor([[1.5, 3.0]], dtype=torch.float64))
     assert s.dtype == torch.float64 and m.v.dtype == torch.float64 and m.v.tolist() == [[0.75, 0.0]]
+
+
+def test_the_cupy_backend_gets_every_argument_and_defaults_are_the_seeds(monkeypatch):
+    from dvsg_train import neuron
+
+    calls = []
+    monkeypatch.setattr(neuron, "load_cupy_backend", lambda: lambda *a: calls.append(a) or "spikes")
+    x, d = torch.zeros(2, 3), torch.tensor(0.25)
+    assert neuron.lif_multistep(x, d, 0.7, -0.2, 3.0, False, backend="cupy") == "spikes"
+    assert neuron.lif_multistep(x, d, backend="cupy") == "spikes"
+    (a, b) = calls
+    assert a[0] is x and a[1] is d and a[2:] == (0.7, -0.2, 3.0, False)
+    assert b[0] is x and b[1] is d and b[2:] == (1.0, 0.0, 2.0, True)   # threshold 1, reset 0, ATan 2, detached
+    # the default backend is torch: the design check values without naming it
+    assert torch.equal(neuron.lif_multistep(torch.tensor(DESIGN_X), torch.tensor(0.5)),
+                       torch.tensor(DESIGN_SPIKES, dtype=torch.float32))
+    with pytest.raises(ConfigError) as e:
+        neuron.lif_multistep(x, d, backend="numba")
+    assert str(e.value) == "unknown neuron backend 'numba'; choose one of torch, cupy"
+
+
+def test_check_backend(monkeypatch):
+    from dvsg_train import neuron
+
+    loaded = []
+    monkeypatch.setattr(neuron, "load_cupy_backend", lambda: loaded.append(1))
+    neuron.check_backend("torch")
+    assert loaded == []
+    neuron.check_backend("cupy")
+    assert loaded == [1]
+    with pytest.raises(ConfigError) as e:
+        neuron.check_backend("CUPY")
+    assert str(e.value) == "unknown neuron backend 'CUPY'; choose one of torch, cupy"
+
+
+def test_shape_errors_name_the_shape():
+    with pytest.raises(ValueError) as e:
+        lif_multistep_torch(torch.zeros(3), torch.tensor(0.5), 1.0, 0.0, 2.0, True)
+    assert str(e.value) == "x_seq must be [T, ...] with at least 2 dims, got shape (3,)"
+    with pytest.raises(ValueError) as e:
+        lif_multistep_torch(torch.zeros(3, 2), torch.tensor([0.5]), 1.0, 0.0, 2.0, True)
+    assert str(e.value) == "decay must be a 0-dim tensor, got shape (1,)"
+
+
+def test_extra_repr_names_every_constant():
+    assert LIF(tau=3.0).extra_repr() == "tau=3.0, v_threshold=1.0, v_reset=0.0, alpha=2.0, detach_reset=True"
+    assert MultiStepLIF(tau=3.0, v_reset=-0.5, alpha=4.0, detach_reset=False).extra_repr() == \
+        "tau=3.0, v_threshold=1.0, v_reset=-0.5, alpha=4.0, detach_reset=False, backend=torch"
+    assert MultiStepPLIF(tau=3.0).extra_repr() == \
+        "v_threshold=1.0, v_reset=0.0, alpha=2.0, detach_reset=True, backend=torch"

@@ -317,3 +317,48 @@ def test_extra_repr_names_every_constant():
         "tau=3.0, v_threshold=1.0, v_reset=-0.5, alpha=4.0, detach_reset=False, backend=torch"
     assert MultiStepPLIF(tau=3.0).extra_repr() == \
         "v_threshold=1.0, v_reset=0.0, alpha=2.0, detach_reset=True, backend=torch"
+
+
+@pytest.mark.parametrize("cls", [MultiStepLIF, MultiStepPLIF])
+def test_multistep_reset_below_zero_with_the_reset_in_the_graph(cls):
+    x0 = torch.tensor(DESIGN_X) * 1.3
+    weights = torch.linspace(-1, 1, 3)
+    got = []
+    for run in ("ours", "reference"):
+        x = x0.clone().requires_grad_()
+        s = (cls(tau=2.0, v_reset=-0.5, detach_reset=False)(x) if run == "ours"
+             else loop_reference(x, torch.tensor(0.5), v_reset=-0.5, detach_reset=False))
+        (s * weights).sum().backward()
+        got.append((s.detach(), x.grad))
+    assert torch.equal(got[0][0], got[1][0])
+    # the hand-written backward sums the same terms in another order: a few float32 ulps of each
+    assert torch.all((got[0][1] - got[1][1]).abs() <= 4 * torch.finfo(torch.float32).eps * got[1][1].abs() + 1e-7)
+    assert not torch.equal(got[1][1], _grad_with_detached_reset(x0, weights))
+
+
+@pytest.mark.parametrize("multi", [True, False])
+def test_float16_input_keeps_a_float32_membrane(multi):
+    """x = [3 * 2**-11, 2 - 2**-9] (exact in float16), decay 0.5: in float32, h1 = 1 - 2**-13 < 1
+    (no spike); a float16 membrane would round x1 - h0 to 2 - 2**-9 and h1 = 1 - 2**-12 to 1.0
+    (a spike)."""
+    x = torch.tensor([[3 * 2.0 ** -11], [2 - 2.0 ** -9]], dtype=torch.float16)
+    if multi:
+        s = MultiStepLIF(tau=2.0)(x)
+    else:
+        m = LIF(tau=2.0)
+        s = torch.stack([m(x[t]) for t in range(2)])
+    assert s.dtype == torch.float16 and s.flatten().tolist() == [0.0, 0.0]
+    assert loop_reference(x.float(), torch.tensor(0.5)).flatten().tolist() == [0.0, 0.0]
+
+
+def test_multistep_modules_dispatch_to_their_backend(monkeypatch):
+    from dvsg_train import neuron
+
+    calls = []
+    monkeypatch.setattr(neuron, "load_cupy_backend", lambda: lambda *a: calls.append(a[2:]) or "k")
+    assert MultiStepLIF(tau=4.0, v_threshold=0.8, v_reset=-0.1, alpha=3.0, detach_reset=False,
+                        backend="cupy")(torch.zeros(2, 1)) == "k"
+    assert calls == [(0.8, -0.1, 3.0, False)]
+    with pytest.raises(ConfigError) as e:
+        MultiStepPLIF(backend="triton")
+    assert str(e.value) == "unknown neuron backend 'triton'; choose one of torch, cupy"

@@ -338,10 +338,10 @@ def test_multistep_reset_below_zero_with_the_reset_in_the_graph(cls):
 
 @pytest.mark.parametrize("multi", [True, False])
 def test_float16_input_keeps_a_float32_membrane(multi):
-    """x = [3 * 2**-11, 2 - 2**-9] (exact in float16), decay 0.5: in float32, h1 = 1 - 2**-13 < 1
-    (no spike); a float16 membrane would round x1 - h0 to 2 - 2**-9 and h1 = 1 - 2**-12 to 1.0
-    (a spike)."""
-    x = torch.tensor([[3 * 2.0 ** -11], [2 - 2.0 ** -9]], dtype=torch.float16)
+    """x = [2**-11, 2 - 2**-10] (exact in float16), decay 0.5. Float32 membrane: h0 = 2**-12,
+    h1 = h0 + (x1 - h0) / 2 = 1 - 3 * 2**-13 < 1: no spike. A float16 membrane rounds x1 - h0 to
+    2 - 2**-10, then h1 = 1 - 2**-12, halfway to 1.0, to 1.0 (even): a spike."""
+    x = torch.tensor([[2.0 ** -11], [2 - 2.0 ** -10]], dtype=torch.float16)
     if multi:
         s = MultiStepLIF(tau=2.0)(x)
     else:

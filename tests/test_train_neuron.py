@@ -362,3 +362,10 @@ def test_multistep_modules_dispatch_to_their_backend(monkeypatch):
     with pytest.raises(ConfigError) as e:
         MultiStepPLIF(backend="triton")
     assert str(e.value) == "unknown neuron backend 'triton'; choose one of torch, cupy"
+
+
+def test_float64_input_starts_from_a_float64_reset():
+    """v_reset -0.1 is not a float32 number: a float32 initial membrane would show in float64."""
+    m = LIF(tau=2.0, v_reset=-0.1)
+    m(torch.tensor([0.3], dtype=torch.float64))
+    assert m.v.dtype == torch.float64 and m.v.item() == -0.1 + 0.5 * (0.3 - (-0.1 - -0.1))

@@ -172,3 +172,13 @@ def test_packets_of_other_types_with_zero_sized_events_are_skipped():
     other = struct.pack("<hhiiiiii", 2, 1, 0, 4, 0, 5, 5, 5)          # eventSize 0: no body
     ev = aedat.decode_buffer(np.frombuffer(HEADER + other + _packet([(6, 7, 1, 1, 8)], 0), dtype=np.uint8))
     assert (ev.x.tolist(), ev.y.tolist(), ev.t.tolist()) == ([6], [7], [8])
+
+
+def test_encoder_and_decoder_defaults():
+    z = np.zeros(4097, dtype=np.int64)
+    heads = [struct.unpack_from("<hhiiiiii", pk) for pk in aedat.polarity_packets(z, z, z, z)]
+    assert [(h[6], h[7]) for h in heads] == [(4096, 4096), (1, 1)]          # number, valid count
+    assert aedat.special_packet() == struct.pack("<hhiiiiii", 0, 1, 8, 4, 0, 2, 2, 2) + struct.pack("<IIII", 5, 0, 5, 0)
+    with pytest.raises(AedatFormatError) as e:
+        aedat.decode_buffer(np.frombuffer(b"#!AER-DAT2.0\r\n", dtype=np.uint8))
+    assert str(e.value).startswith("<bytes>: ")

@@ -182,3 +182,23 @@ def test_encoder_and_decoder_defaults():
     with pytest.raises(AedatFormatError) as e:
         aedat.decode_buffer(np.frombuffer(b"#!AER-DAT2.0\r\n", dtype=np.uint8))
     assert str(e.value).startswith("<bytes>: ")
+
+
+@pytest.mark.parametrize("raw,message", [
+    (b"\n", "not an AEDAT file (first line is b'')"),
+    (b"A" * 50 + b"\n", "not an AEDAT file (first line is " + repr(b"A" * 40) + ")"),
+    (b"#!AER-DAT3.1 \r\n#!END-HEADER\r\n", "unsupported AEDAT version 3.1  (only 3.1 is supported)"),
+    (b"#!AER-DAT3.1X\r\n#!END-HEADER\r\n", "unsupported AEDAT version 3.1X (only 3.1 is supported)"),
+    (b"#!AER-DAT\xff\r\n", "unsupported AEDAT version \ufffd (only 3.1 is supported)"),
+    (b"#!AER-DAT3.1\r\n#a\r\nb\r\n#!END-HEADER\r\n", "byte 18: header line does not start with '#' (no "
+                                                    "'#!END-HEADER' before it)"),
+    (b"#!AER-DAT3.1\r\n#a", "header has no '#!END-HEADER' line"),
+])
+def test_header_refusals_by_hand(raw, message):
+    with pytest.raises(AedatFormatError) as e:
+        aedat.parse_header(np.frombuffer(raw, dtype=np.uint8))
+    assert str(e.value) == f"<bytes>: {message}"
+
+
+def test_header_ends_after_its_end_line():
+    assert aedat.parse_header(np.frombuffer(HEADER + b"\x01\x02", dtype=np.uint8)) == len(HEADER)

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_data
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench clean mutation
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,6 +19,12 @@ venv: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15
+
+# Mutation testing of the core modules (not part of `make test`; hours on 2 cores, see
+# tests/MUTANTS.md). One cluster: make mutation CLUSTERS=atomic
+mutation: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[mutation]'
+	nice -n 19 $(BIN)/python scripts/mutation.py $(CLUSTERS)
 
 demo: $(STAMP)
 	bash scripts/demo.sh $(DEMO_DIR)

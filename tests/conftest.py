@@ -7,6 +7,23 @@ from pathlib import Path
 
 import pytest
 
+try:
+    from hypothesis import settings as _hyp_settings
+except ImportError:  # the property tests skip themselves without hypothesis
+    _hyp_settings = None
+
+if _hyp_settings is not None:
+    import os as _os
+
+    # "ci" (the default, what `make test` runs): the same examples every run, nothing replayed
+    # from a local example database, so a failure reproduces on any machine. "random": random
+    # examples, many more (see tests/fuzz_settings.py; pick it with DVSPREP_HYPOTHESIS=random
+    # or --hypothesis-profile random).
+    _hyp_settings.register_profile("ci", derandomize=True, database=None, deadline=None, print_blob=True)
+    _hyp_settings.register_profile("random", derandomize=False, deadline=None, print_blob=True,
+                                   max_examples=int(_os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "1000")))
+    _hyp_settings.load_profile(_os.environ.get("DVSPREP_HYPOTHESIS", "ci"))
+
 
 def _cuda_available() -> bool:
     if importlib.util.find_spec("torch") is None:

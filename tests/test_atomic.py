@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from dvsprep.atomic import (
 )
 from dvsprep.errors import OutputLockedError
 from dvsprep.workers import process_pool, stop_pool
+from waits import signal_ignored
 
 
 def _dead_pid() -> int:
@@ -112,11 +112,11 @@ def test_output_lock_in_the_same_process_also_refuses(tmp_path):
 def test_output_lock_is_released_when_the_holder_is_killed(tmp_path):
     out = tmp_path / "store.zarr"
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import sys, time
+        import signal
         from dvsprep.atomic import output_lock
         with output_lock({str(out)!r}):
             print("held", flush=True)
-            time.sleep(60)
+            signal.pause()                      # holds the lock until killed
     """)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -140,22 +140,20 @@ def test_output_lock_removes_stale_temps_of_its_output(tmp_path):
         assert not stale.exists()
 
 
-def _sleep_a_while(i: int) -> int:
-    time.sleep(30)
-    return i
-
-
 def test_pool_workers_ignore_sigint():
+    """A worker ignores SIGINT (SigIgn in /proc: the kernel drops it), keeps working after one,
+    and ends normally with the pool (a worker that took the SIGINT would exit 1)."""
     pool = process_pool(2)
+    workers = dict(pool._processes)
     try:
-        fut = pool.submit(os.getpid)
-        worker = fut.result(timeout=30)
+        worker = pool.submit(os.getpid).result(timeout=30)
+        assert signal_ignored(worker, signal.SIGINT)
         os.kill(worker, signal.SIGINT)
-        time.sleep(0.2)
-        assert pid_alive(worker)
-        assert pool.submit(os.getpid).result(timeout=30) in {worker, *[p for p in pool._processes]}
+        assert pool.submit(os.getpid).result(timeout=30) in workers
     finally:
         stop_pool(pool)
+    assert sorted(workers) == sorted(p.pid for p in workers.values()) and len(workers) == 2
+    assert [p.exitcode for p in workers.values()] == [0, 0]
 
 
 def test_interrupt_once_lets_the_clean_up_finish():
@@ -167,11 +165,10 @@ def test_interrupt_once_lets_the_clean_up_finish():
     with pytest.raises(KeyboardInterrupt):
         with interrupt_once():
             try:
-                os.kill(os.getpid(), signal.SIGINT)
-                time.sleep(5)
+                signal.raise_signal(signal.SIGINT)    # handled before raise_signal returns
+                pytest.fail("the first Ctrl-C did not interrupt")
             except KeyboardInterrupt:
-                os.kill(os.getpid(), signal.SIGINT)   # pressed again while cleaning up
-                time.sleep(0.2)
+                signal.raise_signal(signal.SIGINT)    # pressed again while cleaning up
                 cleaned.append(True)
                 raise
     assert cleaned == [True]

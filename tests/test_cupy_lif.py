@@ -211,19 +211,20 @@ def test_host_design_check_value(host_lib):
 
 
 @pytest.mark.parametrize("dtype_name", sorted(DTYPES))
-@pytest.mark.parametrize("T,shape,sm_count", [(1, (257,), 1), (16, (3, 333), 2), (5, (5, 7), 1),
-                                              (19, (1001,), 2), (7, (2, 300), 3)])
+# grid: blocks launched, by hand: one per 256 neurons (rounded up), at most sm_count (one block
+# per SM here): 257 -> 2 capped to 1; 999 -> 4 capped to 2; 35 -> 1 under the cap of 2;
+# 1001 -> 4 capped to 2; 600 -> 3 at the cap of 3
+@pytest.mark.parametrize("T,shape,sm_count,grid", [(1, (257,), 1, 1), (16, (3, 333), 2, 2), (5, (5, 7), 2, 1),
+                                                   (19, (1001,), 2, 2), (7, (2, 300), 3, 3)])
 @pytest.mark.parametrize("plif,detach", [(False, True), (True, True), (True, False)])
-def test_host_wrapper_matches_torch_reference(host_lib, dtype_name, T, shape, sm_count, plif,
+def test_host_wrapper_matches_torch_reference(host_lib, dtype_name, T, shape, sm_count, grid, plif,
                                              detach):
     x, grad = _random_case(T, shape, DTYPES[dtype_name], seed=T * 1000 + shape[-1])
-    n = math.prod(shape)
     launcher = HostLauncher(sm_count=sm_count)   # a small grid: several neurons per thread
     _compare(host_run(launcher, detach), torch_run(detach), x, grad, 0.3 if plif else 0.0,
              dtype_name, plif)
-    grid = max(1, min(-(-n // cupy_lif.THREADS), sm_count))
     kinds = ["lif_forward", "plif_backward" if plif else "lif_backward"]
-    assert launcher.launches == [(f"{k}_{dtype_name}", (grid,), (cupy_lif.THREADS,)) for k in kinds]
+    assert launcher.launches == [(f"{k}_{dtype_name}", (grid,), (256,)) for k in kinds]
 
 
 def test_host_plif_decay_gradient_without_cancellation(host_lib):

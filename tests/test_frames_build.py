@@ -344,28 +344,29 @@ def test_ctrl_c_with_two_jobs_prints_aborted_and_leaves_nothing(big_events, tmp_
     import signal
     import subprocess
     import sys
-    import time
+
+    from waits import wait_for_tree, wait_signal_taken
 
     shutil.copy(big_events, tmp_path / "events.h5")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen([sys.executable, "-c", "from dvsprep.entry import dvsprep; dvsprep()", "frames", "-T", "256",
                              "-d", str(tmp_path), "-j", "2"], env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
     def writing() -> bool:
-        try:
-            return any(any(p.rglob("c/*/0/0/0/0")) for p in tmp_path.glob(".frames_T256_number.zarr.tmp-*"))
-        except FileNotFoundError:  # a file was renamed or removed while we walked the folder
-            return False
+        """A frame shard (c/N/0/0/0/0) exists in the temporary; os.walk skips folders that vanish
+        while it walks (the writer renames and removes as it goes)."""
+        for tmp in tmp_path.glob(".frames_T256_number.zarr.tmp-*"):
+            for folder, _, files in os.walk(tmp):
+                parts = Path(folder).parts
+                if len(parts) >= 5 and parts[-5] == "c" and parts[-3:] == ("0", "0", "0") and "0" in files:
+                    return True
+        return False
 
-    while time.monotonic() < deadline and proc.poll() is None:   # wait until shards are being written
-        if writing():
-            break
-        time.sleep(0.005)
-    assert proc.poll() is None, proc.communicate()
+    # wait (on inotify, not a clock) until shards are being written
+    assert wait_for_tree(tmp_path, writing, proc), proc.communicate()
     for _ in range(presses):
         os.killpg(proc.pid, signal.SIGINT)
-        time.sleep(0.05)
+        wait_signal_taken(proc.pid)     # the next press is a second press, not merged with this one
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 1 and err == "\nAborted!\n" and out == "", (proc.returncode, out, err)  # click's words
     assert sorted(p.name for p in tmp_path.iterdir()) == ["events.h5"]

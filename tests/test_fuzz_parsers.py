@@ -8,7 +8,7 @@ import struct
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from dvsprep.raw.aedat import decode_buffer, header_bytes, polarity_packets, special_packet
@@ -16,8 +16,9 @@ from dvsprep.errors import AedatFormatError, DvsprepError, LabelFormatError
 from dvsprep.raw.release import parse_labels, parse_trials
 
 from aedat_fixtures import random_events
+from fuzz_settings import fuzz
 
-FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = fuzz(60)
 NAME = "fuzz.aedat"
 
 

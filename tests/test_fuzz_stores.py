@@ -4,7 +4,6 @@ lists as a problem every reader refuses with a dvsprep error (one line at the CL
 stores (only the content checks can tell) run in every form, over http too (store_forms.py)."""
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import zipfile
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from hypothesis import given, strategies as st  # noqa: E402
 
 from dvsprep.errors import DvsprepError  # noqa: E402
 from dvsprep.events.store import EventsFile  # noqa: E402
@@ -21,11 +20,9 @@ from dvsprep.frames.store import open_frame_store  # noqa: E402
 from dvsprep.verify import verify_path  # noqa: E402
 from hostile_fixtures import tiny_events, tiny_store  # noqa: E402
 from store_forms import FORMS  # noqa: E402
+from fuzz_settings import fuzz  # noqa: E402
 
-# DVSPREP_FUZZ_EXAMPLES=2000 for a long run (random, not the fixed examples of the suite)
-_N = int(os.environ.get("DVSPREP_FUZZ_EXAMPLES", "40"))
-FUZZ = settings(max_examples=_N, deadline=None, derandomize=_N <= 40,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = fuzz(40)
 
 
 @pytest.fixture(scope="module")

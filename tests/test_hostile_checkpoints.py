@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 from dvsg_train.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from dvsg_train.cli import eval_main, export_main, train_main
@@ -27,6 +27,7 @@ from dvsg_train.errors import CheckpointError
 from dvsg_train.export.network import read_weights
 from dvsg_train.model import build_model
 
+from fuzz_settings import fuzz
 from hostile_fixtures import snapshot
 from train_fixtures import make_learnable_store
 
@@ -326,8 +327,7 @@ def originals(trained, tmp_path_factory):
     return {"ours": (run / "checkpoint_latest.pt").read_bytes(), "spikingjelly": sj.read_bytes()}
 
 
-FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = fuzz(40)
 
 
 @FUZZ

@@ -289,7 +289,6 @@ def test_zip_with_a_bad_member_is_listed_and_refused(base, store_forms, tmp_path
 
 def test_marker_makes_reopening_cheap_and_any_change_misses_it(base, tmp_path, monkeypatch):
     import os
-    import time
 
     from dvsprep.frames import store as frames_store
     from dvsprep.integrity import trust
@@ -308,7 +307,12 @@ def test_marker_makes_reopening_cheap_and_any_change_misses_it(base, tmp_path, m
     # an edit that keeps size and mtime still changes ctime: verified again, and refused
     label = store / "test/label/c/0"
     st = label.stat()
-    time.sleep(0.01)
+    # wait for the file system's clock to pass the label's ctime, so the edit changes it (an
+    # event: a probe file's ctime moves on; no fixed sleep)
+    probe = tmp_path / "probe"
+    probe.touch()
+    while probe.stat().st_ctime_ns <= st.st_ctime_ns:
+        probe.touch()
     flip(label, -2)
     os.utime(label, ns=(st.st_atime_ns, st.st_mtime_ns))
     with pytest.raises(StoreError, match="corrupt test/label/c/0"):

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 from dvsprep.atomic import atomic_write
 from dvsg_train.checkpoint import (
@@ -22,6 +22,7 @@ from dvsg_train.config import TrainConfig
 from dvsg_train.engine import main
 from dvsg_train.errors import CheckpointError, ConfigMismatchError, DataMismatchError
 
+from fuzz_settings import fuzz
 from train_fixtures import make_learnable_store
 
 
@@ -225,7 +226,7 @@ def small_checkpoint(run):
     return raw, load_checkpoint(run[2])
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@fuzz(60)
 @given(data=st.data())
 def test_random_byte_flips_are_refused_or_harmless(small_checkpoint, tmp_path_factory, data):
     raw, want = small_checkpoint

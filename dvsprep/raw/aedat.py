@@ -91,16 +91,13 @@ def parse_header(buf: bytes | np.ndarray, path: str | os.PathLike = "<bytes>") -
 _PACKET_STRUCT = struct.Struct("<hhiiiiii")
 
 
-def _walk_packets(
-    buf: np.ndarray, start: int, path: str | os.PathLike
-) -> tuple[list[tuple[int, int, int]], int]:
-    """Return [(body_offset, number, ts_overflow)] of polarity packets, and the packet count."""
+def _walk_packets(buf: np.ndarray, start: int, path: str | os.PathLike) -> list[tuple[int, int, int]]:
+    """Return [(body_offset, number, ts_overflow)] of the polarity packets that hold events."""
     size = buf.shape[0]
     mv = memoryview(buf)
     unpack = _PACKET_STRUCT.unpack_from
     pos = start
     polarity: list[tuple[int, int, int]] = []
-    n_packets = 0
     while pos < size:
         if size - pos < PACKET_HEADER_SIZE:
             raise AedatFormatError(
@@ -129,9 +126,8 @@ def _walk_packets(
             )
         if etype == POLARITY_EVENT and num > 0:
             polarity.append((body, num, ovf))
-        n_packets += 1
         pos = end
-    return polarity, n_packets
+    return polarity
 
 
 # Bits of the data word that must be zero for x < 128 and y < 128 (y: bits 9..16, x: 24..31).
@@ -147,7 +143,7 @@ def decode_buffer(buf: np.ndarray, path: str | os.PathLike = "<bytes>") -> Event
     passes straight into the output arrays (byte views: x is byte 2 >> 1, y spans bytes 0-1).
     """
     start = parse_header(buf, path)
-    packets, _ = _walk_packets(buf, start, path)
+    packets = _walk_packets(buf, start, path)
     total = sum(n for _, n, _ in packets)
     out = Events(
         t=np.empty(total, dtype=T_DTYPE),

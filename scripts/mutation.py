@@ -1,0 +1,148 @@
+#!/usr/bin/env python3
+"""Mutation testing of the core modules with mutmut 3 (`make mutation`; not part of `make test`).
+
+Each cluster mutates a few modules and runs only the test files that cover them: mutmut first
+records which of those tests call which function, then runs each mutant against only the tests
+that reach its function. Every cluster works in its own copy of the tree under
+build/mutation/<cluster>/ (mutmut reads its settings from the pyproject.toml of the folder it runs
+in, so each copy gets a [tool.mutmut] section of its own) and leaves there:
+  result.json    killed / survived / no tests / timeout / ... counts, the survivors' names, seconds
+  survivors.txt  each survivor's diff (`mutmut show`), to kill with a test or explain in tests/MUTANTS.md
+
+Usage: scripts/mutation.py [CLUSTER ...] [--jobs N] [--list]
+  no CLUSTER: all of them (hours on 2 cores); --list prints the clusters and their files.
+Runs under `nice -n 19` when started by `make mutation`; needs the `mutation` extra (mutmut).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "build" / "mutation"
+
+# cluster -> (modules mutated, test files run against them)
+CLUSTERS: dict[str, tuple[list[str], list[str]]] = {
+    # test_output_protocol runs every writer of both packages through atomic (minutes a mutant):
+    # the unit tests of test_atomic.py must pin the protocol by themselves
+    "atomic": (["dvsprep/atomic.py"], ["tests/test_atomic.py", "tests/test_publishing.py"]),
+    "integrate": (["dvsprep/frames/integrate.py"], ["tests/test_framing.py", "tests/test_framing_edges.py"]),
+    "frames_build": (["dvsprep/frames/build.py", "dvsprep/frames/check.py"],
+                     ["tests/test_frames_build.py", "tests/test_frames_meta_edges.py", "tests/test_writer_vouches.py",
+                      "tests/test_frames_store.py",
+                      "tests/test_hostile_stores.py"]),
+    "aedat": (["dvsprep/raw/aedat.py"], ["tests/test_aedat.py", "tests/test_aedat_edges.py", "tests/test_fuzz_parsers.py"]),
+    "release": (["dvsprep/raw/release.py"], ["tests/test_release.py", "tests/test_fuzz_parsers.py"]),
+    "integrity": (["dvsprep/integrity/manifest.py", "dvsprep/integrity/trust.py"],
+                  ["tests/test_container.py", "tests/test_frames_store.py", "tests/test_writer_vouches.py",
+                   "tests/test_hostile_stores.py"]),
+    "neuron": (["dvsg_train/neuron.py"], ["tests/test_train_neuron.py"]),
+    "model": (["dvsg_train/model.py"], ["tests/test_train_model.py", "tests/test_train_bookkeeping.py",
+                                        "tests/test_network_equivalence.py"]),
+    "engine_data": (["dvsg_train/engine.py", "dvsg_train/data.py"],
+                    ["tests/test_train_bookkeeping.py", "tests/test_train_engine.py", "tests/test_train_data.py",
+                     "tests/test_train_resume.py"]),
+    "checkpoint": (["dvsg_train/checkpoint.py"],
+                   ["tests/test_train_checkpoint.py", "tests/test_train_checkpoint_format.py",
+                    "tests/test_hostile_checkpoints.py"]),
+    "export": (["dvsg_train/export/*.py"], ["tests/test_export_nir.py", "tests/test_export_spikingjelly.py"]),
+    "remote": (["dvsprep/frames/remote.py"], ["tests/test_remote.py", "tests/test_remote_guarantees.py"]),
+}
+# What a copy needs: the packages, the tests and what tests read (scripts, README, manifests).
+COPY = ["dvsprep", "dvsg_train", "tests", "scripts", "benchmarks", "data_manifests", "README.md", "Makefile",
+        "pyproject.toml"]
+
+
+def _toml_list(items: list[str]) -> str:
+    return "[" + ", ".join(json.dumps(i) for i in items) + "]"
+
+
+def prepare(name: str) -> Path:
+    """A fresh copy of the tree for one cluster, its pyproject.toml naming what to mutate."""
+    modules, tests = CLUSTERS[name]
+    work = OUT / name
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    for item in COPY:
+        src = ROOT / item
+        if src.is_dir():
+            shutil.copytree(src, work / item, symlinks=True,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache"))
+        else:
+            shutil.copy2(src, work / item)
+    extra = (f"\n[tool.mutmut]\nsource_paths = [\"dvsprep\", \"dvsg_train\"]\n"
+             f"only_mutate = {_toml_list(modules)}\n"
+             f"also_copy = {_toml_list(['dvsprep/data'] + [c for c in COPY if c not in ('dvsprep', 'dvsg_train', 'tests')])}\n"
+             f"pytest_add_cli_args_test_selection = {_toml_list(tests)}\n"
+             # no .pytest_cache shared by mutmut's parallel workers
+             "pytest_add_cli_args = [\"-p\", \"no:cacheprovider\"]\n")
+    with open(work / "pyproject.toml", "a") as f:
+        f.write(extra)
+    return work
+
+
+def _statuses(work: Path) -> dict[str, str]:
+    """Every mutant's status from mutmut's .meta files (exit codes read as mutmut reads them)."""
+    from mutmut.stats import status_by_exit_code  # mutmut's own reading of its exit codes
+
+    out: dict[str, str] = {}
+    for meta in sorted((work / "mutants").rglob("*.meta")):
+        for key, code in json.loads(meta.read_text()).get("exit_code_by_key", {}).items():
+            out[key] = status_by_exit_code[code]
+    return out
+
+
+def run_cluster(name: str, jobs: int) -> dict:
+    work = prepare(name)
+    t0 = time.monotonic()
+    env = {**os.environ, "PYTHONPATH": "", "DVSPREP_HYPOTHESIS": "ci"}
+    mutmut = [sys.executable, "-m", "mutmut"]
+    with open(work / "mutmut.log", "w") as log:
+        rc = subprocess.call([*mutmut, "run", "--max-children", str(jobs)], cwd=work, env=env,
+                             stdout=log, stderr=subprocess.STDOUT)
+    seconds = round(time.monotonic() - t0)
+    statuses = _statuses(work)
+    survivors = sorted(k for k, v in statuses.items() if v == "survived")
+    with open(work / "survivors.txt", "w") as f:
+        for s in survivors:
+            shown = subprocess.run([*mutmut, "show", s], cwd=work, env=env, capture_output=True, text=True)
+            f.write(f"### {s}\n{shown.stdout}\n")
+    result = {"cluster": name, "modules": CLUSTERS[name][0], "tests": CLUSTERS[name][1], "mutmut_exit": rc,
+              "seconds": seconds, "counts": dict(Counter(statuses.values())), "survivors": survivors}
+    (work / "result.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("clusters", nargs="*", help=f"some of: {', '.join(CLUSTERS)} (default: all)")
+    ap.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    ap.add_argument("--list", action="store_true")
+    args = ap.parse_args(argv)
+    unknown = [c for c in args.clusters if c not in CLUSTERS]
+    if unknown:
+        ap.error(f"unknown cluster {', '.join(unknown)} (one of: {', '.join(CLUSTERS)})")
+    if args.list:
+        for name, (mods, tests) in CLUSTERS.items():
+            print(f"{name}: {' '.join(mods)}  <-  {' '.join(tests)}")
+        return 0
+    for name in args.clusters or list(CLUSTERS):
+        r = run_cluster(name, args.jobs)
+        c = r["counts"]
+        print(f"{name}: killed {c.get('killed', 0)}, survived {c.get('survived', 0)}, "
+              f"no tests {c.get('no tests', 0)}, timeout {c.get('timeout', 0)}, other "
+              f"{sum(v for k, v in c.items() if k not in ('killed', 'survived', 'no tests', 'timeout'))} "
+              f"in {r['seconds']} s (mutmut exit {r['mutmut_exit']}; build/mutation/{name}/)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

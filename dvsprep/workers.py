@@ -91,6 +91,7 @@ def stop_pool(pool: ProcessPoolExecutor | None, *, kill: bool = False, wait: boo
         return
     if kill:
         procs = list((getattr(pool, "_processes", None) or {}).values())
+        results = getattr(pool, "_result_queue", None)
         pool.shutdown(wait=False, cancel_futures=True)
         for p in procs:
             try:
@@ -102,7 +103,22 @@ def stop_pool(pool: ProcessPoolExecutor | None, *, kill: bool = False, wait: boo
                 p.join()
             except (OSError, ValueError, AssertionError):
                 pass
+        _unblock_results(results)
     pool.shutdown(wait=wait or kill, cancel_futures=True)
+
+
+def _unblock_results(results: object) -> None:
+    """A worker killed while it sent a large result leaves half a message in the pool's result
+    pipe; the pool's manager thread then waits for the rest forever (this process holds the
+    pipe's writing end too), and the interpreter joins that thread at exit: the command would
+    hang after its clean-up. Closing our writing end turns the wait into EOF, which the manager
+    thread takes as a broken pool and ends."""
+    writer = getattr(results, "_writer", None)
+    if writer is not None:
+        try:
+            writer.close()
+        except OSError:
+            pass
 
 
 @contextmanager

@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto --durations=15
+	$(BIN)/python -m pytest -q -n auto --dist worksteal --durations=15
 
 # Mutation testing of the core modules (not part of `make test`; hours on 2 cores, see
 # tests/MUTANTS.md). One cluster: make mutation CLUSTERS=atomic

@@ -237,7 +237,8 @@ def test_a_killed_download_is_resumed_by_the_next_process(ranged, tmp_path):
     import signal
     import subprocess
     import sys
-    import time
+
+    from waits import wait_for_tree
 
     httpd, base, data, fp = ranged
     url = f"{base}/frames_T64_number.zarr.zip"
@@ -250,10 +251,8 @@ def test_a_killed_download_is_resumed_by_the_next_process(ranged, tmp_path):
     try:
         assert httpd.stalled.wait(60)
         part = cache_entry(url, cache).parent / f".{cache_entry(url, cache).name}.partial" / "frames_T64_number.zarr.zip"
-        deadline = time.monotonic() + 60  # wait for the event "the client wrote what it got"
-        while not (part.exists() and part.stat().st_size == half) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert part.stat().st_size == half
+        # wait (on inotify, not a clock) for the event "the client wrote what it got"
+        assert wait_for_tree(cache, lambda: part.exists() and part.stat().st_size == half, proc)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()

@@ -362,11 +362,16 @@ def test_ctrl_c_with_two_jobs_prints_aborted_and_leaves_nothing(big_events, tmp_
                     return True
         return False
 
-    # wait (on inotify, not a clock) until shards are being written
-    assert wait_for_tree(tmp_path, writing, proc), proc.communicate()
-    for _ in range(presses):
-        os.killpg(proc.pid, signal.SIGINT)
-        wait_signal_taken(proc.pid)     # the next press is a second press, not merged with this one
-    out, err = proc.communicate(timeout=60)
+    try:
+        # wait (on inotify, not a clock) until shards are being written
+        assert wait_for_tree(tmp_path, writing, proc), proc.communicate()
+        for _ in range(presses):
+            os.killpg(proc.pid, signal.SIGINT)
+            wait_signal_taken(proc.pid)     # the next press is a second press, not merged with this one
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:         # a failed wait must not leave a command running
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     assert proc.returncode == 1 and err == "\nAborted!\n" and out == "", (proc.returncode, out, err)  # click's words
     assert sorted(p.name for p in tmp_path.iterdir()) == ["events.h5"]

@@ -272,6 +272,11 @@ def _available_bytes(device: torch.device) -> int:
         return 0
 
 
+def _memory_name(device: torch.device) -> str:
+    """How a memory refusal names `device`'s memory: "memory" for the host, "cuda memory"."""
+    return "memory" if device.type == "cpu" else f"{device.type} memory"
+
+
 # Peak memory of a forward pass without gradients, in float32 copies of the first block's
 # output [T*B, channels, 128, 128]: conv, BatchNorm and neuron outputs plus the neuron's
 # state (measured on CPU: 4.0-4.2 for the multi-step net, 2.5 for the stepwise one).
@@ -289,10 +294,9 @@ def check_eval_memory(who: str, T: int, batch: int, channels: int, device: torch
     memory free on `device`, before the first batch is allocated."""
     need, have = eval_batch_bytes(T, batch, channels), _available_bytes(device)
     if need > have:
-        where = "memory" if device.type == "cpu" else f"{device.type} memory"
         raise ResourceLimitError(resources.memory_refusal(
             who, f"evaluating batches of {batch} at T={T} with channels {channels}", need, have,
-            "use a smaller -b", where=where))
+            "use a smaller -b", where=_memory_name(device)))
 
 
 def resolve_preload(preload: str, nbytes: int, device: torch.device,
@@ -315,7 +319,7 @@ def resolve_preload(preload: str, nbytes: int, device: torch.device,
         if need > have:
             raise ConfigError(resources.memory_refusal(
                 what, f"--preload {preload} (the frames)", need, have, "use --preload auto or none",
-                where="memory" if where.type == "cpu" else f"{where.type} memory"))
+                where=_memory_name(where)))
         return where
     for where in ([device, torch.device("cpu")] if device.type == "cuda" else [torch.device("cpu")]):
         need = nbytes * (cpu_copies if where.type == "cpu" else 1)

@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import tarfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, Iterable, Mapping
 
@@ -27,7 +26,7 @@ from .frames import MAX_MANIFEST_BYTES, StoreFiles, open_store_files, parse_mani
 from .errors import MissingFileError, StoreError
 from .frames import check_layout, content_problems, read_meta_arrays, scan_files
 from .frames import check_fingerprint
-from .integrity import MANIFEST_NAME
+from .integrity import MANIFEST_NAME, md5_files, md5_stream
 from .integrity import Problem, VerifyReport
 from .integrity import trust
 from .inputs import FRAME_STORE, RAW_RELEASE, InputKind, kind_of
@@ -227,18 +226,6 @@ class _HashingReader:
         return self.md5.hexdigest()
 
 
-def _md5_stream(f: BinaryIO) -> str:
-    h = hashlib.md5()
-    while chunk := f.read(_BUF):
-        h.update(chunk)
-    return h.hexdigest()
-
-
-def _md5_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return _md5_stream(f)
-
-
 def _release_files_from_tar(archive: Path) -> tuple[dict[str, str], dict[str, bytes], str]:
     """Stream a tar(.gz): ({file name: md5}, {trial list name: bytes}, archive md5). Only files at
     the archive root or in DvsGesture/ are release files."""
@@ -262,7 +249,7 @@ def _release_files_from_tar(archive: Path) -> tuple[dict[str, str], dict[str, by
                         lists[parts[-1]] = data
                         md5s[parts[-1]] = hashlib.md5(data).hexdigest()
                     else:
-                        md5s[parts[-1]] = _md5_stream(fobj)
+                        md5s[parts[-1]] = md5_stream(fobj)
         except (tarfile.TarError, EOFError, OSError) as exc:
             raise StoreError(f"{archive}: unreadable archive ({exc})") from None
         return md5s, lists, hr.drain()
@@ -271,14 +258,12 @@ def _release_files_from_tar(archive: Path) -> tuple[dict[str, str], dict[str, by
 def _release_files_from_dir(folder: Path, jobs: int) -> tuple[dict[str, str], dict[str, bytes]]:
     from .raw import SYNTH_RECORD, TRIAL_LISTS
 
-    paths = sorted(p for p in folder.iterdir() if p.is_file())
-    with ThreadPoolExecutor(max(1, jobs)) as pool:  # hashlib releases the GIL on large buffers
-        md5s = dict(zip((p.name for p in paths), pool.map(_md5_file, paths)))
+    md5s = md5_files(folder, jobs)
     lists = {}
-    for p in paths:
-        if p.name in (*TRIAL_LISTS.values(), SYNTH_RECORD):
-            with open(p, "rb") as f:
-                lists[p.name] = f.read(1 << 20)
+    for name in md5s:
+        if name in (*TRIAL_LISTS.values(), SYNTH_RECORD):
+            with open(folder / name, "rb") as f:
+                lists[name] = f.read(1 << 20)
     return md5s, lists
 
 

@@ -7,6 +7,9 @@ from .manifest import (
     canonical_json,
     dir_manifest,
     fingerprint,
+    md5_file,
+    md5_files,
+    md5_stream,
     sha256_bytes,
     sha256_file,
     write_dir_manifest,
@@ -16,5 +19,5 @@ from .trust import stamp, stamp_path
 
 __all__ = [
     "MANIFEST_FORMAT", "MANIFEST_NAME", "Problem", "VerifyReport", "canonical_json", "dir_manifest",
-    "fingerprint", "sha256_bytes", "sha256_file", "stamp", "stamp_path", "trust", "write_dir_manifest",
+    "fingerprint", "md5_file", "md5_files", "md5_stream", "sha256_bytes", "sha256_file", "stamp", "stamp_path", "trust", "write_dir_manifest",
 ]

@@ -1,12 +1,13 @@
 """Manifests: sha256 of every stored file (directories) or dataset (HDF5); a store's
-fingerprint is the sha256 of its canonical manifest bytes."""
+fingerprint is the sha256 of its canonical manifest bytes. Also the md5s a release is checked by."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from ..atomic import atomic_write
 from ..constants import MANIFEST_NAME
@@ -30,6 +31,27 @@ def sha256_file(path: str | os.PathLike) -> str:
         while chunk := f.read(_BUF):
             h.update(chunk)
     return h.hexdigest()
+
+
+def md5_stream(f: BinaryIO) -> str:
+    """md5 of what is left to read in `f` (the release's published checksums are md5s)."""
+    h = hashlib.md5()
+    while chunk := f.read(_BUF):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def md5_file(path: str | os.PathLike) -> str:
+    with open(path, "rb") as f:
+        return md5_stream(f)
+
+
+def md5_files(folder: Path, jobs: int) -> dict[str, str]:
+    """{name: md5} of every file directly in `folder`, sorted by name, hashed on `jobs` threads
+    (hashlib releases the GIL on large buffers)."""
+    paths = sorted(p for p in folder.iterdir() if p.is_file())
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        return dict(zip((p.name for p in paths), pool.map(md5_file, paths)))
 
 
 def fingerprint(manifest: dict) -> str:

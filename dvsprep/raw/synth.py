@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple, Sequence
@@ -35,6 +35,7 @@ from .aedat import polarity_packets, write_aedat
 from ..atomic import check_output, publishing
 from ..constants import GESTURE_NAMES, LIGHTINGS, N_CLASSES, SENSOR_H, SENSOR_W, SPLITS, T_DTYPE, XY_DTYPE
 from ..errors import DvsprepError
+from ..integrity import md5_files
 from .release import RELEASE_DIR, TRIAL_LISTS, load_published_manifest
 from ..workers import process_pool, stop_pool, worker_deaths
 
@@ -822,25 +823,9 @@ def _write_into(tmp: Path, plan: ReleasePlan, seed: int, scale: str, jobs: int, 
     for fname, data in texts.items():
         (tmp / fname).write_bytes(data)
         summary.bytes += len(data)
-    record = synth_record(plan, _md5s(tmp, jobs))
+    record = synth_record(plan, md5_files(tmp, jobs))   # just written: read from the page cache
     (tmp / SYNTH_RECORD).write_bytes(record)    # last: a release without it was not finished
     summary.bytes += len(record)
-
-
-def _md5_file(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _md5s(folder: Path, jobs: int) -> dict[str, str]:
-    """md5 of every file in `folder` (threads: hashlib releases the GIL; the files were just
-    written, so they are read from the page cache)."""
-    paths = sorted(p for p in folder.iterdir() if p.is_file())
-    with ThreadPoolExecutor(max(1, jobs)) as pool:
-        return dict(zip((p.name for p in paths), pool.map(_md5_file, paths)))
 
 
 def synth_record(plan: ReleasePlan, md5s: dict[str, str]) -> bytes:

@@ -19,6 +19,7 @@ import argparse
 import multiprocessing as mp
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -116,6 +117,12 @@ def bench_framing(root: Path, samples: list, jobs: int) -> None:
           f"{verify_s * 1e3:.1f} ms (its writer recorded the marker); a full verification {full_s:.2f} s")
     read_s = pure_read(events)
     print(f"pure read of events.h5 (every event of every sample, t/x/y/p decoded by HDF5): {read_s:.2f} s")
+    # Both sides run with their libraries imported, as SpikingJelly's already is here (torch
+    # included); what each import costs a fresh command is printed apart.
+    ours_import, sj_import = import_seconds("import dvsprep.frames.build, zarr"), import_seconds(
+        "import spikingjelly.datasets.utils")
+    print(f"imports in a fresh interpreter: dvsprep frames + zarr {ours_import:.2f} s, "
+          f"spikingjelly.datasets {sj_import:.2f} s (not in the times below)")
     for split_by in ("number", "time"):
         out = root / f"sj_frames_{split_by}"
         out.mkdir()
@@ -124,15 +131,33 @@ def bench_framing(root: Path, samples: list, jobs: int) -> None:
             list(ex.map(lambda f: sju.integrate_events_file_to_frames_file_by_fixed_frames_number(
                 loader, str(f), str(out), split_by, T, H, W), files))
         sj = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        dvsprep.build_frame_store(root / "events.h5", root / f"frames_{split_by}.zarr", T=T, split_by=split_by, jobs=jobs)
-        us = time.perf_counter() - t0
+        us = build_seconds(root / "events.h5", root / f"frames_{split_by}.zarr", T, split_by, jobs)
         print(f"dataset frame step ({len(files)} samples), {split_by:6s}: SpikingJelly {sj:6.2f} s "
               f"({configure.max_threads_number_for_datasets_preprocess} threads, compressed={configure.save_datasets_compressed})   "
               f"dvsprep frames -j {jobs} {us:6.2f} s   x{sj / us:5.1f}   "
               f"(x{sj / (us + verify_s):4.1f} counting the first open of events.h5, "
               f"x{sj / (us + full_s):4.1f} counting a full verification of it)   "
               f"{(us + verify_s) / read_s:4.2f}x the pure read of events.h5 (first open included)")
+
+
+def import_seconds(statement: str) -> float:
+    """Seconds a fresh interpreter spends on `statement` (best of 3)."""
+    code = f"import time; t = time.perf_counter(); {statement}; print(time.perf_counter() - t)"
+    return min(float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                    check=True).stdout) for _ in range(3))
+
+
+def build_seconds(events: Path, out: Path, T: int, split_by: str, jobs: int) -> float:
+    """Seconds of `dvsprep.build_frame_store` in a process of its own with its libraries imported:
+    `dvsprep frames` never loads torch, and forking workers from this process (torch and
+    SpikingJelly loaded) costs more than the command's own forks do."""
+    code = ("import sys, time, dvsprep\n"
+            "from dvsprep.frames.store import zarr_module\n"
+            "zarr_module()\n"
+            "t = time.perf_counter()\n"
+            f"dvsprep.build_frame_store({str(events)!r}, {str(out)!r}, T={T}, split_by={split_by!r}, jobs={jobs})\n"
+            "print(time.perf_counter() - t)\n")
+    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
 def pure_read(events: Path) -> float:

@@ -16,11 +16,9 @@ import time
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
-import zarr
-from zarr.storage import LocalStore
 
 from . import schema
 from ..atomic import check_output, publishing
@@ -43,11 +41,15 @@ from .store import (
     write_metadata,
     write_frames_shard,
     writing_every_chunk,
+    zarr_module,
 )
 from .integrate import check_params, count_frames, narrowest_dtype
 from ..resources import check_memory
 from ..integrity import stamp_path
 from ..workers import interrupt_once, process_pool, stop_pool, worker_deaths
+
+if TYPE_CHECKING:
+    import zarr
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +155,8 @@ def frame_block(
     if codec is not None:
         encode = chunk_encoder(codec)
         return a, b, top, [encode(sample) for sample in block]
-    group = zarr.open_group(LocalStore(store_path), mode="r+", zarr_format=3)
+    zarr = zarr_module()
+    group = zarr.open_group(zarr.storage.LocalStore(store_path), mode="r+", zarr_format=3)
     with writing_every_chunk():
         group[split]["frames"][a:b] = block
     return a, b, top, None
@@ -190,7 +193,8 @@ class _Shards:
 def _promote(root: Path, splits: Sequence[str], written: Mapping[str, list[tuple[int, int]]],
              T: int, codec: Mapping[str, Any], shard: int) -> None:
     """Rewrite the uint8 frames arrays under `root` as uint16 (values unchanged)."""
-    group = zarr.open_group(LocalStore(root), mode="r+", zarr_format=3)
+    zarr = zarr_module()
+    group = zarr.open_group(zarr.storage.LocalStore(root), mode="r+", zarr_format=3)
     for split in splits:
         g = group[split]
         old = g["frames"]
@@ -406,7 +410,8 @@ def _build(events_path: Path, tmp: Path, final: Path, events_fp: str, stamp: tup
                                        meanwhile=write_meta)
         # Every block is written: the workers may exit while the manifest is hashed.
         stop_pool(pool, wait=False)
-        group = zarr.open_group(LocalStore(tmp), mode="r+", zarr_format=3)   # after any promotion
+        zarr = zarr_module()   # imported by the layout, while the workers framed
+        group = zarr.open_group(zarr.storage.LocalStore(tmp), mode="r+", zarr_format=3)   # after any promotion
         group.update_attributes(store_attributes(T=T, split_by=split_by, dtype=dtype, counts=counts,
                                                  events_fingerprint=events_fp, codec=codec, shard_samples=shard))
         fp = finish_store(tmp)

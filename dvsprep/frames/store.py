@@ -25,12 +25,9 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import numpy as np
-import zarr
-import zarr.codecs
-from zarr.storage import LocalStore
 
 from . import schema
 from ..integrity import trust
@@ -57,6 +54,9 @@ from ..constants import (
     SPLITS,
 )
 from ..errors import IntegrityError, StoreError
+
+if TYPE_CHECKING:
+    import zarr
 from ..integrity import dir_manifest, stamp_path, write_dir_manifest
 
 log = logging.getLogger(__name__)
@@ -92,9 +92,20 @@ def samples_per_shard(T: int, dtype: np.dtype | str) -> int:
 # ----------------------------------------------------------------------------- writing
 
 
+def zarr_module() -> Any:
+    """zarr, imported on first use: its import takes 0.2-0.4 s, which `dvsprep frames` spends
+    while its workers frame (they never need it) and commands that open no array never pay."""
+    import zarr
+    import zarr.codecs
+    import zarr.storage
+
+    return zarr
+
+
 def make_codec(spec: Mapping[str, Any]) -> Any:
     """zarr v3 bytes->bytes codec from a small spec: {"name": "zstd", "level": 3},
     {"name": "blosc", "cname": "lz4", "clevel": 5, "shuffle": "bitshuffle"} or {"name": "gzip", "level": 6}."""
+    zarr = zarr_module()
     name = spec["name"]
     if name == "zstd":
         return zarr.codecs.ZstdCodec(level=int(spec.get("level", 3)))
@@ -170,7 +181,8 @@ def create_frames_layout(
 ) -> zarr.Group:
     """The root group, a group per split and its (empty) frames array: all that the frame
     writers need, so `dvsprep frames` starts them before it creates the metadata arrays."""
-    group = zarr.open_group(LocalStore(root), mode="w", zarr_format=3)
+    zarr = zarr_module()
+    group = zarr.open_group(zarr.storage.LocalStore(root), mode="w", zarr_format=3)
     for name, n in sizes.items():
         create_frames_array(group.create_group(name), n=n, T=T, dtype=dtype, codec=codec,
                             shard_samples=shard_samples)
@@ -179,6 +191,7 @@ def create_frames_layout(
 
 def create_meta_arrays(group: zarr.Group, sizes: Mapping[str, int]) -> None:
     """The (empty) per-sample metadata arrays of each split (`create_frames_layout` made the groups)."""
+    zarr = zarr_module()
     for name, n in sizes.items():
         g = group[name]
         meta_chunk = max(1, n)
@@ -275,7 +288,7 @@ def writing_every_chunk() -> Any:
     """zarr config under which all-zero chunks and shards are written too: a store holds a
     file for every chunk it declares, so readers never have to trust an absent chunk to mean
     zeros (a crafted store could otherwise declare a million samples in a few bytes)."""
-    return zarr.config.set({"array.write_empty_chunks": True})
+    return zarr_module().config.set({"array.write_empty_chunks": True})
 
 
 def write_metadata(group: zarr.Group, split: str, meta: Mapping[str, Any]) -> None:
@@ -562,7 +575,7 @@ def open_frame_store(
         check_fingerprint(layout.fingerprint, expected_fingerprint, source)
     ensure_verified(files, layout, source, force=verify)
     try:
-        group = zarr.open_group(files.zarr_store(), mode="r", zarr_format=3)
+        group = zarr_module().open_group(files.zarr_store(), mode="r", zarr_format=3)
     except Exception as exc:  # zarr raises assorted errors for broken metadata
         raise StoreError(f"{files.path}: cannot open as a zarr v3 group: {exc}") from exc
     return FrameStore(path=Path(files.path), attrs=layout.attrs, fingerprint=layout.fingerprint, _group=group,

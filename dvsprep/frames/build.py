@@ -81,13 +81,24 @@ class _Overflow(Exception):
 _WORKER_FILES: dict[str, Any] = {}
 
 
+def _check_unchanged(events_path: str, stamp: tuple | None) -> None:
+    """events.h5 is still the very file the parent verified (same size, times and inode)."""
+    if stamp is None:
+        return
+    try:
+        now = stamp_path(events_path)
+    except OSError:
+        now = None
+    if now != tuple(stamp):
+        raise StoreError(f"{events_path}: changed while the frame store was being written")
+
+
 def _events_split(events_path: str, split: str, stamp: tuple | None = None):
     """The split of events.h5 a worker reads. The parent verified the file: the worker only
-    makes sure it is still that very file (same size, times and inode)."""
+    makes sure it is still that very file (`_check_unchanged`; again after each read)."""
     ef = _WORKER_FILES.get(events_path)
     if ef is None:
-        if stamp is not None and stamp_path(events_path) != tuple(stamp):
-            raise StoreError(f"{events_path}: changed while the frame store was being written")
+        _check_unchanged(events_path, stamp)
         ef = _WORKER_FILES[events_path] = EventsFile(events_path, check="none" if stamp is not None else "auto")
     return ef.split(split)
 
@@ -128,7 +139,12 @@ def frame_block(
         lo_ev, hi_ev = int(sp.offsets[a]), int(sp.offsets[b])
         ev = {k: sp.group[k][lo_ev:hi_ev] for k in fields}
     except (OSError, KeyError, ValueError) as exc:
+        _check_unchanged(events_path, stamp)   # bytes changed under the read: say so, not "cannot read"
         raise StoreError(f"{events_path}: cannot read {split} samples {a}..{b - 1} ({exc})") from None
+    # The file stays open for the whole build (one open per worker): a stat after every read
+    # is what shows that these events are the verified file's, not bytes written since then
+    # (the open handle would read them) and not those of an older file replaced by now.
+    _check_unchanged(events_path, stamp)
     ev.setdefault("t", None)
     off = sp.offsets[a : b + 1] - lo_ev
     if np.any(np.diff(off) < 0) or any(ev[k].shape[0] != off[-1] for k in fields):
@@ -225,8 +241,12 @@ def _check_resources(final: Path, T: int, shard: int, jobs: int) -> None:
 def _read_events_meta(events_path: Path) -> tuple[str, tuple, dict[str, dict[str, Any]]]:
     """(fingerprint, file stamp, per-split metadata) of a verified events.h5 (EventsFile checks
     it against its own manifest, cheaply when a verified-marker exists)."""
-    with EventsFile(events_path) as ef:
+    # Stamped before the verification: a change while it runs, or just after, differs from it.
+    try:
         stamp = stamp_path(events_path)
+    except FileNotFoundError:
+        raise MissingFileError(f"{events_path}: no such events file (run `dvsprep convert` first)") from None
+    with EventsFile(events_path) as ef:
         meta = {}
         for s in SPLITS:
             sp = ef.split(s)
@@ -408,6 +428,8 @@ def _build(events_path: Path, tmp: Path, final: Path, events_fp: str, stamp: tup
             dtype, top = _frame_blocks(runner, events_path, tmp, tasks, jobs=jobs, T=T, split_by=split_by,
                                        stamp=stamp, codec=codec, shard=shard, shards=shards, bar=bar,
                                        meanwhile=write_meta)
+        # Every block checked the file after its read; this covers a build with no block at all.
+        _check_unchanged(str(events_path), stamp)
         # Every block is written: the workers may exit while the manifest is hashed.
         stop_pool(pool, wait=False)
         zarr = zarr_module()   # imported by the layout, while the workers framed

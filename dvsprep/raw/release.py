@@ -122,10 +122,12 @@ def _number(path: Path, n: int, field: str) -> int:
         shown = field if len(field) <= 32 else field[:32] + "..."
         what = "negative value" if _DIGITS.fullmatch(field.removeprefix("-")) else "non-numeric field"
         raise LabelFormatError(f"{path}: line {n}: {what} {shown!r} (expected digits 0-9 only)")
-    # (int() of a very long digit string is slow, or refused by Python: compare lengths first)
-    if len(field) > 19 or int(field) > INT64_MAX:
+    # (int() of a very long digit string is slow, or refused by Python: compare lengths first,
+    # of the significant digits: "007" is 7, and so is 7 after 5000 zeros)
+    significant = field.lstrip("0") or "0"
+    if len(significant) > 19 or int(significant) > INT64_MAX:
         raise LabelFormatError(f"{path}: line {n}: value {field[:24]}... is above the int64 range")
-    return int(field)
+    return int(significant)
 
 
 

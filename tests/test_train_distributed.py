@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,6 +123,9 @@ def sample_hashes(frames: torch.Tensor) -> list[int]:
 
 
 def _without_dropout(build):
+    """build_model with dropout off. Only for comparing 2 ranks with 1 process: each rank draws its
+    own masks from `rank_seed` (seed, epoch, rank), which one process drawing one stream for the
+    whole global batch cannot reproduce. Dropout under DDP is pinned by the dropout tests below."""
     def wrapped(*args, **kwargs):
         model = build(*args, **kwargs)
         for m in model.modules():
@@ -131,12 +135,17 @@ def _without_dropout(build):
     return wrapped
 
 
-def _rank_worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
-    """One torchrun-like rank: environment, then engine.main; records which samples it fed."""
+def _join_as_rank(rank: int, world: int, port: int) -> None:
+    """The environment torchrun gives a rank (engine.main joins the group from it)."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
+
+
+def _rank_worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
+    """One torchrun-like rank: environment, then engine.main; records which samples it fed."""
+    _join_as_rank(rank, world, port)
     seen: list[tuple[str, list[int]]] = []
     phase = ["train"]
     real_input, real_train, real_eval = engine.to_network_input, engine.train_one_epoch, engine.evaluate
@@ -159,10 +168,11 @@ def _rank_worker(rank: int, world: int, port: int, cfg: dict, out: str) -> None:
     torch.save({"seen": seen, "summary": summary}, f"{out}/rank{rank}.pt")
 
 
-def run_ranks(tmp_path, cfg: dict, tag: str) -> list[dict]:
+def run_ranks(tmp_path, cfg: dict, tag: str, worker=_rank_worker, extra: tuple = ()) -> list[dict]:
+    """Start WORLD ranks of ``worker`` and return what each saved in rank{r}.pt."""
     out = tmp_path / f"seen_{tag}"
     out.mkdir()
-    mp.spawn(_rank_worker, args=(WORLD, _free_port(), cfg, str(out)), nprocs=WORLD, join=True)
+    mp.spawn(worker, args=(WORLD, _free_port(), cfg, str(out), *extra), nprocs=WORLD, join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -318,3 +328,206 @@ def test_torchrun_error_is_one_line_from_rank_0(store, tmp_path):
     assert len(errors) == 1 and errors[0].startswith("error: "), res.stderr[-3000:]
     assert "differs from the expected 0000000000000000" in errors[0]
     assert not (tmp_path / "runs").exists()
+
+
+# ----------------------------------------------------------------------------- 2 processes, dropout on
+
+DROPOUT_LAYERS = (21, 24)                      # conv_fc indices of the two dropout layers
+STEPS = N_TRAIN // (B * WORLD)                 # training steps per epoch: 4
+
+
+def _dropout_rank_worker(rank: int, world: int, port: int, cfg: dict, out: str, snapshot: str) -> None:
+    """One torchrun-like rank with dropout ON, recording: every mask F.dropout draws (model.py
+    draws each mask as F.dropout of ones, so what it returns is the mask) and in which phase; per
+    forward of a dropout layer its input, output, mode and the masks drawn meanwhile; this rank's
+    parameters after every training step. ``snapshot``: copy the epoch-0 checkpoint there."""
+    import torch.nn.functional as F
+
+    _join_as_rank(rank, world, port)
+    where = {"phase": "train", "epoch": -1, "step": 0}
+    forwards: list[dict] = []
+    params: list[tuple[int, int, dict]] = []
+    draw_phases: list[str] = []
+    drawn: list[torch.Tensor] = []
+    real_dropout = F.dropout
+
+    def recording_dropout(x, p=0.5, training=True, inplace=False):
+        mask = real_dropout(x, p, training, inplace)
+        drawn.append(mask.detach().clone())
+        draw_phases.append(where["phase"])
+        return mask
+
+    F.dropout = recording_dropout          # this spawned process only
+
+    def hooked(build):
+        def wrapped(*args, **kwargs):
+            model = build(*args, **kwargs)
+            for i in DROPOUT_LAYERS:
+                layer = model.conv_fc[i]
+                assert isinstance(layer, SequenceDropout) and layer.p == 0.5
+                layer.register_forward_pre_hook(lambda m, inp: drawn.clear())
+                layer.register_forward_hook(lambda m, inp, y, i=i: forwards.append(dict(
+                    where, layer=i, training=m.training, input=inp[0].detach().clone(),
+                    output=y.detach().clone(), drawn=list(drawn))))
+            return model
+        return wrapped
+
+    real_train, real_eval = engine.train_one_epoch, engine.evaluate
+
+    def train(net, *a, **k):
+        where.update(phase="train", epoch=k["epoch"], step=0)
+        forecast = k.get("on_batch")
+
+        def on_batch(step):
+            params.append((k["epoch"], step, {n: p.detach().clone()
+                                              for n, p in distributed.unwrap(net).named_parameters()}))
+            where["step"] = step + 1
+            if forecast is not None:
+                forecast(step)
+        return real_train(net, *a, **{**k, "on_batch": on_batch})
+
+    def evaluate(*a, **k):
+        where["phase"] = "eval"
+        return real_eval(*a, **k)
+
+    def on_epoch(record):                  # rank 0 alone, after it saved the epoch's checkpoint
+        if snapshot and record["epoch"] == 0:
+            (latest,) = Path(cfg["out_dir"]).glob("*/checkpoint_latest.pt")
+            Path(snapshot).mkdir()
+            shutil.copy(latest, snapshot)
+
+    engine.build_model = hooked(engine.build_model)
+    engine.train_one_epoch, engine.evaluate = train, evaluate
+    summary = engine.main(TrainConfig(**cfg), on_epoch=on_epoch)
+    torch.save({"summary": summary, "forwards": forwards, "params": params, "draw_phases": draw_phases},
+               f"{out}/rank{rank}.pt")
+
+
+NETS = ("multistep", "stepwise")
+
+
+@pytest.fixture(scope="module")
+def dropout_runs(store, tmp_path_factory) -> dict:
+    """2 ranks with dropout on, 2 epochs straight, on each net ("multistep", "stepwise"), and the
+    multi-step run resumed on 2 ranks from its epoch-0 checkpoint ("resumed"): per rank what
+    `_dropout_rank_worker` recorded. No SyncBatchNorm: a rank whose evaluation ran in train mode
+    would then wait at a collective the other never joins, instead of failing a test."""
+    tmp = tmp_path_factory.mktemp("dropout")
+    runs = {}
+    for net in NETS:
+        kw = dict(batch_size=B, epochs=2, net=net, sync_bn=False)
+        snapshot = str(tmp / "cut") if net == "multistep" else ""
+        runs[net] = run_ranks(tmp, cfg(store, tmp / net, **kw), net, _dropout_rank_worker, (snapshot,))
+    runs["resumed"] = run_ranks(tmp, cfg(store, tmp / "multistep", resume=str(tmp / "cut" / "checkpoint_latest.pt"),
+                                         batch_size=B, epochs=2, net="multistep", sync_bn=False),
+                                "resumed", _dropout_rank_worker, ("",))
+    return runs
+
+
+def _calls(rec: dict, phase: str) -> dict[tuple[int, int, int], list[dict]]:
+    """A rank's dropout-layer forwards of one phase by (epoch, step, layer): one call per batch
+    on the multi-step net, one per time step on the stepwise net."""
+    out: dict[tuple[int, int, int], list[dict]] = {}
+    for f in rec["forwards"]:
+        if f["phase"] == phase:
+            out.setdefault((f["epoch"], f["step"], f["layer"]), []).append(f)
+    return out
+
+
+def _train_masks(rec: dict) -> dict[tuple[int, int, int], torch.Tensor]:
+    """The one mask each dropout layer drew for each training step, by (epoch, step, layer)."""
+    masks = {}
+    for key, calls in _calls(rec, "train").items():
+        drawn = [m for c in calls for m in c["drawn"]]
+        assert len(drawn) == 1, (key, len(drawn))
+        masks[key] = drawn[0]
+    return masks
+
+
+def test_ddp_dropout_one_mask_per_sample_for_all_time_steps(dropout_runs):
+    for net in NETS:
+        dropped = kept = 0
+        for rank, rec in enumerate(dropout_runs[net]):
+            calls = _calls(rec, "train")
+            assert sorted(calls) == [(e, s, l) for e in range(2) for s in range(STEPS) for l in DROPOUT_LAYERS]
+            for key, cs in calls.items():
+                where = (net, rank, key)
+                if net == "multistep":                      # one call on the whole sequence [T, B, F]
+                    assert len(cs) == 1, where
+                    x, y = cs[0]["input"], cs[0]["output"]
+                else:                                       # one call per step [B, F]; drawn at the first
+                    assert len(cs) == 2 and len(cs[0]["drawn"]) == 1 and cs[1]["drawn"] == [], where
+                    x, y = torch.stack([c["input"] for c in cs]), torch.stack([c["output"] for c in cs])
+                (m,) = [d for c in cs for d in c["drawn"]]
+                assert x.shape[:2] == (2, B) and m.shape == x.shape[1:], where   # [B, F]: no time axis
+                assert set(m.unique().tolist()) == {0.0, 2.0}, where   # kept: scaled by 1 / (1 - 0.5)
+                assert torch.equal(y, x * m), where                    # the same mask at both steps
+                assert len({tuple(row) for row in m.tolist()}) == B, where    # each sample its own
+                dropped += int(((x != 0) & (m == 0)).sum())
+                kept += int(((x != 0) & (m == 2)).sum())
+        assert dropped > 0 and kept > 0, net     # spikes were both dropped and kept: the products bit
+
+
+def test_ddp_ranks_draw_their_own_dropout_masks_each_epoch(dropout_runs):
+    for net in NETS:
+        m0, m1 = (_train_masks(rec) for rec in dropout_runs[net])
+        assert m0.keys() == m1.keys() and len(m0) == 2 * STEPS * len(DROPOUT_LAYERS)
+        for key in m0:
+            assert m0[key].shape == m1[key].shape
+            assert not torch.equal(m0[key], m1[key]), (net, key)       # not one stream on every rank
+        for masks in (m0, m1):
+            for s in range(STEPS):
+                for l in DROPOUT_LAYERS:
+                    assert not torch.equal(masks[(0, s, l)], masks[(1, s, l)]), (net, s, l)  # nor epoch
+
+
+def test_ddp_dropout_keeps_parameters_identical_on_every_rank_after_every_step(dropout_runs):
+    for name, epochs in (("multistep", [0, 1]), ("stepwise", [0, 1]), ("resumed", [1])):
+        ranks = dropout_runs[name]
+        p0, p1 = (rec["params"] for rec in ranks)
+        assert [(e, s) for e, s, _ in p0] == [(e, s) for e, s, _ in p1] == \
+            [(e, s) for e in epochs for s in range(STEPS)]
+        for (e, s, a), (_, _, b) in zip(p0, p1):
+            assert a.keys() == b.keys()
+            for n in a:
+                assert torch.equal(a[n], b[n]), (name, e, s, n)          # gradients were all-reduced
+        for (_, _, before), (e, s, after) in zip(p0, p0[1:]):
+            assert any(not torch.equal(before[n], after[n]) for n in after), (name, e, s)  # and applied
+        assert ranks[0]["summary"] == ranks[1]["summary"]
+        saved, last = weights(ranks[0]["summary"]), p0[-1][2]
+        assert all(torch.equal(saved[n], last[n]) for n in last), name  # rank 0 saved what it trained
+
+
+def test_ddp_evaluation_has_dropout_off_on_every_rank(dropout_runs):
+    for net in NETS:
+        per_step = 2 if net == "stepwise" else 1        # the stepwise net calls each layer per time step
+        for rank, rec in enumerate(dropout_runs[net]):
+            calls = [f for cs in _calls(rec, "eval").values() for f in cs]
+            assert len(calls) == 2 * 2 * len(DROPOUT_LAYERS) * per_step, (net, rank)  # epochs x batches
+            # the test split's 11 samples in global batches of 6: 3 + 3, then 3 + 2 per rank
+            sizes = {f["input"].shape[0] if net == "stepwise" else f["input"].shape[1] for f in calls}
+            assert sorted(sizes) == ([B - 1, B] if rank else [B]), (net, rank)
+            for f in calls:
+                assert not f["training"] and f["drawn"] == [], (net, rank, f["epoch"], f["layer"])
+                assert torch.equal(f["output"], f["input"])
+            assert "eval" not in rec["draw_phases"], (net, rank)     # nothing drawn in evaluation
+
+
+def test_ddp_resume_with_dropout_is_bit_exact(dropout_runs):
+    whole, resumed = dropout_runs["multistep"], dropout_runs["resumed"]
+    for rank in range(WORLD):
+        want, got = _train_masks(whole[rank]), _train_masks(resumed[rank])
+        assert sorted(got) == sorted(k for k in want if k[0] == 1)
+        for key in got:
+            assert torch.equal(got[key], want[key]), (rank, key)     # the same masks, rank by rank
+        after = [(e, s, p) for e, s, p in whole[rank]["params"] if e == 1]
+        for (e, s, a), (_, _, b) in zip(after, resumed[rank]["params"], strict=True):
+            assert all(torch.equal(a[n], b[n]) for n in a), (rank, e, s)
+    a = load_checkpoint(f"{whole[0]['summary']['run_dir']}/checkpoint_latest.pt")
+    b = load_checkpoint(f"{resumed[0]['summary']['run_dir']}/checkpoint_latest.pt")
+    assert a["epoch"] == b["epoch"] == 1 and a["model"].keys() == b["model"].keys()
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    clock = ("epoch_seconds", "train_samples_per_s")
+    assert [{k: v for k, v in r.items() if k not in clock} for r in a["history"]] == \
+        [{k: v for k, v in r.items() if k not in clock} for r in b["history"]]

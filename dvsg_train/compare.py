@@ -198,6 +198,8 @@ def differing_keys(runs: Sequence[Run]) -> list[str]:
 def _value(v: Any) -> str:
     if v is None:
         return "-"
+    if v == "":
+        return "none"       # an empty option (e.g. augment: no augmentation), not a blank cell
     if isinstance(v, bool):
         return "yes" if v else "no"
     if isinstance(v, float):

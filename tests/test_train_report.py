@@ -76,6 +76,20 @@ def test_report_table_and_mean_std_over_seeds(runs, monkeypatch):
     assert len(lines) == 12
 
 
+def test_an_empty_setting_is_shown_as_none(tmp_path, monkeypatch):
+    # dvsg-train writes augment "" for no augmentation: a group label `augment=` read as cut off
+    write_run(tmp_path / "plain", config(augment=""), [record(0, 0.2)])
+    write_run(tmp_path / "aug", config(augment="mirror"), [record(0, 0.4)])
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(report_main, ["plain", "aug"])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    assert cells(lines[0]) == ["run", "augment", "epochs", "max test", "final test", "s/epoch"]
+    assert cells(lines[2]) == ["plain", "none", "1/3", "0.2000", "0.2000", "1.0"]
+    assert cells(lines[8]) == ["augment=none (n=1)", "0", "0.2000 (n=1, no std)", "0.2000 (n=1, no std)"]
+    assert cells(lines[9]) == ["augment=mirror (n=1)", "0", "0.4000 (n=1, no std)", "0.4000 (n=1, no std)"]
+
+
 def test_mean_std_and_groups_by_hand(runs):
     mean, std = mean_std([0.5, 0.625, 0.875])
     assert mean == pytest.approx(2 / 3) and std == pytest.approx(((1 / 6) ** 2 + (1 / 24) ** 2 + (5 / 24) ** 2) ** 0.5

@@ -374,6 +374,44 @@ def _blocks(sizes: Mapping[str, int], shards: Mapping[str, int], parts: int) -> 
     return out
 
 
+class _Layout:
+    """The store's groups and arrays under `tmp`, made by this process while the workers frame:
+    `frames()` the groups and frames arrays (made on first call), `metadata()` the per-sample
+    metadata arrays, filled, and each split's counts."""
+
+    def __init__(self, tmp: Path, *, T: int, sizes: Mapping[str, int], codec: dict[str, Any], shard: int,
+                 encode: dict[str, Any] | None, meta: dict[str, dict[str, Any]]):
+        self.tmp, self.T, self.sizes, self.codec, self.shard, self.encode = tmp, T, sizes, codec, shard, encode
+        self.meta = meta
+        self.group: zarr.Group | None = None
+        self.counts: dict[str, dict[str, Any]] = {}
+
+    def frames(self) -> zarr.Group:
+        if self.group is None:
+            # made as uint8: a promotion rewrites the frames arrays later
+            self.group = create_frames_layout(self.tmp, T=self.T, sizes=self.sizes, dtype=np.dtype("u1"),
+                                              codec=self.codec, shard_samples=self.shard)
+            if self.encode is not None:
+                _check_chunk_codec(self.tmp, self.encode)
+        return self.group
+
+    def metadata(self) -> None:
+        group = self.frames()
+        create_meta_arrays(group, self.sizes)
+        for s in SPLITS:
+            write_metadata(group, s, self.meta[s])
+            self.counts[s] = split_counts(self.meta[s]["label"])
+
+
+def _finish(tmp: Path, attributes: dict[str, Any]) -> str:
+    """The root attributes written once every block is (after any promotion), then the manifest;
+    returns the fingerprint."""
+    zarr = zarr_module()   # imported by the layout, while the workers framed
+    group = zarr.open_group(zarr.storage.LocalStore(tmp), mode="r+", zarr_format=3)
+    group.update_attributes(attributes)
+    return finish_store(tmp)
+
+
 def _build(events_path: Path, tmp: Path, final: Path, events_fp: str, stamp: tuple,
            meta: dict[str, dict[str, Any]], *, T: int, split_by: str, jobs: int, codec: dict[str, Any],
            progress: bool, t_begin: float) -> BuildSummary:
@@ -397,28 +435,9 @@ def _build(events_path: Path, tmp: Path, final: Path, events_fp: str, stamp: tup
         encode = chunk_codec(codec, dtype)
         shards = _Shards(tmp, sizes, per_shard) if encode is not None else None
         tasks = pieces if encode is not None else _blocks(sizes, per_shard, 1)
-        group = None
-
-        def layout() -> zarr.Group:
-            nonlocal group
-            group = create_frames_layout(tmp, T=T, sizes=sizes, dtype=dtype, codec=codec, shard_samples=shard)
-            if encode is not None:
-                _check_chunk_codec(tmp, encode)
-            return group
-
+        layout = _Layout(tmp, T=T, sizes=sizes, codec=codec, shard=shard, encode=encode, meta=meta)
         if encode is None:
-            layout()
-        counts = {}
-
-        def write_meta() -> None:
-            # The metadata arrays are no worker's business: made and filled while they frame.
-            if group is None:
-                layout()
-            create_meta_arrays(group, sizes)
-            for s in SPLITS:
-                write_metadata(group, s, meta[s])
-                counts[s] = split_counts(meta[s]["label"])
-
+            layout.frames()   # the workers write through zarr
         if progress:
             from tqdm import tqdm
 
@@ -427,16 +446,13 @@ def _build(events_path: Path, tmp: Path, final: Path, events_fp: str, stamp: tup
         with worker_deaths(final):
             dtype, top = _frame_blocks(runner, events_path, tmp, tasks, jobs=jobs, T=T, split_by=split_by,
                                        stamp=stamp, codec=codec, shard=shard, shards=shards, bar=bar,
-                                       meanwhile=write_meta)
+                                       meanwhile=layout.metadata)
         # Every block checked the file after its read; this covers a build with no block at all.
         _check_unchanged(str(events_path), stamp)
         # Every block is written: the workers may exit while the manifest is hashed.
         stop_pool(pool, wait=False)
-        zarr = zarr_module()   # imported by the layout, while the workers framed
-        group = zarr.open_group(zarr.storage.LocalStore(tmp), mode="r+", zarr_format=3)   # after any promotion
-        group.update_attributes(store_attributes(T=T, split_by=split_by, dtype=dtype, counts=counts,
-                                                 events_fingerprint=events_fp, codec=codec, shard_samples=shard))
-        fp = finish_store(tmp)
+        fp = _finish(tmp, store_attributes(T=T, split_by=split_by, dtype=dtype, counts=layout.counts,
+                                           events_fingerprint=events_fp, codec=codec, shard_samples=shard))
     except BaseException:
         stop_pool(pool, kill=True)   # before the protocol removes the temporary its workers write into
         pool = None
@@ -446,5 +462,5 @@ def _build(events_path: Path, tmp: Path, final: Path, events_fp: str, stamp: tup
         if bar is not None:
             bar.close()
         _close_worker_files()
-    return BuildSummary(path=final, fingerprint=fp, T=T, split_by=split_by, dtype=dtype, counts=counts,
+    return BuildSummary(path=final, fingerprint=fp, T=T, split_by=split_by, dtype=dtype, counts=layout.counts,
                         max_count=top, seconds=time.perf_counter() - t_begin)

@@ -40,8 +40,16 @@ CLUSTERS: dict[str, tuple[list[str], list[str]]] = {
                       "tests/test_frames_store.py",
                       "tests/test_hostile_stores.py"]),
     "aedat": (["dvsprep/raw/aedat.py"], ["tests/test_aedat.py", "tests/test_aedat_edges.py", "tests/test_fuzz_parsers.py"]),
+    # (test_hostile_inputs.py whole takes ~20 s, mostly CLI runs that never open an archive: its
+    # archive cases only, which pin safe_extract's refusals through the CLI)
     "release": (["dvsprep/raw/release.py"], ["tests/test_release.py", "tests/test_release_edges.py",
-                                            "tests/test_fuzz_parsers.py"]),
+                                            "tests/test_release_archive_edges.py", "tests/test_fuzz_parsers.py",
+                                            *(f"tests/test_hostile_inputs.py::{t}" for t in (
+                                                "test_a_huge_declared_member_is_refused_before_extracting",
+                                                "test_a_gnu_sparse_member_is_refused",
+                                                "test_total_and_member_count_bounds",
+                                                "test_members_outside_the_release_layout",
+                                                "test_extraction_checks_free_space_first"))]),
     "integrity": (["dvsprep/integrity/manifest.py", "dvsprep/integrity/trust.py"],
                   ["tests/test_container.py", "tests/test_frames_store.py", "tests/test_writer_vouches.py",
                    "tests/test_hostile_stores.py"]),

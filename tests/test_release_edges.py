@@ -77,6 +77,10 @@ def test_bom_and_spaces_in_the_header_are_accepted(tmp_path):
     (f"{HEADER}\n1,2\n", 2, "expected 3 fields, found 2"),
     (f"{HEADER}\n1\n", 2, "expected 3 fields, found 1"),
     (f"{HEADER}\n1,,3\n", 2, "non-numeric field '' (expected digits 0-9 only)"),
+    # a bad field is shown up to 32 characters: at 32 whole, at 33 the first 32 and "..."
+    (f"{HEADER}\n1,{'a' * 31}b,3\n", 2, f"non-numeric field '{'a' * 31}b' (expected digits 0-9 only)"),
+    (f"{HEADER}\n1,{'a' * 31}bc,3\n", 2, f"non-numeric field '{'a' * 31}b...' (expected digits 0-9 only)"),
+    (f"{HEADER}\n1,0,-{'1' * 40}\n", 2, f"negative value '-{'1' * 31}...' (expected digits 0-9 only)"),
     (f"{HEADER}\n1;2;3\n", 2, "expected 3 fields, found 1"),
     # line numbers count the blank lines
     (f"\n{HEADER}\n\n1,2,3\n\n0,1,2\n", 6, "class 0 outside 1..11"),
@@ -129,7 +133,14 @@ _UNSORTED = [
 ]
 
 
-@pytest.mark.parametrize("t, cases", [(_SORTED_T, _SORTED), (_UNSORTED_T, _UNSORTED)], ids=["sorted", "unsorted"])
+# unsorted although no event comes before the first: still a mask
+_FIRST_SMALLEST_T = [0, 5, 3]
+_FIRST_SMALLEST = [((0, 4), [0, 2]), ((3, 6), [1, 2]), ((4, 5), []), ((5, 6), [1])]
+
+
+@pytest.mark.parametrize("t, cases", [(_SORTED_T, _SORTED), (_UNSORTED_T, _UNSORTED),
+                                      (_FIRST_SMALLEST_T, _FIRST_SMALLEST)],
+                         ids=["sorted", "unsorted", "first-smallest"])
 def test_windows_take_start_and_leave_end(t, cases):
     t = np.array(t, np.int64)
     parts = cut_samples(t, _windows(*(w for w, _ in cases)))

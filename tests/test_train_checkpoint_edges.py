@@ -1,0 +1,267 @@
+"""dvsg_train.checkpoint at its edges (issue 20, the checkpoint cluster's mutation survivors):
+`restore_state` putting back every state (scheduler, GradScaler, each RNG, data_only), the
+builder's None / present states, the exact one-line refusals of `load_model_state` and
+`restore_state`, `_size`'s units at their boundaries (through `check_tensor_sizes`), and the CUDA
+RNG states on a stand-in torch.cuda (this suite must run without a GPU)."""
+from __future__ import annotations
+
+import dataclasses
+import uuid
+
+import pytest
+import torch
+
+from dvsg_train.checkpoint import (
+    TrainingState,
+    check_tensor_sizes,
+    load_checkpoint,
+    load_model_state,
+    make_payload,
+    restore_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from dvsg_train.config import TrainConfig
+from dvsg_train.errors import CheckpointError
+from dvsg_train.model import build_model
+
+RECORD = {"epoch": 0, "lr": 0.1, "train_loss": 0.5, "train_acc": 0.25, "val_loss": None, "val_acc": None,
+          "test_loss": 0.75, "test_acc": 0.125, "max_test_acc": 0.125, "epoch_seconds": 0.4,
+          "train_samples_per_s": 70.0}
+NETWORK_4 = "{'channels': 4, 'net': 'multistep', 'neuron': 'lif', 'tau': 2.0}"
+NOT_FIT = "optimizer/scheduler/RNG state does not fit this run"
+
+
+@pytest.fixture(autouse=True)
+def _keep_global_rng():
+    """These tests set torch's global CPU RNG on purpose; the tests after them get it back."""
+    with torch.random.fork_rng(devices=[]):
+        yield
+
+
+def _state(*, scheduler: bool = True, scaler: bool = False, seed: int = 3) -> TrainingState:
+    model = build_model(4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5) if scheduler else None
+    scl = torch.amp.GradScaler("cpu") if scaler else None
+    return TrainingState(model, optimizer, sched, scl, torch.Generator().manual_seed(seed))
+
+
+def _config(tmp_path) -> TrainConfig:
+    return TrainConfig(data=str(tmp_path), channels=4, opt="sgd", lr=0.1, lr_scheduler="steplr", step_size=1,
+                       gamma=0.5, epochs=3)
+
+
+def _saved(tmp_path, state: TrainingState) -> dict:
+    """``state`` through make_payload, save_checkpoint and load_checkpoint (validated)."""
+    payload = make_payload(state, epoch=0, config=_config(tmp_path), data_fingerprint="ab" * 32,
+                           history=[dict(RECORD)], run_id=uuid.uuid4().hex, run_dir=tmp_path / "R")
+    save_checkpoint(tmp_path / "c.pt", payload)
+    return load_checkpoint(tmp_path / "c.pt")
+
+
+def _trained(seed: int = 3) -> TrainingState:
+    """A state one SGD step and one StepLR step on: momentum buffers, lr 0.1 * 0.5, a GradScaler of
+    scale 64 with its own growth interval."""
+    state = _state(scaler=True, seed=seed)
+    state.scaler = torch.amp.GradScaler("cpu", init_scale=64.0, growth_interval=7)
+    for p in state.model.parameters():
+        p.grad = torch.ones_like(p)
+    state.optimizer.step()
+    state.scheduler.step()
+    return state
+
+
+# ----------------------------------------------------------------------------- restore_state
+
+def test_restore_state_puts_back_scheduler_scaler_and_every_rng(tmp_path):
+    saved = _trained()
+    torch.manual_seed(11)
+    cpu_rng = torch.get_rng_state()             # what make_payload records as rng['torch']
+    ckpt = _saved(tmp_path, saved)
+    assert torch.equal(ckpt["rng"]["torch"], cpu_rng)
+    other = _state(scaler=True, seed=5)
+    torch.manual_seed(99)                        # the resuming process has drawn from another state
+    history, start = restore_state(ckpt, tmp_path / "c.pt", other)
+    assert (history, start) == ([RECORD], 1)
+    assert torch.equal(torch.get_rng_state(), cpu_rng)                      # data_only_rng defaults to False
+    assert torch.equal(other.data_generator.get_state(), torch.Generator().manual_seed(3).get_state())
+    assert other.scheduler.last_epoch == 1 and other.scheduler.get_last_lr() == [0.05]
+    assert other.optimizer.param_groups[0]["lr"] == 0.05
+    # momentum buffers after one step of grad 1 from none: the gradient itself
+    bufs = [other.optimizer.state[p]["momentum_buffer"] for p in other.model.parameters()]
+    assert len(bufs) == len(list(saved.model.parameters())) and all(torch.equal(b, torch.ones_like(b)) for b in bufs)
+    assert other.scaler.state_dict() == {"scale": 64.0, "growth_factor": 2.0, "backoff_factor": 0.5,
+                                         "growth_interval": 7, "_growth_tracker": 0}
+
+
+def test_restore_state_data_only_rng_leaves_the_global_rng(tmp_path):
+    torch.manual_seed(11)
+    ckpt = _saved(tmp_path, _state(seed=4))
+    other = _state(seed=5)                       # (building a model draws from the global RNG)
+    torch.manual_seed(99)
+    now = torch.get_rng_state()
+    restore_state(ckpt, tmp_path / "c.pt", other, data_only_rng=True)
+    assert torch.equal(torch.get_rng_state(), now) and not torch.equal(now, ckpt["rng"]["torch"])
+    assert torch.equal(other.data_generator.get_state(), torch.Generator().manual_seed(4).get_state())
+
+
+def test_no_scheduler_no_scaler_both_ways(tmp_path):
+    with_scaler = make_payload(_trained(), epoch=0, config=_config(tmp_path), data_fingerprint="ab" * 32,
+                               history=[dict(RECORD)], run_id="0" * 32, run_dir=tmp_path / "R")
+    assert with_scaler["scaler"] == {"scale": 64.0, "growth_factor": 2.0, "backoff_factor": 0.5,
+                                     "growth_interval": 7, "_growth_tracker": 0}
+    assert with_scaler["scheduler"]["last_epoch"] == 1
+    bare = _state(scheduler=False)
+    ckpt = _saved(tmp_path, bare)
+    assert ckpt["scheduler"] is None and ckpt["scaler"] is None
+    other = _state(scheduler=False)
+    assert restore_state(ckpt, tmp_path / "c.pt", other) == ([RECORD], 1)
+
+
+def test_restore_state_refusals_name_the_file_and_the_first_line(tmp_path):
+    path = tmp_path / "c.pt"
+    ckpt = _saved(tmp_path, _state())
+    with pytest.raises(CheckpointError) as e:
+        restore_state(ckpt, path, dataclasses.replace(_state(), model=build_model(8)))
+    assert str(e.value) == (f"{path}: model weights do not fit the network {NETWORK_4} (size mismatch for "
+                            f"conv_fc.0.weight: shape (4, 2, 3, 3) in the checkpoint, (8, 2, 3, 3) in the network)")
+
+    # a real scheduler whose loaded state names a mode of 200 letters: torch's one-line ValueError,
+    # "mode mmm... is unknown!", cut to its first 160 characters
+    state = _state(scheduler=False)
+    state.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(state.optimizer)
+    bad = {**ckpt, "scheduler": {**state.scheduler.state_dict(), "mode": "m" * 200 + "\nsecond line"}}
+    with pytest.raises(CheckpointError) as e:
+        restore_state(bad, path, state)
+    assert str(e.value) == f"{path}: {NOT_FIT} (mode {'m' * 155})"
+
+    class Silent:                       # a state whose load raises with no message at all
+        def load_state_dict(self, _):
+            raise ValueError()
+
+    state = _state(scheduler=False)
+    state.scheduler = Silent()
+    with pytest.raises(CheckpointError) as e:
+        restore_state(ckpt, path, state)
+    assert str(e.value) == f"{path}: {NOT_FIT} ()"
+
+
+# ----------------------------------------------------------------------------- load_model_state
+
+def test_load_model_state_says_the_line_of_torch_that_names_the_layer(tmp_path):
+    ckpt = _saved(tmp_path, _state())
+    model = build_model(4)
+    sparse = {**ckpt, "model": {**ckpt["model"], "conv_fc.0.weight": ckpt["model"]["conv_fc.0.weight"].to_sparse()}}
+    with pytest.raises(CheckpointError) as e:
+        load_model_state(model, sparse, "c.pt")
+    # torch: "Error(s) in loading state_dict for MultiStepNet:\n\tWhile copying ...": its 2nd line, 200 chars
+    second = ('While copying the parameter named "conv_fc.0.weight", whose dimensions in the model are '
+              'torch.Size([4, 2, 3, 3]) and whose dimensions in the checkpoint are torch.Size([4, 2, 3, 3]), '
+              'an exception occurred : (\'copy_() between dense and sparse Tensors is not implemented! Found '
+              'self type')
+    assert len(second[:200]) == 200
+    assert str(e.value) == f"c.pt: model weights do not fit the network {NETWORK_4} ({second[:200]})"
+
+
+@pytest.mark.parametrize("exc, detail", [(RuntimeError("  the only line  "), "the only line"),
+                                         (TypeError("first\n\n  second  \nthird"), "second"),
+                                         (KeyError(), "KeyError")])
+def test_load_model_state_detail_of_one_two_or_no_lines(tmp_path, monkeypatch, exc, detail):
+    ckpt = _saved(tmp_path, _state())
+    model = build_model(4)
+
+    def refuse(state_dict):
+        raise exc
+
+    monkeypatch.setattr(model, "load_state_dict", refuse)
+    with pytest.raises(CheckpointError) as e:
+        load_model_state(model, ckpt, "c.pt")
+    assert str(e.value) == f"c.pt: model weights do not fit the network {NETWORK_4} ({detail})"
+
+
+# ----------------------------------------------------------------------------- sizes in messages
+
+@pytest.mark.parametrize("n, shown", [
+    (9_999, "9999 bytes"), (10_000, "0.01 MB"),                    # bytes below 10 000
+    (1_005_001, "1.01 MB"),                                         # 1.005001 MB, 3 significant digits
+    (99_999_999_999, "1e+05 MB"), (100_000_000_000, "1e+11 bytes"),  # MB below 1e11 bytes
+])
+def test_sizes_in_refusals_switch_units_at_their_boundaries(n, shown):
+    expanded = torch.zeros(1, dtype=torch.uint8).expand(n)      # n bytes declared from 1 stored
+    with pytest.raises(CheckpointError) as e:
+        check_tensor_sizes([("w", expanded)], "c.pt", 2 ** 63)
+    assert str(e.value) == (f"c.pt: tensor w declares shape ({n},) ({shown}) from 1 bytes of data (an expanded "
+                            f"or overlapping tensor): not a checkpoint of real weights")
+
+
+# ----------------------------------------------------------------------------- CUDA RNG states
+
+class FakeCuda:
+    """torch.cuda's RNG functions for ``count`` GPUs, as torch defines them (get_rng_state_all:
+    one state per device; set_rng_state_all: enumerate the states), on tensors kept here.
+    Unavailable: every getter and setter raises, as torch does without CUDA."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, count: int, available: bool = True):
+        self.count, self.available = count, available
+        self.states = {i: torch.full((16,), i + 1, dtype=torch.uint8) for i in range(count)}
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count if available else 0)
+        monkeypatch.setattr(torch.cuda, "get_rng_state", self.get)
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [self.get(i) for i in range(count)])
+        monkeypatch.setattr(torch.cuda, "set_rng_state_all", self.set_all)
+
+    def _index(self, device) -> int:
+        if not self.available:
+            raise AssertionError("Torch not compiled with CUDA enabled")
+        if isinstance(device, int):
+            return device
+        if isinstance(device, torch.device) and device.type == "cuda" and device.index is not None:
+            return device.index
+        raise AttributeError(f"not a CUDA device: {device!r}")
+
+    def get(self, device) -> torch.Tensor:
+        return self.states[self._index(device)].clone()
+
+    def set_all(self, new_states) -> None:
+        for i, s in enumerate(new_states):
+            self.states[self._index(i)] = s
+
+
+def test_rng_state_saves_no_cuda_state_without_cuda(monkeypatch):
+    FakeCuda(monkeypatch, 2, available=False)
+    assert rng_state(torch.Generator(), torch.device("cuda", 1))["cuda"] == []
+    assert rng_state(torch.Generator())["cuda"] == []
+
+
+def test_rng_state_saves_one_gpu_or_all(monkeypatch):
+    FakeCuda(monkeypatch, 3)
+    one = rng_state(torch.Generator(), torch.device("cuda", 1))["cuda"]
+    assert len(one) == 1 and torch.equal(one[0], torch.full((16,), 2, dtype=torch.uint8))
+    every = rng_state(torch.Generator())["cuda"]
+    assert [int(t[0]) for t in every] == [1, 2, 3]
+
+
+def test_make_payload_saves_the_given_gpu_only(tmp_path, monkeypatch):
+    FakeCuda(monkeypatch, 2)
+    payload = make_payload(_state(), epoch=0, config=_config(tmp_path), data_fingerprint="ab" * 32,
+                           history=[dict(RECORD)], run_id="0" * 32, run_dir=tmp_path / "R",
+                           cuda_device=torch.device("cuda", 1))
+    assert [int(t[0]) for t in payload["rng"]["cuda"]] == [2]
+
+
+def test_set_rng_state_restores_the_gpus_there_are(monkeypatch):
+    cuda = FakeCuda(monkeypatch, 2)
+    g = torch.Generator().manual_seed(7)
+    saved = {"torch": torch.manual_seed(5).get_state(), "data": g.get_state(),
+             "cuda": [torch.full((16,), v, dtype=torch.uint8) for v in (40, 50, 60)]}   # saved on 3 GPUs
+    seed6 = torch.manual_seed(6).get_state()
+    g.manual_seed(8)
+    set_rng_state(saved, g, data_only=True)            # the data order only: CPU and GPUs left as they are
+    assert torch.equal(g.get_state(), saved["data"]) and torch.equal(torch.get_rng_state(), seed6)
+    assert [int(cuda.states[i][0]) for i in range(2)] == [1, 2]
+    g.manual_seed(8)
+    set_rng_state(saved, g)                            # all of them (the default): the first 2 GPUs' states
+    assert torch.equal(g.get_state(), saved["data"]) and torch.equal(torch.get_rng_state(), saved["torch"])
+    assert [int(cuda.states[i][0]) for i in range(2)] == [40, 50]

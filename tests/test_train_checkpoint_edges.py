@@ -1,18 +1,24 @@
 """dvsg_train.checkpoint at its edges (issue 20, the checkpoint cluster's mutation survivors):
 `restore_state` putting back every state (scheduler, GradScaler, each RNG, data_only), the
-builder's None / present states, the exact one-line refusals of `load_model_state` and
-`restore_state`, `_size`'s units at their boundaries (through `check_tensor_sizes`), and the CUDA
-RNG states on a stand-in torch.cuda (this suite must run without a GPU)."""
+builder's None / present states, the exact one-line refusals of `load_model_state`,
+`restore_state`, the run record's checks, `check_resume`, `check_data` and a locked checkpoint,
+`_size`'s units at their boundaries (through `check_tensor_sizes`), and the CUDA RNG states on a
+stand-in torch.cuda (this suite must run without a GPU)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import uuid
 
 import pytest
 import torch
 
+from dvsprep.atomic import output_lock
+from dvsprep.errors import OutputLockedError
 from dvsg_train.checkpoint import (
     TrainingState,
+    check_data,
+    check_resume,
     check_tensor_sizes,
     load_checkpoint,
     load_model_state,
@@ -21,9 +27,10 @@ from dvsg_train.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    validate_checkpoint,
 )
 from dvsg_train.config import TrainConfig
-from dvsg_train.errors import CheckpointError
+from dvsg_train.errors import CheckpointError, ConfigMismatchError, DataMismatchError
 from dvsg_train.model import build_model
 
 RECORD = {"epoch": 0, "lr": 0.1, "train_loss": 0.5, "train_acc": 0.25, "val_loss": None, "val_acc": None,
@@ -265,3 +272,73 @@ def test_set_rng_state_restores_the_gpus_there_are(monkeypatch):
     set_rng_state(saved, g)                            # all of them (the default): the first 2 GPUs' states
     assert torch.equal(g.get_state(), saved["data"]) and torch.equal(torch.get_rng_state(), saved["torch"])
     assert [int(cuda.states[i][0]) for i in range(2)] == [40, 50]
+
+
+# ----------------------------------------------------------------------------- the run record
+
+GOOD_ID = "0123456789abcdef" * 2
+BAD_RUNS = {
+    "extra key": ({"id": GOOD_ID, "name": "R", "dir": "/r", "x": 1}, "run must be a dict of id, name and dir"),
+    "a list": (["id", "name", "dir"], "run must be a dict of id, name and dir"),
+    "id of 31 digits": ({"id": GOOD_ID[:31], "name": "R", "dir": "/r"}, "run id is not 32 hex digits"),
+    "id of 33 digits": ({"id": GOOD_ID + "0", "name": "R", "dir": "/r"}, "run id is not 32 hex digits"),
+    "id upper case": ({"id": GOOD_ID.upper(), "name": "R", "dir": "/r"}, "run id is not 32 hex digits"),
+    **{f"name {n!r}": ({"id": GOOD_ID, "name": n, "dir": "/r"}, f"run name {n!r} is not a folder name")
+       for n in ("", ".", "..", "a/b", "a\\b", "a\0b", 5)},
+    "dir an int": ({"id": GOOD_ID, "name": "R", "dir": 5}, "run dir is not a path"),
+    "dir with a NUL": ({"id": GOOD_ID, "name": "R", "dir": "/r\0x"}, "run dir is not a path"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_RUNS)
+def test_run_record_refusals(tmp_path, case):
+    run, what = BAD_RUNS[case]
+    ckpt = _saved(tmp_path, _state())
+    with pytest.raises(CheckpointError) as e:
+        validate_checkpoint({**ckpt, "run": run}, tmp_path / "c.pt")
+    assert str(e.value) == f"{tmp_path / 'c.pt'}: checkpoint {what}"
+
+
+@pytest.mark.parametrize("name", ["...", "a.b", "R"])
+def test_run_names_next_to_the_refused_ones_pass(tmp_path, name):
+    ckpt = _saved(tmp_path, _state())
+    validate_checkpoint({**ckpt, "run": {"id": GOOD_ID, "name": name, "dir": ""}}, tmp_path / "c.pt")
+
+
+# ----------------------------------------------------------------------------- resume and data checks
+
+def test_check_resume_names_every_difference_and_the_epochs_done(tmp_path):
+    saved = _config(tmp_path)
+    ckpt = {"config": saved.to_dict(), "epoch": 2}
+    with pytest.raises(ConfigMismatchError) as e:
+        check_resume(ckpt, "c.pt", TrainConfig(**{**saved.to_dict(), "channels": 8, "lr": 0.2}))
+    assert str(e.value) == ("c.pt: checkpoint was trained with another configuration "
+                            "(checkpoint vs this run: channels 4 vs 8; lr 0.1 vs 0.2)")
+    check_resume(ckpt, "c.pt", saved)                           # 3 epochs done of --epochs 3
+    with pytest.raises(ConfigMismatchError) as e:
+        check_resume(ckpt, "c.pt", TrainConfig(**{**saved.to_dict(), "epochs": 2}))
+    assert str(e.value) == ("c.pt: the run has done 3 epochs; --epochs 2 would end it before that "
+                            "(give --epochs 3 or more, or leave it out)")
+    check_resume({"config": saved.to_dict()}, "c.pt", saved)    # no epoch recorded: none done
+    with pytest.raises(CheckpointError) as e:
+        check_resume({"config": {**saved.to_dict(), "channels": 0}, "epoch": 0}, "c.pt", saved)
+    assert str(e.value) == "c.pt: checkpoint holds an invalid config (channels must be a positive integer, got 0)"
+
+
+def test_check_data_shows_16_digits_of_each_fingerprint():
+    with pytest.raises(DataMismatchError) as e:
+        check_data({"data_fingerprint": "0123456789abcdef" * 4}, "c.pt", "fedcba9876543210" * 4, "d.zarr")
+    assert str(e.value) == ("c.pt: checkpoint was trained on a store with fingerprint 0123456789abcdef, "
+                            "but d.zarr has fedcba9876543210")
+
+
+def test_a_checkpoint_being_written_is_refused_by_name(tmp_path):
+    path = tmp_path / "c.pt"
+    payload = make_payload(_state(), epoch=0, config=_config(tmp_path), data_fingerprint="ab" * 32,
+                           history=[dict(RECORD)], run_id=GOOD_ID, run_dir=tmp_path)
+    with output_lock(path, "trainer"):          # another writer of the same run holds it
+        with pytest.raises(OutputLockedError) as e:
+            save_checkpoint(path, payload)
+    assert str(e.value) == (f"{path}: checkpoint is being written by another process (pid {os.getpid()}); "
+                            f"wait for it to finish")
+    assert not path.exists()

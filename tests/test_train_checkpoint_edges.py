@@ -7,6 +7,7 @@ stand-in torch.cuda (this suite must run without a GPU)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import uuid
 
@@ -342,3 +343,63 @@ def test_a_checkpoint_being_written_is_refused_by_name(tmp_path):
     assert str(e.value) == (f"{path}: checkpoint is being written by another process (pid {os.getpid()}); "
                             f"wait for it to finish")
     assert not path.exists()
+
+
+# ----------------------------------------------------------------------------- rng and history records
+
+U8 = torch.zeros(16, dtype=torch.uint8)
+BAD_RNGS = {
+    "extra key": (lambda r: {**r, "x": U8}, "rng must be a dict of torch, cuda and data states"),
+    "cuda a stacked tensor": (lambda r: {**r, "cuda": torch.zeros(2, 16, dtype=torch.uint8)},
+                              "rng cuda states must be a list of uint8 tensors"),
+    "cuda of float": (lambda r: {**r, "cuda": [U8, torch.zeros(16)]}, "rng cuda states must be a list of uint8 tensors"),
+    "cuda of 2-d": (lambda r: {**r, "cuda": [U8.view(2, 8)]}, "rng cuda states must be a list of uint8 tensors"),
+    "cuda of numbers": (lambda r: {**r, "cuda": [5]}, "rng cuda states must be a list of uint8 tensors"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_RNGS)
+def test_rng_record_refusals(tmp_path, case):
+    change, what = BAD_RNGS[case]
+    ckpt = _saved(tmp_path, _state())
+    with pytest.raises(CheckpointError) as e:
+        validate_checkpoint({**ckpt, "rng": change(ckpt["rng"])}, tmp_path / "c.pt")
+    assert str(e.value) == f"{tmp_path / 'c.pt'}: checkpoint {what}"
+
+
+def test_cuda_states_of_a_gpu_run_pass(tmp_path):
+    ckpt = _saved(tmp_path, _state())
+    validate_checkpoint({**ckpt, "rng": {**ckpt["rng"], "cuda": [U8, U8.clone()]}}, tmp_path / "c.pt")
+
+
+ABOVE_1, BELOW_0 = math.nextafter(1.0, 2.0), math.nextafter(0.0, -1.0)
+BAD_HISTORY = {
+    "2 records for 1 epoch": (lambda h: h + [{**h[0], "epoch": 1}], "history must list the 1 finished epochs, found 2"),
+    "an int key": (lambda h: [{**h[0], 7: 0.5}], "history[0] is not a dict of named numbers"),
+    "2 keys missing": (lambda h: [{k: v for k, v in h[0].items() if k not in ("train_loss", "test_acc")}],
+                       "history[0] lacks train_loss, test_acc"),
+    **{f"{k} above 1": (lambda h, k=k: [{**h[0], k: ABOVE_1}],
+                        f"history[0][{k!r}] = {ABOVE_1!r} is not an accuracy in [0, 1]")
+       for k in ("train_acc", "test_acc", "val_acc", "max_test_acc")},
+    "test_acc 1.5": (lambda h: [{**h[0], "test_acc": 1.5}], "history[0]['test_acc'] = 1.5 is not an accuracy in [0, 1]"),
+    "val_acc below 0": (lambda h: [{**h[0], "val_acc": BELOW_0}],
+                        f"history[0]['val_acc'] = {BELOW_0!r} is not an accuracy in [0, 1]"),
+    **{f"{k} None": (lambda h, k=k: [{**h[0], k: None}], f"history[0][{k!r}] is missing a value")
+       for k in ("train_loss", "train_acc", "test_loss", "test_acc")},
+}
+
+
+@pytest.mark.parametrize("case", BAD_HISTORY)
+def test_history_record_refusals(tmp_path, case):
+    change, what = BAD_HISTORY[case]
+    ckpt = _saved(tmp_path, _state())
+    with pytest.raises(CheckpointError) as e:
+        validate_checkpoint({**ckpt, "history": change(ckpt["history"])}, tmp_path / "c.pt")
+    assert str(e.value) == f"{tmp_path / 'c.pt'}: checkpoint {what}"
+
+
+@pytest.mark.parametrize("acc", [0.0, 1.0])
+def test_accuracies_of_0_and_1_pass(tmp_path, acc):
+    ckpt = _saved(tmp_path, _state())
+    record = {**RECORD, "train_acc": acc, "test_acc": acc, "val_acc": acc, "max_test_acc": acc}
+    validate_checkpoint({**ckpt, "history": [record]}, tmp_path / "c.pt")

@@ -24,14 +24,16 @@ from dvsg_train.checkpoint import (
     load_checkpoint,
     load_model_state,
     make_payload,
+    network_state,
     restore_state,
     rng_state,
     save_checkpoint,
     set_rng_state,
+    state_mismatch,
     validate_checkpoint,
 )
 from dvsg_train.config import TrainConfig
-from dvsg_train.errors import CheckpointError, ConfigMismatchError, DataMismatchError
+from dvsg_train.errors import CheckpointError, ConfigError, ConfigMismatchError, DataMismatchError
 from dvsg_train.model import build_model
 
 RECORD = {"epoch": 0, "lr": 0.1, "train_loss": 0.5, "train_acc": 0.25, "val_loss": None, "val_acc": None,
@@ -403,3 +405,39 @@ def test_accuracies_of_0_and_1_pass(tmp_path, acc):
     ckpt = _saved(tmp_path, _state())
     record = {**RECORD, "train_acc": acc, "test_acc": acc, "val_acc": acc, "max_test_acc": acc}
     validate_checkpoint({**ckpt, "history": [record]}, tmp_path / "c.pt")
+
+
+# ----------------------------------------------------------------------------- weights against the network
+
+def test_validation_itself_refuses_weights_of_another_shape(tmp_path):
+    ckpt = _saved(tmp_path, _state())
+    model = {**ckpt["model"], "conv_fc.4.weight": torch.zeros(4, 8, 3, 3)}
+    with pytest.raises(CheckpointError) as e:
+        validate_checkpoint({**ckpt, "model": model}, tmp_path / "c.pt")
+    assert str(e.value) == (f"{tmp_path / 'c.pt'}: model weights do not fit the network {NETWORK_4} (size mismatch "
+                            f"for conv_fc.4.weight: shape (4, 8, 3, 3) in the checkpoint, (4, 4, 3, 3) in the network)")
+
+
+def test_network_state_defaults_and_unknown_nets():
+    names = list(network_state({"channels": 4, "neuron": "lif", "tau": 2.0}))     # no linear_bias: none
+    assert [n for n in names if n.startswith(("conv_fc.22.", "conv_fc.25."))] == ["conv_fc.22.weight",
+                                                                                  "conv_fc.25.weight"]
+    with pytest.raises(ConfigError, match="unknown net 'bogus'"):
+        network_state({"channels": 4, "net": "bogus", "neuron": "lif", "tau": 2.0})
+
+
+Z = torch.zeros(1)
+NET = {"a": Z, "b": Z, "c": Z, "d": Z}
+
+
+@pytest.mark.parametrize("state, problem", [
+    ({"d": Z}, "missing a, b, c"),                                       # 3 missing: all named
+    ({}, "missing a, b, c ..."),                                         # 4: three and a mark
+    ({**NET, "e": Z, "f": Z, "g": Z}, "unexpected e, f, g"),
+    ({**NET, "e": Z, "f": Z, "g": Z, "h": Z}, "unexpected e, f, g ..."),
+    ({**NET, "b": torch.zeros(1, dtype=torch.int64)}, "b holds torch.int64, the network torch.float32"),
+    ({**NET, "c": torch.zeros(1, dtype=torch.complex64)}, "c holds torch.complex64, the network torch.float32"),
+    ({**NET, "a": torch.zeros(1, dtype=torch.float16)}, None),           # another float width loads
+])
+def test_state_mismatch_phrases(state, problem):
+    assert state_mismatch(state, NET) == problem

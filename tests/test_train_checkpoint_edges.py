@@ -20,6 +20,7 @@ from dvsg_train.checkpoint import (
     TrainingState,
     check_data,
     check_resume,
+    checkpoint_config,
     check_tensor_sizes,
     load_checkpoint,
     load_model_state,
@@ -441,3 +442,91 @@ NET = {"a": Z, "b": Z, "c": Z, "d": Z}
 ])
 def test_state_mismatch_phrases(state, problem):
     assert state_mismatch(state, NET) == problem
+
+
+# ----------------------------------------------------------------------------- the payload's tree and fields
+
+def _nest_lists(n: int):
+    return 1 if n == 0 else [_nest_lists(n - 1)]
+
+
+def _nest_dicts(n: int):
+    return 1 if n == 0 else {"a": _nest_dicts(n - 1)}
+
+
+BAD_PAYLOADS = {
+    # the payload is depth 0, its scheduler 1: a value at depth 9 is one level too deep
+    "lists 9 deep": (lambda c: {**c, "scheduler": {"x": _nest_lists(7)}},
+                     "checkpoint payload['scheduler']['x']" + "[0]" * 7 + " is nested deeper than 8 levels"),
+    "dicts 9 deep": (lambda c: {**c, "scheduler": _nest_dicts(8)},
+                     "checkpoint payload['scheduler']" + "['a']" * 8 + " is nested deeper than 8 levels"),
+    "a float key": (lambda c: {**c, "scheduler": {1.5: 1}}, "checkpoint payload['scheduler'] has a key of type float"),
+    "bytes in a list": (lambda c: {**c, "scheduler": {"x": [1, b"ab"]}},
+                        "checkpoint payload['scheduler']['x'][1] holds a bytes"),
+    "an expanded tensor in a list": (lambda c: {**c, "scheduler": {"x": [torch.zeros(1).expand(100)]}},
+                                     "tensor payload['scheduler']['x'][0] declares shape (100,) (400 bytes) from "
+                                     "4 bytes of data (an expanded or overlapping tensor): not a checkpoint of real "
+                                     "weights"),
+    "another format": (lambda c: {**c, "format": "dvsg-train-checkpoint/1"},
+                       "checkpoint payload is not a dvsg-train-checkpoint/2 dict"),
+    "2 keys missing": (lambda c: {k: v for k, v in c.items() if k not in ("optimizer", "rng")},
+                       "checkpoint lacks optimizer, rng"),
+    "version a number": (lambda c: {**c, "version": 2}, "checkpoint version is not a string"),
+    "epoch = epochs": (lambda c: {**c, "epoch": 3, "history": [{**RECORD, "epoch": i} for i in range(4)]},
+                       "checkpoint epoch 3 is not an epoch of its run (0 to 2)"),
+    "model empty": (lambda c: {**c, "model": {}}, "checkpoint model is not a state dict of named tensors"),
+    "optimizer state a list": (lambda c: {**c, "optimizer": {"state": [], "param_groups": []}},
+                               "checkpoint optimizer is not an optimizer state dict"),
+    "optimizer groups of numbers": (lambda c: {**c, "optimizer": {"state": {}, "param_groups": [1]}},
+                                    "checkpoint optimizer is not an optimizer state dict"),
+    "config with an int key": (lambda c: {**c, "config": {**c["config"], 5: 1}}, "checkpoint config is not a dict"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_PAYLOADS)
+def test_payload_refusals(tmp_path, case):
+    change, what = BAD_PAYLOADS[case]
+    ckpt = _saved(tmp_path, _state())
+    with pytest.raises(CheckpointError) as e:
+        validate_checkpoint(change(ckpt), tmp_path / "c.pt")
+    assert str(e.value) == f"{tmp_path / 'c.pt'}: {what}"
+
+
+@pytest.mark.parametrize("change", [
+    lambda c: {**c, "scheduler": {"x": _nest_lists(6)}},            # depth 8: the deepest allowed
+    lambda c: {**c, "scheduler": _nest_dicts(7)},
+    lambda c: {**c, "epoch": 2, "history": [{**RECORD, "epoch": i} for i in range(3)]},   # the last epoch
+], ids=["lists 8 deep", "dicts 8 deep", "epoch = epochs - 1"])
+def test_payloads_next_to_the_refused_ones_pass(tmp_path, change):
+    validate_checkpoint(change(_saved(tmp_path, _state())), tmp_path / "c.pt")
+
+
+def _declared(value) -> int:
+    """Bytes every tensor in ``value`` declares (numel x element size), walked here independently."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_declared(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_declared(v) for v in value)
+    return 0
+
+
+def test_tensors_must_fit_in_the_bytes_they_were_read_from(tmp_path):
+    ckpt = _saved(tmp_path, _state())
+    total = _declared(ckpt)
+    validate_checkpoint(ckpt, tmp_path / "c.pt", total)
+    with pytest.raises(CheckpointError, match=r": its tensors declare [0-9.]+ MB, more than the [0-9.]+ MB the "
+                                              r"checkpoint holds \(tensors sharing their data\)"):
+        validate_checkpoint(ckpt, tmp_path / "c.pt", total - 1)
+
+
+def test_checkpoint_config_of_anything(tmp_path):
+    with pytest.raises(CheckpointError) as e:
+        checkpoint_config([1], "c.pt")
+    assert str(e.value) == "c.pt: checkpoint config is not a dict"
+    net = "x" * 300
+    with pytest.raises(CheckpointError) as e:
+        checkpoint_config({"config": {**_config(tmp_path).to_dict(), "net": net}}, "c.pt")
+    first = f"net must be one of multistep, stepwise, got '{net}'"
+    assert str(e.value) == f"c.pt: checkpoint holds an invalid config ({first[:200]})"

@@ -7,6 +7,8 @@ stand-in torch.cuda (this suite must run without a GPU)."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import math
 import os
 import uuid
@@ -17,10 +19,13 @@ import torch
 from dvsprep.atomic import output_lock
 from dvsprep.errors import OutputLockedError
 from dvsg_train.checkpoint import (
+    FORMAT,
+    REQUIRED_KEYS,
     TrainingState,
     check_data,
     check_resume,
     checkpoint_config,
+    checkpoint_from,
     check_tensor_sizes,
     load_checkpoint,
     load_model_state,
@@ -480,6 +485,8 @@ BAD_PAYLOADS = {
     "optimizer groups of numbers": (lambda c: {**c, "optimizer": {"state": {}, "param_groups": [1]}},
                                     "checkpoint optimizer is not an optimizer state dict"),
     "config with an int key": (lambda c: {**c, "config": {**c["config"], 5: 1}}, "checkpoint config is not a dict"),
+    "fingerprint upper case": (lambda c: {**c, "data_fingerprint": "AB" * 32},
+                               "checkpoint data_fingerprint is not a sha256 hex string"),
 }
 
 
@@ -530,3 +537,68 @@ def test_checkpoint_config_of_anything(tmp_path):
         checkpoint_config({"config": {**_config(tmp_path).to_dict(), "net": net}}, "c.pt")
     first = f"net must be one of multistep, stepwise, got '{net}'"
     assert str(e.value) == f"c.pt: checkpoint holds an invalid config ({first[:200]})"
+
+
+# ----------------------------------------------------------------------------- the container
+
+def _container(data: bytes, **kw) -> dict:
+    return {"format": FORMAT, "sha256": hashlib.sha256(data).hexdigest(),
+            "payload": torch.frombuffer(bytearray(data), dtype=torch.uint8), **kw}
+
+
+ABC = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"     # sha256(b"abc"), FIPS 180-2
+BAD_CONTAINERS = {
+    "a long format": ({"format": "x" * 100}, f"not a dvsg-train checkpoint (format {'x' * 60!r}, expected {FORMAT!r})"),
+    "8 keys": ({**_container(b"abc"), **{f"k{i}": 0 for i in range(5)}},
+               "checkpoint container has keys ['format', 'k0', 'k1', 'k2', 'k3', 'k4'], "
+               "expected ['format', 'payload', 'sha256']"),
+    "digest upper case": ({**_container(b"abc"), "sha256": ABC.upper()}, "checkpoint digest is not a sha256 hex string"),
+    "payload of floats": ({**_container(b"abc"), "payload": torch.zeros(3)}, "checkpoint payload is not a byte tensor"),
+    "payload 2-d": ({**_container(b"abc"), "payload": torch.zeros(1, 3, dtype=torch.uint8)},
+                    "checkpoint payload is not a byte tensor"),
+    "payload expanded": ({**_container(b"abc"), "payload": torch.zeros(1, dtype=torch.uint8).expand(100)},
+                         "tensor payload declares shape (100,) (100 bytes) from 1 bytes of data (an expanded or "
+                         "overlapping tensor): not a checkpoint of real weights"),
+    "another digest": ({**_container(b"abc"), "sha256": "0" * 64},
+                       "checkpoint is corrupt: its payload has sha256 ba7816bf8f01cfea, but the checkpoint records "
+                       "0000000000000000"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CONTAINERS)
+def test_container_refusals(case):
+    obj, what = BAD_CONTAINERS[case]
+    with pytest.raises(CheckpointError) as e:
+        checkpoint_from(obj, 10_000, "c.pt")
+    assert str(e.value) == f"c.pt: {what}"
+
+
+def test_payload_that_is_no_torch_file_and_tensors_sharing_data(tmp_path):
+    with pytest.raises(CheckpointError) as e:
+        checkpoint_from(_container(b"abc"), 10_000, "c.pt")
+    assert str(e.value).startswith("c.pt: not a checkpoint (unreadable torch file: ")
+    t = torch.zeros(1000)                       # stored once, declared twice: 8000 bytes from ~4 kB
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, **{k: None for k in REQUIRED_KEYS if k != "format"}, "model": {"a": t, "b": t}}, buf)
+    data = buf.getvalue()
+    assert 4000 < len(data) < 8000
+    with pytest.raises(CheckpointError, match=rf"^c\.pt: its tensors declare 8000 bytes, more than the {len(data)} "
+                                              rf"bytes the checkpoint holds "):
+        checkpoint_from(_container(data), 10 ** 6, "c.pt")
+
+
+def test_sizes_up_to_the_bytes_read_pass():
+    four = [("w", torch.zeros(4, dtype=torch.uint8))]
+    check_tensor_sizes(four, "c.pt", 4)
+    with pytest.raises(CheckpointError) as e:
+        check_tensor_sizes(four, "c.pt", 3)
+    assert str(e.value) == ("c.pt: its tensors declare 4 bytes, more than the 3 bytes the checkpoint holds (tensors "
+                            "sharing their data): not a checkpoint of real weights")
+
+
+def test_a_checkpoint_with_linear_biases_passes(tmp_path):
+    state = _state()
+    state.model = build_model(4, linear_bias=True)          # weights taken from SpikingJelly by --init
+    state.optimizer = torch.optim.SGD(state.model.parameters(), lr=0.1, momentum=0.9)
+    ckpt = _saved(tmp_path, state)
+    assert "conv_fc.22.bias" in ckpt["model"] and "conv_fc.25.bias" in ckpt["model"]

@@ -25,6 +25,15 @@ if _hyp_settings is not None:
     _hyp_settings.load_profile(_os.environ.get("DVSPREP_HYPOTHESIS", "ci"))
 
 
+# The tests of Ctrl-C expect a terminal's SIGINT: a suite started in the background of a
+# non-interactive shell (`make test &`, nohup) inherits SIGINT ignored, which every command it
+# runs would inherit too. Tests of "ignored at start" set it themselves.
+import signal as _signal
+
+if _signal.getsignal(_signal.SIGINT) is _signal.SIG_IGN:
+    _signal.signal(_signal.SIGINT, _signal.default_int_handler)
+
+
 def _cuda_available() -> bool:
     if importlib.util.find_spec("torch") is None:
         return False

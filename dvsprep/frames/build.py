@@ -238,6 +238,10 @@ def _check_resources(final: Path, T: int, shard: int, jobs: int) -> None:
                  "use fewer jobs or a smaller -T")
 
 
+def _no_events(events_path: Path) -> MissingFileError:
+    return MissingFileError(f"{events_path}: no such events file (run `dvsprep convert` first)")
+
+
 def _read_events_meta(events_path: Path) -> tuple[str, tuple, dict[str, dict[str, Any]]]:
     """(fingerprint, file stamp, per-split metadata) of a verified events.h5 (EventsFile checks
     it against its own manifest, cheaply when a verified-marker exists)."""
@@ -245,7 +249,7 @@ def _read_events_meta(events_path: Path) -> tuple[str, tuple, dict[str, dict[str
     try:
         stamp = stamp_path(events_path)
     except FileNotFoundError:
-        raise MissingFileError(f"{events_path}: no such events file (run `dvsprep convert` first)") from None
+        raise _no_events(events_path) from None
     with EventsFile(events_path) as ef:
         meta = {}
         for s in SPLITS:
@@ -283,7 +287,7 @@ def build_frame_store(
     T, split_by = check_params(T, split_by)
     events_path = Path(events_path)
     if not events_path.is_file():
-        raise MissingFileError(f"{events_path}: no such events file (run `dvsprep convert` first)")
+        raise _no_events(events_path)
     out_path = Path(out_path)
     check_output(out_path, "frame store", force=force, inputs=[events_path], kind="dir")
     jobs = max(1, int(jobs or os.cpu_count() or 1))

@@ -54,10 +54,10 @@ from ..constants import (
     SPLITS,
 )
 from ..errors import IntegrityError, StoreError
+from ..integrity import dir_manifest, stamp_path, write_dir_manifest
 
 if TYPE_CHECKING:
     import zarr
-from ..integrity import dir_manifest, stamp_path, write_dir_manifest
 
 log = logging.getLogger(__name__)
 

@@ -89,6 +89,11 @@ def stop_pool(pool: ProcessPoolExecutor | None, *, kill: bool = False, wait: boo
     exit while the caller goes on."""
     if pool is None:
         return
+    # shutdown(wait=False) forgets the pool's manager thread, so a later shutdown(wait=True)
+    # waits for nothing: keep the thread to join it. One still running at interpreter exit races
+    # concurrent.futures' exit hook, which writes to the thread's wake-up pipe while the thread
+    # closes it: "Exception ignored ... Bad file descriptor" under the command's error line.
+    manager = pool.__dict__.setdefault("_dvsprep_manager", getattr(pool, "_executor_manager_thread", None))
     if kill:
         procs = list((getattr(pool, "_processes", None) or {}).values())
         results = getattr(pool, "_result_queue", None)
@@ -105,6 +110,8 @@ def stop_pool(pool: ProcessPoolExecutor | None, *, kill: bool = False, wait: boo
                 pass
         _unblock_results(results)
     pool.shutdown(wait=wait or kill, cancel_futures=True)
+    if (wait or kill) and manager is not None:
+        manager.join()
 
 
 def _unblock_results(results: object) -> None:

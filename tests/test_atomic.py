@@ -22,6 +22,7 @@ from dvsprep.atomic import (
 )
 from dvsprep.errors import OutputLockedError
 from dvsprep.workers import process_pool, stop_pool
+from previous_output import lay_previous, tree
 from waits import signal_ignored
 
 
@@ -68,14 +69,17 @@ def test_clean_stale_temps_by_name_leaves_other_outputs(tmp_path):
     assert b.exists()
 
 
-def test_atomic_write_removes_temp_on_error(tmp_path):
+@pytest.mark.parametrize("previous", [False, True])
+def test_atomic_write_removes_temp_on_error(tmp_path, previous):
+    """The temporary goes, and a file it would have replaced (a manifest, a marker) stays whole."""
     def boom(tmp: Path) -> None:
         tmp.write_bytes(b"half")
         raise OSError(28, "No space left on device")
 
+    before = lay_previous(tmp_path / "out.bin") if previous else {}
     with pytest.raises(OSError):
         atomic_write(tmp_path / "out.bin", boom)
-    assert list(tmp_path.iterdir()) == []
+    assert tree(tmp_path) == before
 
 
 def test_output_lock_refuses_a_second_writer_in_another_process(tmp_path):

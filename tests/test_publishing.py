@@ -32,11 +32,7 @@ from dvsprep.errors import (
     StoreExistsError,
 )
 
-
-def tree(root: Path) -> dict[str, bytes | None]:
-    """Everything in a folder: relative name -> bytes (None for a folder), hidden files too."""
-    return {p.relative_to(root).as_posix(): (None if p.is_dir() else p.read_bytes())
-            for p in sorted(root.rglob("*"))}
+from previous_output import lay_previous, tree
 
 
 def _old_dir(out: Path) -> dict[str, bytes | None]:
@@ -534,11 +530,14 @@ def test_scratch_dir_is_a_new_hidden_folder_inside_its_parent(tmp_path):
     assert atomic.scratch_dir(tmp_path / "a" / "b", "convert") != s
 
 
-def test_a_publication_aborted_before_it_began_does_nothing(tmp_path):
-    p = atomic.Publication(tmp_path / "o", "x", force=False)
+@pytest.mark.parametrize("kind", [None, "file", "dir"])
+def test_a_publication_aborted_before_it_began_does_nothing(tmp_path, kind):
+    """Nothing created, and a previous output (which --force would replace) left byte for byte."""
+    before = lay_previous(tmp_path / "o", kind) if kind else {}
+    p = atomic.Publication(tmp_path / "o", "x", force=True, kind=kind or "file")
     p.abort()
     p.abort()
-    assert list(tmp_path.iterdir()) == []
+    assert tree(tmp_path) == before
 
 
 def test_a_failing_marker_is_logged_at_debug_naming_the_output(tmp_path, caplog):

@@ -23,6 +23,7 @@ from dvsg_train.engine import main
 from dvsg_train.errors import CheckpointError, ConfigMismatchError, DataMismatchError
 
 from fuzz_settings import fuzz
+from previous_output import lay_previous, tree
 from train_fixtures import make_learnable_store
 
 
@@ -113,8 +114,11 @@ def test_resume_continues_and_extends(run, tmp_path):
     assert load_checkpoint(ckpt)["epoch"] == 0
 
 
-def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+def test_atomic_write_leaves_the_previous_checkpoint_on_failure(tmp_path):
+    """Checkpoints are replaced by design: a failed write leaves the previous one byte for byte
+    and no temporary (test_atomic covers the case with no previous file)."""
     target = tmp_path / "x.pt"
+    before = lay_previous(target)
 
     def fail(tmp):
         open(tmp, "wb").write(b"half")
@@ -122,7 +126,7 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
 
     with pytest.raises(OSError, match="disk full"):
         atomic_write(target, fail)
-    assert list(tmp_path.iterdir()) == []
+    assert tree(tmp_path) == before
 
 
 # ----------------------------------------------------------------------------- digest and field checks

@@ -17,6 +17,7 @@ from dvsprep.cli import main
 from dvsg_train.cli import eval_main
 
 from hostile_fixtures import tiny_events, tiny_store
+from previous_output import lay_previous, tree
 
 GiB, MiB = 2**30, 2**20
 
@@ -134,3 +135,26 @@ def test_one_wording():
     assert resources.memory_refusal("x.zarr", "framing", 3 * GiB // 2, 512 * MiB, "use less") == \
         "x.zarr: framing needs about 1.5 GiB of memory, but only 512.0 MiB is free (use less)"
     assert resources.size_text(2**30 - 1) == "1,024.0 MiB" and resources.size_text(2**40) == "1,024.0 GiB"
+
+
+@pytest.mark.parametrize("command, memory", [("show -o a.png", 8 * GiB), ("show -o a.gif", 64 * MiB),
+                                             ("frames", 1 * GiB), ("eval --png", 1 * MiB)])
+def test_a_refusal_leaves_the_output_that_force_would_replace(inputs, free, tmp_path, command, memory):
+    """The refusals above, each over a previous output and with --force: it stays byte for byte,
+    and nothing is left beside it."""
+    events, store = inputs
+    out = tmp_path / "out"
+    target = out / {"show -o a.png": "a.png", "show -o a.gif": "a.gif", "frames": "f.zarr",
+                    "eval --png": "c.png"}[command]
+    before = lay_previous(target, "dir" if command == "frames" else "file")
+    if command.startswith("show"):
+        argv = ["show", str(events), "-T", "100000" if target.suffix == ".png" else "1000", "-o", str(target)]
+    elif command == "frames":
+        argv = ["frames", "-T", "4096", "-d", str(events.parent), "-o", str(target), "-j", "2"]
+    else:
+        ckpt = _sj_checkpoint(tmp_path / "net.pth", channels=4)
+        argv = ["--checkpoint", str(ckpt), "--data", str(store), "--device", "cpu", "--png", str(target)]
+    free(memory)
+    res = CliRunner().invoke(eval_main if command == "eval --png" else main, [*argv, "--force"])
+    assert "of memory, but only" in _refused(res)
+    assert tree(out) == before

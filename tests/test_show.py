@@ -19,6 +19,7 @@ from dvsprep.frames.store import write_frame_store_from_arrays
 from dvsprep.frames.integrate import integrate
 
 from aedat_fixtures import small_release
+from previous_output import lay_previous, tree
 
 Image = pytest.importorskip("PIL.Image")
 
@@ -257,12 +258,15 @@ def test_events_picture_matches_frame_store(events_root, tmp_path):
     (["--count", "2"], "count applies to a label"),
     (["-T", "8"], "-T/--split-by apply to events.h5 only"),
 ])
-def test_bad_inputs_one_line_exit_1(store, tmp_path, args, msg):
+@pytest.mark.parametrize("previous", [False, True])
+def test_bad_inputs_one_line_exit_1(store, tmp_path, args, msg, previous):
+    """Nothing written; a picture that --force would replace stays byte for byte."""
     out = tmp_path / "x.png"
-    res = _cli("show", store, *args, "-o", out)
+    before = lay_previous(out) if previous else {}
+    res = _cli("show", store, *args, "-o", out, *(["--force"] if previous else []))
     assert res.exit_code == 1, res.output
     assert msg in res.stderr and res.stderr.startswith("error: ") and res.stderr.count("\n") == 1
-    assert list(tmp_path.iterdir()) == []
+    assert tree(tmp_path) == before
 
 
 def test_bad_outputs_and_missing_store(store, tmp_path):
@@ -277,6 +281,16 @@ def test_bad_outputs_and_missing_store(store, tmp_path):
     res = _cli("show", tmp_path / "nothing.zarr", "-o", tmp_path / "y.png")
     assert res.exit_code == 1 and "no such frame store or events file" in res.stderr
     assert list(tmp_path.iterdir()) == []
+    # the same refusals over previous outputs that --force would replace: kept byte for byte
+    for name in ("x.jpg", "x", "x.gif", "y.png"):
+        lay_previous(tmp_path / name)
+    before = tree(tmp_path)
+    for name, extra in (("x.jpg", []), ("x", []), ("x.gif", ["--label", "2"])):
+        res = _cli("show", store, *extra, "-o", tmp_path / name, "--force")
+        assert res.exit_code == 1 and res.stderr.count("\n") == 1, res.output
+    res = _cli("show", tmp_path / "nothing.zarr", "-o", tmp_path / "y.png", "--force")
+    assert res.exit_code == 1 and "no such frame store or events file" in res.stderr
+    assert tree(tmp_path) == before
 
 
 def test_failed_save_leaves_nothing(store, tmp_path, monkeypatch):
@@ -293,12 +307,14 @@ def test_failed_save_leaves_nothing(store, tmp_path, monkeypatch):
     assert out.read_bytes() == b"old picture" and [p.name for p in tmp_path.iterdir()] == ["x.png"]
 
 
-def test_missing_pillow_is_one_line(store, tmp_path, monkeypatch):
+@pytest.mark.parametrize("previous", [False, True])
+def test_missing_pillow_is_one_line(store, tmp_path, monkeypatch, previous):
     monkeypatch.setitem(sys.modules, "PIL", None)
-    res = _cli("show", store, "-o", tmp_path / "x.png")
+    before = lay_previous(tmp_path / "x.png") if previous else {}
+    res = _cli("show", store, "-o", tmp_path / "x.png", *(["--force"] if previous else []))
     assert res.exit_code == 1
     assert res.stderr == "error: dvsprep show needs Pillow: pip install 'dvsgesture-kit[show]'\n"
-    assert list(tmp_path.iterdir()) == []
+    assert tree(tmp_path) == before
 
 
 def test_empty_sample_from_events(events_root, tmp_path):
@@ -323,3 +339,8 @@ def test_text_in_any_script_and_odd_fps(store, tmp_path):
         res = _cli("show", store, "--fps", fps, "-o", tmp_path / "a.gif")
         assert res.exit_code == 1 and res.stderr.count("\n") == 1 and "fps 0.01..50.0" in res.stderr, res.output
     assert not (tmp_path / "a.gif").exists()
+    before = lay_previous(tmp_path / "a.gif")          # one --force would replace: kept whole
+    for fps in ("nan", "0"):
+        res = _cli("show", store, "--fps", fps, "-o", tmp_path / "a.gif", "--force")
+        assert res.exit_code == 1 and "fps 0.01..50.0" in res.stderr, res.output
+    assert tree(tmp_path) == before

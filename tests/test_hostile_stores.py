@@ -23,6 +23,7 @@ from dvsprep.errors import DvsprepError, IntegrityError, MissingFileError, Store
 from dvsprep.frames.store import open_frame_store
 from hostile_fixtures import (edit_json, flip, resign, resign_events, snapshot, tiny_events, tiny_store, vlen,
                               zstd)
+from previous_output import lay_previous, tree
 from store_forms import FORMS
 
 
@@ -225,9 +226,9 @@ def test_tampered_store_is_refused_in_every_form_and_listed_by_verify(base, stor
         assert res.exit_code == 1 and res.stdout.startswith(f"{target}: frame store NOT intact"), res.output
         assert listed in res.stdout and res.stderr == "" and "Traceback" not in res.output, res.output
     out = tmp_path / "out"
-    out.mkdir()
+    kept = lay_previous(out / "kept.png")         # a picture that --force would replace
     for args in (["info", target], ["show", target, "-o", out / "x.png"],
-                 ["show", target, "--split", "train", "-o", out / "x.png"]):
+                 ["show", target, "--split", "train", "-o", out / "kept.png", "--force"]):
         res = _cli(*args)
         assert_one_line(res, target)
         assert refusal in res.stderr, res.stderr
@@ -236,7 +237,7 @@ def test_tampered_store_is_refused_in_every_form_and_listed_by_verify(base, stor
     error = how.error if isinstance(how, Arrival) and how.error else spec.error
     assert type(exc.value) is error and str(exc.value).startswith(target) and refusal in str(exc.value)
     assert snapshot(source) == before
-    assert list(out.iterdir()) == []
+    assert tree(out) == kept
     if isinstance(how, Arrival):                 # refused on arrival: nothing kept in the cache
         assert store_forms.downloaded() == []
 
@@ -281,10 +282,11 @@ def test_zip_with_a_bad_member_is_listed_and_refused(base, store_forms, tmp_path
         assert_one_line(res, target)
         assert res.stderr == f"error: {target}: 1 file(s) differ from the store's manifest: corrupt train/label/c/0\n"
     out = tmp_path / "out"
-    out.mkdir()
-    for args in (["info", target], ["show", target, "-o", out / "x.png"]):
+    kept = lay_previous(out / "kept.png")         # a picture that --force would replace
+    for args in (["info", target], ["show", target, "-o", out / "x.png"],
+                 ["show", target, "-o", out / "kept.png", "--force"]):
         assert_one_line(_cli(*args), target)
-    assert snapshot(z) == before and list(out.iterdir()) == [] and store_forms.downloaded() == []
+    assert snapshot(z) == before and tree(out) == kept and store_forms.downloaded() == []
 
 
 def test_marker_makes_reopening_cheap_and_any_change_misses_it(base, tmp_path, monkeypatch):
@@ -460,6 +462,13 @@ def test_frames_refuses_while_another_writes_the_same_store(base, tmp_path):
         assert "is being written by another process" in res.stderr
     assert not out.exists()
     assert _cli("frames", "-T", "4", "-d", tmp_path, "-j", "1").exit_code == 0
+    # a store there already, and --force: the refusal leaves it byte for byte
+    before = tree(tmp_path)
+    with output_lock(out, "frame store"):
+        res = _cli("frames", "-T", "4", "-d", tmp_path, "-j", "1", "--force")
+        assert_one_line(res, out)
+        assert "is being written by another process" in res.stderr
+    assert tree(tmp_path) == before
 
 
 def test_frames_out_of_space_is_one_line_and_leaves_no_temp(base, tmp_path, monkeypatch):

@@ -31,6 +31,7 @@ from http_fixtures import serving
 from store_fixtures import make_multishard_store
 
 from aedat_fixtures import random_events, small_release, write_release
+from previous_output import lay_previous, tree
 
 REPO = Path(__file__).resolve().parents[1]
 _MAIN = "from dvsprep.cli import main; main(prog_name='dvsprep')"
@@ -67,6 +68,16 @@ def _state(path: Path) -> dict[str, str]:
 def _hidden(folder: Path) -> list[str]:
     """Temporaries, locks or scratch folders left in `folder`."""
     return sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) if folder.exists() else []
+
+
+def _convert_over_previous(src: Path, out: Path, *names: object, extra: tuple = ()) -> str:
+    """convert SRC -o OUT --force over a previous events.h5 in OUT: refused (one line naming
+    `names`) and that file left byte for byte, nothing beside it."""
+    before = lay_previous(out / EVENTS)
+    r = _cli("convert", src, "-o", out, "--force", *extra)
+    line = _refused(r.exit_code, r.stderr, *names)
+    assert tree(out) == before
+    return line
 
 
 def _tgz(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:
@@ -152,6 +163,11 @@ def test_failing_convert_leaves_no_output_folder(tmp_path, case):
         r = _cli("convert", tmp_path / "raw", "-o", out, "--strict", "-j", "2")
         _refused(r.exit_code, r.stderr, "user01_natural.aedat: md5")
     assert not out.exists() and not out.parent.exists()
+    # the same over an events.h5 that --force would replace
+    if case == "missing_input":
+        _convert_over_previous(tmp_path / "nope", out, tmp_path / "nope")
+    else:
+        _convert_over_previous(tmp_path / "raw", out, "user01_natural.aedat: md5", extra=("--strict", "-j", "2"))
 
 
 def test_convert_into_its_own_release_folder_refuses(tmp_path):
@@ -208,14 +224,18 @@ def _dvsprep(*args, **kw) -> subprocess.CompletedProcess:
                           text=True, env=env, cwd=REPO, timeout=120, **kw)
 
 
-@pytest.mark.parametrize("jobs", ["1", "2"])
-def test_convert_on_a_real_full_disk(tmp_path, tiny_disk, jobs):
-    """A 1 MB tmpfs: no segfault, no h5py 'Exception ignored' spam, one line, disk left empty."""
+@pytest.mark.parametrize("jobs, previous", [("1", False), ("2", False), ("2", True)])
+def test_convert_on_a_real_full_disk(tmp_path, tiny_disk, jobs, previous):
+    """A 1 MB tmpfs: no segfault, no h5py 'Exception ignored' spam, one line, disk left empty (or
+    as it was: an events.h5 that --force was replacing, byte for byte)."""
     _bigger_release(tmp_path / "raw", n_recordings=3, n_events=100_000)
     out = tiny_disk / "data"
-    r = _dvsprep("convert", tmp_path / "raw", "-o", out, "-j", jobs)
+    if previous:
+        lay_previous(out / EVENTS)
+    before = tree(tiny_disk)
+    r = _dvsprep("convert", tmp_path / "raw", "-o", out, "-j", jobs, *(["--force"] if previous else []))
     assert _refused(r.returncode, r.stderr) == f"error: {out / EVENTS}: No space left on device"
-    assert list(tiny_disk.iterdir()) == []
+    assert tree(tiny_disk) == before
 
 
 # ----------------------------------------------------------------------------- label csv, trial lists
@@ -249,6 +269,7 @@ def test_non_utf8_trial_list(tmp_path):
     r = _cli("convert", tmp_path / "raw", "-o", tmp_path / "out")
     assert "not UTF-8 text" in _refused(r.exit_code, r.stderr, lst)
     assert not (tmp_path / "out").exists()
+    assert "not UTF-8 text" in _convert_over_previous(tmp_path / "raw", tmp_path / "out", lst)
 
 
 # ----------------------------------------------------------------------------- archives
@@ -262,6 +283,7 @@ def test_an_archive_that_is_not_a_tar_gz(tmp_path, content):
     r = _cli("convert", tgz, "-o", tmp_path / "out")
     _refused(r.exit_code, r.stderr, tgz)
     assert tgz.read_bytes() == content and not (tmp_path / "out").exists()
+    _convert_over_previous(tgz, tmp_path / "out", tgz)
 
 
 def test_a_huge_declared_member_is_refused_before_extracting(tmp_path):
@@ -280,6 +302,7 @@ def test_a_huge_declared_member_is_refused_before_extracting(tmp_path):
     r = _cli("verify", tgz)  # verify streams the archive: bounded the same way
     assert "536,870,912-byte bound" in _refused(r.exit_code, r.stderr, tgz)
     assert not (tmp_path / "out").exists()
+    assert "536,870,912-byte bound" in _convert_over_previous(tgz, tmp_path / "out", tgz, "DvsGesture/user01_lab.aedat")
 
 
 def test_a_gnu_sparse_member_is_refused(tmp_path):
@@ -299,6 +322,7 @@ def test_a_gnu_sparse_member_is_refused(tmp_path):
     line = _refused(r.exit_code, r.stderr, tgz, "user01_lab.aedat")
     assert "sparse" in line or "bound" in line
     assert not (tmp_path / "out").exists()
+    assert _convert_over_previous(tgz, tmp_path / "out", tgz) == line
 
 
 def test_total_and_member_count_bounds(tmp_path, monkeypatch):
@@ -311,6 +335,7 @@ def test_total_and_member_count_bounds(tmp_path, monkeypatch):
     r = _cli("convert", tgz, "-o", tmp_path / "out")
     assert "more than 5 members" in _refused(r.exit_code, r.stderr, tgz)
     assert not (tmp_path / "out").exists()
+    assert "more than 5 members" in _convert_over_previous(tgz, tmp_path / "out", tgz)
 
 
 @pytest.mark.parametrize("name", ["DvsGesture/sub/user01_lab.aedat", "other/user01_lab.aedat",
@@ -323,6 +348,7 @@ def test_members_outside_the_release_layout(tmp_path, name):
     r = _cli("convert", tgz, "-o", tmp_path / "out")
     assert "not part of the release" in _refused(r.exit_code, r.stderr, tgz, name.rstrip("/"))
     assert not (tmp_path / "out").exists()
+    assert "not part of the release" in _convert_over_previous(tgz, tmp_path / "out", tgz, name.rstrip("/"))
 
 
 @pytest.mark.parametrize("when", ["before", "per_member"])
@@ -346,6 +372,8 @@ def test_extraction_checks_free_space_first(tmp_path, monkeypatch, when):
     need = tgz.stat().st_size if when == "before" else None
     assert "MB free" in line and (need is None or f"needs {need / 1e6:,.1f} MB" in line)
     assert (len(calls) >= 2 if when == "per_member" else len(calls) == 1) and not (tmp_path / "out").exists()
+    calls.clear()
+    assert "MB free" in _convert_over_previous(tgz, tmp_path / "out", tgz)
 
 
 def test_library_messages_become_one_line(tmp_path, monkeypatch):
@@ -653,14 +681,18 @@ def test_ctrl_c_on_synth_j2_prints_aborted_only(tmp_path):
     assert not out.exists()
 
 
-def test_sigterm_on_convert_removes_its_temporaries(tmp_path):
+@pytest.mark.parametrize("previous", [False, True])
+def test_sigterm_on_convert_removes_its_temporaries(tmp_path, previous):
+    """... and leaves an events.h5 that --force was replacing byte for byte."""
     tgz = _release_tgz(tmp_path)
     out = tmp_path / "out"
+    before = lay_previous(out / EVENTS) if previous else None
     proc = _dvsprep_signalled("events.convert", "process_recording", "os.killpg(0, signal.SIGTERM)",
-                              "convert", tgz, "-o", out, "-j", "2")   # e.g. `timeout` or a batch system
+                              "convert", tgz, "-o", out, "-j", "2",   # e.g. `timeout` or a batch system
+                              *(["--force"] if previous else []))
     stdout, stderr = proc.communicate(timeout=120)
     assert (proc.returncode, stdout, stderr) == (128 + signal.SIGTERM, "", ""), stderr
-    assert not out.exists()
+    assert tree(out) == before if previous else not out.exists()
 
 
 def test_sigkill_mid_convert_then_rerun_leaves_nothing(tmp_path):

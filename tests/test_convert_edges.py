@@ -16,6 +16,7 @@ from dvsprep.events.convert import convert_release
 from dvsprep.events.store import EventsFile
 
 from aedat_fixtures import write_release
+from previous_output import lay_previous, tree
 
 I64 = 2**63 - 1
 
@@ -82,3 +83,8 @@ def test_a_class_one_past_either_end_stops_the_conversion_in_one_line(tmp_path, 
     assert r.exit_code == 1, r.output
     assert r.output == f"error: {csv}: line 3: class {cls} outside 1..11\n"
     assert not (tmp_path / "out").exists()
+    # over an events.h5 that --force would replace: the same line, that file byte for byte
+    before = lay_previous(tmp_path / "out" / "events.h5")
+    r = CliRunner().invoke(main, ["convert", str(tmp_path / "raw"), "-o", str(tmp_path / "out"), "-j", "1", "--force"])
+    assert r.exit_code == 1 and r.output == f"error: {csv}: line 3: class {cls} outside 1..11\n"
+    assert tree(tmp_path / "out") == before

@@ -17,6 +17,7 @@ import dvsprep.atomic as atomic
 from aedat_fixtures import small_release
 from dvsprep.atomic import publishing
 from dvsprep.cli import main
+from previous_output import lay_previous, tree
 from store_fixtures import make_multishard_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,7 +98,9 @@ def test_an_interrupted_replacement_without_renameat2_puts_the_old_store_back(tm
 # ----------------------------------------------------------------------------- no folder left
 
 
-def test_a_failed_synth_leaves_no_folder_it_made(tmp_path, monkeypatch):
+@pytest.mark.parametrize("previous", [False, True])
+def test_a_failed_synth_leaves_no_folder_it_made(tmp_path, monkeypatch, previous):
+    """... and a release that --force was replacing, byte for byte."""
     import dvsprep.raw.synth as synth
 
     def disk_full(*a, **k):
@@ -105,9 +108,12 @@ def test_a_failed_synth_leaves_no_folder_it_made(tmp_path, monkeypatch):
 
     monkeypatch.setattr(synth, "write_aedat", disk_full)
     out = tmp_path / "a" / "b"
-    r = _cli("synth", out, "--users", "2", "--test-users", "1", "-j", "1")
+    if previous:
+        lay_previous(out / "DvsGesture", "dir")
+    before = tree(tmp_path)
+    r = _cli("synth", out, "--users", "2", "--test-users", "1", "-j", "1", *(["--force"] if previous else []))
     assert r.exit_code == 1 and r.output == f"error: {out / 'DvsGesture'}: No space left on device\n"
-    assert list(tmp_path.iterdir()) == []
+    assert tree(tmp_path) == before
 
 
 # ----------------------------------------------------------------------------- durability

@@ -672,13 +672,16 @@ def test_ctrl_c_on_convert_j2_prints_aborted_only(tmp_path, at):
     assert not out.exists() and _state(tmp_path / "raw") == before
 
 
-def test_ctrl_c_on_synth_j2_prints_aborted_only(tmp_path):
+@pytest.mark.parametrize("previous", [False, True])
+def test_ctrl_c_on_synth_j2_prints_aborted_only(tmp_path, previous):
+    """... and leaves a release that --force was replacing byte for byte."""
     out = tmp_path / "syn"
+    before = lay_previous(out / "DvsGesture", "dir") if previous else None
     proc = _dvsprep_signalled("raw.synth", "_write_task", _GROUP_SIGINT, "synth", out, "-j", "2", "--users", "2",
-                              "--test-users", "1")
+                              "--test-users", "1", *(["--force"] if previous else []))
     stdout, stderr = proc.communicate(timeout=120)
     assert (proc.returncode, stdout, stderr.strip()) == (1, "", "Aborted!"), stderr  # click: "\\nAborted!"
-    assert not out.exists()
+    assert tree(out) == before if previous else not out.exists()
 
 
 @pytest.mark.parametrize("previous", [False, True])

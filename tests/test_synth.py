@@ -15,6 +15,8 @@ from dvsprep.errors import StoreExistsError
 from dvsprep.events.store import EventsFile
 from dvsprep.raw.release import cut_samples, load_published_manifest, parse_labels, parse_trials
 
+from previous_output import lay_previous, tree
+
 SEED = 7
 
 
@@ -265,6 +267,10 @@ def test_cli(tmp_path):
     r = runner.invoke(main, ["synth", str(tmp_path / "x"), "--users", "3", "--test-users", "3"])
     assert r.exit_code == 1 and "--test-users 3: must be at least 1 and fewer than --users (3)" in r.output
     assert not (tmp_path / "x" / "DvsGesture").exists()
+    before = lay_previous(tmp_path / "y" / "DvsGesture", "dir")     # one --force would replace: kept
+    r = runner.invoke(main, ["synth", str(tmp_path / "y"), "--users", "3", "--test-users", "3", "--force"])
+    assert r.exit_code == 1 and "--test-users 3: must be at least 1 and fewer than --users (3)" in r.output
+    assert tree(tmp_path / "y") == before
     r = runner.invoke(main, ["synth", str(tmp_path / "x"), "--scale", "huge"])
     assert r.exit_code == 2
 
@@ -277,3 +283,8 @@ def test_a_second_writer_of_the_same_release_refuses(tmp_path):
         with pytest.raises(OutputLockedError, match="DvsGesture: synthetic release is being written by another"):
             synth.write_release(tmp_path, users=2, test_users=1, jobs=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+    before = lay_previous(tmp_path / "DvsGesture", "dir")   # with force, over a previous release
+    with output_lock(tmp_path / "DvsGesture"):
+        with pytest.raises(OutputLockedError, match="DvsGesture: synthetic release is being written by another"):
+            synth.write_release(tmp_path, users=2, test_users=1, jobs=1, force=True)
+    assert tree(tmp_path) == before

@@ -26,6 +26,7 @@ from dvsg_train.model import Voting
 from dvsprep.frames.store import open_frame_store
 
 from export_fixtures import make_active, our_run, sj_run, synthetic_release_store
+from previous_output import lay_previous, tree
 from train_fixtures import make_learnable_store
 
 T = 2
@@ -253,11 +254,15 @@ def one_line_error(res) -> str:
     return lines[0]
 
 
-def test_without_nir_export_says_how_to_get_it(trained, tmp_path, monkeypatch):
+@pytest.mark.parametrize("previous", [False, True])
+def test_without_nir_export_says_how_to_get_it(trained, tmp_path, monkeypatch, previous):
+    """Nothing written; an export that --force would replace stays byte for byte."""
     monkeypatch.setitem(sys.modules, "nir", None)
-    msg = one_line_error(CliRunner().invoke(export_main, [str(trained), "-o", str(tmp_path / "m.nir")]))
+    before = lay_previous(tmp_path / "m.nir") if previous else {}
+    msg = one_line_error(CliRunner().invoke(export_main, [str(trained), "-o", str(tmp_path / "m.nir"),
+                                                          *(["--force"] if previous else [])]))
     assert "pip install 'dvsgesture-kit[nir]'" in msg
-    assert list(tmp_path.iterdir()) == []
+    assert tree(tmp_path) == before
 
 
 def test_bad_inputs_are_one_line_errors(trained, tmp_path):

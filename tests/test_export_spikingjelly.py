@@ -20,6 +20,7 @@ from dvsg_train.model import build_model
 from dvsprep.frames.store import open_frame_store
 
 from export_fixtures import our_run
+from previous_output import lay_previous, tree
 from train_fixtures import make_learnable_store, synthetic_frames
 
 sj = pytest.importorskip("spikingjelly.activation_based")
@@ -125,13 +126,19 @@ def test_exported_state_dict_runs_identically_in_dvsgesturenet(kind, x, tmp_path
         assert_same(ours, our_run(back.model, x))
 
 
-def test_export_refuses_channels_without_a_dvsgesturenet(tmp_path):
+@pytest.mark.parametrize("previous", [False, True])
+def test_export_refuses_channels_without_a_dvsgesturenet(tmp_path, previous):
+    """Nothing written; an export that --force would replace stays byte for byte."""
     ckpt = our_checkpoint(tmp_path / "c4.pt", build_model(4), channels=4)
-    res = CliRunner().invoke(export_main, [str(ckpt), "--format", "spikingjelly", "-o", str(tmp_path / "net.pth")])
+    if previous:
+        lay_previous(tmp_path / "net.pth")
+    before = tree(tmp_path)
+    res = CliRunner().invoke(export_main, [str(ckpt), "--format", "spikingjelly", "-o", str(tmp_path / "net.pth"),
+                                           *(["--force"] if previous else [])])
     assert res.exit_code == 1
     lines = res.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "only channels 128" in lines[0], res.output
-    assert not (tmp_path / "net.pth").exists()
+    assert tree(tmp_path) == before
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ from dvsg_train.model import build_model
 
 from fuzz_settings import fuzz
 from hostile_fixtures import snapshot
+from previous_output import lay_previous, tree
 from train_fixtures import make_learnable_store
 
 TINY = ["-T", "4", "-b", "6", "--channels", "4", "--device", "cpu", "-j", "0"]
@@ -105,16 +106,18 @@ def memory_limit(limit: int = 2 << 30):
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
-def invoke(command: str, ckpt: Path, trained, out: Path):
+def invoke(command: str, ckpt: Path, trained, out: Path, force: bool = False):
+    """`command` with its outputs in `out` (with `force`: --force, and init's run folder runs/r)."""
     store, _ = trained
+    more = ["--force"] if force else []
     if command == "eval":
         return CliRunner().invoke(eval_main, ["--checkpoint", str(ckpt), "--data", str(store), "--device", "cpu",
-                                              "--png", str(out / "c.png")])
+                                              "--png", str(out / "c.png"), *more])
     if command == "init":
         return CliRunner().invoke(train_main, ["--data", str(store), "--out-dir", str(out / "runs"), "--epochs", "1",
-                                               *TINY, "--init", str(ckpt)])
+                                               *TINY, "--init", str(ckpt), *more, *(["--run-name", "r"] if force else [])])
     if command == "export":
-        return CliRunner().invoke(export_main, [str(ckpt), "--format", "spikingjelly", "-o", str(out / "n.pth")])
+        return CliRunner().invoke(export_main, [str(ckpt), "--format", "spikingjelly", "-o", str(out / "n.pth"), *more])
     assert command == "resume"
     return CliRunner().invoke(train_main, ["--resume", str(ckpt), "--epochs", "3"])
 
@@ -137,6 +140,17 @@ def refused_everywhere(trained, ckpt: Path, tmp_path: Path, commands=COMMANDS, m
             res = invoke(command, ckpt, trained, out)
         msgs.append(refused(res, ckpt))
         assert list(out.iterdir()) == [], f"{command} wrote {list(out.iterdir())}"
+    # again over previous outputs that --force would replace (a resume has no --force): the same
+    # refusal, and they stay byte for byte
+    kept = tmp_path / "kept"
+    for name in ("c.png", "n.pth", "runs/r/checkpoint_latest.pt"):
+        lay_previous(kept / name)
+    before = tree(kept)
+    for command in (c for c in commands if c != "resume"):
+        with no_hang(), memory_limit() if memory else contextlib.nullcontext():
+            res = invoke(command, ckpt, trained, kept, force=True)
+        assert refused(res, ckpt) == msgs[commands.index(command)]
+        assert tree(kept) == before, command
     return msgs
 
 

@@ -233,6 +233,13 @@ def test_init_refuses_weights_that_do_not_fit(tutorial, tmp_path):
         lines = res.output.strip().splitlines()
         assert len(lines) == 1 and "do not fit the network" in lines[0] and expect in lines[0], res.output
     assert not (tmp_path / "runs").exists()
+    # over a run that --force would start over: the same refusal, the run byte for byte
+    for name in ("checkpoint_latest.pt", "checkpoint_max.pt", "metrics.jsonl", "config.json"):
+        lay_previous(tmp_path / "runs" / "r" / name)
+    before = tree(tmp_path / "runs")
+    res = run(train_main, [*common, "--channels", "4", "--init", str(path), "--run-name", "r", "--force"])
+    assert res.exit_code == 1 and "do not fit the network" in res.output, res.output
+    assert tree(tmp_path / "runs") == before
     res = run(train_main, [*common, "--init", str(own), "--resume", str(own)])
     assert res.exit_code == 2 and "--init" in res.output
     # a tutorial network with channels 4 still has DVSGestureNet's hidden 512: no network of ours

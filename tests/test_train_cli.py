@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from dvsg_train.cli import eval_main, train_main
 
 from train_fixtures import make_learnable_store
+from previous_output import lay_previous, tree
 
 TINY = ["-T", "4", "-b", "6", "--epochs", "1", "--channels", "4", "--device", "cpu", "-j", "0"]
 
@@ -131,6 +132,15 @@ def test_store_is_verified_before_training(trained, tmp_path):
     msg = error_line(CliRunner().invoke(train_main, ["--data", str(bad), "--out-dir", str(out), *TINY]))
     assert "NOT intact: 1 corrupt" in msg and "train/frames" in msg and str(bad) in msg
     assert not out.exists()
+    # both refusals over a run that --force would start over: it stays byte for byte
+    for name in ("checkpoint_latest.pt", "checkpoint_max.pt", "metrics.jsonl", "config.json"):
+        lay_previous(out / "r" / name)
+    before = tree(out)
+    for data, more in ((store, ["--data-fingerprint", "0123456789ab"]), (bad, [])):
+        msg = error_line(CliRunner().invoke(train_main, ["--data", str(data), "--out-dir", str(out), *TINY, *more,
+                                                         "--run-name", "r", "--force"]))
+        assert ("fingerprint" if more else "NOT intact") in msg
+    assert tree(out) == before
 
 
 def test_eval_checks_the_png_location_before_the_work(trained, tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ from dvsg_train.cli import MAX_SEED, _parse_seeds, report_main, train_main
 from dvsg_train.compare import groups, mean_std, read_runs
 
 from train_fixtures import make_learnable_store
+from previous_output import tree
 
 
 def config(**kw) -> dict:
@@ -238,11 +239,12 @@ def test_seeds_train_sibling_runs_and_print_the_report(tmp_path):
     assert [cells(t)[:3] for t in table[2:4]] == [[str(out / names[0]), "3", "1"],
                                                   [str(out / names[1]), str(MAX_SEED), "1"]]
     assert table[-1].startswith("all runs (n=2)") and "+-" in table[-1]
-    # a second time: every folder is checked before the first run starts
+    # a second time: every folder is checked before the first run starts, the runs there kept whole
+    before = tree(out)
     res = CliRunner().invoke(train_main, ["--data", str(tmp_path), "--out-dir", str(out), *TINY,
                                           "--seeds", "0,3"])
     assert error_line(res) == f"error: {out / names[0]} already holds a run; start over with --force, or pick --run-name"
-    assert not (out / "T4_b6_adam_lr0.001_c4_seed0").exists()
+    assert tree(out) == before
 
 
 # --- the dead-network warning ---------------------------------------------------------------

@@ -17,6 +17,8 @@ from dvsprep.frames.store import (
 )
 from dvsprep.integrity.manifest import dir_manifest, sha256_file, write_dir_manifest
 
+from previous_output import lay_previous, tree
+
 T = 4
 
 
@@ -120,22 +122,25 @@ def test_refuses_overwrite_then_force_replaces(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]
 
 
-def test_bad_arrays_leave_nothing(tmp_path):
+@pytest.mark.parametrize("previous", [False, True])
+def test_bad_arrays_leave_nothing(tmp_path, previous):
+    """Nothing written; with force, a store there before stays byte for byte."""
     rng = np.random.default_rng(4)
+    before = lay_previous(tmp_path / "s.zarr", "dir") if previous else {}
     bad = _split(rng, 2)
     bad["label"] = bad["label"][:1]
     with pytest.raises(StoreError, match="label"):
-        write_frame_store_from_arrays(tmp_path / "s.zarr", T=T, splits={"train": bad})
+        write_frame_store_from_arrays(tmp_path / "s.zarr", T=T, splits={"train": bad}, force=previous)
     wrong_t = _split(rng, 2)
     with pytest.raises(StoreError, match="shape"):
-        write_frame_store_from_arrays(tmp_path / "s.zarr", T=T + 1, splits={"train": wrong_t})
+        write_frame_store_from_arrays(tmp_path / "s.zarr", T=T + 1, splits={"train": wrong_t}, force=previous)
     as_float = _split(rng, 2)
     as_float["frames"] = as_float["frames"].astype(np.float32)
     with pytest.raises(StoreError, match="dtype"):
-        write_frame_store_from_arrays(tmp_path / "s.zarr", T=T, splits={"train": as_float})
+        write_frame_store_from_arrays(tmp_path / "s.zarr", T=T, splits={"train": as_float}, force=previous)
     with pytest.raises(StoreError, match="positive"):
-        write_frame_store_from_arrays(tmp_path / "s.zarr", T=0, splits={"train": as_float})
-    assert list(tmp_path.iterdir()) == []
+        write_frame_store_from_arrays(tmp_path / "s.zarr", T=0, splits={"train": as_float}, force=previous)
+    assert tree(tmp_path) == before
 
 
 def test_open_errors(tmp_path):

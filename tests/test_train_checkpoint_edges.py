@@ -42,6 +42,8 @@ from dvsg_train.config import TrainConfig
 from dvsg_train.errors import CheckpointError, ConfigError, ConfigMismatchError, DataMismatchError
 from dvsg_train.model import build_model
 
+from previous_output import lay_previous, tree
+
 RECORD = {"epoch": 0, "lr": 0.1, "train_loss": 0.5, "train_acc": 0.25, "val_loss": None, "val_acc": None,
           "test_loss": 0.75, "test_acc": 0.125, "max_test_acc": 0.125, "epoch_seconds": 0.4,
           "train_samples_per_s": 70.0}
@@ -351,6 +353,11 @@ def test_a_checkpoint_being_written_is_refused_by_name(tmp_path):
     assert str(e.value) == (f"{path}: checkpoint is being written by another process (pid {os.getpid()}); "
                             f"wait for it to finish")
     assert not path.exists()
+    before = lay_previous(path)       # checkpoints are replaced by design: the previous one stays whole
+    with output_lock(path, "trainer"):
+        with pytest.raises(OutputLockedError):
+            save_checkpoint(path, payload)
+    assert tree(tmp_path) == before
 
 
 # ----------------------------------------------------------------------------- rng and history records

@@ -458,6 +458,15 @@ def test_pack_and_unpack_outputs_are_locked(packed, tmp_path):
         _refused(r.exit_code, r.stderr, tmp_path / "u.zarr", "being written by another process")
     assert not (tmp_path / "o.zip").exists() and not (tmp_path / "u.zarr").exists()
     assert _hidden(tmp_path) == []
+    # over previous outputs, with --force: refused the same, both kept byte for byte
+    lay_previous(tmp_path / "kept" / "o.zip")
+    lay_previous(tmp_path / "kept" / "u.zarr", "dir")
+    before = tree(tmp_path / "kept")
+    for cmd, src, name in (("pack", store, "o.zip"), ("unpack", z, "u.zarr")):
+        with output_lock(tmp_path / "kept" / name):
+            r = _cli(cmd, src, "-o", tmp_path / "kept" / name, "--force")
+            _refused(r.exit_code, r.stderr, tmp_path / "kept" / name, "being written by another process")
+    assert tree(tmp_path / "kept") == before
 
 
 # ----------------------------------------------------------------------------- downloads

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from dvsprep.cli import main
 from dvsprep.frames.pack import pack_store
 from dvsprep.frames.remote import cache_entry
+from previous_output import lay_previous, tree
 from s3_fixtures import moto_server, s3  # noqa: F401 - fixtures
 from store_fixtures import make_multishard_store
 
@@ -143,6 +144,11 @@ def test_access_errors_are_one_line_and_leave_nothing(s3, local, tmp_path, monke
         assert os.environ["AWS_SECRET_ACCESS_KEY"] not in line
     assert _left_in(tmp_path / "c") == [] and not (tmp_path / "out.zip").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "machine1"]   # no pull temporary either
+    # over a previous output that --force would replace: the same line, and it stays byte for byte
+    before = lay_previous(tmp_path / "kept" / "out.zip")
+    line = _one_error_line(_cli("pull", url, "-o", tmp_path / "kept" / "out.zip", "--force"))
+    assert line == f"error: {url}: {want}"
+    assert tree(tmp_path / "kept") == before
 
 
 def test_without_the_client_an_s3_url_says_how_to_get_it(monkeypatch, tmp_path):

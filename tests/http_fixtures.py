@@ -19,7 +19,8 @@ def serving(handler: Callable[..., http.server.BaseHTTPRequestHandler],
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     httpd.daemon_threads = True
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    # a 10 ms poll: shutdown() waits for the loop's next poll, 0.5 s by default, at every test's end
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
     thread.start()
     try:
         yield httpd

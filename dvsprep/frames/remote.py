@@ -219,8 +219,9 @@ def download_file(url: str, path: Path, max_bytes: int, *, partial: _Partial | N
     `size` (from a manifest): a file already that long is only hashed. A full disk is a
     ResourceLimitError naming `path`; everything else a StoreError naming the URL."""
     def attempt() -> tuple[str, int]:
-        have = path.stat().st_size if path.exists() else 0
-        if size is not None and have >= size:
+        exists = path.exists()
+        have = path.stat().st_size if exists else 0
+        if exists and size is not None and have >= size:  # an empty file still has to be made
             if have == size:
                 return _hash_prefix(path, have).hexdigest(), have
             have = _truncate(path, 0)

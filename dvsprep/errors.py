@@ -62,6 +62,11 @@ class ResourceLimitError(DvsprepError, OSError):
     """Not enough disk or memory for what an input declares, or a declared size over a bound."""
 
 
+class DiskSpaceError(ResourceLimitError):
+    """Not enough free disk where an output or a download goes: a property of this machine, so
+    another source of the same input (a mirror) would meet it too."""
+
+
 
 class OutputWriteError(DvsprepError, OSError):
     """The system refused to write an output (read-only filesystem, file too large, I/O error);

@@ -7,17 +7,17 @@ import shutil
 from pathlib import Path
 from typing import Iterable
 
-from .errors import DvsprepError, OutputWriteError, ResourceLimitError
+from .errors import DiskSpaceError, DvsprepError, OutputWriteError, ResourceLimitError
 
 FREE_SPACE_RESERVE = 64 << 20   # left free on a disk we write to (extraction, downloads)
 
 
 def check_free_space(who: str | os.PathLike, where: os.PathLike, need: int) -> None:
-    """ResourceLimitError naming `who` (the input being written out) unless the disk of folder
+    """DiskSpaceError naming `who` (the input being written out) unless the disk of folder
     `where` has `need` bytes free plus FREE_SPACE_RESERVE."""
     free = shutil.disk_usage(where).free
     if need + FREE_SPACE_RESERVE > free:
-        raise ResourceLimitError(f"{who}: needs {need / 1e6:,.1f} MB in {where} (plus {FREE_SPACE_RESERVE >> 20} MB "
+        raise DiskSpaceError(f"{who}: needs {need / 1e6:,.1f} MB in {where} (plus {FREE_SPACE_RESERVE >> 20} MB "
                                  f"kept free), only {free / 1e6:,.1f} MB free")
 
 
@@ -60,9 +60,9 @@ def disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and not isinstance(exc, DvsprepError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
-def no_space_error(output: str | os.PathLike) -> ResourceLimitError:
+def no_space_error(output: str | os.PathLike) -> DiskSpaceError:
     """The one line for a full disk, naming the output being written (never its temporary)."""
-    return ResourceLimitError(f"{output}: No space left on device")
+    return DiskSpaceError(f"{output}: No space left on device")
 
 
 # What the system says about the writing itself when it names no file (h5py, zarr and Pillow

@@ -335,6 +335,46 @@ def test_mirrors_are_tried_in_order_until_one_matches_the_pin(ranged, tmp_path, 
         split_source(f"{dead}#fingerprint={fp[:16]}&mirror=https://u:p@host/x.zip")
 
 
+@pytest.mark.parametrize("where", ["free-space check", "write"])
+def test_a_full_disk_stops_before_any_mirror(ranged, tmp_path, monkeypatch, where):
+    """A full disk is full for every mirror: the first source's DiskSpaceError is the error, and
+    no mirror is asked (a mirror's own failure, a 404 or another store, goes on to the next)."""
+    import dvsprep.frames.remote as remote
+    from dvsprep.errors import DiskSpaceError
+    from dvsprep.frames.remote import fetch_store
+
+    httpd, base, data, fp = ranged
+    first, mirror = f"{base}/frames_T64_number.zarr.zip", f"{base}/copy/frames_T64_number.zarr.zip"
+    if where == "free-space check":
+        def full(who, where_, need):
+            raise DiskSpaceError(f"{who}: needs {need} bytes, only 0 free")
+        monkeypatch.setattr(remote, "check_free_space", full)
+    else:
+        real_open = open
+
+        class FullFile:
+            def __init__(self, f):
+                self.f = f
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *a):
+                self.f.close()
+
+            def write(self, b):
+                raise OSError(28, "No space left on device")
+
+        def full_open(path, mode="r", *a, **k):
+            f = real_open(path, mode, *a, **k)
+            return FullFile(f) if mode == "ab" else f
+        monkeypatch.setattr(remote, "open", full_open, raising=False)
+    with pytest.raises(DiskSpaceError):
+        fetch_store(f"{first}#fingerprint={fp[:16]}&mirror={mirror}", cache_dir=tmp_path / "c")
+    assert httpd.gets["/frames_T64_number.zarr.zip"] >= 1
+    assert httpd.gets["/copy/frames_T64_number.zarr.zip"] == 0          # the mirror never asked
+
+
 def test_a_fetch_of_any_url_removes_killed_downloads_of_others(ranged, tmp_path):
     """Issue 19: a killed download's temporary is removed by the next fetch of another URL too."""
     httpd, base, data, fp = ranged

@@ -47,7 +47,7 @@ from ..atomic import clean_stale_temps, publish_dir, remove_path
 from ..cache import STORES_DIR, cache_subdir
 from . import transport
 from .files import MAX_MANIFEST_BYTES, ZipFiles, check_member_name, iter_problems_against, parse_manifest
-from ..errors import DvsprepError, IntegrityError, MissingFileError, ResourceLimitError, StoreError, one_line
+from ..errors import DiskSpaceError, DvsprepError, IntegrityError, MissingFileError, ResourceLimitError, StoreError, one_line
 from ..inputs import check_url, is_url, is_zip_path  # the one URL and suffix rule (re-exported)
 from ..integrity import MANIFEST_NAME, sha256_bytes
 from ..resources import check_free_space, disk_full
@@ -266,7 +266,7 @@ def _stream(url: str, reply: transport.Reply, path: Path, have: int, max_bytes: 
                 out.write(chunk)
             except OSError as exc:
                 if disk_full(exc):
-                    raise ResourceLimitError(f"{path}: No space left on device (downloading {url})") from None
+                    raise DiskSpaceError(f"{path}: No space left on device (downloading {url})") from None
                 raise StoreError(f"{path}: cannot write ({exc.strerror or one_line(exc)})") from None
             if n >= next_check:
                 next_check += _SPACE_CHECK_EVERY
@@ -417,7 +417,7 @@ def fetch_store(url: str, cache_dir: str | os.PathLike | None = None, refresh: b
         except BaseException as exc:
             remove_path(tmp)
             if disk_full(exc):
-                raise ResourceLimitError(f"{entry}: No space left on device (downloading {base})") from None
+                raise DiskSpaceError(f"{entry}: No space left on device (downloading {base})") from None
             raise
     return entry / _store_name(base), pinned
 
@@ -435,7 +435,8 @@ def fetch_first(sources: list[str], dest: Path, partial_dir: Path | None, limit:
                 raise IntegrityError(f"{src}: fingerprint {fp[:16]}... differs from the expected {pinned[:16]}...")
             return src, fp
         except DvsprepError as exc:
-            if i == len(sources) - 1 or disk_full(exc):
+            # a full disk here is full for every mirror: no point downloading again
+            if i == len(sources) - 1 or isinstance(exc, DiskSpaceError):
                 raise
             remove_path(partial_dir if partial_dir is not None else dest)
             log.warning("%s; trying the mirror %s", one_line(exc), sources[i + 1])

@@ -56,7 +56,7 @@ CLUSTERS: dict[str, tuple[list[str], list[str]]] = {
                    "tests/test_integrity_edges.py"]),
     "neuron": (["dvsg_train/neuron.py"], ["tests/test_train_neuron.py"]),
     "model": (["dvsg_train/model.py"], ["tests/test_train_model.py", "tests/test_train_bookkeeping.py",
-                                        "tests/test_network_equivalence.py"]),
+                                        "tests/test_network_equivalence.py", "tests/test_train_model_edges.py"]),
     "engine_data": (["dvsg_train/engine.py", "dvsg_train/data.py"],
                     ["tests/test_train_bookkeeping.py", "tests/test_train_engine.py", "tests/test_train_data.py",
                      "tests/test_train_resume.py"]),

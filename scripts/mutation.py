@@ -65,7 +65,7 @@ CLUSTERS: dict[str, tuple[list[str], list[str]]] = {
                     "tests/test_hostile_checkpoints.py", "tests/test_train_checkpoint_edges.py"]),
     "export": (["dvsg_train/export/*.py"], ["tests/test_export_nir.py", "tests/test_export_spikingjelly.py"]),
     "remote": (["dvsprep/frames/remote.py"], ["tests/test_remote.py", "tests/test_remote_guarantees.py",
-                                              "tests/test_remote_edges.py"]),
+                                              "tests/test_remote_edges.py", "tests/test_remote_fetch_edges.py"]),
 }
 # Tests of the repository's own layout that a mutmut copy cannot pass: mutmut copies the
 # dvsprep/data symlink as a folder.

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from dvsprep.errors import IntegrityError, ResourceLimitError, StoreError
+from dvsprep.errors import DiskSpaceError, IntegrityError, ResourceLimitError, StoreError
 from dvsprep.frames import remote, transport
 from dvsprep.frames.pack import pack_store
 from dvsprep.frames.remote import cache_entry, download_file, fetch_first, fetch_store, split_source, store_name
@@ -199,7 +199,7 @@ class _Unwritable:
 
 
 @pytest.mark.parametrize("exc, kind, said", [
-    (OSError(errno.ENOSPC, "No space left on device"), ResourceLimitError,
+    (OSError(errno.ENOSPC, "No space left on device"), DiskSpaceError,
      "{path}: No space left on device (downloading http://h/f)"),
     (OSError(errno.EIO, "Input/output error"), StoreError, "{path}: cannot write (Input/output error)"),
     (OSError("the disk went away"), StoreError, "{path}: cannot write (the disk went away)"),  # no strerror
@@ -288,7 +288,7 @@ def test_a_full_disk_while_publishing_names_the_entry(httpd, tmp_path, monkeypat
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(remote, "publish_dir", full)
-    with pytest.raises(ResourceLimitError) as e:
+    with pytest.raises(DiskSpaceError) as e:
         fetch_store(url, cache_dir=tmp_path)
     assert str(e.value) == f"{entry}: No space left on device (downloading {url})"
     assert sorted(p.name for p in entry.parent.iterdir()) == [f"{entry.name}.lock"]

@@ -137,3 +137,15 @@ def test_store_T_from_a_folder_of_stores(sj_file, tmp_path):
     with pytest.raises(MissingFileError) as err:
         store_T(tmp_path / "absent", weights)
     assert str(err.value) == f"{tmp_path / 'absent'}: no such frame store"
+
+
+def test_store_T_refuses_what_is_no_store_nor_data_root(sj_file, tmp_path):
+    """A regular file is neither a frame store nor a data folder: refused by the same check
+    (kind_of over STORE_OR_DATA_ROOT) before any T is looked for."""
+    weights = read_weights(sj_file)
+    odd = tmp_path / "notes.txt"
+    odd.write_text("x")
+    with pytest.raises(Exception) as err:
+        store_T(odd, weights)
+    assert str(err.value) == (f"{odd}: neither a frame store (.zarr folder, .zip or http(s)/s3:// URL) nor a "
+                              "DATA_ROOT (a folder holding events.h5 or frames_T<T>_<split_by>.zarr)")

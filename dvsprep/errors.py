@@ -67,7 +67,6 @@ class DiskSpaceError(ResourceLimitError):
     another source of the same input (a mirror) would meet it too."""
 
 
-
 class OutputWriteError(DvsprepError, OSError):
     """The system refused to write an output (read-only filesystem, file too large, I/O error);
     the message names the output, never its temporary or its lock."""

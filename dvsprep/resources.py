@@ -18,7 +18,7 @@ def check_free_space(who: str | os.PathLike, where: os.PathLike, need: int) -> N
     free = shutil.disk_usage(where).free
     if need + FREE_SPACE_RESERVE > free:
         raise DiskSpaceError(f"{who}: needs {need / 1e6:,.1f} MB in {where} (plus {FREE_SPACE_RESERVE >> 20} MB "
-                                 f"kept free), only {free / 1e6:,.1f} MB free")
+                             f"kept free), only {free / 1e6:,.1f} MB free")
 
 
 def available_memory() -> int | None:

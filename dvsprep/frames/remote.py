@@ -217,7 +217,7 @@ def download_file(url: str, path: Path, max_bytes: int, *, partial: _Partial | N
     Refused at once when the server declares more than `max_bytes` or more than `path`'s disk has
     free; stopped when it streams past `max_bytes` or the free space falls under the reserve.
     `size` (from a manifest): a file already that long is only hashed. A full disk is a
-    ResourceLimitError naming `path`; everything else a StoreError naming the URL."""
+    DiskSpaceError naming `path`; everything else a StoreError naming the URL."""
     def attempt() -> tuple[str, int]:
         exists = path.exists()
         have = path.stat().st_size if exists else 0

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from dvsprep.errors import IntegrityError, MissingFileError, ResourceLimitError, StoreError
+from dvsprep.errors import DiskSpaceError, IntegrityError, MissingFileError, ResourceLimitError, StoreError
 from dvsprep.frames import remote, transport
 from dvsprep.frames.remote import cache_entry, check_zip, download_bytes, fetch_store, parse_size
 from dvsprep.integrity.manifest import canonical_json
@@ -329,17 +329,6 @@ def test_the_partial_remembers_each_validator_on_disk(tmp_path):
     assert again.validator("a") is None and again.validator("b") == state["validators"]["b"]
 
 
-def test_store_names_from_urls():
-    from dvsprep.frames.remote import store_name
-
-    assert [store_name(u) for u in (
-        "http://h/a/frames.zarr/", "http://h/a/storeX/", "http://h/a/b.zarr.zip?x=1", "http://h/", "http://h",
-        "http://h/x%20y%C3%A9.zip", "http://h/.hidden.zarr", "http://h/...", "http://h/odd.",
-        f"http://h/{'n' * 100}", f"http://h/{'n' * 101}")] == [
-        "frames.zarr", "storeX", "b.zarr.zip", "store", "store", "x_y_.zip", "hidden.zarr", "store", "odd.",
-        "n" * 100, "n" * 100]
-
-
 FP12, FP64 = "0123456789ab", "0123456789abcdef" * 4
 
 
@@ -464,23 +453,6 @@ def test_a_partial_of_a_url_being_downloaded_elsewhere_is_left_alone(served, tmp
     assert not mine.exists()
 
 
-def test_a_full_disk_while_publishing_names_the_cache_entry(served, tmp_path, monkeypatch):
-    import errno
-
-    httpd, url, raw = served
-    cache = tmp_path / "c"
-
-    def full(tmp, final):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(remote, "publish_dir", full)
-    with pytest.raises(ResourceLimitError) as e:
-        fetch_store(url, cache_dir=cache)
-    entry = cache_entry(url, cache)
-    assert str(e.value) == f"{entry}: No space left on device (downloading {url})"
-    assert sorted(p.name for p in entry.parent.iterdir()) == [f"{entry.name}.lock"]
-
-
 def test_fetch_first_without_a_partial_folder_clears_a_failed_source(served, tmp_path, caplog):
     """share.py's use: no resume state, the destination itself is cleared between sources."""
     from dvsprep.frames.remote import fetch_first
@@ -499,60 +471,12 @@ def test_fetch_first_without_a_partial_folder_clears_a_failed_source(served, tmp
                                  f"trying the mirror {url}"]
 
 
-def _recorded_space_checks(monkeypatch) -> list:
-    calls = []
-    monkeypatch.setattr(remote, "check_free_space", lambda who, where, need: calls.append((who, where, need)))
-    monkeypatch.setattr(remote, "_SPACE_CHECK_EVERY", 1000)
-    return calls
-
-
-def test_free_space_is_checked_first_and_every_so_many_bytes(monkeypatch, tmp_path):
-    from dvsprep.frames.remote import download_file
-
-    data = _blob(3000)
-    checks = _recorded_space_checks(monkeypatch)
-    _serve(monkeypatch, ([data[i:i + 600] for i in range(0, 3000, 600)], 0, 3000, None))
-    f = tmp_path / "f"
-    assert download_file(U, f, 3000) == (hashlib.sha256(data).hexdigest(), 3000)
-    assert checks == [(U, tmp_path, 3000), (U, tmp_path, 0), (U, tmp_path, 0), (U, tmp_path, 0)]
-    # a resume counts from the bytes it has: the first check for the rest, then at 2,000 and 3,000
-    checks.clear()
-    f.write_bytes(data[:1000])
-    fake = _serve(monkeypatch, ([data[1000:1600], data[1600:2200], data[2200:2800], data[2800:]], 1000, 3000, None))
-    assert download_file(U, f, 3000) == (hashlib.sha256(data).hexdigest(), 3000)
-    assert checks == [(U, tmp_path, 2000), (U, tmp_path, 0), (U, tmp_path, 0)] and fake.calls == [(U, 1000, None)]
-    assert f.read_bytes() == data
-
-
-def test_write_errors_name_the_file(monkeypatch, tmp_path):
-    import errno
-
+def test_a_full_device_is_a_disk_space_error_naming_the_file(monkeypatch, tmp_path):
+    """A real ENOSPC (/dev/full); the other write errors: test_remote_fetch_edges."""
     from dvsprep.frames.remote import download_file
 
     _serve(monkeypatch, ([b"x" * 65536], 0, None, None))
-    with pytest.raises(ResourceLimitError) as e:
+    with pytest.raises(DiskSpaceError) as e:
         download_file(U, Path("/dev/full"), 1 << 20)
+    assert type(e.value) is DiskSpaceError
     assert str(e.value) == f"/dev/full: No space left on device (downloading {U})"
-
-    class Broken:
-        def __init__(self, exc):
-            self.exc = exc
-
-        def __call__(self, *args):
-            return self
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *args):
-            return False
-
-        def write(self, chunk):
-            raise self.exc
-
-    for exc, why in ((OSError(errno.EIO, "Input/output error"), "Input/output error"), (OSError("odd"), "odd")):
-        _serve(monkeypatch, ([b"x"], 0, None, None))
-        monkeypatch.setattr(remote, "open", Broken(exc), raising=False)
-        with pytest.raises(StoreError) as e:
-            download_file(U, tmp_path / "f", 100)
-        assert str(e.value) == f"{tmp_path / 'f'}: cannot write ({why})"

@@ -237,10 +237,13 @@ def show(ctx: click.Context, path: str, split: str, sample: str | None, label: s
               help="Refuse URL downloads larger than SIZE (e.g. 500M, 8G; default: $DVSPREP_MAX_DOWNLOAD or 8G).")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), default=None,
               help="Threads hashing (files of a store or release, datasets of events.h5; default: number of CPUs).")
+@click.option("--decode", is_flag=True,
+              help="Frame stores: decode every sample even when this content (same fingerprint) was decoded "
+                   "on this machine before (then every file is only hashed against the manifest).")
 @click.option("-v", "--verbose", "list_all", is_flag=True, help="List every problem, not the first few of each kind.")
 @click.pass_context
 def verify(ctx: click.Context, path: str, expected: str | None, cache_dir: Path | None, max_download: int | None,
-           jobs: int | None, list_all: bool) -> None:
+           jobs: int | None, decode: bool, list_all: bool) -> None:
     """Check PATH is intact: a frame store (directory, .zip or http(s) URL) or events.h5 against
     its manifest, or a raw release (folder or tar.gz) against the published md5s. Exit 0 when
     intact, 1 listing what differs."""
@@ -248,7 +251,7 @@ def verify(ctx: click.Context, path: str, expected: str | None, cache_dir: Path 
     from .verify import verify_path
 
     with download_limit(max_download):
-        report = verify_path(path, cache_dir=cache_dir, expected_fingerprint=expected, jobs=jobs)
+        report = verify_path(path, cache_dir=cache_dir, expected_fingerprint=expected, jobs=jobs, decode=decode)
     for line in report.lines(verbose=list_all):
         click.echo(line)
     if not report.ok:

@@ -24,7 +24,7 @@ from typing import Any, BinaryIO, Iterable, Mapping
 
 from .frames import MAX_MANIFEST_BYTES, StoreFiles, open_store_files, parse_manifest
 from .errors import MissingFileError, StoreError
-from .frames import check_layout, content_problems, read_meta_arrays, scan_files
+from .frames import check_layout, content_problems, decoded_before, note_decoding, read_meta_arrays, scan_files
 from .frames import check_fingerprint
 from .integrity import MANIFEST_NAME, md5_files, md5_stream
 from .integrity import Problem, VerifyReport
@@ -94,13 +94,15 @@ def _invalid(source: str, name: str, exc: BaseException, checked: int = 0) -> Ve
 
 
 def verify_store(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
-                 expected_fingerprint: str | None = None, jobs: int | None = None) -> VerifyReport:
+                 expected_fingerprint: str | None = None, jobs: int | None = None, *,
+                 decode: bool = False) -> VerifyReport:
     """Verify a frame store (directory, .zip, or http(s) URL fetched into the cache).
 
     Never raises for what the store holds: every unreadable, undecodable or inconsistent file
     is a listed problem (MissingFileError only when nothing is there, and download errors for
     a URL). A store that verifies gets a verified-marker (`dvsprep.integrity.trust`), so readers open it
-    without hashing it again. Files are hashed (and shards decoded) on `jobs` threads (default: CPUs)."""
+    without hashing it again. Files are hashed (and shards decoded) on `jobs` threads (default: CPUs).
+    Samples are decoded unless this content was decoded on this machine before (`decode`: always)."""
     from .frames import remote
 
     source = str(path)
@@ -117,14 +119,14 @@ def verify_store(path: str | os.PathLike, cache_dir: str | os.PathLike | None = 
     except Exception as exc:  # noqa: BLE001 - verify reports, it does not raise
         return _invalid(source, Path(local).name, exc)
     try:
-        return _verify_opened(files, source, expected_fingerprint, jobs)
+        return _verify_opened(files, source, expected_fingerprint, jobs, decode)
     except Exception as exc:  # noqa: BLE001 - a check we did not foresee failing is still a report
         log.debug("verify %s", source, exc_info=True)
         return _invalid(source, "store", exc)
 
 
 def _verify_opened(files: StoreFiles, source: str, expected_fingerprint: str | None,
-                   jobs: int | None = None) -> VerifyReport:
+                   jobs: int | None = None, decode: bool = False) -> VerifyReport:
     if files.span(MANIFEST_NAME) is None:
         return VerifyReport(path=source, kind="frames", checked=len(files.names()),
                             problems=[Problem("missing", MANIFEST_NAME, "no manifest: an incomplete store "
@@ -140,13 +142,15 @@ def _verify_opened(files: StoreFiles, source: str, expected_fingerprint: str | N
         layout = check_layout(files)
     except (StoreError, OSError) as exc:
         layout_error = exc
-    # every file hashed once, and every shard decoded from the same bytes (on `jobs` threads)
-    report, checked = scan_files(files, manifest, source, layout, jobs)
+    # every file hashed once, and every shard decoded from the same bytes (on `jobs` threads),
+    # unless this content was decoded on this machine before
+    frames = layout is not None and (decode or not decoded_before(layout))
+    report, checked = scan_files(files, manifest, source, layout if frames else None, jobs)
     bad = {p.name for p in report.problems}
     if layout_error is not None and not any(n.endswith("zarr.json") for n in bad):  # else already reported
         report.problems.append(Problem("invalid", "layout", str(layout_error).split(": ", 1)[-1]))
     if layout is not None:
-        for kind, name, detail in content_problems(files, layout, bad, checked):
+        for kind, name, detail in content_problems(files, layout, bad, checked, frames=frames):
             report.problems.append(Problem(kind, name, detail))
         ids = _sample_ids(files, layout, report.problems) if report.problems else {}
         for p in report.problems:
@@ -158,6 +162,8 @@ def _verify_opened(files: StoreFiles, source: str, expected_fingerprint: str | N
             report.problems.append(Problem("mismatch", "fingerprint", str(exc).split(": ", 1)[-1]))
     if files.kind == "zip":
         report.notes.append(f"zip: {files.path.stat().st_size} bytes, {len(files.names())} members, uncompressed")
+    if layout is not None:
+        note_decoding(report, layout, frames)
     if report.ok and layout is not None:
         trust.record_verified("frames", files.path, layout.fingerprint, stamps, started)
     elif not report.ok:
@@ -358,14 +364,17 @@ def _verify_synthetic(raw: Path, md5s: dict[str, str], record_bytes: bytes) -> V
 
 
 def verify_path(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
-                expected_fingerprint: str | None = None, jobs: int | None = None) -> VerifyReport:
-    """Verify whatever PATH is: frame store (dir, .zip, URL), events.h5, or raw release."""
+                expected_fingerprint: str | None = None, jobs: int | None = None, *,
+                decode: bool = False) -> VerifyReport:
+    """Verify whatever PATH is: frame store (dir, .zip, URL), events.h5, or raw release.
+    `decode`: decode every frame-store sample even when its content was decoded here before."""
     kind = kind_of(path, FRAME_STORE | RAW_RELEASE | {InputKind.EVENTS})
     if kind is InputKind.URL:
-        return verify_store(path, cache_dir=cache_dir, expected_fingerprint=expected_fingerprint, jobs=jobs)
+        return verify_store(path, cache_dir=cache_dir, expected_fingerprint=expected_fingerprint, jobs=jobs,
+                            decode=decode)
     p = Path(path)
     if kind in FRAME_STORE:
-        return verify_store(p, expected_fingerprint=expected_fingerprint, jobs=jobs)
+        return verify_store(p, expected_fingerprint=expected_fingerprint, jobs=jobs, decode=decode)
     if kind in RAW_RELEASE:
         return verify_release(p, jobs)
     report = verify_events(p, jobs)

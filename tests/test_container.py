@@ -90,6 +90,59 @@ def test_symlinks_in_a_store_directory_are_refused(store, tmp_path):
         open_frame_store(store).split("train")[0]
 
 
+@pytest.mark.parametrize("linked", ["train", "train/frames", "train/frames/c/0/0/0/0"])  # first, second, last
+def test_a_file_reached_through_a_linked_folder_is_refused(store, tmp_path, linked):
+    """span's own check, for a folder turned into a link after the store was listed: the file
+    it names is a plain file, but reached through a folder outside the store."""
+    from dvsprep.frames.files import DirFiles
+
+    files = DirFiles(store)
+    assert set(files.names())                      # listed while every folder was a folder
+    outside = tmp_path / "outside"
+    (store / linked).rename(outside)
+    os.symlink(outside, store / linked)
+    name = "train/frames/c/0/0/0/0/0"
+    assert (store / name).is_file()
+    with pytest.raises(UntrustedStoreError, match=f"{name} is a link or special file"):
+        files.span(name)
+    with pytest.raises(UntrustedStoreError, match=f"{name} is a link or special file"):
+        DirFiles(store).span(name)                 # and without listing first
+
+
+def test_files_are_hashed_across_reads_and_zip_crcs_checked(tmp_path, monkeypatch):
+    """A file longer than the hashing buffer (several preads into the thread's buffer), one
+    shorter, one empty; sha256 and the zip's CRC-32 against hashlib and zlib over the whole."""
+    import hashlib
+    import zlib
+
+    from dvsprep.frames import files as files_mod
+
+    monkeypatch.setattr(files_mod, "_HASH_BUF", 1000)
+    monkeypatch.setattr(files_mod, "_buffers", __import__("threading").local())
+    folder = tmp_path / "d"
+    folder.mkdir()
+    data = {"a": os.urandom(2 * 1000 + 17), "b": os.urandom(999), "c": b""}
+    for name, body in data.items():
+        (folder / name).write_bytes(body)
+    with zipfile.ZipFile(tmp_path / "d.zip", "w", zipfile.ZIP_STORED) as zf:
+        for name, body in data.items():
+            zf.writestr(name, body)
+    dir_files, zip_files = files_mod.DirFiles(folder), ZipFiles(tmp_path / "d.zip")
+    for name, body in data.items():
+        want = (hashlib.sha256(body).hexdigest(), len(body))
+        assert dir_files.sha256(name) == want and zip_files.sha256(name) == want
+        assert not zip_files.crc_differs(name) and zlib.crc32(body) == zip_files._crcs[name]
+    # a member whose bytes no longer match its CRC, and a file cut short after it was listed
+    raw = bytearray((tmp_path / "d.zip").read_bytes())
+    at = raw.index(data["a"][1500:1510])
+    raw[at] ^= 0xFF
+    (tmp_path / "d.zip").write_bytes(bytes(raw))
+    zip_files = ZipFiles(tmp_path / "d.zip")
+    assert zip_files.sha256("a")[0] != hashlib.sha256(data["a"]).hexdigest() and zip_files.crc_differs("a")
+    (folder / "a").write_bytes(data["a"][:1500])
+    assert dir_files.sha256("a") == (hashlib.sha256(data["a"][:1500]).hexdigest(), 1500)
+
+
 def test_manifest_entries_are_checked():
     good = {"format": "dvsprep-manifest/1", "kind": "frames", "files": {"zarr.json": {"sha256": "a" * 64, "size": 3}}}
     assert parse_manifest(canonical_json(good), "m") == good

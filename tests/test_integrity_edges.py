@@ -94,6 +94,21 @@ def test_a_verification_leaves_exactly_this_marker_in_the_given_cache(store, tmp
     trust.forget(KIND, store, cache_dir=cache)                   # no marker: nothing to do, no error
 
 
+def test_the_same_marker_is_not_written_again_and_another_one_of_equal_size_is(store, tmp_path):
+    cache = tmp_path / "cache"
+    st = _stamps(store)
+    late = max(s[2] for s in st.values()) + trust.RACY_NS + 1
+    assert trust.record_verified(KIND, store, FP, st, late, cache_dir=cache)
+    marker = cache / "verified" / _marker_name(KIND, store)
+    first = trust.stamp_path(marker)
+    assert trust.record_verified(KIND, store, FP, st, late, cache_dir=cache)
+    assert trust.stamp_path(marker) == first                       # untouched: same inode, same ctime
+    assert trust.record_verified(KIND, store, "cd" * 32, st, late, cache_dir=cache)   # same size, other bytes
+    assert trust.stamp_path(marker)[3] != first[3]
+    assert trust.is_verified(KIND, store, "cd" * 32, st, cache_dir=cache)
+    assert not trust.is_verified(KIND, store, FP, st, cache_dir=cache)
+
+
 def test_a_path_that_is_not_utf8_gets_a_marker(tmp_path):
     """A file name of arbitrary bytes (os.fsdecode's surrogates) still names one marker."""
     odd = tmp_path / os.fsdecode(b"st\xffore")
@@ -274,3 +289,62 @@ def test_ensure_verified_refusal_lists_three_problems_and_drops_the_marker(store
     assert str(err.value) == ("src: 2 problems: changed f0 (d0); changed f1 (d1); changed f2 (d2)"
                               f"{tail} (dvsprep verify lists them)")
     assert list((tmp_path / "cache" / "verified").iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- decoded-records
+
+
+def test_a_decoded_record_is_exactly_this_file_in_the_given_cache(tmp_path):
+    cache = tmp_path / "cache"
+    assert not trust.is_decoded(KIND, FP, cache)
+    assert trust.record_decoded(KIND, FP, cache)
+    record = cache / "verified" / f"decoded-frames-{FP}.json"
+    assert sorted(p.name for p in (cache / "verified").iterdir()) == [record.name]
+    assert record.read_bytes() == b'{"checks": 2, "decoded": "' + FP.encode() + b'", "kind": "frames"}'
+    assert trust.is_decoded(KIND, FP, cache)
+    assert not trust.is_decoded("events", FP, cache)      # another kind: another record
+    assert not trust.is_decoded(KIND, "cd" * 32, cache)   # other content
+    trust.forget_decoded(KIND, FP, cache)
+    assert not record.exists() and not trust.is_decoded(KIND, FP, cache)
+    trust.forget_decoded(KIND, FP, cache)                 # nothing to forget: no error
+
+
+@pytest.mark.parametrize("fingerprint", ["ab" * 31, "ab" * 32 + "a", "AB" * 32, "../" + "a" * 61, "g" * 64, ""])
+def test_a_fingerprint_that_is_not_a_sha256_is_never_recorded(tmp_path, fingerprint):
+    cache = tmp_path / "cache"
+    assert not trust.record_decoded(KIND, fingerprint, cache)
+    assert not (cache / "verified").exists()
+    assert not trust.is_decoded(KIND, fingerprint, cache)
+
+
+@pytest.mark.parametrize("body", [
+    b'{"checks": 1, "decoded": "' + FP.encode() + b'", "kind": "frames"}',    # older checks
+    b'{"checks": 2, "decoded": "' + b"cd" * 32 + b'", "kind": "frames"}',    # other content under its name
+    b'{"checks": 2, "decoded": "' + FP.encode() + b'", "kind": "events"}',
+    b'{"checks": 2, "decoded": "' + FP.encode() + b'", "kind": "frames", "x": 1}',
+    b'{"checks": 2, "decoded": "' + FP.encode() + b'"',                       # cut short
+    b"[" * 100_000,                                                            # nested past the recursion limit
+])
+def test_a_record_that_is_not_exactly_ours_does_not_count(tmp_path, body):
+    cache = tmp_path / "cache"
+    (cache / "verified").mkdir(parents=True)
+    (cache / "verified" / f"decoded-frames-{FP}.json").write_bytes(body)
+    assert not trust.is_decoded(KIND, FP, cache)
+
+
+@pytest.mark.parametrize("extra, trusted", [(0, True), (1, False)])
+def test_decoded_record_size_bound(tmp_path, monkeypatch, extra, trusted):
+    cache = tmp_path / "cache"
+    assert trust.record_decoded(KIND, FP, cache)
+    size = (cache / "verified" / f"decoded-frames-{FP}.json").stat().st_size
+    monkeypatch.setattr(trust, "MAX_MARKER_BYTES", size - extra)
+    assert trust.is_decoded(KIND, FP, cache) is trusted
+
+
+def test_a_cache_that_cannot_be_written_gives_no_decoded_record(tmp_path, caplog):
+    blocker = tmp_path / "cache"
+    blocker.write_bytes(b"a file where the cache folder would be")
+    with caplog.at_level(logging.DEBUG, logger="dvsprep.integrity.trust"):
+        assert not trust.record_decoded(KIND, FP, blocker)
+    assert any(r.getMessage().startswith(f"no decoded-record for {FP}: ") for r in caplog.records)
+    assert blocker.read_bytes() == b"a file where the cache folder would be"

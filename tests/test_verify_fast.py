@@ -15,7 +15,7 @@ from dvsprep.frames import check as frames_check
 from dvsprep.frames.pack import pack_store
 from dvsprep.integrity.manifest import canonical_json, fingerprint
 from dvsprep.verify import verify_path
-from hostile_fixtures import resign_events
+from hostile_fixtures import flip, resign, resign_events
 from store_fixtures import make_multishard_store
 
 FIELDS = ("t", "x", "y", "p")
@@ -175,7 +175,7 @@ def test_stores_are_read_once_and_every_shard_decoded(tmp_path, monkeypatch):
     for p in (path, tmp_path / "s.zip"):
         for jobs in (1, 2):
             checked.clear()
-            assert verify_path(p, jobs=jobs).ok
+            assert verify_path(p, jobs=jobs, decode=True).ok
             assert sorted(checked) == [("test", 0), ("train", 0), ("train", 1), ("train", 2)]
 
 
@@ -199,7 +199,10 @@ def test_large_shards_are_hashed_streaming_then_decoded(tmp_path, monkeypatch):
     make_multishard_store(path)
     monkeypatch.setattr(frames_check, "_IN_MEMORY", 0)
     monkeypatch.setattr(frames_check._ShardReader, "check_shard", lambda *a: pytest.fail("decoded from memory"))
-    assert verify_path(path, jobs=2).ok
+    read, real = [], frames_check._ShardReader.read
+    monkeypatch.setattr(frames_check._ShardReader, "read", lambda self, i: read.append((self.split, i)) or real(self, i))
+    assert verify_path(path, jobs=2, decode=True).ok
+    assert sorted(read) == sorted([("train", i) for i in range(20)] + [("test", i) for i in range(5)])
     shard = path / "train/frames/c/1/0/0/0/0"
     data = bytearray(shard.read_bytes())
     data[20] ^= 0xFF
@@ -217,3 +220,173 @@ def test_verify_takes_jobs_for_every_kind(ev, tmp_path):
     for target in (ev, store):
         r = CliRunner().invoke(main, ["verify", "-j", "3", str(target)])
         assert r.exit_code == 0 and " intact: " in r.output, r.output
+
+
+# ----------------------------------------------------------------------------- content decoded before
+
+SKIPPED_NOTE = ("  samples not decoded: this content (same fingerprint) was decoded on this machine before, "
+                "and every file hashes as its manifest says (--decode decodes them again)")
+SHARDS = [("test", 0), ("train", 0), ("train", 1), ("train", 2)]
+
+
+@pytest.fixture
+def watch(tmp_path, monkeypatch):
+    """A cache of this test's own, and what a verification does: the shards it decodes (from
+    the bytes it hashed, or read again) and the files it hashes."""
+    monkeypatch.setenv("DVSPREP_CACHE", str(tmp_path / "cache"))
+    seen = {"decoded": [], "hashed": []}
+    check_shard, read, check_file = frames_check._ShardReader.check_shard, frames_check._ShardReader.read, \
+        frames_check.check_file
+    monkeypatch.setattr(frames_check._ShardReader, "check_shard", lambda self, s, data, n: seen["decoded"].append(
+        (self.split, s)) or check_shard(self, s, data, n))
+    monkeypatch.setattr(frames_check._ShardReader, "read", lambda self, i: seen["decoded"].append(
+        (self.split, i // self.shard)) or read(self, i))
+    monkeypatch.setattr(frames_check, "check_file", lambda files, name, *a, **k: seen["hashed"].append(
+        name) or check_file(files, name, *a, **k))
+
+    def take() -> dict:
+        out = {k: sorted(set(v)) for k, v in seen.items()}
+        for v in seen.values():
+            v.clear()
+        return out
+    return take
+
+
+def _undecodable(path):
+    """A store whose first train sample declares a decoded size one byte too large (its blosc
+    header, bytes 4..8), with a manifest that matches: what only decoding can find."""
+    shard = path / "train/frames/c/0/0/0/0/0"
+    data = bytearray(shard.read_bytes())
+    data[4:8] = (int.from_bytes(data[4:8], "little") + 1).to_bytes(4, "little")
+    shard.write_bytes(bytes(data))
+    resign(path)
+    return fingerprint_of(path)
+
+
+def fingerprint_of(path) -> str:
+    return hashlib.sha256((path / "manifest.json").read_bytes()).hexdigest()
+
+
+def test_content_decoded_before_is_hashed_whole_but_not_decoded(tmp_path, watch):
+    from dvsprep.integrity import trust
+
+    path = tmp_path / "s.zarr"
+    fp, _ = make_multishard_store(path)
+    files = sorted(json.loads((path / "manifest.json").read_bytes())["files"])
+    assert trust.is_decoded("frames", fp)          # its writer encoded every sample
+    watch()
+    report = verify_path(path, jobs=2)
+    assert report.ok and report.lines()[1:] == [SKIPPED_NOTE]
+    assert watch() == {"decoded": [], "hashed": files}
+    assert verify_path(path, jobs=2, decode=True).lines()[1:] == []
+    assert watch() == {"decoded": SHARDS, "hashed": files}
+    trust.forget_decoded("frames", fp)
+    assert verify_path(path, jobs=1).lines()[1:] == []   # decoded, and recorded so
+    assert watch() == {"decoded": SHARDS, "hashed": files}
+    assert trust.is_decoded("frames", fp)
+    assert verify_path(path, jobs=1).lines()[1:] == [SKIPPED_NOTE]
+    assert watch()["decoded"] == []
+
+
+def test_a_copy_elsewhere_is_hashed_but_not_decoded_by_its_first_reader(tmp_path, watch):
+    import shutil
+
+    from dvsprep.frames import open_frame_store
+
+    path = tmp_path / "s.zarr"
+    make_multishard_store(path)
+    files = sorted(json.loads((path / "manifest.json").read_bytes())["files"])
+    shutil.copytree(path, tmp_path / "copy.zarr")
+    watch()
+    open_frame_store(tmp_path / "copy.zarr")    # no marker for the copy: verified in full
+    assert watch() == {"decoded": [], "hashed": files}
+
+
+def test_a_decoded_record_does_not_hide_a_changed_byte(tmp_path, watch):
+    from dvsprep.errors import IntegrityError
+    from dvsprep.frames import open_frame_store
+
+    path = tmp_path / "s.zarr"
+    make_multishard_store(path)
+    flip(path / "train/frames/c/1/0/0/0/0", 40)
+    assert [(p.kind, p.name) for p in verify_path(path).problems] == [("corrupt", "train/frames/c/1/0/0/0/0")]
+    with pytest.raises(IntegrityError, match="corrupt train/frames/c/1/0/0/0/0"):
+        open_frame_store(path)
+    assert watch()["decoded"] == []
+
+
+def test_content_not_decoded_before_is_decoded_whatever_else_was(tmp_path, watch):
+    from dvsprep.errors import IntegrityError
+    from dvsprep.frames import open_frame_store
+    from dvsprep.integrity import trust
+
+    path = tmp_path / "s.zarr"
+    fp, _ = make_multishard_store(path)
+    bad = _undecodable(path)
+    assert trust.is_decoded("frames", fp) and not trust.is_decoded("frames", bad)
+    report = verify_path(path)
+    assert [(p.kind, p.name) for p in report.problems] == [("invalid", "train/frames/c/0/0/0/0/0")]
+    assert "sample 0 has the wrong decoded size" in report.problems[0].detail
+    assert not trust.is_decoded("frames", bad)
+    with pytest.raises(IntegrityError, match="sample 0 has the wrong decoded size"):
+        open_frame_store(path)
+    assert not trust.is_decoded("frames", bad)
+
+
+def test_a_forged_record_is_dropped_by_the_next_decoding_verification(tmp_path, watch):
+    """A record is as trustworthy as the cache it lies in (as markers are): one written by hand
+    for content that does not decode hides it until a verification decodes, which drops it."""
+    from dvsprep.integrity import trust
+
+    path = tmp_path / "s.zarr"
+    make_multishard_store(path)
+    bad = _undecodable(path)
+    assert trust.record_decoded("frames", bad)
+    assert verify_path(path).lines()[1:] == [SKIPPED_NOTE]
+    report = verify_path(path, decode=True)
+    assert [(p.kind, p.name) for p in report.problems] == [("invalid", "train/frames/c/0/0/0/0/0")]
+    assert not trust.is_decoded("frames", bad)
+    assert [p.name for p in verify_path(path).problems] == ["train/frames/c/0/0/0/0/0"]
+
+
+def test_a_store_with_a_corrupt_file_leaves_no_record(tmp_path, watch):
+    from dvsprep.integrity import trust
+
+    path = tmp_path / "s.zarr"
+    fp, _ = make_multishard_store(path)
+    trust.forget_decoded("frames", fp)
+    flip(path / "train/label/c/0", 12)
+    assert [p.kind for p in verify_path(path).problems] == ["corrupt"]
+    assert watch()["decoded"] == SHARDS
+    assert not trust.is_decoded("frames", fp)
+
+
+def test_pack_and_unpack_record_nothing_they_did_not_decode(tmp_path, watch):
+    from dvsprep.frames.pack import unpack_store
+    from dvsprep.integrity import trust
+
+    path = tmp_path / "s.zarr"
+    fp, _ = make_multishard_store(path)
+    trust.forget_decoded("frames", fp)
+    pack_store(path, tmp_path / "s.zip")        # its source opened (decoded), not recorded by the copy
+    unpack_store(tmp_path / "s.zip", tmp_path / "u.zarr")
+    assert not trust.is_decoded("frames", fp)
+    watch()
+    assert verify_path(tmp_path / "u.zarr").lines()[1:] == []
+    assert watch()["decoded"] == SHARDS and trust.is_decoded("frames", fp)
+
+
+def test_verify_decode_option(tmp_path, watch):
+    from click.testing import CliRunner
+
+    from dvsprep.cli import main
+
+    path = tmp_path / "s.zarr"
+    make_multishard_store(path)
+    watch()
+    r = CliRunner().invoke(main, ["verify", str(path)])
+    assert r.exit_code == 0 and r.output.splitlines()[1:] == [SKIPPED_NOTE], r.output
+    assert watch()["decoded"] == []
+    r = CliRunner().invoke(main, ["verify", "--decode", str(path)])
+    assert r.exit_code == 0 and len(r.output.splitlines()) == 1, r.output
+    assert watch()["decoded"] == SHARDS

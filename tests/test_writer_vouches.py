@@ -75,11 +75,19 @@ def test_a_change_after_convert_is_still_caught(data: Path, hashing: list[str]) 
     assert hashing == ["events events.h5"]
 
 
-def test_frames_vouches_for_its_store_and_a_changed_byte_is_caught(data: Path, hashing: list[str]) -> None:
+@pytest.fixture()
+def own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache of this test's own: no record left by another test's store of the same content."""
+    monkeypatch.setenv("DVSPREP_CACHE", str(tmp_path / "own-cache"))
+
+
+def test_frames_vouches_for_its_store_and_a_changed_byte_is_caught(own_cache: None, data: Path,
+                                                                   hashing: list[str]) -> None:
     out = data / "frames_T4_number.zarr"
     fp = build_frame_store(data / "events.h5", out, T=4, jobs=1).fingerprint
     assert hashing == []                      # events.h5 came from convert: not hashed again
     assert trust.is_verified("frames", out, fp, open_store_files(out).stamps())
+    assert trust.is_decoded("frames", fp)     # it encoded every sample: a full verification only hashes
     assert open_frame_store(out).fingerprint == fp
     assert hashing == []
     label = out / "test" / "label" / "c" / "0"

@@ -299,7 +299,7 @@ def build_frame_store(
         events_fp, stamp, meta = _read_events_meta(events_path)
         summary = _build(events_path, tmp, out_path, events_fp, stamp, meta, T=T, split_by=split_by, jobs=jobs,
                          codec=dict(codec or DEFAULT_CODEC), progress=progress, t_begin=t_begin)
-        vouch_store(publication, summary.fingerprint)   # the next reader here does not hash it again
+        vouch_store(publication, summary.fingerprint, encoded=True)   # the next reader here does not hash it again
     log.info("frames: %s written, fingerprint %s", out_path, summary.fingerprint)
     return summary
 

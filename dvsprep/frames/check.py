@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -24,7 +25,7 @@ from . import schema
 from ..constants import N_CLASSES, SPLITS, recording_name_ok
 from .files import MAX_MANIFEST_BYTES, StoreFiles, check_file, parse_manifest, read_json
 from ..errors import MissingFileError, StoreError, UntrustedStoreError
-from ..integrity import MANIFEST_NAME, sha256_bytes
+from ..integrity import MANIFEST_NAME, sha256_bytes, trust
 from ..integrity import Problem, VerifyReport
 
 
@@ -102,10 +103,12 @@ def check_layout(files: StoreFiles) -> Layout:
 
 
 def content_problems(files: StoreFiles, layout: Layout, skip: set[str] = frozenset(),
-                     checked: Mapping[str, str] | None = None) -> list[tuple[str, str, str]]:
+                     checked: Mapping[str, str] | None = None, *,
+                     frames: bool = True) -> list[tuple[str, str, str]]:
     """(kind, name, detail) for every array that does not read back as the readers need it:
     the metadata arrays decoded and checked (`check_meta_content`), every frames shard's index
-    and every sample decoded. Files named in `skip` (already known corrupt) are not decoded, nor
+    and every sample decoded (not with `frames=False`: content already decoded on this machine,
+    `trust.is_decoded`). Files named in `skip` (already known corrupt) are not decoded, nor
     shards in `checked` (decoded while hashed, `scan_files`: their problem, or "")."""
     checked = checked or {}
     problems: list[tuple[str, str, str]] = []
@@ -119,7 +122,7 @@ def content_problems(files: StoreFiles, layout: Layout, skip: set[str] = frozens
             except StoreError as exc:
                 problems.append(("invalid", f"{split} metadata", _detail(exc, where)))
         decoder = _fast_codec(metas["frames"])
-        if decoder is None or not n:
+        if decoder is None or not n or not frames:
             continue
         reader = _ShardReader(files, split, metas["frames"], decoder)
         try:
@@ -410,8 +413,9 @@ def scan_files(files: StoreFiles, manifest: dict, path: str, layout: Layout | No
                jobs: int | None = None) -> tuple[VerifyReport, dict[str, str]]:
     """Every file against the manifest, on `jobs` threads (default: CPUs; hashlib, zlib and the
     codecs release the GIL), each read once: with a `layout`, a frames shard that hashes right
-    is decoded from the same bytes (`_ShardReader.check_shard`). Returns the report of the files
-    and {shard: its content problem, or ""} for the shards so checked (`content_problems`)."""
+    is decoded from the same bytes (`_ShardReader.check_shard`; pass no layout to hash only).
+    Returns the report of the files and {shard: its content problem, or ""} for the shards so
+    checked (`content_problems`)."""
     raw = files.read(MANIFEST_NAME, MAX_MANIFEST_BYTES)
     report = VerifyReport(path=path, kind="frames", checked=len(manifest["files"]), fingerprint=sha256_bytes(raw))
     listed, present = manifest["files"], files.names()
@@ -434,9 +438,11 @@ def scan_files(files: StoreFiles, manifest: dict, path: str, layout: Layout | No
 
     checked: dict[str, str] = {}
     names = sorted(listed)
+    threads = max(1, jobs or os.cpu_count() or 1)
     try:
-        with ThreadPoolExecutor(max(1, jobs or os.cpu_count() or 1)) as pool:
-            for name, (problem, shard) in zip(names, pool.map(one, names)):
+        # one thread: no pool (handing each file to a worker costs more than the gain)
+        with ThreadPoolExecutor(threads) if threads > 1 else nullcontext() as pool:
+            for name, (problem, shard) in zip(names, pool.map(one, names) if pool else map(one, names)):
                 if problem is not None:
                     report.problems.append(Problem(*problem))
                 if shard is not None:
@@ -463,12 +469,37 @@ def _shard_plan(files: StoreFiles, layout: Layout) -> dict[str, tuple[_ShardRead
     return out
 
 
-def full_report(files: StoreFiles, layout: Layout, source: str, jobs: int | None = None) -> VerifyReport:
+def full_report(files: StoreFiles, layout: Layout, source: str, jobs: int | None = None, *,
+                decode: bool = False) -> VerifyReport:
     """Every file against the manifest, then (for the files that hash right) every array read
     back as the readers read it (`content_problems`); shards are decoded as they are hashed
-    (`scan_files`), on `jobs` threads (default: CPUs)."""
-    report, checked = scan_files(files, layout.manifest, source, layout, jobs)
+    (`scan_files`), on `jobs` threads (default: CPUs). The samples are not decoded when this
+    content (its fingerprint) was decoded on this machine before (`decoded_before`), unless
+    `decode`; a store whose every sample was decoded without a problem is recorded so."""
+    frames = decode or not decoded_before(layout)
+    report, checked = scan_files(files, layout.manifest, source, layout if frames else None, jobs)
     skip = {p.name for p in report.problems}
-    for kind, name, detail in content_problems(files, layout, skip, checked):
+    for kind, name, detail in content_problems(files, layout, skip, checked, frames=frames):
         report.problems.append(Problem(kind, name, detail))
+    note_decoding(report, layout, frames)
     return report
+
+
+def decoded_before(layout: Layout) -> bool:
+    """Whether every sample of this store's content (its fingerprint) was decoded on this
+    machine before (`trust.is_decoded`): a verification that hashes every file against the
+    manifest then has nothing left to learn from decoding them."""
+    return trust.is_decoded("frames", layout.fingerprint)
+
+
+def note_decoding(report: VerifyReport, layout: Layout, decoded: bool) -> None:
+    """After a verification: record content whose every sample was just decoded without a
+    problem (`trust.record_decoded`), drop the record of content that failed to decode, and say
+    in the report when the samples were not decoded."""
+    if not decoded:
+        report.notes.append("samples not decoded: this content (same fingerprint) was decoded on this machine "
+                            "before, and every file hashes as its manifest says (--decode decodes them again)")
+    elif report.ok:
+        trust.record_decoded("frames", layout.fingerprint)
+    elif any(p.kind == "invalid" and "/frames/" in p.name for p in report.problems):
+        trust.forget_decoded("frames", layout.fingerprint)

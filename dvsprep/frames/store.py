@@ -325,14 +325,18 @@ def finish_store(tmp: Path) -> str:
     return write_dir_manifest(tmp, dir_manifest(tmp, kind="frames"))
 
 
-def vouch_store(publication: Publication, fingerprint: str) -> None:
+def vouch_store(publication: Publication, fingerprint: str, *, encoded: bool = False) -> None:
     """The writer of the store (a directory or a packed .zip) that `publication` publishes vouches
     for it (every file was hashed into its manifest as it was written or copied): the
     verified-marker is recorded once it is in place, so the next open on this machine does not
-    hash it again (`trust.record_written`)."""
+    hash it again (`trust.record_written`). A writer that `encoded` the samples itself also
+    records that this content decodes (`trust.record_decoded`), so a full verification of it, or
+    of a copy, only hashes; a copier (pack, unpack) learns nothing new about the content."""
     final = publication.final
     trust.vouch(publication, "frames", fingerprint,
                 lambda: {"": stamp_path(final)} if final.is_file() else DirFiles(final).stamps())
+    if encoded:
+        publication.on_published(lambda: trust.record_decoded("frames", fingerprint))
 
 
 def write_frame_store_from_arrays(
@@ -382,7 +386,7 @@ def write_frame_store_from_arrays(
                                                  events_fingerprint=events_fingerprint, codec=codec,
                                                  shard_samples=shard))
         fp = finish_store(tmp)
-        vouch_store(publication, fp)
+        vouch_store(publication, fp, encoded=True)
     return fp
 
 

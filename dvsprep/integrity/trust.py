@@ -28,6 +28,14 @@ stamps and the next open verifies in full, exactly as with a verifier's marker. 
 cannot see is a change by another process within the same clock tick as the writer's own last
 write (while the writer is still publishing): the one residual case, of the same nature as the
 racy window that the verifier's rule closes by not writing a marker.
+
+Decoded-records (`is_decoded`, `record_decoded`) are about content, not files: a frame store's
+fingerprint (the sha256 of its manifest, which holds every file's sha256) names its bytes, so
+once every sample of the content with that fingerprint was decoded on this machine (by a full
+verification, or by the writer that encoded it), a later full verification that hashes every
+file against that manifest has proved the bytes identical and need not decode them again. It
+still reads and hashes every byte: only the decoding, which costs several times the hashing, is
+skipped. No stamps are involved, so copies and moves of the store keep the benefit.
 """
 from __future__ import annotations
 
@@ -152,6 +160,11 @@ def _write_marker(kind: str, path: str | os.PathLike, fingerprint: str, stamps: 
     marker = _marker_file(kind, path, cache_dir)
     data = json.dumps(_body(kind, path, fingerprint, stamps), sort_keys=True).encode()
     try:
+        if marker.stat().st_size == len(data) and marker.read_bytes() == data:
+            return True   # the same marker already: a repeated verification writes nothing
+    except OSError:
+        pass
+    try:
         marker.parent.mkdir(parents=True, exist_ok=True)
         clean_stale_temps(marker.parent)  # markers half-written by killed processes
         atomic_write(marker, lambda tmp: tmp.write_bytes(data))
@@ -159,6 +172,57 @@ def _write_marker(kind: str, path: str | os.PathLike, fingerprint: str, stamps: 
         log.debug("no verified-marker for %s: %s", path, exc)
         return False
     return True
+
+
+def _decoded_file(kind: str, fingerprint: str, cache_dir: str | os.PathLike | None) -> Path | None:
+    if len(fingerprint) != 64 or any(c not in "0123456789abcdef" for c in fingerprint):
+        return None  # not a sha256: never a file name
+    return marker_dir(cache_dir) / f"decoded-{kind}-{fingerprint}.json"
+
+
+def _decoded_body(kind: str, fingerprint: str) -> dict:
+    return {"checks": CHECKS_VERSION, "kind": kind, "decoded": fingerprint}
+
+
+def is_decoded(kind: str, fingerprint: str, cache_dir: str | os.PathLike | None = None) -> bool:
+    """Whether every sample of the content with this fingerprint was decoded on this machine."""
+    record = _decoded_file(kind, fingerprint, cache_dir)
+    if record is None:
+        return False
+    try:
+        if record.stat().st_size > MAX_MARKER_BYTES:
+            return False
+        return json.loads(record.read_bytes()) == _decoded_body(kind, fingerprint)
+    except (OSError, ValueError, RecursionError):
+        return False
+
+
+def record_decoded(kind: str, fingerprint: str, cache_dir: str | os.PathLike | None = None) -> bool:
+    """Record that every sample of the content with this fingerprint decodes (after a full
+    verification that decoded them all without a problem, or by the writer that encoded them).
+    False when the cache is not writable or the fingerprint is not a sha256."""
+    record = _decoded_file(kind, fingerprint, cache_dir)
+    if record is None:
+        return False
+    data = json.dumps(_decoded_body(kind, fingerprint), sort_keys=True).encode()
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(record, lambda tmp: tmp.write_bytes(data))
+    except OSError as exc:
+        log.debug("no decoded-record for %s: %s", fingerprint, exc)
+        return False
+    return True
+
+
+def forget_decoded(kind: str, fingerprint: str, cache_dir: str | os.PathLike | None = None) -> None:
+    """Remove the decoded-record of content that failed to decode (a record no writer or
+    verification of ours would have made)."""
+    record = _decoded_file(kind, fingerprint, cache_dir)
+    try:
+        if record is not None:
+            record.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def forget(kind: str, path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> None:

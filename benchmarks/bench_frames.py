@@ -116,7 +116,8 @@ def bench_framing(root: Path, samples: list, jobs: int) -> None:
     print(f"events.h5 ({sum(s['t'].size for s in samples) / 1e6:.0f} M events): first open on this machine "
           f"{verify_s * 1e3:.1f} ms (its writer recorded the marker); a full verification {full_s:.2f} s")
     read_s = pure_read(events)
-    print(f"pure read of events.h5 (every event of every sample, t/x/y/p decoded by HDF5): {read_s:.2f} s")
+    print(f"pure read of events.h5 (every event of every sample, t/x/y/p, one process, as dvsprep reads it: "
+          f"scale-offset chunks decoded by numpy): {read_s:.2f} s")
     # Both sides run with their libraries imported, as SpikingJelly's already is here (torch
     # included); what each import costs a fresh command is printed apart.
     ours_import, sj_import = import_seconds("import dvsprep.frames.build, zarr"), import_seconds(

@@ -26,6 +26,7 @@ import shutil
 import sys
 import tempfile
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -262,24 +263,35 @@ def sync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def _sync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+SYNC_THREADS = 16
+
+
 def sync_tree(path: Path) -> None:
-    """fsync a file, or every file of a folder tree and then its folders, deepest first (links
-    are not followed: what they point at is not part of the output)."""
+    """fsync a file, or every file and folder of a folder tree (links are not followed: what
+    they point at is not part of the output). The fsyncs of a tree run on up to SYNC_THREADS
+    threads at once: the filesystem commits concurrent ones together (ext4 journals them in
+    one transaction), several times faster than one after another on a virtual disk. Their
+    order does not matter: the rename that publishes the tree waits for all of them."""
     if path.is_symlink():
         return
     if not path.is_dir():
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _sync_file(os.fspath(path))
         return
-    for root, _dirs, files in os.walk(path, topdown=False):
-        for f in files:
-            p = os.path.join(root, f)
-            if not os.path.islink(p):
-                sync_tree(Path(p))
-        sync_dir(root)
+    todo: list[tuple[Callable[[str], None], str]] = []
+    for root, _dirs, names in os.walk(path, topdown=False):
+        todo.extend((_sync_file, p) for f in names if not os.path.islink(p := os.path.join(root, f)))
+        todo.append((sync_dir, root))
+    with ThreadPoolExecutor(min(SYNC_THREADS, len(todo))) as pool:
+        for _ in pool.map(lambda job: job[0](job[1]), todo):   # re-raises the first error
+            pass
 
 
 def missing_parents(path: Path) -> list[Path]:

@@ -138,13 +138,40 @@ def test_publishing_syncs_the_data_before_the_rename_and_the_folder_after(tmp_pa
         (tmp / "c" / "0").write_bytes(b"chunk")
         (tmp / "zarr.json").write_text("{}")
     tmp_name = tmp.name
-    assert calls == [f"fsync {tmp_name}/c/0", f"fsync {tmp_name}/c", f"fsync {tmp_name}/zarr.json",
-                     f"fsync {tmp_name}", "rename .s.zarr.tmp s.zarr", "fsync ."]
+    # every file and folder of the temporary, on threads (so in any order), all before the rename
+    assert sorted(calls[:-2]) == [f"fsync {tmp_name}", f"fsync {tmp_name}/c", f"fsync {tmp_name}/c/0",
+                                  f"fsync {tmp_name}/zarr.json"]
+    assert calls[-2:] == ["rename .s.zarr.tmp s.zarr", "fsync ."]
     calls.clear()
     monkeypatch.setenv("DVSPREP_NO_FSYNC", "1")
     with publishing(tmp_path / "f.bin", "file", force=False) as tmp:
         tmp.write_bytes(b"x")
     assert calls == ["rename .f.bin.tmp f.bin"] and (tmp_path / "f.bin").read_bytes() == b"x"
+
+
+@pytest.mark.parametrize("failing", ["c/0", "c", "zarr.json", ""])
+def test_an_fsync_that_fails_publishes_nothing(tmp_path, monkeypatch, failing):
+    """The fsyncs run on threads: the first failure, whichever file or folder it hits, still
+    stops the publication with the previous output untouched and the temporary removed."""
+    import errno
+
+    real_fsync = os.fsync
+    lay_previous(tmp_path / "s.zarr", "dir")
+    before = tree(tmp_path)
+
+    def fsync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if path == os.path.join(str(tmp), failing).rstrip("/"):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    with pytest.raises(OSError, match="Input/output error"):
+        with publishing(tmp_path / "s.zarr", "frame store", force=True, kind="dir") as tmp:
+            (tmp / "c").mkdir(parents=True)
+            (tmp / "c" / "0").write_bytes(b"chunk")
+            (tmp / "zarr.json").write_text("{}")
+    assert tree(tmp_path) == before
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -184,3 +185,42 @@ def test_corrupt_shard_is_a_store_error(tmp_path):
     write_dir_manifest(path, dir_manifest(path, kind="frames"))
     with pytest.raises(IntegrityError, match="corrupt shard index"):
         open_frame_store(path)
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 300])
+def test_metadata_arrays_are_zarrs_bytes(tmp_path, n):
+    """create_meta_arrays and write_metadata write each metadata array's zarr.json and chunk
+    without zarr; the files must be exactly those zarr writes for the same array."""
+    import zarr
+
+    from dvsprep.frames import schema
+    from dvsprep.frames.store import create_frames_layout, create_meta_arrays, write_metadata
+
+    rng = np.random.default_rng(n)
+    meta = {"label": rng.integers(0, 11, n), "row": rng.integers(0, 40, n),
+            "t_start": rng.integers(0, 10**7, n), "t_end": rng.integers(10**7, 2 * 10**7, n),
+            "n_events": rng.integers(0, 10**6, n), "recording": [f"user{i % 29 + 1:02d}_lab{'é' * (i % 3)}" for i in range(n)]}
+    ours = tmp_path / "ours"
+    group = create_frames_layout(ours, T=2, sizes={"train": n}, dtype=np.dtype("u1"),
+                                 codec={"name": "blosc"}, shard_samples=4)
+    create_meta_arrays(group, {"train": n})
+    write_metadata(group, "train", meta)
+    theirs = zarr.open_group(zarr.storage.LocalStore(tmp_path / "theirs"), mode="w", zarr_format=3)
+    g = theirs.create_group("train")
+    for field in schema.META_FIELDS:
+        text = field == "recording"
+        arr = g.create_array(field, shape=(n,), chunks=(max(1, n),), dtype=str if text else schema.META_DTYPES[field],
+                             fill_value="" if text else 0, compressors=zarr.codecs.ZstdCodec(level=3))
+        if n:
+            arr[:] = np.array(meta[field], dtype=np.dtypes.StringDType()) if text else \
+                np.asarray(meta[field]).astype(schema.META_DTYPES[field])
+    for field in schema.META_FIELDS:
+        mine = sorted(p.relative_to(ours) for p in (ours / "train" / field).rglob("*") if p.is_file())
+        want = sorted(p.relative_to(tmp_path / "theirs") for p in (tmp_path / "theirs" / "train" / field).rglob("*")
+                      if p.is_file())
+        assert mine == want == sorted([Path("train", field, "zarr.json")] + ([Path("train", field, "c", "0")] if n else []))
+        for rel in mine:
+            assert (ours / rel).read_bytes() == (tmp_path / "theirs" / rel).read_bytes(), rel
+    back = zarr.open_group(zarr.storage.LocalStore(ours), mode="r")
+    assert back["train"]["recording"][:].tolist() == meta["recording"]
+    assert back["train"]["t_end"][:].tolist() == list(meta["t_end"])

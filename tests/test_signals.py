@@ -156,8 +156,8 @@ def _leftovers(root: Path, before: set[str]) -> list[str]:
 
 
 # an event every run of the command has, after its start and before its work is done: the
-# output's lock taken (its file truncated), or for verify the walk of the store
-CERTAIN = {"verify": ("os.walk", 1)}
+# output's lock taken (its file truncated), or for verify the listing of the store's folders
+CERTAIN = {"verify": ("os.scandir", 1)}
 
 
 def _moments(name: str, n: int) -> list[tuple[str, int, int]]:

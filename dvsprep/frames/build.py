@@ -137,7 +137,10 @@ def frame_block(
     fields = ("x", "y", "p") if split_by == "number" else ("t", "x", "y", "p")
     try:
         lo_ev, hi_ev = int(sp.offsets[a]), int(sp.offsets[b])
-        ev = {k: sp.group[k][lo_ev:hi_ev] for k in fields}
+        ev = {k: sp.values(k, lo_ev, hi_ev) for k in fields}
+    except StoreError:   # already one line naming the file and the dataset
+        _check_unchanged(events_path, stamp)
+        raise
     except (OSError, KeyError, ValueError) as exc:
         _check_unchanged(events_path, stamp)   # bytes changed under the read: say so, not "cannot read"
         raise StoreError(f"{events_path}: cannot read {split} samples {a}..{b - 1} ({exc})") from None

@@ -85,7 +85,8 @@ def sj_tau(decay: float) -> float:
 
     1/decay exactly when that is a float32 power of two (LIF tau 2: x/2 == 0.5*x for every x);
     otherwise the float32 next to 1/decay that agrees with ``decay * x`` on the most of a fixed
-    sample of x (a PLIF's trained decay: they differ in the last bit for some x, see README)."""
+    sample of x (a PLIF's trained decay: they differ in the last bit for some x, see README).
+    Ties go to the smallest candidate."""
     d = np.float32(decay)
     inv = np.float32(1.0) / d
     if np.float32(1.0) / inv == d and math.frexp(float(inv))[0] == 0.5:

@@ -41,10 +41,14 @@ CONV_REFUSAL = "conv_fc.5: only plain stride-1 convolutions are exported"
 
 
 @pytest.mark.parametrize("kwargs", [dict(groups=3), dict(stride=2), dict(stride=(1, 2)), dict(dilation=2),
-                                    dict(dilation=(2, 1))], ids=["groups", "stride", "stride_w", "dilation",
-                                                                 "dilation_h"])
+                                    dict(dilation=(2, 1)), dict(padding_mode="reflect"),
+                                    dict(padding_mode="circular"), dict(padding="same"),
+                                    dict(kernel_size=(3, 5)), dict(kernel_size=(5, 3))],
+                         ids=["groups", "stride", "stride_w", "dilation", "dilation_h", "reflect", "circular",
+                              "same", "kernel_3x5", "kernel_5x3"])
 def test_conv_refuses_each_non_plain_layout_alone(nir, kwargs):
-    conv = nn.Conv2d(3, 6, 3, padding=1, bias=False, **kwargs)
+    kwargs = {"kernel_size": 3, "padding": 1, **kwargs}
+    conv = nn.Conv2d(3, 6, bias=False, **kwargs)
     with pytest.raises(ExportError) as err:
         _conv_nodes(nir, 5, conv, None, (3, 10, 12))
     assert str(err.value) == CONV_REFUSAL
@@ -153,9 +157,10 @@ def test_maxpool_accepted_forms(nir, pool):
                                   nn.MaxPool2d((3, 2), stride=2), nn.MaxPool2d(2, stride=1),
                                   nn.MaxPool2d(2, stride=(2, 3)), nn.MaxPool2d(2, stride=(3, 2)),
                                   nn.MaxPool2d(2, padding=1), nn.MaxPool2d(2, padding=(1, 0)),
-                                  nn.MaxPool2d(2, padding=(0, 1))],
+                                  nn.MaxPool2d(2, padding=(0, 1)), nn.MaxPool2d(2, dilation=2),
+                                  nn.MaxPool2d(2, dilation=(1, 2)), nn.MaxPool2d(2, ceil_mode=True)],
                          ids=["kernel3", "kernel_2x3", "kernel_3x2", "stride1", "stride_2x3", "stride_3x2",
-                              "padding1", "padding_1x0", "padding_0x1"])
+                              "padding1", "padding_1x0", "padding_0x1", "dilation2", "dilation_1x2", "ceil_mode"])
 def test_maxpool_refuses_each_other_layout_alone(nir, pool):
     with pytest.raises(ExportError) as err:
         _maxpool_nodes(nir, 7, pool, (4, 10, 6), DT)

@@ -143,7 +143,10 @@ Nodes = dict[str, Any]
 
 
 def _conv_nodes(nir, i: int, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, shape: Shape) -> tuple[Nodes, Shape]:
-    if conv.groups != 1 or conv.stride != (1, 1) or conv.dilation != (1, 1):
+    # zero padding only (NIR has no other mode; "same" is a string), and square kernels: nir
+    # infers a convolution's output size from the kernel's height for both dimensions
+    if (conv.groups != 1 or conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.padding_mode != "zeros"
+            or isinstance(conv.padding, str) or conv.kernel_size[0] != conv.kernel_size[1]):
         raise ExportError(f"conv_fc.{i}: only plain stride-1 convolutions are exported")
     if bn is not None:
         weight, bias = fold_batchnorm(conv, bn)
@@ -166,7 +169,8 @@ def _lif_nodes(nir, i: int, m: nn.Module, shape: Shape, dt: float) -> tuple[Node
 
 
 def _maxpool_nodes(nir, i: int, m: nn.MaxPool2d, shape: Shape, dt: float) -> tuple[Nodes, Shape]:
-    if m.kernel_size not in (2, (2, 2)) or m.stride not in (2, (2, 2)) or m.padding not in (0, (0, 0)):
+    if (m.kernel_size not in (2, (2, 2)) or m.stride not in (2, (2, 2)) or m.padding not in (0, (0, 0))
+            or m.dilation not in (1, (1, 1)) or m.ceil_mode):   # else not the 2x2 average the IF layer gives
         raise ExportError(f"conv_fc.{i}: only 2x2 max-pooling with stride 2 is exported")
     out = (shape[0], shape[1] // 2, shape[2] // 2)
     return {f"pool{i}_avg": nir.AvgPool2d(kernel_size=np.array([2, 2]), stride=np.array([2, 2]),

@@ -65,7 +65,8 @@ CLUSTERS: dict[str, tuple[list[str], list[str]]] = {
                     "tests/test_hostile_checkpoints.py", "tests/test_train_checkpoint_edges.py"]),
     "export": (["dvsg_train/export/*.py"], ["tests/test_export_nir.py", "tests/test_export_spikingjelly.py",
                                            "tests/test_export_edges.py",
-                                           "tests/test_export_nir_nodes.py", "tests/test_export_nir_graph.py"]),
+                                           "tests/test_export_nir_nodes.py", "tests/test_export_nir_graph.py",
+                                           "tests/test_export_writer_edges.py"]),
     "remote": (["dvsprep/frames/remote.py"], ["tests/test_remote.py", "tests/test_remote_guarantees.py",
                                               "tests/test_remote_edges.py", "tests/test_remote_fetch_edges.py"]),
 }

@@ -187,3 +187,29 @@ def test_zip_members_that_zipfile_would_refuse_are_found(store, tmp_path):
     assert "corrupt  train/label/c/0: the zip's CRC-32 of this member does not match its bytes" in res.output
     with pytest.raises(StoreError, match="CRC-32"):
         open_frame_store(tmp_path / "crc.zip")
+
+
+def test_a_store_nested_deeper_than_the_recursion_limit_is_listed(store):
+    """A crafted store directory with one folder inside another 1100 times (past Python's
+    recursion limit of 1000): its file is listed after the others and then refused as a file
+    the manifest does not list, as one problem, not a RecursionError."""
+    import sys
+
+    from dvsprep.frames.files import DirFiles
+    from dvsprep.verify import verify_path
+
+    depth = 1100
+    assert depth > sys.getrecursionlimit()
+    before = list(DirFiles(store).names())
+    deep = store / "train"
+    for _ in range(depth):
+        deep = deep / "d"
+        os.mkdir(deep)
+    (deep / "x").write_bytes(b"x")
+    deep_name = "train/" + "d/" * depth + "x"
+    names = list(DirFiles(store).names())
+    # os.walk's order: train's own subfolders in name order, "d" before "frames"
+    assert sorted(names) == sorted(before + [deep_name])
+    assert names.index(deep_name) < names.index("train/frames/zarr.json")
+    report = verify_path(store)
+    assert [(p.kind, p.name) for p in report.problems] == [("extra", deep_name)]

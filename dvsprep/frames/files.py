@@ -190,34 +190,37 @@ class DirFiles(StoreFiles):
     def names(self) -> dict[str, int]:
         if self._names is None:
             out: dict[str, int] = {}
-            self._walk(os.fspath(self.path), "", out)
+            self._walk(os.fspath(self.path), out)
             self._names = out
         return self._names
 
-    def _walk(self, folder: str, prefix: str, out: dict[str, int]) -> None:
-        """Add the files under `folder` (named `prefix`... in the store): each folder's files in
-        name order, then its subfolders, as os.walk would; a folder that cannot be listed holds
-        nothing (its files are then reported missing)."""
-        try:
-            with os.scandir(folder) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except OSError:
-            return
-        subfolders = []
-        for entry in entries:
-            st = entry.stat(follow_symlinks=False)
-            if stat.S_ISDIR(st.st_mode):
-                subfolders.append(entry)
+    def _walk(self, root: str, out: dict[str, int]) -> None:
+        """Add the files under `root`: each folder's files in name order, then its subfolders,
+        as os.walk would, with a stack rather than recursion (a crafted store may nest folders
+        thousands deep); a folder that cannot be listed holds nothing (its files are then
+        reported missing)."""
+        todo = [(root, "")]
+        while todo:
+            folder, prefix = todo.pop()
+            try:
+                with os.scandir(folder) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+            except OSError:
                 continue
-            rel = prefix + entry.name
-            if not stat.S_ISREG(st.st_mode):
-                raise UntrustedStoreError(f"{self.path}: {rel} is a link or special file; refusing it")
-            out[rel] = st.st_size
-            self._stamps[rel] = stamp(st)
-            if len(out) > MAX_FILES:
-                raise UntrustedStoreError(f"{self.path}: more than {MAX_FILES} files")
-        for entry in subfolders:
-            self._walk(entry.path, f"{prefix}{entry.name}/", out)
+            subfolders = []
+            for entry in entries:
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    subfolders.append((entry.path, f"{prefix}{entry.name}/"))
+                    continue
+                rel = prefix + entry.name
+                if not stat.S_ISREG(st.st_mode):
+                    raise UntrustedStoreError(f"{self.path}: {rel} is a link or special file; refusing it")
+                out[rel] = st.st_size
+                self._stamps[rel] = stamp(st)
+                if len(out) > MAX_FILES:
+                    raise UntrustedStoreError(f"{self.path}: more than {MAX_FILES} files")
+            todo.extend(reversed(subfolders))
 
     def stamps(self) -> dict[str, tuple[int, int, int, int, int]]:
         self.names()

@@ -202,14 +202,20 @@ def test_a_store_nested_deeper_than_the_recursion_limit_is_listed(store):
     assert depth > sys.getrecursionlimit()
     before = list(DirFiles(store).names())
     deep = store / "train"
-    for _ in range(depth):
-        deep = deep / "d"
-        os.mkdir(deep)
-    (deep / "x").write_bytes(b"x")
-    deep_name = "train/" + "d/" * depth + "x"
-    names = list(DirFiles(store).names())
-    # os.walk's order: train's own subfolders in name order, "d" before "frames"
-    assert sorted(names) == sorted(before + [deep_name])
-    assert names.index(deep_name) < names.index("train/frames/zarr.json")
-    report = verify_path(store)
-    assert [(p.kind, p.name) for p in report.problems] == [("extra", deep_name)]
+    try:
+        for _ in range(depth):
+            deep = deep / "d"
+            os.mkdir(deep)
+        (deep / "x").write_bytes(b"x")
+        deep_name = "train/" + "d/" * depth + "x"
+        names = list(DirFiles(store).names())
+        # os.walk's order: train's own subfolders in name order, "d" before "frames"
+        assert sorted(names) == sorted(before + [deep_name])
+        assert names.index(deep_name) < names.index("train/frames/zarr.json")
+        report = verify_path(store)
+        assert [(p.kind, p.name) for p in report.problems] == [("extra", deep_name)]
+    finally:   # pytest's clean-up (shutil.rmtree) recurses too: take the tower down here
+        (deep / "x").unlink(missing_ok=True)
+        while deep != store / "train":
+            deep.rmdir()
+            deep = deep.parent

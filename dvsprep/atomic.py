@@ -256,15 +256,15 @@ def durable() -> bool:
 
 def sync_dir(path: str | os.PathLike) -> None:
     """fsync a folder: the names created, renamed or removed in it reach the disk."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync(path, os.O_RDONLY | os.O_DIRECTORY)
 
 
-def _sync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _sync_file(path: str | os.PathLike) -> None:
+    _fsync(path, os.O_RDONLY)
+
+
+def _fsync(path: str | os.PathLike, flags: int) -> None:
+    fd = os.open(path, flags)
     try:
         os.fsync(fd)
     finally:

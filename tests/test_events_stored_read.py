@@ -134,3 +134,15 @@ def test_datasets_without_scaleoffset_and_chunks_hdf5_skipped_the_filter_on(tmp_
     assert np.array_equal(stored.read_values(skipped, 0, 1000), np.arange(1000))
     assert skipped.calls == [(i * 64,) for i in range(16)]
     assert np.array_equal(stored.read_values(other, 0, 1000), np.arange(1000) + 7)
+
+
+def test_value_check_leaves_a_chunk_whose_filter_was_skipped_to_hdf5():
+    """A chunk whose filter mask is set holds raw values, whatever its first bytes look like:
+    its header is not read as scale-offset's (bound, or decoded by HDF5 instead)."""
+    chunk = _header(1, 0, 8) + bytes([0b10110000]) + b"\0"       # a valid-looking 1-bit chunk of 8
+    check = stored.ValueCheck(n=8, chunk=8, itemsize=1, filtered=True, limit=1, fill_coded=False)
+    check(0, [(0, 0, len(chunk))], memoryview(chunk))
+    assert (check.fallback, check.top) == ([], 1)                   # read as scale-offset: bound 1
+    check = stored.ValueCheck(n=8, chunk=8, itemsize=1, filtered=True, limit=1, fill_coded=False)
+    check(0, [(1, 0, len(chunk))], memoryview(chunk))
+    assert (check.fallback, check.top) == ([0], 0)

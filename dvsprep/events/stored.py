@@ -139,16 +139,11 @@ class ValueCheck:
                 self.top = max(self.top, int(np.frombuffer(data[:valid], dtype=np.uint8).max()))
 
     def _scaleoffset(self, i: int, mask: int, data: memoryview) -> None:
-        if mask or len(data) < _SO_HEADER or data[4] != 8:
+        minbits = None if mask else scaleoffset_width(data, self.chunk, 8 * self.itemsize)
+        if minbits is None:
             self.fallback.append(i)
             return
-        minbits = int.from_bytes(data[0:4], "little")
         minval = int.from_bytes(data[5:13], "little")
-        # HDF5 writes the header, then the values packed to minbits bits, then one byte; a
-        # chunk at full width (no gain) or of any other size is left to HDF5 to decode.
-        if minbits >= 8 * self.itemsize or len(data) != _SO_HEADER + (self.chunk * minbits) // 8 + 1:
-            self.fallback.append(i)
-            return
         if self.limit is not None:
             # Values are minval + code; with a fill value defined (0 here), the top code stands
             # for it, so the others reach minval + 2**minbits - 2.
@@ -157,6 +152,18 @@ class ValueCheck:
                 self.fallback.append(i)
             else:
                 self.top = max(self.top, bound)
+
+
+def scaleoffset_width(data: bytes | memoryview, n: int, max_bits: int) -> int | None:
+    """The code width (minbits) of a scale-offset chunk of n values laid out as HDF5 writes it
+    (a 21-byte header with an 8-byte minimum, the codes packed to minbits < `max_bits` bits,
+    one byte), or None: a chunk at full width (no gain) or of any other size is left to HDF5."""
+    if len(data) < _SO_HEADER or data[4] != 8:
+        return None
+    minbits = int.from_bytes(data[0:4], "little")
+    if minbits >= max_bits or len(data) != _SO_HEADER + (n * minbits) // 8 + 1:
+        return None
+    return minbits
 
 
 def value_check(ds: h5py.Dataset, limit: int | None) -> ValueCheck | None:
@@ -189,10 +196,8 @@ def scaleoffset_values(raw: bytes | memoryview, n: int, dtype: np.dtype, fill_co
     minimum + code, except the all-ones code, which stands for the fill value (0) when one is
     defined. Returns [n] of `dtype`."""
     dtype = np.dtype(dtype)
-    if len(raw) < _SO_HEADER or raw[4] != 8 or dtype.kind not in "ui":
-        return None
-    w = int.from_bytes(raw[0:4], "little")
-    if w >= min(57, 8 * dtype.itemsize) or len(raw) != _SO_HEADER + (n * w) // 8 + 1:
+    w = scaleoffset_width(raw, n, min(57, 8 * dtype.itemsize)) if dtype.kind in "ui" else None
+    if w is None:
         return None
     minval = int.from_bytes(raw[5:13], "little", signed=dtype.kind == "i")
     if w == 0:

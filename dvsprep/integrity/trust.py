@@ -90,14 +90,48 @@ def _body(kind: str, path: str | os.PathLike, fingerprint: str, stamps: Mapping[
 def is_verified(kind: str, path: str | os.PathLike, fingerprint: str, stamps: Mapping[str, Stamp],
                 cache_dir: str | os.PathLike | None = None) -> bool:
     """Whether a marker says this store, with exactly these files, was verified here."""
-    marker = _marker_file(kind, path, cache_dir)
+    return _holds(_marker_file(kind, path, cache_dir), _body(kind, path, fingerprint, stamps))
+
+
+def _holds(file: Path | None, body: dict) -> bool:
+    """Whether the cache file `file` (a marker or a decoded-record) holds exactly `body`: at
+    most MAX_MARKER_BYTES, parsed as JSON; anything unreadable holds nothing."""
+    if file is None:
+        return False
     try:
-        if marker.stat().st_size > MAX_MARKER_BYTES:
+        if file.stat().st_size > MAX_MARKER_BYTES:
             return False
-        stored = json.loads(marker.read_bytes())
+        return json.loads(file.read_bytes()) == body
     except (OSError, ValueError, RecursionError):
         return False
-    return stored == _body(kind, path, fingerprint, stamps)
+
+
+def _write(file: Path, body: dict, what: str) -> bool:
+    """Write `body` into the cache file `file` (atomically; nothing when it holds exactly that
+    already, so a repeated verification writes nothing); False, logging why, when the cache
+    is not writable."""
+    data = json.dumps(body, sort_keys=True).encode()
+    try:
+        if file.stat().st_size == len(data) and file.read_bytes() == data:
+            return True
+    except OSError:
+        pass
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_temps(file.parent)  # cache files half-written by killed processes
+        atomic_write(file, lambda tmp: tmp.write_bytes(data))
+    except OSError as exc:
+        log.debug("no %s: %s", what, exc)
+        return False
+    return True
+
+
+def _remove(file: Path | None) -> None:
+    try:
+        if file is not None:
+            file.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def record_verified(kind: str, path: str | os.PathLike, fingerprint: str, stamps: Mapping[str, Stamp],
@@ -157,21 +191,8 @@ def vouch(publication: Publication, kind: str, fingerprint: str, stamps: Callabl
 
 def _write_marker(kind: str, path: str | os.PathLike, fingerprint: str, stamps: Mapping[str, Stamp],
                   cache_dir: str | os.PathLike | None) -> bool:
-    marker = _marker_file(kind, path, cache_dir)
-    data = json.dumps(_body(kind, path, fingerprint, stamps), sort_keys=True).encode()
-    try:
-        if marker.stat().st_size == len(data) and marker.read_bytes() == data:
-            return True   # the same marker already: a repeated verification writes nothing
-    except OSError:
-        pass
-    try:
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        clean_stale_temps(marker.parent)  # markers half-written by killed processes
-        atomic_write(marker, lambda tmp: tmp.write_bytes(data))
-    except OSError as exc:
-        log.debug("no verified-marker for %s: %s", path, exc)
-        return False
-    return True
+    return _write(_marker_file(kind, path, cache_dir), _body(kind, path, fingerprint, stamps),
+                  f"verified-marker for {path}")
 
 
 def _decoded_file(kind: str, fingerprint: str, cache_dir: str | os.PathLike | None) -> Path | None:
@@ -186,15 +207,7 @@ def _decoded_body(kind: str, fingerprint: str) -> dict:
 
 def is_decoded(kind: str, fingerprint: str, cache_dir: str | os.PathLike | None = None) -> bool:
     """Whether every sample of the content with this fingerprint was decoded on this machine."""
-    record = _decoded_file(kind, fingerprint, cache_dir)
-    if record is None:
-        return False
-    try:
-        if record.stat().st_size > MAX_MARKER_BYTES:
-            return False
-        return json.loads(record.read_bytes()) == _decoded_body(kind, fingerprint)
-    except (OSError, ValueError, RecursionError):
-        return False
+    return _holds(_decoded_file(kind, fingerprint, cache_dir), _decoded_body(kind, fingerprint))
 
 
 def record_decoded(kind: str, fingerprint: str, cache_dir: str | os.PathLike | None = None) -> bool:
@@ -202,35 +215,18 @@ def record_decoded(kind: str, fingerprint: str, cache_dir: str | os.PathLike | N
     verification that decoded them all without a problem, or by the writer that encoded them).
     False when the cache is not writable or the fingerprint is not a sha256."""
     record = _decoded_file(kind, fingerprint, cache_dir)
-    if record is None:
-        return False
-    data = json.dumps(_decoded_body(kind, fingerprint), sort_keys=True).encode()
-    try:
-        record.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(record, lambda tmp: tmp.write_bytes(data))
-    except OSError as exc:
-        log.debug("no decoded-record for %s: %s", fingerprint, exc)
-        return False
-    return True
+    return record is not None and _write(record, _decoded_body(kind, fingerprint), f"decoded-record for {fingerprint}")
 
 
 def forget_decoded(kind: str, fingerprint: str, cache_dir: str | os.PathLike | None = None) -> None:
     """Remove the decoded-record of content that failed to decode (a record no writer or
     verification of ours would have made)."""
-    record = _decoded_file(kind, fingerprint, cache_dir)
-    try:
-        if record is not None:
-            record.unlink(missing_ok=True)
-    except OSError:
-        pass
+    _remove(_decoded_file(kind, fingerprint, cache_dir))
 
 
 def forget(kind: str, path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> None:
     """Remove the marker of a store that failed verification."""
-    try:
-        _marker_file(kind, path, cache_dir).unlink(missing_ok=True)
-    except OSError:
-        pass
+    _remove(_marker_file(kind, path, cache_dir))
 
 
 def now_ns() -> int:

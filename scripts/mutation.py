@@ -37,7 +37,7 @@ CLUSTERS: dict[str, tuple[list[str], list[str]]] = {
     "frames_build": (["dvsprep/frames/build.py", "dvsprep/frames/check.py"],
                      ["tests/test_frames_build.py", "tests/test_frames_build_edges.py", "tests/test_frames_shards.py",
                       "tests/test_frames_meta_edges.py", "tests/test_writer_vouches.py",
-                      "tests/test_frames_store.py",
+                      "tests/test_frames_store.py", "tests/test_verify_fast.py",
                       "tests/test_hostile_stores.py"]),
     "aedat": (["dvsprep/raw/aedat.py"], ["tests/test_aedat.py", "tests/test_aedat_edges.py", "tests/test_fuzz_parsers.py"]),
     # (test_hostile_inputs.py whole takes ~20 s, mostly CLI runs that never open an archive: its

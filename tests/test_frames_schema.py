@@ -64,6 +64,13 @@ CASES = [
      lambda m: _frames_codecs(m)[1]["configuration"].update(clevel=100), "blosc configuration"),
     ("blosc typesize 0", "train/frames/zarr.json",
      lambda m: _frames_codecs(m)[1]["configuration"].update(typesize=0), "blosc configuration"),
+    # zarr refuses a compressor without a configuration object: so must the schema
+    ("blosc no configuration", "train/frames/zarr.json",
+     lambda m: _frames_codecs(m)[1].pop("configuration"), "blosc configuration None"),
+    ("zstd null configuration", "train/label/zarr.json",
+     lambda m: m["codecs"][1].update(configuration=None), "zstd configuration None"),
+    ("zstd list configuration", "train/row/zarr.json",
+     lambda m: m["codecs"][1].update(configuration=[]), "zstd configuration []"),
 ]
 
 

@@ -184,6 +184,18 @@ def _blosc_nbytes(buf: bytes) -> int:
     return int.from_bytes(buf[4:8], "little")
 
 
+def _gzip_nbytes(buf: bytes | memoryview) -> int:
+    """Uncompressed size from a gzip stream's trailer (ISIZE: its last 4 bytes, little-endian,
+    the size mod 2^32; a sample is at most 256 MiB: T <= 4096 of uint16), or -1 when the stream
+    is shorter than a gzip header and trailer.
+    numcodecs' GZip decodes into `out` without saying how much it wrote: a stream that decodes
+    short would leave the rest of `out` as it was, so its declared size is checked first (and
+    gzip itself checks the trailer against what the stream decodes to)."""
+    if len(buf) < 18:
+        return -1
+    return int.from_bytes(bytes(buf[-4:]), "little")
+
+
 class _ShardReader:
     """Reads single inner chunks (samples) straight from shard files or zip members.
 
@@ -277,7 +289,7 @@ class _ShardReader:
         """Sample i from its encoded bytes, every declared size checked before decoding."""
         out = np.empty(self.sample_shape, dtype=self.dtype) if out is None else out
         declared = _blosc_nbytes(buf) if self._codec == "blosc" else \
-            schema.zstd_content_size(buf) if self._codec == "zstd" else out.nbytes
+            schema.zstd_content_size(buf) if self._codec == "zstd" else _gzip_nbytes(buf)
         if declared != out.nbytes:
             raise StoreError(f"{self._where(s)}: sample {i} has the wrong decoded size")
         try:

@@ -107,7 +107,9 @@ def _check_compressor(where: str, c: Any, allowed: tuple[str, ...]) -> str:
     name = c.get("name") if isinstance(c, dict) else None
     if name not in allowed or not set(c) <= {"name", "configuration"}:
         raise _fail(where, f"codec {name or c!r} (allowed: {', '.join(allowed)})")
-    cfg = c.get("configuration") or {}
+    # zarr requires the configuration (an object, `{}` for defaults) of every compressor: one it
+    # cannot open must not pass as valid here
+    cfg = c.get("configuration")
     if not isinstance(cfg, dict):
         raise _fail(where, f"{name} configuration {cfg!r}")
     ok = {

@@ -462,3 +462,33 @@ def test_start_run_folder_writes_the_config_and_a_fresh_start_removes_the_old_ou
     assert json.loads((run_dir / "config.json").read_text())["run_id"] == "id2"
     _start_run_folder(run_dir, run, True, "id3", "fp3")
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "notes.txt"]
+
+
+def test_previous_run_of_a_fresh_run_checks_the_output_then_the_data_then_the_folder(tmp_path):
+    from dvsprep.errors import InputOutputClashError, MissingFileError
+
+    root = tmp_path / "root"
+    store = root / "frames_T4_number.zarr"
+    store.mkdir(parents=True)
+    c = cfg(data=str(root))
+    assert engine._previous_run(c, root / "runs" / "r") is None             # beside the store: fine
+    with pytest.raises(InputOutputClashError) as e:
+        engine._previous_run(c, store / "r")
+    assert str(e.value) == (f"{store / 'r'}: lies inside the input {store}; the training run would be written "
+                            f"into its own input")
+    init = tmp_path / "w" / "init.pt"
+    init.parent.mkdir()
+    init.write_bytes(b"")
+    with pytest.raises(InputOutputClashError) as e:
+        engine._previous_run(cfg(data=str(root), init=str(init)), tmp_path / "w")
+    assert str(e.value) == f"{tmp_path / 'w'}: holds the input {init}; replacing it would destroy the input"
+    run_dir = root / "runs" / "r"
+    run_dir.mkdir(parents=True)
+    (run_dir / LATEST).write_bytes(b"")
+    with pytest.raises(MissingFileError):                                    # the mistyped -T is said first
+        engine._previous_run(cfg(data=str(root), T=5), run_dir)
+    with pytest.raises(TrainError) as e:
+        engine._previous_run(c, run_dir)
+    assert str(e.value) == (f"{run_dir} already holds a run; continue it with --resume {run_dir / LATEST}, start "
+                            f"over with --force, or pick --run-name")
+    assert engine._previous_run(cfg(data=str(root), force=True), run_dir) is None

@@ -332,6 +332,10 @@ def test_to_network_input_is_contiguous_float32_time_first():
     assert x.shape == (2, 3, 2, 1, 4) and x.dtype == torch.float32 and x.is_contiguous()
     assert x[1, 2, 1, 0, 3].item() == -2.0 and x[0, 1, 0, 0, 0].item() == 1.0
     assert y.tolist() == [5, 6, 7]
+    # both go to the device asked for ("meta": a device without data, so not this CPU)
+    meta = torch.device("meta")
+    x, y = to_network_input(frames, torch.tensor([5, 6, 7]), meta)
+    assert (x.device, y.device, x.shape, x.dtype) == (meta, meta, (1, 3, 2, 1, 4), torch.float32)
 
 
 # ----------------------------------------------------------------------------- memory

@@ -53,7 +53,7 @@ def cfg(**kw) -> TrainConfig:
     (0, "0 s"), (42, "42 s"), (89.4, "89 s"), (89.99, "90 s"),          # below 90: whole seconds
     (90, "1.5 min"), (750, "12.5 min"), (5399, "90.0 min"),             # below 5400 (1.5 h): minutes
     (5400, "1.5 h"), (32_760, "9.1 h"), (172_799, "48.0 h"),            # below 2 days: hours
-    (172_800, "2.0 days"), (276_480, "3.2 days"),
+    (6300, "1.8 h"), (172_800, "2.0 days"), (237_600, "2.8 days"), (276_480, "3.2 days"),   # 1.75, 2.75: up
 ])
 def test_duration_text_at_each_unit_boundary(seconds, text):
     assert duration_text(seconds) == text
@@ -78,7 +78,7 @@ def test_forecast_after_five_timed_batches(caplog):
     want = ("projected time: about 60 s for 3 epochs of 10 batches (2.00 s per batch over batches 2-6; "
             "evaluation comes on top)")
     assert f.said == want
-    assert [r.getMessage() for r in caplog.records] == [want]
+    assert [(r.msg, r.args) for r in caplog.records] == [("%s", (want,))]      # never read as a format
     f(6)                                       # once only (the clock would raise: it has no more ticks)
     f(5)
     assert len(caplog.records) == 1
@@ -212,14 +212,16 @@ def test_autocast_only_with_an_amp_dtype():
         assert not torch.is_autocast_enabled("cpu")
     with engine._autocast(CPU, "bf16"):
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with engine._autocast(CPU, "fp16"):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.float16
     assert engine.AMP_TORCH_DTYPES == {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def test_progress_bar_only_when_enabled():
     items = [1, 2]
     assert engine._progress(items, False, "train", 2) is items
-    bar = engine._progress(items, True, "eval", 2)
-    assert (bar.desc, bar.total, bar.leave, bar.unit) == ("eval", 2, False, "batch") and list(bar) == [1, 2]
+    bar = engine._progress(items, True, "eval", 5)         # the total given, not the list's length
+    assert (bar.desc, bar.total, bar.leave, bar.unit) == ("eval", 5, False, "batch") and list(bar) == [1, 2]
     bar.close()
 
 
@@ -356,6 +358,11 @@ def test_resolve_run_writes_this_machines_choices(tmp_path, monkeypatch):
     c = run.config
     assert (c.data, c.T_max, c.amp_dtype, c.world_size, run.name) == ("https://example.org/s.zarr", None, None, 1, "mine")
     assert resolve_run(cfg(T_max=2), DistEnv(CPU)).config.T_max == 2
+    monkeypatch.setattr(engine, "check_backend", lambda backend: None)     # CuPy works "here"
+    run = resolve_run(cfg(amp=True, cupy=None), DistEnv(CUDA))   # AMP and backend for the device
+    assert (run.config.device, run.config.amp_dtype, run.backend) == ("cuda", "fp16", "cupy")
+    run = resolve_run(cfg(amp=True, cupy=None), DistEnv(CPU))
+    assert (run.config.device, run.config.amp_dtype, run.backend) == ("cpu", "bf16", "torch")
 
 
 def test_run_dir_fresh_and_resumed(tmp_path):

@@ -326,6 +326,36 @@ def test_loader_batches_pass_pin_memory_and_never_draw_from_the_global_rng():
     assert [y.tolist() for _, y in batches] == [[100 + i for i in perm[:2]], [100 + i for i in perm[2:]]]
 
 
+def test_loader_is_built_with_the_workers_and_a_private_generator(monkeypatch):
+    built = []
+
+    class Loader:
+        def __init__(self, dataset, **kw):
+            built.append((dataset, kw))
+
+        def __iter__(self):
+            return iter([])
+    monkeypatch.setattr(torch.utils.data, "DataLoader", Loader)
+    ds = Items(4)
+    for workers, persistent in ((0, False), (1, True), (2, True)):
+        b = Batches(torch.arange(4), 2, shuffle=False, drop_last=False, dataset=ds, workers=workers,
+                    pin_memory=bool(workers % 2), rank=1, world_size=2)
+        assert list(b) == [] and list(b) == [] and len(built) == 1          # built once, at the first epoch
+        dataset, kw = built.pop()
+        assert dataset is ds and sorted(kw) == ["batch_sampler", "generator", "num_workers", "persistent_workers",
+                                                 "pin_memory"]
+        assert (kw["num_workers"], kw["persistent_workers"], kw["pin_memory"]) == (workers, persistent, bool(workers % 2))
+        assert kw["generator"].initial_seed() == 0
+        assert kw["batch_sampler"].args == (4, 2, False, False, None, 1, 2)
+
+
+def test_preloaded_batches_go_to_the_frames_device():
+    meta = torch.device("meta")
+    b = Batches(torch.arange(5) + 100, 2, shuffle=False, drop_last=False, frames=torch.empty(5, 1, 2, 1, 1, device=meta))
+    got = [(f.device, f.shape[0], y.device) for f, y in b]
+    assert got == [(meta, 2, meta), (meta, 2, meta), (meta, 1, meta)]
+
+
 def test_to_network_input_is_contiguous_float32_time_first():
     frames = _frames(3).expand(3, 1, 2, 1, 4).clone()
     x, y = to_network_input(frames.repeat(1, 2, 1, 1, 1), torch.tensor([5, 6, 7]), CPU)
@@ -449,6 +479,7 @@ def test_choose_feed_preloads_or_streams_and_says_so(store, monkeypatch, caplog)
     caplog.clear()
     feed = choose_feed(str(store), (sp,), "none", CPU, workers=2)
     assert (feed.where, feed.workers, feed.pin_memory) == (None, 2, False) and caplog.records == []
+    assert asked[1] == (("none", 163840, CPU), {"cpu_copies": 1, "what": str(store)})     # one copy by default
     feed = choose_feed(str(store), (sp,), "none", CPU, workers=3)
     assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
         ("WARNING", "-j 3: more DataLoader workers than the 2 CPUs this process may use, which usually slows loading")]

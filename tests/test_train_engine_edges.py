@@ -499,3 +499,24 @@ def test_previous_run_of_a_fresh_run_checks_the_output_then_the_data_then_the_fo
     assert str(e.value) == (f"{run_dir} already holds a run; continue it with --resume {run_dir / LATEST}, start "
                             f"over with --force, or pick --run-name")
     assert engine._previous_run(cfg(data=str(root), force=True), run_dir) is None
+
+
+def test_claim_locks_the_run_folder_for_the_training_run(tmp_path):
+    from dvsprep.atomic import output_lock
+    from dvsprep.errors import OutputLockedError
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with output_lock(run_dir, "another run"):
+        with pytest.raises(OutputLockedError) as e:
+            _claim(run_dir, cfg(), None)
+    assert str(e.value) == (f"{run_dir}: training run is being written by another process (pid {os.getpid()}); "
+                            f"wait for it to finish")
+    import contextlib
+    with contextlib.ExitStack() as held:
+        _claim_run_folder(held, run_dir, cfg(), None)
+        with pytest.raises(OutputLockedError):                  # held until the stack closes
+            with output_lock(run_dir, "another run"):
+                pass
+    with output_lock(run_dir, "another run"):
+        pass

@@ -520,3 +520,113 @@ def test_claim_locks_the_run_folder_for_the_training_run(tmp_path):
                 pass
     with output_lock(run_dir, "another run"):
         pass
+
+
+# ----------------------------------------------------------------------------- train_one_epoch's wiring
+
+OUT = torch.tensor([[0.5, 0.25, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.75],
+                    [0.0, 0.0, 0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                    [0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.125]])
+
+
+class Probe(nn.Module):
+    """Fixed outputs OUT[:B] (+ a zero bias, lr 0); records the input and whether autocast is on."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(11))
+        self.seen, self.autocast = [], []
+
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        self.autocast.append(torch.is_autocast_enabled("cpu"))
+        return OUT[:x.shape[1]] + self.bias
+
+
+def _image_batches():
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randint(0, 3, (3, 2, 2, 4, 4), generator=g, dtype=torch.uint8), torch.tensor([10, 3, 4])),
+            (torch.randint(0, 3, (2, 2, 2, 4, 4), generator=g, dtype=torch.uint8), torch.tensor([3, 1]))]
+
+
+@pytest.mark.parametrize("seed,epoch,rank", [(0, 0, 0), (3, 2, 1)])
+def test_train_one_epoch_augments_each_batch_from_its_own_generator(seed, epoch, rank, monkeypatch):
+    """Each step's batch and targets are augment_batch's from augment_generator(seed, epoch,
+    rank, step); loss and accuracy are against those targets (accuracy: the target's argmax)."""
+    from dvsg_train.augment import augment_batch, augment_generator
+    from dvsg_train.augment_spec import parse_augment
+    from dvsg_train.data import to_network_input
+
+    spec = parse_augment("mirror,mixup=0.5")
+    envs = []
+    monkeypatch.setattr(engine.distributed, "all_reduce_sum", lambda env, totals: envs.append(env) or totals)
+    dist_env = DistEnv(CPU, rank=rank, world_size=2) if rank else None
+    model = Probe()
+    kw = {} if (seed, epoch) == (0, 0) else {"seed": seed, "epoch": epoch}      # the defaults are 0, 0
+    r = train_one_epoch(model, _image_batches(), torch.optim.SGD(model.parameters(), lr=0.0), CPU,
+                        augment=spec, dist_env=dist_env, **kw)
+    loss_sum, correct, n = 0.0, 0, 0
+    for step, (frames, labels) in enumerate(_image_batches()):
+        x, y = to_network_input(frames, labels, CPU)
+        x, target = augment_batch(spec, x, y, augment_generator(seed, epoch, rank, step, CPU))
+        assert torch.equal(model.seen[step], x)
+        out = OUT[:len(y)]
+        loss_sum += torch.nn.functional.mse_loss(out, target).double().item() * len(y)
+        correct += int((out.argmax(1) == target.argmax(1)).sum())
+        n += len(y)
+    assert len(model.seen) == 2 and r["samples"] == n == 5
+    assert r["loss"] == loss_sum / 5 and r["acc"] == correct / 5
+    assert envs == ([dist_env] if rank else [])
+    # not augmenting: the samples as they are
+    model = Probe()
+    r = train_one_epoch(model, _image_batches(), torch.optim.SGD(model.parameters(), lr=0.0), CPU, augment=None)
+    assert torch.equal(model.seen[0], to_network_input(*_image_batches()[0], CPU)[0])
+    assert r["acc"] == 2 / 5                                 # OUT's argmax 10, 3, 1 against 10, 3, 4; 10, 3 against 3, 1
+
+
+def test_train_one_epoch_sums_in_float64_and_times_itself(monkeypatch):
+    """Loss and output sums are float64: a float32 sum would lose the 2^-30 beside 1.0."""
+    tiny = 2.0 ** -30
+    out = torch.zeros(3, 11)
+    out[0, 0], out[1, 0], out[2, 2] = 1.0, tiny, 1.0 + 2.0 ** -20
+    ticks = iter([10.0, 12.5])
+    monkeypatch.setattr(engine, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: next(ticks))}))
+
+    class Fixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bias = nn.Parameter(torch.zeros(11))
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return (out[:2] if self.calls == 1 else out[2:]) + self.bias
+
+    batches = [(torch.zeros(2, 1, 2, 1, 1, dtype=torch.uint8), torch.tensor([0, 0])),
+               (torch.zeros(1, 1, 2, 1, 1, dtype=torch.uint8), torch.tensor([2]))]
+    model = Fixed()
+    r = train_one_epoch(model, batches, torch.optim.SGD(model.parameters(), lr=0.0), CPU)
+    l1 = float(torch.nn.functional.mse_loss(out[:2], torch.nn.functional.one_hot(torch.tensor([0, 0]), 11).float()))
+    l2 = float(torch.nn.functional.mse_loss(out[2:], torch.nn.functional.one_hot(torch.tensor([2]), 11).float()))
+    assert l2 == np.float32(2.0 ** -40) / np.float32(11)       # (2^-20)^2 / 11 in float32
+    assert r["loss"] == (l1 * 2 + l2) / 3                      # float64 sums of float32 batch means
+    assert r["output_rate"] == (1.0 + tiny + 1.0 + 2.0 ** -20) / 33
+    assert (r["seconds"], r["samples_per_s"]) == (2.5, 3 / 2.5)
+
+
+def test_train_one_epoch_progress_bar_only_when_asked(capfd):
+    model = Table()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    train_one_epoch(model, _batches(), opt, CPU)
+    assert capfd.readouterr().err == ""
+    train_one_epoch(model, _batches(), opt, CPU, progress=True)
+    err = capfd.readouterr().err
+    assert err.startswith("\rtrain:   0%|          | 0/2 [00:00<?, ?batch/s]")     # then cleared (leave=False)
+
+
+def test_train_one_epoch_autocasts_forward_with_the_amp_dtype():
+    model = Probe()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    train_one_epoch(model, _image_batches(), opt, CPU)
+    train_one_epoch(model, _image_batches(), opt, CPU, amp_dtype="bf16")
+    assert model.autocast == [False, False, True, True]

@@ -444,6 +444,9 @@ def test_resolve_preload_auto_takes_half_of_the_free_memory_gpu_first(monkeypatc
     assert resolve_preload("auto", 15 * MiB + 1, CPU, cpu_copies=2) is None
     _free(monkeypatch, cpu=60 * MiB, cuda=0)
     assert resolve_preload("auto", 1, CUDA) == CPU
+    # a device that is neither (--device mps, say) is never preloaded onto by auto: CPU memory only
+    _free(monkeypatch, cpu=60 * MiB, meta=60 * MiB)
+    assert resolve_preload("auto", 1, torch.device("meta")) == CPU
 
 
 def test_available_bytes_of_each_source(monkeypatch):

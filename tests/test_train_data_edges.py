@@ -521,6 +521,10 @@ def test_feed_batches_preloaded_read_each_split_once(store, monkeypatch):
     full = feed.batches(sp, 2, generator=gen)                 # not train: no generator, in order
     assert full.generator is None and full.labels.tolist() == [4, 0, 1, 2, 3]
     assert torch.equal(full.frames, torch.from_numpy(everything)) and reads == ["train"]
+    assert (train.batch_size, full.batch_size) == (2, 2)
+    meta = torch.device("meta")                               # held on the feed's device
+    on = Feed(str(store), meta).batches(sp, 3, np.array([1, 2]))
+    assert on.frames.device == meta and on.frames.shape == (2, 1, 2, 128, 128) and on.batch_size == 3
 
 
 def test_feed_batches_streamed_through_a_dataset(store):
@@ -529,7 +533,7 @@ def test_feed_batches_streamed_through_a_dataset(store):
     b = feed.batches(sp, 2, np.array([3, 0]), train=True, generator=torch.Generator().manual_seed(0))
     assert b.frames is None and b.dataset.path == str(store) and b.dataset.split == "train"
     assert b.dataset.indices.tolist() == [3, 0] and b.labels.tolist() == [2, 4]
-    assert (b.workers, b.pin_memory, b.shuffle, b.drop_last) == (0, False, True, True)
+    assert (b.workers, b.pin_memory, b.shuffle, b.drop_last, b.batch_size) == (0, False, True, True, 2)
     b = Feed(str(store), None, workers=2, pin_memory=True).batches(sp, 2)
     assert (b.workers, b.pin_memory, b.generator) == (2, True, None) and len(b.dataset) == 5
 

@@ -552,6 +552,7 @@ def test_frame_dataset_items_and_pickling(store):
     assert copy._sp is None and ds._sp is not None            # the copy opens its own
     x, y = copy[0]
     assert y == 4 and torch.equal(x, torch.from_numpy(everything[0]))
+    assert FrameDataset(store, "test", np.array([2, 0], dtype=np.uint8)).indices.dtype == np.int64
     sub = FrameDataset(str(store), "test", [2, 0])
     assert sub.indices.dtype == np.int64 and len(sub) == 2 and sub.labels.tolist() == [2, 1]
     test = open_frame_store(store).split("test").load_all()
@@ -619,3 +620,24 @@ def test_load_run_data_at_the_batch_boundaries(store, store13, monkeypatch):
     assert (data.train.rank, data.val.rank, data.test.rank) == (1, 1, 1)
     assert (data.train.world_size, data.val.world_size, data.test.world_size) == (2, 2, 2)
     assert (len(data.train), len(data.val), len(data.test)) == (1, 1, 0)   # 11 // 6; val 2: one each; test 1: rank 0
+
+
+def test_load_run_data_defaults_and_what_it_hands_on(store13, monkeypatch):
+    from dvsprep.errors import StoreError
+
+    fed = []
+    real = data_mod.choose_feed
+    monkeypatch.setattr(data_mod, "choose_feed", lambda path, splits, preload, device, **kw:
+                        fed.append((preload, kw)) or real(path, splits, preload, device, **kw))
+    data = load_run_data(store13, T=1, batch_size=5, device=CPU, val_fraction=0.5)
+    assert fed == [("auto", {"workers": 0, "cpu_copies": 1})]
+    tr, va = split_train_val(open_frame_store(store13).split("train").labels, 0.5, 0)     # seed 0 by default
+    assert data.val.labels.tolist() == open_frame_store(store13).split("train").labels[va].tolist()
+    load_run_data(store13, T=1, batch_size=5, device=CPU, preload="none", workers=3, local_world_size=2)
+    assert fed[-1] == ("none", {"workers": 3, "cpu_copies": 2})
+    fingerprint = open_frame_store(store13).fingerprint
+    assert load_run_data(store13, T=1, batch_size=5, device=CPU, expected_fingerprint=fingerprint[:12]).fingerprint \
+        == fingerprint
+    other = ("0" if fingerprint[0] != "0" else "1") + fingerprint[1:12]
+    with pytest.raises(StoreError):
+        load_run_data(store13, T=1, batch_size=5, device=CPU, expected_fingerprint=other)

@@ -629,10 +629,13 @@ def test_load_run_data_defaults_and_what_it_hands_on(store13, monkeypatch):
     real = data_mod.choose_feed
     monkeypatch.setattr(data_mod, "choose_feed", lambda path, splits, preload, device, **kw:
                         fed.append((preload, kw)) or real(path, splits, preload, device, **kw))
+    seeds = []
+    monkeypatch.setattr(data_mod, "split_train_val", lambda labels, fraction, seed: seeds.append((fraction, seed))
+                        or split_train_val(labels, fraction, seed))
     data = load_run_data(store13, T=1, batch_size=5, device=CPU, val_fraction=0.5)
-    assert fed == [("auto", {"workers": 0, "cpu_copies": 1})]
+    assert fed == [("auto", {"workers": 0, "cpu_copies": 1})] and seeds == [(0.5, 0)]
     tr, va = split_train_val(open_frame_store(store13).split("train").labels, 0.5, 0)     # seed 0 by default
-    assert data.val.labels.tolist() == open_frame_store(store13).split("train").labels[va].tolist()
+    assert torch.equal(data.val.frames, torch.from_numpy(open_frame_store(store13).split("train").load_all()[va]))
     load_run_data(store13, T=1, batch_size=5, device=CPU, preload="none", workers=3, local_world_size=2)
     assert fed[-1] == ("none", {"workers": 3, "cpu_copies": 2})
     fingerprint = open_frame_store(store13).fingerprint

@@ -427,7 +427,9 @@ def test_claim_a_resumed_run_folder(tmp_path, caplog):
     ck.write_bytes(b"")
     run_id = "c" * 32
     ckpt = {"run": {"id": run_id, "dir": str(run_dir)}}
+    caplog.set_level(logging.INFO, logger="dvsg_train.engine")
     assert _claim(run_dir, cfg(resume=str(ck)), ckpt) == run_id              # no config.json: its own file
+    assert caplog.records == []                                              # not moved: nothing said
     (run_dir / "config.json").write_text(json.dumps({"run_id": run_id}))
     assert _claim(run_dir, cfg(resume=str(ck)), ckpt) == run_id
     (run_dir / "config.json").write_text(json.dumps({"run_id": "d" * 40}))
@@ -448,7 +450,6 @@ def test_claim_a_resumed_run_folder(tmp_path, caplog):
     assert str(e.value) == (f"{run_dir} holds another run's {LATEST}; a resumed run never writes into another "
                             f"run's folder")
     ck.unlink()
-    caplog.set_level(logging.INFO, logger="dvsg_train.engine")
     moved = {"run": {"id": run_id, "dir": "/old/place"}}
     assert _claim(run_dir, cfg(resume=str(elsewhere)), moved) == run_id
     assert [r.getMessage() for r in caplog.records] == [f"run folder {run_dir} was moved here from /old/place"]

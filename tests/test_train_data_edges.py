@@ -598,9 +598,13 @@ def test_load_run_data_refusals_exact(store, store13, tmp_path):
 
 
 def test_load_run_data_at_the_batch_boundaries(store, store13, monkeypatch):
-    data = load_run_data(store.parent, T=1, batch_size=5, device=CPU, preload="cpu",
-                         generator=torch.Generator().manual_seed(0))
+    gen0 = torch.Generator().manual_seed(0)
+    data = load_run_data(store.parent, T=1, batch_size=5, device=CPU, preload="cpu", generator=gen0)
     assert data.train.n_samples == 5 and len(data.train) == 1 and data.val is None
+    assert data.train.generator is gen0 and (data.train.rank, data.train.world_size) == (0, 1)
+    shared = load_run_data(store, T=1, batch_size=2, device=CPU, preload="cpu", generator=gen0, rank=1, world_size=2)
+    assert shared.val is None and shared.train.generator is gen0
+    assert (shared.train.rank, shared.train.world_size, shared.test.rank, shared.test.world_size) == (1, 2, 1, 2)
     assert data.train.shuffle and data.train.drop_last and not data.test.shuffle
     assert data.test.n_samples == 3 and len(data.test) == 1 and data.store_T == 1
     assert data.preload_device == CPU and data.fingerprint == open_frame_store(store).fingerprint

@@ -3,11 +3,12 @@ checks survived: declared sizes exactly at one sample and one byte either side, 
 from __future__ import annotations
 
 import gzip
+import os
 
 import numpy as np
 import pytest
 
-from dvsprep.errors import IntegrityError
+from dvsprep.errors import IntegrityError, StoreError
 from dvsprep.frames.store import open_frame_store, write_frame_store_from_arrays
 from dvsprep.verify import verify_path
 from hostile_fixtures import resign
@@ -100,3 +101,140 @@ def test_a_gzip_trailer_that_lies_about_the_size_is_caught_by_gzip(tmp_path):
     resign(store)
     with pytest.raises(IntegrityError, match=r"\(train/frames/c/1/0/0/0/0: cannot decode sample 9: .*length"):
         open_frame_store(store)
+
+
+# ----------------------------------------------------------------------------- shard indexes
+# Shard 1 of train holds samples 8 and 9 (slots 0, 1); slots 2..7 lie beyond the split's 10
+# samples. Each case rewrites that shard's index (its chunks kept) and says what verification
+# reports (`check_shard`, the shard's bytes in memory) and what reading a sample from a store
+# opened before the change raises (`_ShardReader.read`, which names the shard's file in full).
+
+SHARD1 = "train/frames/c/1/0/0/0/0"
+INDEX = 16 * 8 + 4   # 8 slots of (offset, nbytes) and a crc32c
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    store = tmp_path_factory.mktemp("pristine") / "s.zarr"
+    splits = _store(store, None)   # the default codec (blosc)
+    return store, splits
+
+
+def _copy(pristine, tmp_path):
+    import shutil
+
+    store = tmp_path / "s.zarr"
+    shutil.copytree(pristine[0], store)
+    return store
+
+
+def _index(shard_path):
+    data = shard_path.read_bytes()
+    return [tuple(r) for r in np.frombuffer(data[-INDEX:-4], "<u8").reshape(8, 2).tolist()]
+
+
+def _with_index(data: bytes, rows) -> bytes:
+    """`data` (a shard's bytes) with its index replaced by `rows` and a right crc32c."""
+    import google_crc32c
+
+    raw = np.array(rows, "<u8").tobytes()
+    return data[:-INDEX] + raw + google_crc32c.value(raw).to_bytes(4, "little")
+
+
+def _problems(store):
+    return [(p.kind, p.name, p.detail) for p in verify_path(store, decode=True).problems]
+
+
+A = (NO_CHUNK, NO_CHUNK)
+
+
+@pytest.mark.parametrize("change, verified, read", [
+    # slot 1 (sample 9, the split's last) absent: not zeros, an error naming the sample
+    (lambda r, end: [r[0], A, *r[2:]], "sample 9 is absent from its shard", (9, "sample 9 is absent from its shard")),
+    # the offset alone marks a slot absent (zarr writes both as 2^64-1)
+    (lambda r, end: [r[0], (NO_CHUNK, 0), *r[2:]], "sample 9 is absent from its shard",
+     (9, "sample 9 is absent from its shard")),
+    # slot 2 (sample 10, beyond the split) holds a chunk: refused, though every sample reads
+    (lambda r, end: [r[0], r[1], r[1], *r[3:]], "holds chunks beyond the split's 10 samples", (9, None)),
+    # ... an absent offset beyond the split is no chunk, whatever its nbytes
+    (lambda r, end: [r[0], r[1], (NO_CHUNK, 0), *r[3:]], None, (9, None)),
+    # sample 9's chunk ends exactly where the index begins (as written) / one byte past it
+    (lambda r, end: [r[0], (r[1][0], end - r[1][0]), *r[2:]], None, (9, None)),
+    (lambda r, end: [r[0], (r[1][0], end - r[1][0] + 1), *r[2:]], "shard index points past the end of the shard",
+     (8, "shard index points past the end of the shard")),
+    (lambda r, end: [r[0], (r[1][0] + 1, r[1][1]), *r[2:]], "shard index points past the end of the shard",
+     (8, "shard index points past the end of the shard")),
+    # a chunk past the end of what the split holds never hides behind an absent neighbour
+    (lambda r, end: [r[0], r[1], A, A, A, A, A, (end - 1, 2)], "shard index points past the end of the shard",
+     (8, "shard index points past the end of the shard")),
+])
+def test_shard_index_edges(pristine, tmp_path, change, verified, read):
+    store = _copy(pristine, tmp_path)
+    split = open_frame_store(store).split("train")   # verified as written; nothing read yet
+    shard = store / SHARD1
+    data = shard.read_bytes()
+    rows = _index(shard)
+    assert rows[2:] == [A] * 6 and rows[1][0] + rows[1][1] == len(data) - INDEX   # as dvsprep writes it
+    shard.write_bytes(_with_index(data, change(rows, len(data) - INDEX)))
+    resign(store)
+    assert _problems(store) == ([] if verified is None else [("invalid", SHARD1, f"{SHARD1}: {verified}")])
+    i, message = read
+    if message is None:
+        np.testing.assert_array_equal(split[i], pristine[1]["train"]["frames"][i])
+    else:
+        with pytest.raises(StoreError) as e:
+            split[i]
+        assert str(e.value) == f"{store}/{SHARD1}: {message}"
+
+
+def _bad_crc(data):
+    return data[:-4] + bytes([data[-4] ^ 1]) + data[-3:]
+
+
+@pytest.mark.parametrize("make, message", [
+    # nothing but an index, every slot absent: it is read (the shard is exactly its size) ...
+    (lambda d: _with_index(bytes(INDEX), [A] * 8), "sample 8 is absent from its shard"),
+    # ... one byte less cannot hold one
+    (lambda d: _with_index(bytes(INDEX), [A] * 8)[1:], "corrupt shard index"),
+    (lambda d: b"", "corrupt shard index"),
+    (_bad_crc, "corrupt shard index"),
+])
+def test_a_shard_too_small_for_its_index_or_with_a_bad_crc(pristine, tmp_path, make, message):
+    store = _copy(pristine, tmp_path)
+    split = open_frame_store(store).split("train")
+    shard = store / SHARD1
+    shard.write_bytes(make(shard.read_bytes()))
+    resign(store)
+    assert _problems(store) == [("invalid", SHARD1, f"{SHARD1}: {message}")]
+    with pytest.raises(StoreError) as e:
+        split[8]
+    assert str(e.value) == f"{store}/{SHARD1}: {message}"
+
+
+def test_a_shard_cut_short_after_its_index_was_read(pristine, tmp_path):
+    store = _copy(pristine, tmp_path)
+    split = open_frame_store(store).split("train")
+    np.testing.assert_array_equal(split[8], pristine[1]["train"]["frames"][8])   # the index is read, kept
+    shard = store / SHARD1
+    start = _index(shard)[1][0]
+    os.truncate(shard, start + 1)   # sample 9's chunk is now one byte long
+    with pytest.raises(StoreError) as e:
+        split[9]
+    assert str(e.value) == f"{store}/{SHARD1}: truncated shard"
+
+
+def test_a_packed_store_names_the_zip_and_its_member(pristine, tmp_path):
+    from dvsprep.frames.pack import pack_store
+
+    z = tmp_path / "s.zip"
+    pack_store(pristine[0], z)
+    split = open_frame_store(z).split("train")
+    data = (pristine[0] / SHARD1).read_bytes()
+    packed = z.read_bytes()
+    at = packed.index(data)   # members are stored uncompressed
+    assert packed.count(data) == 1
+    z.write_bytes(packed[:at] + _with_index(data, [_index(pristine[0] / SHARD1)[0]] + [A] * 7) + packed[at + len(data):])
+    np.testing.assert_array_equal(split[8], pristine[1]["train"]["frames"][8])
+    with pytest.raises(StoreError) as e:
+        split[9]
+    assert str(e.value) == f"{z}: {SHARD1}: sample 9 is absent from its shard"

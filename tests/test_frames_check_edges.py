@@ -238,3 +238,78 @@ def test_a_packed_store_names_the_zip_and_its_member(pristine, tmp_path):
     with pytest.raises(StoreError) as e:
         split[9]
     assert str(e.value) == f"{z}: {SHARD1}: sample 9 is absent from its shard"
+
+
+# ----------------------------------------------------------------------------- files, codecs
+
+def test_verify_files_hashes_every_file_against_the_manifest_and_decodes_nothing(pristine, tmp_path):
+    from dvsprep.frames import verify_files
+    from dvsprep.frames.check import check_layout
+    from dvsprep.frames.files import open_store_files
+    from dvsprep.integrity import Problem
+
+    store = _copy(pristine, tmp_path)
+    chunks = _chunks(store / SHARD1)
+    chunks[1] = b"not a blosc frame"   # re-signed: only decoding would tell
+    _write_shard(store / SHARD1, chunks)
+    resign(store)
+    manifest = check_layout(open_store_files(store)).manifest
+    flip_at = store / "test/frames/c/0/0/0/0/0"
+    data = bytearray(flip_at.read_bytes())
+    data[0] ^= 1
+    flip_at.write_bytes(bytes(data))
+    (store / "stray").write_bytes(b"x")
+    report = verify_files(open_store_files(store), manifest, "as named")
+    assert (report.path, report.kind, report.checked) == ("as named", "frames", len(manifest["files"]))
+    assert report.problems == [Problem("corrupt", "test/frames/c/0/0/0/0/0", "sha256 differs from the manifest"),
+                               Problem("extra", "stray", "not in the manifest")]
+
+
+def test_every_shard_after_an_empty_split_is_decoded_from_the_bytes_hashed(tmp_path, monkeypatch):
+    from dvsprep.frames import check as frames_check
+
+    store = tmp_path / "s.zarr"
+    write_frame_store_from_arrays(store, T=T, split_by="number", events_fingerprint="cd" * 32,
+                                  splits={"train": {k: v[:0] for k, v in split_arrays(1, 1).items()},
+                                          "test": split_arrays(3, 2)})
+    monkeypatch.setattr(frames_check._ShardReader, "read", lambda *a: pytest.fail("a shard read a second time"))
+    decoded = []
+    real = frames_check._ShardReader.check_shard
+    monkeypatch.setattr(frames_check._ShardReader, "check_shard",
+                        lambda self, s, data, n: decoded.append((self.split, s, n)) or real(self, s, data, n))
+    assert _problems(store) == []
+    assert decoded == [("test", 0, 3)]
+
+
+def _blosc_header(nbytes, cbytes, flags=0x36):
+    return bytes([2, 1, flags, 1]) + nbytes.to_bytes(4, "little") + (1 << 16).to_bytes(4, "little") + \
+        cbytes.to_bytes(4, "little")
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda c: c, None),                                                 # as written
+    (lambda c: c + b"\0", "sample 9 has the wrong decoded size"),       # its header's cbytes is not its length
+    (lambda c: c[:4] + (SAMPLE - 1).to_bytes(4, "little") + c[8:], "sample 9 has the wrong decoded size"),
+    (lambda c: c[:4] + (SAMPLE + 1).to_bytes(4, "little") + c[8:], "sample 9 has the wrong decoded size"),
+    (lambda c: c[:15], "sample 9 has the wrong decoded size"),          # shorter than a blosc header
+    # exactly a header that declares one sample and its own length: blosc itself refuses it
+    (lambda c: _blosc_header(SAMPLE, 16), "cannot decode sample 9: error during blosc decompression: -1"),
+    (lambda c: _blosc_header(SAMPLE, 17) + b"\0", "cannot decode sample 9: error during blosc decompression: -1"),
+])
+def test_a_blosc_sample_declares_one_sample_in_a_frame_of_its_own_length(pristine, tmp_path, make, message):
+    store = _copy(pristine, tmp_path)
+    split = open_frame_store(store).split("train")
+    chunks = _chunks(store / SHARD1)
+    assert int.from_bytes(chunks[1][12:16], "little") == len(chunks[1])
+    assert int.from_bytes(chunks[1][4:8], "little") == SAMPLE
+    chunks[1] = make(chunks[1])
+    _write_shard(store / SHARD1, chunks)
+    resign(store)
+    if message is None:
+        assert _problems(store) == []
+        np.testing.assert_array_equal(split[9], pristine[1]["train"]["frames"][9])
+        return
+    assert _problems(store) == [("invalid", SHARD1, f"{SHARD1}: {message}")]
+    with pytest.raises(StoreError) as e:
+        split[9]
+    assert str(e.value) == f"{store}/{SHARD1}: {message}"

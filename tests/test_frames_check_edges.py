@@ -313,3 +313,50 @@ def test_a_blosc_sample_declares_one_sample_in_a_frame_of_its_own_length(pristin
     with pytest.raises(StoreError) as e:
         split[9]
     assert str(e.value) == f"{store}/{SHARD1}: {message}"
+
+
+@pytest.fixture(scope="module")
+def pristine_zstd(tmp_path_factory):
+    store = tmp_path_factory.mktemp("pristine_zstd") / "s.zarr"
+    return store, _store(store, {"name": "zstd", "level": 1})
+
+
+def _zstd(payload: int) -> bytes:
+    import numcodecs
+
+    return numcodecs.Zstd(level=1).encode((np.arange(payload, dtype=np.uint8) * 7 + 1).tobytes())
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda c: _zstd(SAMPLE), None),                                   # another sample, one sample's size
+    (lambda c: _zstd(SAMPLE - 1), "sample 9 has the wrong decoded size"),
+    (lambda c: _zstd(SAMPLE + 1), "sample 9 has the wrong decoded size"),
+    (lambda c: c[:5], "sample 9 has the wrong decoded size"),          # too short to declare a size
+    (lambda c: _zstd(SAMPLE)[:-1], "cannot decode sample 9: Zstd decompression error: invalid input data"),
+])
+def test_a_zstd_sample_declares_one_sample_and_decodes_to_it(pristine_zstd, tmp_path, make, message):
+    store = _copy(pristine_zstd, tmp_path)
+    split = open_frame_store(store).split("train")
+    chunks = _chunks(store / SHARD1)
+    chunks[1] = make(chunks[1])
+    _write_shard(store / SHARD1, chunks)
+    resign(store)
+    if message is None:
+        assert _problems(store) == []
+        np.testing.assert_array_equal(split[9].reshape(-1), np.arange(SAMPLE, dtype=np.uint8) * 7 + 1)
+        np.testing.assert_array_equal(split[8], pristine_zstd[1]["train"]["frames"][8])
+        return
+    assert _problems(store) == [("invalid", SHARD1, f"{SHARD1}: {message}")]
+    with pytest.raises(StoreError) as e:
+        split[9]
+    assert str(e.value) == f"{store}/{SHARD1}: {message}"
+
+
+def test_a_shard_removed_after_opening_is_an_error_naming_it(pristine, tmp_path):
+    store = _copy(pristine, tmp_path)
+    split = open_frame_store(store).split("train")
+    (store / SHARD1).unlink()
+    np.testing.assert_array_equal(split[7], pristine[1]["train"]["frames"][7])   # shard 0 is still there
+    with pytest.raises(StoreError) as e:
+        split[9]
+    assert str(e.value) == f"{store}/{SHARD1}: shard missing (the store declares its samples)"

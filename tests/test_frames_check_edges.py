@@ -360,3 +360,47 @@ def test_a_shard_removed_after_opening_is_an_error_naming_it(pristine, tmp_path)
     with pytest.raises(StoreError) as e:
         split[9]
     assert str(e.value) == f"{store}/{SHARD1}: shard missing (the store declares its samples)"
+
+
+def test_full_report_decodes_each_shard_from_the_bytes_it_hashed_once(pristine, tmp_path, monkeypatch):
+    from dvsprep.frames import check as frames_check
+    from dvsprep.frames.files import open_store_files
+    from dvsprep.integrity import Problem
+
+    monkeypatch.setenv("DVSPREP_CACHE", str(tmp_path / "cache"))   # nothing decoded before
+    store = _copy(pristine, tmp_path)
+    chunks = _chunks(store / SHARD1)
+    chunks[1] = b"not a blosc frame"   # re-signed: only decoding tells
+    _write_shard(store / SHARD1, chunks)
+    resign(store)
+    files = open_store_files(store)
+    layout = frames_check.check_layout(files)
+    label = store / "test/label/c/0"   # changed after signing: not decoded, its split's metadata neither
+    label.write_bytes(label.read_bytes()[:-1] + bytes([label.read_bytes()[-1] ^ 1]))
+    monkeypatch.setattr(frames_check._ShardReader, "read", lambda *a: pytest.fail("a shard read a second time"))
+    report = frames_check.full_report(files, layout, "the source")
+    assert (report.path, report.kind, report.notes) == ("the source", "frames", [])
+    assert report.problems == [Problem("corrupt", "test/label/c/0", "sha256 differs from the manifest"),
+                               Problem("invalid", SHARD1, f"{SHARD1}: sample 9 has the wrong decoded size")]
+
+
+def test_full_report_decodes_content_once_per_machine_unless_asked(pristine, tmp_path, monkeypatch):
+    from dvsprep.frames import check as frames_check
+    from dvsprep.frames.files import open_store_files
+
+    monkeypatch.setenv("DVSPREP_CACHE", str(tmp_path / "cache"))
+    files = open_store_files(pristine[0])
+    layout = frames_check.check_layout(files)
+    decoded = []
+    real = frames_check._ShardReader.check_shard
+    monkeypatch.setattr(frames_check._ShardReader, "check_shard",
+                        lambda self, s, data, n: decoded.append((self.split, s)) or real(self, s, data, n))
+    first = frames_check.full_report(files, layout, "src")
+    assert (first.problems, first.notes, sorted(decoded)) == ([], [], [("test", 0), ("train", 0), ("train", 1)])
+    decoded.clear()
+    again = frames_check.full_report(files, layout, "src")
+    assert (again.problems, decoded) == ([], [])
+    assert again.notes == ["samples not decoded: this content (same fingerprint) was decoded on this machine before, "
+                           "and every file hashes as its manifest says (--decode decodes them again)"]
+    forced = frames_check.full_report(files, layout, "src", decode=True)
+    assert (forced.problems, forced.notes, sorted(decoded)) == ([], [], [("test", 0), ("train", 0), ("train", 1)])

@@ -281,8 +281,8 @@ def test_every_shard_after_an_empty_split_is_decoded_from_the_bytes_hashed(tmp_p
     assert decoded == [("test", 0, 3)]
 
 
-def _blosc_header(nbytes, cbytes, flags=0x36):
-    return bytes([2, 1, flags, 1]) + nbytes.to_bytes(4, "little") + (1 << 16).to_bytes(4, "little") + \
+def _blosc_header(nbytes, cbytes, blocksize=1 << 16):
+    return bytes([2, 1, 0x36, 1]) + nbytes.to_bytes(4, "little") + blocksize.to_bytes(4, "little") + \
         cbytes.to_bytes(4, "little")
 
 
@@ -295,6 +295,9 @@ def _blosc_header(nbytes, cbytes, flags=0x36):
     # exactly a header that declares one sample and its own length: blosc itself refuses it
     (lambda c: _blosc_header(SAMPLE, 16), "cannot decode sample 9: error during blosc decompression: -1"),
     (lambda c: _blosc_header(SAMPLE, 17) + b"\0", "cannot decode sample 9: error during blosc decompression: -1"),
+    # the declared size is bytes 4..8 only (the blocksize follows)
+    (lambda c: _blosc_header(SAMPLE, 16, blocksize=(1 << 16) + 1),
+     "cannot decode sample 9: error during blosc decompression: -1"),
 ])
 def test_a_blosc_sample_declares_one_sample_in_a_frame_of_its_own_length(pristine, tmp_path, make, message):
     store = _copy(pristine, tmp_path)
@@ -404,3 +407,21 @@ def test_full_report_decodes_content_once_per_machine_unless_asked(pristine, tmp
                            "and every file hashes as its manifest says (--decode decodes them again)"]
     forced = frames_check.full_report(files, layout, "src", decode=True)
     assert (forced.problems, forced.notes, sorted(decoded)) == ([], [], [("test", 0), ("train", 0), ("train", 1)])
+
+
+def test_closing_a_reader_closes_every_shard_it_opened(pristine):
+    from dvsprep.frames import check as frames_check
+    from dvsprep.frames.files import open_store_files
+
+    files = open_store_files(pristine[0])
+    meta = frames_check.check_layout(files).metas["train"]["frames"]
+    reader = frames_check._ShardReader(files, "train", meta, frames_check._fast_codec(meta))
+    for i in (9, 0, 8):
+        np.testing.assert_array_equal(reader.read(i), pristine[1]["train"]["frames"][i])
+    fds = [fd for fd, _, _ in reader._fds.values()]
+    assert len(set(fds)) == 2   # one per shard, kept open between reads
+    reader.close()
+    assert reader._fds == {}
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)

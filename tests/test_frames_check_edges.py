@@ -401,7 +401,9 @@ def test_full_report_decodes_content_once_per_machine_unless_asked(pristine, tmp
     first = frames_check.full_report(files, layout, "src")
     assert (first.problems, first.notes, sorted(decoded)) == ([], [], [("test", 0), ("train", 0), ("train", 1)])
     decoded.clear()
-    again = frames_check.full_report(files, layout, "src")
+    with monkeypatch.context() as m:
+        m.setattr(frames_check._ShardReader, "read", lambda *a: pytest.fail("decoded, though decoded before"))
+        again = frames_check.full_report(files, layout, "src")
     assert (again.problems, decoded) == ([], [])
     assert again.notes == ["samples not decoded: this content (same fingerprint) was decoded on this machine before, "
                            "and every file hashes as its manifest says (--decode decodes them again)"]

@@ -427,3 +427,17 @@ def test_closing_a_reader_closes_every_shard_it_opened(pristine):
     for fd in fds:
         with pytest.raises(OSError):
             os.fstat(fd)
+
+
+def test_a_gzip_stream_of_exactly_a_header_and_trailer_reaches_gzip(tmp_path):
+    store = tmp_path / "s.zarr"
+    _store(store, {"name": "gzip", "level": 1})
+    shard = store / SHARD1
+    chunks = _chunks(shard)
+    # 18 bytes (gzip's 10-byte header and 8-byte trailer) declaring one sample: the size is read,
+    # and gzip itself refuses the stream (no deflate data)
+    chunks[0] = b"\x1f\x8b\x08" + bytes(11) + SAMPLE.to_bytes(4, "little")
+    _write_shard(shard, chunks)
+    resign(store)
+    [(kind, name, detail)] = _problems(store)
+    assert (kind, name) == ("invalid", SHARD1) and detail.startswith(f"{SHARD1}: cannot decode sample 8: "), detail

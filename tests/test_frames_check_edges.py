@@ -3,11 +3,12 @@ checks survived: declared sizes exactly at one sample and one byte either side, 
 from __future__ import annotations
 
 import gzip
+import os
 
 import numpy as np
 import pytest
 
-from dvsprep.errors import IntegrityError
+from dvsprep.errors import IntegrityError, StoreError
 from dvsprep.frames.store import open_frame_store, write_frame_store_from_arrays
 from dvsprep.verify import verify_path
 from hostile_fixtures import resign
@@ -100,3 +101,343 @@ def test_a_gzip_trailer_that_lies_about_the_size_is_caught_by_gzip(tmp_path):
     resign(store)
     with pytest.raises(IntegrityError, match=r"\(train/frames/c/1/0/0/0/0: cannot decode sample 9: .*length"):
         open_frame_store(store)
+
+
+# ----------------------------------------------------------------------------- shard indexes
+# Shard 1 of train holds samples 8 and 9 (slots 0, 1); slots 2..7 lie beyond the split's 10
+# samples. Each case rewrites that shard's index (its chunks kept) and says what verification
+# reports (`check_shard`, the shard's bytes in memory) and what reading a sample from a store
+# opened before the change raises (`_ShardReader.read`, which names the shard's file in full).
+
+SHARD1 = "train/frames/c/1/0/0/0/0"
+INDEX = 16 * 8 + 4   # 8 slots of (offset, nbytes) and a crc32c
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    store = tmp_path_factory.mktemp("pristine") / "s.zarr"
+    splits = _store(store, None)   # the default codec (blosc)
+    return store, splits
+
+
+def _copy(pristine, tmp_path):
+    import shutil
+
+    store = tmp_path / "s.zarr"
+    shutil.copytree(pristine[0], store)
+    return store
+
+
+def _index(shard_path):
+    data = shard_path.read_bytes()
+    return [tuple(r) for r in np.frombuffer(data[-INDEX:-4], "<u8").reshape(8, 2).tolist()]
+
+
+def _with_index(data: bytes, rows) -> bytes:
+    """`data` (a shard's bytes) with its index replaced by `rows` and a right crc32c."""
+    import google_crc32c
+
+    raw = np.array(rows, "<u8").tobytes()
+    return data[:-INDEX] + raw + google_crc32c.value(raw).to_bytes(4, "little")
+
+
+def _problems(store):
+    return [(p.kind, p.name, p.detail) for p in verify_path(store, decode=True).problems]
+
+
+A = (NO_CHUNK, NO_CHUNK)
+
+
+@pytest.mark.parametrize("change, verified, read", [
+    # slot 1 (sample 9, the split's last) absent: not zeros, an error naming the sample
+    (lambda r, end: [r[0], A, *r[2:]], "sample 9 is absent from its shard", (9, "sample 9 is absent from its shard")),
+    # the offset alone marks a slot absent (zarr writes both as 2^64-1)
+    (lambda r, end: [r[0], (NO_CHUNK, 0), *r[2:]], "sample 9 is absent from its shard",
+     (9, "sample 9 is absent from its shard")),
+    # slot 2 (sample 10, beyond the split) holds a chunk: refused, though every sample reads
+    (lambda r, end: [r[0], r[1], r[1], *r[3:]], "holds chunks beyond the split's 10 samples", (9, None)),
+    # ... an absent offset beyond the split is no chunk, whatever its nbytes
+    (lambda r, end: [r[0], r[1], (NO_CHUNK, 0), *r[3:]], None, (9, None)),
+    # sample 9's chunk ends exactly where the index begins (as written) / one byte past it
+    (lambda r, end: [r[0], (r[1][0], end - r[1][0]), *r[2:]], None, (9, None)),
+    (lambda r, end: [r[0], (r[1][0], end - r[1][0] + 1), *r[2:]], "shard index points past the end of the shard",
+     (8, "shard index points past the end of the shard")),
+    (lambda r, end: [r[0], (r[1][0] + 1, r[1][1]), *r[2:]], "shard index points past the end of the shard",
+     (8, "shard index points past the end of the shard")),
+    # a chunk past the end of what the split holds never hides behind an absent neighbour
+    (lambda r, end: [r[0], r[1], A, A, A, A, A, (end - 1, 2)], "shard index points past the end of the shard",
+     (8, "shard index points past the end of the shard")),
+])
+def test_shard_index_edges(pristine, tmp_path, change, verified, read):
+    store = _copy(pristine, tmp_path)
+    split = open_frame_store(store).split("train")   # verified as written; nothing read yet
+    shard = store / SHARD1
+    data = shard.read_bytes()
+    rows = _index(shard)
+    assert rows[2:] == [A] * 6 and rows[1][0] + rows[1][1] == len(data) - INDEX   # as dvsprep writes it
+    shard.write_bytes(_with_index(data, change(rows, len(data) - INDEX)))
+    resign(store)
+    assert _problems(store) == ([] if verified is None else [("invalid", SHARD1, f"{SHARD1}: {verified}")])
+    i, message = read
+    if message is None:
+        np.testing.assert_array_equal(split[i], pristine[1]["train"]["frames"][i])
+    else:
+        with pytest.raises(StoreError) as e:
+            split[i]
+        assert str(e.value) == f"{store}/{SHARD1}: {message}"
+
+
+def _bad_crc(data):
+    return data[:-4] + bytes([data[-4] ^ 1]) + data[-3:]
+
+
+@pytest.mark.parametrize("make, message", [
+    # nothing but an index, every slot absent: it is read (the shard is exactly its size) ...
+    (lambda d: _with_index(bytes(INDEX), [A] * 8), "sample 8 is absent from its shard"),
+    # ... one byte less cannot hold one
+    (lambda d: _with_index(bytes(INDEX), [A] * 8)[1:], "corrupt shard index"),
+    (lambda d: b"", "corrupt shard index"),
+    (_bad_crc, "corrupt shard index"),
+])
+def test_a_shard_too_small_for_its_index_or_with_a_bad_crc(pristine, tmp_path, make, message):
+    store = _copy(pristine, tmp_path)
+    split = open_frame_store(store).split("train")
+    shard = store / SHARD1
+    shard.write_bytes(make(shard.read_bytes()))
+    resign(store)
+    assert _problems(store) == [("invalid", SHARD1, f"{SHARD1}: {message}")]
+    with pytest.raises(StoreError) as e:
+        split[8]
+    assert str(e.value) == f"{store}/{SHARD1}: {message}"
+
+
+def test_a_shard_cut_short_after_its_index_was_read(pristine, tmp_path):
+    store = _copy(pristine, tmp_path)
+    split = open_frame_store(store).split("train")
+    np.testing.assert_array_equal(split[8], pristine[1]["train"]["frames"][8])   # the index is read, kept
+    shard = store / SHARD1
+    start = _index(shard)[1][0]
+    os.truncate(shard, start + 1)   # sample 9's chunk is now one byte long
+    with pytest.raises(StoreError) as e:
+        split[9]
+    assert str(e.value) == f"{store}/{SHARD1}: truncated shard"
+
+
+def test_a_packed_store_names_the_zip_and_its_member(pristine, tmp_path):
+    from dvsprep.frames.pack import pack_store
+
+    z = tmp_path / "s.zip"
+    pack_store(pristine[0], z)
+    split = open_frame_store(z).split("train")
+    data = (pristine[0] / SHARD1).read_bytes()
+    packed = z.read_bytes()
+    at = packed.index(data)   # members are stored uncompressed
+    assert packed.count(data) == 1
+    z.write_bytes(packed[:at] + _with_index(data, [_index(pristine[0] / SHARD1)[0]] + [A] * 7) + packed[at + len(data):])
+    np.testing.assert_array_equal(split[8], pristine[1]["train"]["frames"][8])
+    with pytest.raises(StoreError) as e:
+        split[9]
+    assert str(e.value) == f"{z}: {SHARD1}: sample 9 is absent from its shard"
+
+
+# ----------------------------------------------------------------------------- files, codecs
+
+def test_verify_files_hashes_every_file_against_the_manifest_and_decodes_nothing(pristine, tmp_path):
+    from dvsprep.frames import verify_files
+    from dvsprep.frames.check import check_layout
+    from dvsprep.frames.files import open_store_files
+    from dvsprep.integrity import Problem
+
+    store = _copy(pristine, tmp_path)
+    chunks = _chunks(store / SHARD1)
+    chunks[1] = b"not a blosc frame"   # re-signed: only decoding would tell
+    _write_shard(store / SHARD1, chunks)
+    resign(store)
+    manifest = check_layout(open_store_files(store)).manifest
+    flip_at = store / "test/frames/c/0/0/0/0/0"
+    data = bytearray(flip_at.read_bytes())
+    data[0] ^= 1
+    flip_at.write_bytes(bytes(data))
+    (store / "stray").write_bytes(b"x")
+    report = verify_files(open_store_files(store), manifest, "as named")
+    assert (report.path, report.kind, report.checked) == ("as named", "frames", len(manifest["files"]))
+    assert report.problems == [Problem("corrupt", "test/frames/c/0/0/0/0/0", "sha256 differs from the manifest"),
+                               Problem("extra", "stray", "not in the manifest")]
+
+
+def test_every_shard_after_an_empty_split_is_decoded_from_the_bytes_hashed(tmp_path, monkeypatch):
+    from dvsprep.frames import check as frames_check
+
+    store = tmp_path / "s.zarr"
+    write_frame_store_from_arrays(store, T=T, split_by="number", events_fingerprint="cd" * 32,
+                                  splits={"train": {k: v[:0] for k, v in split_arrays(1, 1).items()},
+                                          "test": split_arrays(3, 2)})
+    monkeypatch.setattr(frames_check._ShardReader, "read", lambda *a: pytest.fail("a shard read a second time"))
+    decoded = []
+    real = frames_check._ShardReader.check_shard
+    monkeypatch.setattr(frames_check._ShardReader, "check_shard",
+                        lambda self, s, data, n: decoded.append((self.split, s, n)) or real(self, s, data, n))
+    assert _problems(store) == []
+    assert decoded == [("test", 0, 3)]
+
+
+def _blosc_header(nbytes, cbytes, blocksize=1 << 16):
+    return bytes([2, 1, 0x36, 1]) + nbytes.to_bytes(4, "little") + blocksize.to_bytes(4, "little") + \
+        cbytes.to_bytes(4, "little")
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda c: c, None),                                                 # as written
+    (lambda c: c + b"\0", "sample 9 has the wrong decoded size"),       # its header's cbytes is not its length
+    (lambda c: c[:4] + (SAMPLE - 1).to_bytes(4, "little") + c[8:], "sample 9 has the wrong decoded size"),
+    (lambda c: c[:4] + (SAMPLE + 1).to_bytes(4, "little") + c[8:], "sample 9 has the wrong decoded size"),
+    (lambda c: c[:15], "sample 9 has the wrong decoded size"),          # shorter than a blosc header
+    # exactly a header that declares one sample and its own length: blosc itself refuses it
+    (lambda c: _blosc_header(SAMPLE, 16), "cannot decode sample 9: error during blosc decompression: -1"),
+    (lambda c: _blosc_header(SAMPLE, 17) + b"\0", "cannot decode sample 9: error during blosc decompression: -1"),
+    # the declared size is bytes 4..8 only (the blocksize follows)
+    (lambda c: _blosc_header(SAMPLE, 16, blocksize=(1 << 16) + 1),
+     "cannot decode sample 9: error during blosc decompression: -1"),
+])
+def test_a_blosc_sample_declares_one_sample_in_a_frame_of_its_own_length(pristine, tmp_path, make, message):
+    store = _copy(pristine, tmp_path)
+    split = open_frame_store(store).split("train")
+    chunks = _chunks(store / SHARD1)
+    assert int.from_bytes(chunks[1][12:16], "little") == len(chunks[1])
+    assert int.from_bytes(chunks[1][4:8], "little") == SAMPLE
+    chunks[1] = make(chunks[1])
+    _write_shard(store / SHARD1, chunks)
+    resign(store)
+    if message is None:
+        assert _problems(store) == []
+        np.testing.assert_array_equal(split[9], pristine[1]["train"]["frames"][9])
+        return
+    assert _problems(store) == [("invalid", SHARD1, f"{SHARD1}: {message}")]
+    with pytest.raises(StoreError) as e:
+        split[9]
+    assert str(e.value) == f"{store}/{SHARD1}: {message}"
+
+
+@pytest.fixture(scope="module")
+def pristine_zstd(tmp_path_factory):
+    store = tmp_path_factory.mktemp("pristine_zstd") / "s.zarr"
+    return store, _store(store, {"name": "zstd", "level": 1})
+
+
+def _zstd(payload: int) -> bytes:
+    import numcodecs
+
+    return numcodecs.Zstd(level=1).encode((np.arange(payload, dtype=np.uint8) * 7 + 1).tobytes())
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda c: _zstd(SAMPLE), None),                                   # another sample, one sample's size
+    (lambda c: _zstd(SAMPLE - 1), "sample 9 has the wrong decoded size"),
+    (lambda c: _zstd(SAMPLE + 1), "sample 9 has the wrong decoded size"),
+    (lambda c: c[:5], "sample 9 has the wrong decoded size"),          # too short to declare a size
+    (lambda c: _zstd(SAMPLE)[:-1], "cannot decode sample 9: Zstd decompression error: invalid input data"),
+])
+def test_a_zstd_sample_declares_one_sample_and_decodes_to_it(pristine_zstd, tmp_path, make, message):
+    store = _copy(pristine_zstd, tmp_path)
+    split = open_frame_store(store).split("train")
+    chunks = _chunks(store / SHARD1)
+    chunks[1] = make(chunks[1])
+    _write_shard(store / SHARD1, chunks)
+    resign(store)
+    if message is None:
+        assert _problems(store) == []
+        np.testing.assert_array_equal(split[9].reshape(-1), np.arange(SAMPLE, dtype=np.uint8) * 7 + 1)
+        np.testing.assert_array_equal(split[8], pristine_zstd[1]["train"]["frames"][8])
+        return
+    assert _problems(store) == [("invalid", SHARD1, f"{SHARD1}: {message}")]
+    with pytest.raises(StoreError) as e:
+        split[9]
+    assert str(e.value) == f"{store}/{SHARD1}: {message}"
+
+
+def test_a_shard_removed_after_opening_is_an_error_naming_it(pristine, tmp_path):
+    store = _copy(pristine, tmp_path)
+    split = open_frame_store(store).split("train")
+    (store / SHARD1).unlink()
+    np.testing.assert_array_equal(split[7], pristine[1]["train"]["frames"][7])   # shard 0 is still there
+    with pytest.raises(StoreError) as e:
+        split[9]
+    assert str(e.value) == f"{store}/{SHARD1}: shard missing (the store declares its samples)"
+
+
+def test_full_report_decodes_each_shard_from_the_bytes_it_hashed_once(pristine, tmp_path, monkeypatch):
+    from dvsprep.frames import check as frames_check
+    from dvsprep.frames.files import open_store_files
+    from dvsprep.integrity import Problem
+
+    monkeypatch.setenv("DVSPREP_CACHE", str(tmp_path / "cache"))   # nothing decoded before
+    store = _copy(pristine, tmp_path)
+    chunks = _chunks(store / SHARD1)
+    chunks[1] = b"not a blosc frame"   # re-signed: only decoding tells
+    _write_shard(store / SHARD1, chunks)
+    resign(store)
+    files = open_store_files(store)
+    layout = frames_check.check_layout(files)
+    label = store / "test/label/c/0"   # changed after signing: not decoded, its split's metadata neither
+    label.write_bytes(label.read_bytes()[:-1] + bytes([label.read_bytes()[-1] ^ 1]))
+    monkeypatch.setattr(frames_check._ShardReader, "read", lambda *a: pytest.fail("a shard read a second time"))
+    report = frames_check.full_report(files, layout, "the source")
+    assert (report.path, report.kind, report.notes) == ("the source", "frames", [])
+    assert report.problems == [Problem("corrupt", "test/label/c/0", "sha256 differs from the manifest"),
+                               Problem("invalid", SHARD1, f"{SHARD1}: sample 9 has the wrong decoded size")]
+
+
+def test_full_report_decodes_content_once_per_machine_unless_asked(pristine, tmp_path, monkeypatch):
+    from dvsprep.frames import check as frames_check
+    from dvsprep.frames.files import open_store_files
+
+    monkeypatch.setenv("DVSPREP_CACHE", str(tmp_path / "cache"))
+    files = open_store_files(pristine[0])
+    layout = frames_check.check_layout(files)
+    decoded = []
+    real = frames_check._ShardReader.check_shard
+    monkeypatch.setattr(frames_check._ShardReader, "check_shard",
+                        lambda self, s, data, n: decoded.append((self.split, s)) or real(self, s, data, n))
+    first = frames_check.full_report(files, layout, "src")
+    assert (first.problems, first.notes, sorted(decoded)) == ([], [], [("test", 0), ("train", 0), ("train", 1)])
+    decoded.clear()
+    with monkeypatch.context() as m:
+        m.setattr(frames_check._ShardReader, "read", lambda *a: pytest.fail("decoded, though decoded before"))
+        again = frames_check.full_report(files, layout, "src")
+    assert (again.problems, decoded) == ([], [])
+    assert again.notes == ["samples not decoded: this content (same fingerprint) was decoded on this machine before, "
+                           "and every file hashes as its manifest says (--decode decodes them again)"]
+    forced = frames_check.full_report(files, layout, "src", decode=True)
+    assert (forced.problems, forced.notes, sorted(decoded)) == ([], [], [("test", 0), ("train", 0), ("train", 1)])
+
+
+def test_closing_a_reader_closes_every_shard_it_opened(pristine):
+    from dvsprep.frames import check as frames_check
+    from dvsprep.frames.files import open_store_files
+
+    files = open_store_files(pristine[0])
+    meta = frames_check.check_layout(files).metas["train"]["frames"]
+    reader = frames_check._ShardReader(files, "train", meta, frames_check._fast_codec(meta))
+    for i in (9, 0, 8):
+        np.testing.assert_array_equal(reader.read(i), pristine[1]["train"]["frames"][i])
+    fds = [fd for fd, _, _ in reader._fds.values()]
+    assert len(set(fds)) == 2   # one per shard, kept open between reads
+    reader.close()
+    assert reader._fds == {}
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
+
+def test_a_gzip_stream_of_exactly_a_header_and_trailer_reaches_gzip(tmp_path):
+    store = tmp_path / "s.zarr"
+    _store(store, {"name": "gzip", "level": 1})
+    shard = store / SHARD1
+    chunks = _chunks(shard)
+    # 18 bytes (gzip's 10-byte header and 8-byte trailer) declaring one sample: the size is read,
+    # and gzip itself refuses the stream (no deflate data)
+    chunks[0] = b"\x1f\x8b\x08" + bytes(11) + SAMPLE.to_bytes(4, "little")
+    _write_shard(shard, chunks)
+    resign(store)
+    [(kind, name, detail)] = _problems(store)
+    assert (kind, name) == ("invalid", SHARD1) and detail.startswith(f"{SHARD1}: cannot decode sample 8: "), detail

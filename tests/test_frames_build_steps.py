@@ -19,7 +19,7 @@ import pytest
 
 import dvsprep.frames.build as build_mod
 import dvsprep.resources as resources_mod
-from dvsprep.errors import MissingFileError, ResourceLimitError, StoreError
+from dvsprep.errors import InputOutputClashError, MissingFileError, OutputLockedError, ResourceLimitError, StoreError
 from dvsprep.events.store import EventsSplit, EventsWriter
 from dvsprep.frames.build import (
     BuildSummary,
@@ -639,3 +639,52 @@ def test_the_summary_and_the_log_line(tmp_path, caplog):
         build_frame_store(tmp_path / "e.h5", out, T=2)
     assert str(exc.value) == f"{out}: already exists (use --force to replace it)"
     assert open_frame_store(out).fingerprint == s.fingerprint
+
+
+@pytest.mark.parametrize("sizes, jobs, made", [
+    ((1, 0), 2, []),        # one piece: framed here, no pool
+    ((1, 1), 2, [2]),       # two pieces: a pool of 2
+    ((2, 1), 1, []),        # -j 1: never a pool
+    ((2, 1), None, None),   # no -j: one job a core, at most one a piece
+])
+def test_a_pool_only_for_two_pieces_and_two_jobs(tmp_path, monkeypatch, sizes, jobs, made):
+    _write(tmp_path / "e.h5", {"train": [_sample(3 + i, i) for i in range(sizes[0])],
+                               "test": [_sample(2 + i, 9 + i) for i in range(sizes[1])]})
+    _count_handed_out(monkeypatch)
+    pools = []
+    real = _Pool.__init__
+
+    def init(self, n):
+        real(self, n)
+        pools.append(self)
+
+    monkeypatch.setattr(_Pool, "__init__", init)
+    build_frame_store(tmp_path / "e.h5", tmp_path / "f.zarr", T=64, jobs=jobs)
+    if made is None:
+        cores = os.cpu_count() or 1
+        made = [min(cores, 3)] if cores > 1 else []
+    assert _Pool.made == made
+    # after success the workers may exit while the manifest is hashed (no wait), then are joined
+    assert [p.shutdowns for p in pools] == [[False, True]] * len(made)
+    assert build_mod._WORKER_FILES == {}   # this process's handle of events.h5 is closed
+
+
+def test_an_output_onto_its_input_is_refused_before_any_other_check(tmp_path):
+    """Even -T past the limit is said after: the output is the input, first."""
+    events = tmp_path / "e.h5"
+    _write(events, {"train": [_sample(3, 1)]})
+    with pytest.raises(InputOutputClashError) as exc:
+        build_frame_store(events, events, T=5000)
+    assert str(exc.value) == f"{events}: is the input {events}; the frame store would overwrite its own input"
+
+
+def test_a_locked_output_names_the_frame_store(tmp_path):
+    from dvsprep.atomic import output_lock
+
+    _write(tmp_path / "e.h5", {"train": [_sample(3, 1)]})
+    out = tmp_path / "f.zarr"
+    with output_lock(out, "other"):
+        with pytest.raises(OutputLockedError) as exc:
+            build_frame_store(tmp_path / "e.h5", out, T=2, jobs=1)
+    assert str(exc.value).startswith(f"{out}: frame store is being written by another process"), str(exc.value)
+    assert not out.exists()

@@ -406,6 +406,7 @@ def test_shards_written_once_whole_in_sample_order(monkeypatch, tmp_path):
     assert s.add("train", 0, 2, [b"0", b"1"]) is None
     assert s.add("train", 4, 6, [b"4", b"5"]) == (4, 8)   # pieces back out of order
     assert written == [(tmp_path / "train" / "frames", 4, 1, [b"4", b"5", b"6", b"7"])]
+    assert type(written[0][2]) is int   # the shard's number names its file
     assert s.add("train", 8, 10, [b"8", b"9"]) == (8, 10)   # the partial last shard
     assert written[1] == (tmp_path / "train" / "frames", 4, 2, [b"8", b"9"])
     assert s.add("test", 0, 3, [b"a", b"b", b"c"]) == (0, 3)

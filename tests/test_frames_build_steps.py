@@ -689,3 +689,41 @@ def test_a_locked_output_names_the_frame_store(tmp_path):
             build_frame_store(tmp_path / "e.h5", out, T=2, jobs=1)
     assert str(exc.value).startswith(f"{out}: frame store is being written by another process"), str(exc.value)
     assert not out.exists()
+
+
+class _Proc:
+    def __init__(self):
+        self.calls = []
+
+    def kill(self):
+        self.calls.append("kill")
+
+    def join(self):
+        self.calls.append("join")
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_on_an_error_the_workers_are_killed_before_the_temporary_goes(tmp_path, monkeypatch, fails):
+    """A failing build (a count past uint16) kills its workers at once, and joins them; a build
+    that succeeds lets them go idle (never killed)."""
+    hot = 65536 if fails else 65535
+    _write(tmp_path / "e.h5", {"train": [_sample(3, 1), _sample(hot, 2, pixel=(2, 2))], "test": [_sample(2, 3)]})
+    _count_handed_out(monkeypatch)
+    procs = []
+    real = _Pool.__init__
+
+    def init(self, n):
+        real(self, n)
+        self._processes = {1: _Proc()}
+        procs.append(self._processes[1])
+
+    monkeypatch.setattr(_Pool, "__init__", init)
+    if fails:
+        with pytest.raises(StoreError, match="train sample 1: a frame pixel counts 65536 events"):
+            build_frame_store(tmp_path / "e.h5", tmp_path / "f.zarr", T=1, jobs=2)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["e.h5"]
+    else:
+        assert build_frame_store(tmp_path / "e.h5", tmp_path / "f.zarr", T=1, jobs=2).max_count == 65535
+    assert _Pool.made == [2]
+    assert [p.calls for p in procs] == [["kill", "join"] if fails else []]
+    assert build_mod._WORKER_FILES == {}

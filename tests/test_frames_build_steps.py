@@ -661,6 +661,11 @@ def test_a_pool_only_for_two_pieces_and_two_jobs(tmp_path, monkeypatch, sizes, j
 
     monkeypatch.setattr(_Pool, "__init__", init)
     build_frame_store(tmp_path / "e.h5", tmp_path / "f.zarr", T=64, jobs=jobs)
+    store = open_frame_store(tmp_path / "f.zarr")   # a split of one sample: a shard of one sample
+    assert [store.samples_per_shard(s) for s in ("train", "test")] == [max(1, min(8, n)) for n in sizes]
+    for split, n in zip(("train", "test"), sizes):   # read here (the writer vouched it decodes)
+        assert [int(store.split(split)[i].sum()) for i in range(n)] == [3 + i if split == "train" else 2 + i
+                                                                         for i in range(n)]
     if made is None:
         cores = os.cpu_count() or 1
         made = [min(cores, 3)] if cores > 1 else []

@@ -96,13 +96,18 @@ def _shard(path: Path, split: str, s: int) -> Path:
     return path / split / "frames" / "c" / str(s) / "0" / "0" / "0" / "0"
 
 
+def _inner(shard: Path) -> int:
+    """Inner chunks of a shard: 4, or the split's size when smaller (test: 3)."""
+    return SHARD if "/train/" in str(shard) else N_TEST
+
+
 def _index(shard: Path) -> np.ndarray:
-    data = shard.read_bytes()
-    return np.frombuffer(data[-(16 * SHARD + 4):-4], "<u8").reshape(SHARD, 2).copy()
+    data, n = shard.read_bytes(), _inner(shard)
+    return np.frombuffer(data[-(16 * n + 4):-4], "<u8").reshape(n, 2).copy()
 
 
 def _put_index(shard: Path, index: np.ndarray) -> None:
-    data = shard.read_bytes()[:-(16 * SHARD + 4)]
+    data = shard.read_bytes()[:-(16 * _inner(shard) + 4)]
     raw = index.astype("<u8").tobytes()
     shard.write_bytes(data + raw + google_crc32c.value(raw).to_bytes(4, "little"))
 
@@ -378,3 +383,222 @@ def test_per_class_counts_cover_all_eleven_classes_even_when_high_labels_are_abs
     meta = {"label": np.array([0, 3, 3], np.uint8), "recording": ["a", "b", "c"], "row": np.zeros(3, np.int32),
             "t_start": np.zeros(3, np.int64), "t_end": np.zeros(3, np.int64), "n_events": np.zeros(3, np.int64)}
     check.check_meta_content("s", "train", meta, [1, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0])
+
+
+# ----------------------------------------------------------------------------- content_problems
+
+
+def test_a_store_as_written_has_no_content_problem(store):
+    files, layout = _opened(store)
+    assert content_problems(files, layout) == []
+
+
+def test_a_chunk_past_the_split_in_its_last_shard_is_a_problem(store):
+    shard = _shard(store, "train", 1)          # samples 4 and 5: inner chunks 2 and 3 must be absent
+    index = _index(shard)
+    assert index[2:, 0].tolist() == [U64_MAX, U64_MAX]
+    index[2] = index[0]
+    _put_index(shard, index)
+    files, layout = _opened(store)
+    assert content_problems(files, layout) == [
+        ("invalid", "train/frames/c/1/0/0/0/0", "train/frames/c/1/0/0/0/0: holds chunks beyond the split's 6 samples")]
+
+
+@pytest.mark.parametrize("s,k,sample", [(1, 1, 5), (1, 0, 4), (0, 3, 3), (0, 0, 0)])
+def test_an_absent_sample_is_a_problem_of_its_shard(store, s, k, sample):
+    shard = _shard(store, "train", s)
+    index = _index(shard)
+    index[k] = U64_MAX
+    _put_index(shard, index)
+    files, layout = _opened(store)
+    name = f"train/frames/c/{s}/0/0/0/0"
+    assert content_problems(files, layout) == [("invalid", name, f"{name}: sample {sample} is absent from its shard")]
+
+
+def test_every_sample_of_every_shard_is_decoded(store):
+    for split, s, k in (("train", 0, 3), ("train", 1, 0), ("test", 0, 2)):
+        _break_sample(_shard(store, split, s), k)
+    files, layout = _opened(store)
+    assert content_problems(files, layout) == [
+        ("invalid", "train/frames/c/0/0/0/0/0", "train/frames/c/0/0/0/0/0: sample 3 has the wrong decoded size"),
+        ("invalid", "train/frames/c/1/0/0/0/0", "train/frames/c/1/0/0/0/0: sample 4 has the wrong decoded size"),
+        ("invalid", "test/frames/c/0/0/0/0/0", "test/frames/c/0/0/0/0/0: sample 2 has the wrong decoded size")]
+    # without frames: only the metadata
+    assert content_problems(files, layout, frames=False) == []
+
+
+def test_shards_in_skip_or_checked_are_not_decoded_again(store):
+    for s in (0, 1):
+        _break_sample(_shard(store, "train", s), 0)
+    _break_sample(_shard(store, "test", 0), 0)
+    files, layout = _opened(store)
+    t0, t1, e0 = "train/frames/c/0/0/0/0/0", "train/frames/c/1/0/0/0/0", "test/frames/c/0/0/0/0/0"
+    assert content_problems(files, layout, skip={t0, e0}, checked={t1: ""}) == []
+    assert content_problems(files, layout, skip={t0}, checked={t1: "", e0: "found while hashed"}) == [
+        ("invalid", e0, "found while hashed")]
+    assert content_problems(files, layout, checked={t0: "", e0: ""}) == [
+        ("invalid", t1, f"{t1}: sample 4 has the wrong decoded size")]
+
+
+def _bad_label(store: Path) -> None:
+    (store / "train/label/c/0").write_bytes(zstd(bytes([0, 3, 6, 9, 1, 11])))
+
+
+def test_metadata_problems_are_reported_once_per_split_without_the_store_path(store):
+    _bad_label(store)
+    (store / "test/t_end/c/0").write_bytes(zstd(np.array([500, 1500, 1999], "<i8").tobytes()))
+    files, layout = _opened(store)
+    assert content_problems(files, layout) == [
+        ("invalid", "train metadata", "train/label holds 11, outside 0..10"),
+        ("invalid", "test metadata", "test sample 2 ends (t_end) before it starts (t_start)")]
+    (store / "train/label/c/0").write_bytes(zstd(bytes(3)))
+    assert content_problems(files, layout, frames=False)[0] == \
+        ("invalid", "train metadata", "train/label/c/0 declares 3 decoded bytes (6 expected)")
+
+
+def test_the_metadata_of_a_split_with_a_file_in_skip_is_not_read(store):
+    _bad_label(store)
+    files, layout = _opened(store)
+    bad = [("invalid", "train metadata", "train/label holds 11, outside 0..10")]
+    assert content_problems(files, layout, skip={"train/label/c/0"}) == []
+    assert content_problems(files, layout, skip={"train/row/zarr.json"}) == []
+    # a frames shard of the split, or a file of the other split, does not keep it from being read
+    assert content_problems(files, layout, skip={"train/frames/c/0/0/0/0/0"}) == bad
+    assert content_problems(files, layout, skip={"test/label/c/0"}) == bad
+
+
+def test_the_metadata_is_checked_against_the_per_class_counts_when_the_store_has_them(store):
+    files, layout = _opened(store)
+    counts = layout.attrs["splits"]["train"]["per_class"]
+    layout.attrs["splits"]["train"]["per_class"] = [0] * 11
+    assert content_problems(files, layout, frames=False) == [
+        ("invalid", "train metadata",
+         f"the store's attributes count {[0] * 11!r} samples per class in train, its labels {counts}")]
+    del layout.attrs["splits"]["train"]["per_class"]
+    assert content_problems(files, layout, frames=False) == []
+
+
+def test_a_split_without_samples_has_no_shard_to_read(tmp_path):
+    _write(tmp_path / "s.zarr", 2, 0)
+    files = open_store_files(tmp_path / "s.zarr")
+    layout = check_layout(files)
+    assert layout.attrs["splits"]["test"]["n_samples"] == 0
+    assert content_problems(files, layout) == []
+
+
+# ----------------------------------------------------------------------------- scan_files
+
+SHARDS = ("test/frames/c/0/0/0/0/0", "train/frames/c/0/0/0/0/0", "train/frames/c/1/0/0/0/0")
+
+
+@pytest.mark.parametrize("jobs", [1, 3, None])
+def test_scan_files_hashes_every_file_and_decodes_the_shards_from_the_same_bytes(store, jobs):
+    files, layout = _opened(store)
+    raw = (store / "manifest.json").read_bytes()
+    report, checked = scan_files(files, layout.manifest, "the source", layout, jobs)
+    assert (report.path, report.kind, report.checked, report.fingerprint, report.problems, report.notes) == \
+        ("the source", "frames", 32, hashlib.sha256(raw).hexdigest(), [], [])
+    assert checked == {name: "" for name in SHARDS}
+    assert scan_files(files, layout.manifest, "the source", None, jobs)[1] == {}     # hashed only
+
+
+def test_a_shard_that_hashes_right_but_does_not_decode_is_a_content_problem_not_a_file_problem(store):
+    _break_sample(_shard(store, "train", 1), 1)
+    resign(store)
+    files, layout = _opened(store)
+    report, checked = scan_files(files, layout.manifest, "src", layout, 1)
+    assert report.problems == []
+    assert checked == {SHARDS[0]: "", SHARDS[1]: "", SHARDS[2]: f"{SHARDS[2]}: sample 5 has the wrong decoded size"}
+
+
+def test_files_that_differ_from_the_manifest_are_problems_in_name_order(store):
+    files, layout = _opened(store)
+    _break_sample(_shard(store, "train", 1), 1)                  # not re-signed: corrupt, not decoded
+    (store / "train/row/c/0").write_bytes(b"x")
+    (store / "test/label/c/0").unlink()
+    (store / "train/zz").write_bytes(b"")
+    (store / "test/aa").write_bytes(b"")
+    files = open_store_files(store)
+    report, checked = scan_files(files, layout.manifest, "src", layout, 2)
+    assert [(p.kind, p.name, p.detail) for p in report.problems] == [
+        ("missing", "test/label/c/0", "listed in the manifest, not in the store"),
+        ("corrupt", "train/frames/c/1/0/0/0/0", "sha256 differs from the manifest"),
+        ("corrupt", "train/row/c/0", f"1 bytes, manifest says {layout.manifest['files']['train/row/c/0']['size']}"),
+        ("extra", "test/aa", "not in the manifest"),
+        ("extra", "train/zz", "not in the manifest")]
+    assert checked == {SHARDS[0]: "", SHARDS[1]: ""}
+
+
+def test_a_shard_is_decoded_while_hashed_only_up_to_the_in_memory_size(store, monkeypatch):
+    files, layout = _opened(store)
+    sizes = {name: layout.manifest["files"][name]["size"] for name in SHARDS}
+    assert len(set(sizes.values())) == 3
+    for limit in sorted(sizes.values()):
+        for at in (limit - 1, limit):
+            monkeypatch.setattr(check, "_IN_MEMORY", at)
+            assert scan_files(files, layout.manifest, "src", layout, 1)[1] == \
+                {name: "" for name, size in sizes.items() if size <= at}
+
+
+@pytest.mark.parametrize("error", [OSError("disk gone"), StoreError("disk gone")])
+def test_a_store_whose_files_cannot_be_read_is_one_problem(store, monkeypatch, error):
+    files, layout = _opened(store)
+    real = check.check_file
+
+    def failing(files, name, *args, **kw):
+        if name == "train/label/c/0":
+            raise error
+        return real(files, name, *args, **kw)
+
+    monkeypatch.setattr(check, "check_file", failing)
+    (store / "train/zz").write_bytes(b"")
+    report, _ = scan_files(open_store_files(store), layout.manifest, "src", layout, 1)
+    assert [(p.kind, p.name, p.detail) for p in report.problems] == [
+        ("invalid", "files", "cannot read the store's files (disk gone)")]
+
+
+# ----------------------------------------------------------------------------- decoded content
+
+
+def _layout(tag: str) -> Layout:
+    return Layout(attrs={}, manifest={}, fingerprint=hashlib.sha256(tag.encode()).hexdigest(), metas={})
+
+
+def test_content_is_decoded_before_only_when_recorded_as_frames_content(tmp_path, monkeypatch):
+    from dvsprep.integrity import trust
+
+    monkeypatch.setenv("DVSPREP_CACHE", str(tmp_path / "cache"))
+    layout = _layout("a")
+    assert decoded_before(layout) is False
+    trust.record_decoded("events", layout.fingerprint)
+    assert decoded_before(layout) is False
+    trust.record_decoded("frames", layout.fingerprint)
+    assert decoded_before(layout) is True and decoded_before(_layout("b")) is False
+
+
+def test_note_decoding_records_what_decoded_cleanly_and_forgets_what_did_not(tmp_path, monkeypatch):
+    monkeypatch.setenv("DVSPREP_CACHE", str(tmp_path / "cache"))
+    layout = _layout("c")
+    report = VerifyReport(path="p", kind="frames", checked=1)
+    note_decoding(report, layout, False)                     # not decoded: nothing recorded, a note
+    assert report.notes == ["samples not decoded: this content (same fingerprint) was decoded on this machine "
+                            "before, and every file hashes as its manifest says (--decode decodes them again)"]
+    assert decoded_before(layout) is False
+    report = VerifyReport(path="p", kind="frames", checked=1)
+    note_decoding(report, layout, True)
+    assert report.notes == [] and decoded_before(layout) is True
+    # problems that say nothing about decoding the samples keep the record
+    for problem in (Problem("corrupt", "train/frames/c/0/0/0/0/0", "sha256 differs"),
+                    Problem("invalid", "train metadata", "train/label holds 11"),
+                    Problem("missing", "train/frames/c/1/0/0/0/0", "listed")):
+        note_decoding(VerifyReport(path="p", kind="frames", checked=1, problems=[problem]), layout, True)
+        assert decoded_before(layout) is True
+    note_decoding(VerifyReport(path="p", kind="frames", checked=1, problems=[
+        Problem("invalid", "train metadata", "x"), Problem("invalid", "test/frames/c/0/0/0/0/0", "sample 1")]),
+        layout, True)
+    assert decoded_before(layout) is False
+    # a failure found while the samples were not decoded does not forget the record either
+    note_decoding(VerifyReport(path="p", kind="frames", checked=1), layout, True)
+    note_decoding(VerifyReport(path="p", kind="frames", checked=1, problems=[
+        Problem("invalid", "test/frames/c/0/0/0/0/0", "x")]), layout, False)
+    assert decoded_before(layout) is True

@@ -173,6 +173,21 @@ def test_the_root_document_is_checked_without_its_attributes(store):
     assert str(e.value) == f"{store}: zarr.json: not a plain zarr v3 group"
 
 
+def test_root_attributes_and_manifest_are_refused_naming_the_store(store):
+    root = _json(store, "zarr.json")
+    root["attributes"]["T"] = 0
+    _put_json(store, "zarr.json", root)
+    with pytest.raises(UntrustedStoreError) as e:
+        check_layout(open_store_files(store))
+    assert str(e.value) == f"{store}: T=0 outside 1..4096"
+    root["attributes"]["T"] = 2
+    _put_json(store, "zarr.json", root)
+    _put_json(store, "manifest.json", {**_json(store, "manifest.json"), "format": "other"})
+    with pytest.raises(StoreError) as e:
+        check_layout(open_store_files(store))
+    assert str(e.value) == f"{store}: manifest.json is not a dvsprep manifest (format 'other')"
+
+
 @pytest.mark.parametrize("kind,shown", [(None, "'None'"), ("events", "'events'"), ("k" * 41, repr("k" * 40))])
 def test_a_manifest_of_another_kind_is_refused(store, kind, shown):
     manifest = _json(store, "manifest.json")
@@ -184,6 +199,13 @@ def test_a_manifest_of_another_kind_is_refused(store, kind, shown):
     with pytest.raises(StoreError) as e:
         check_layout(open_store_files(store))
     assert str(e.value) == f"{store}: manifest is for a {shown} store, not a frame store"
+
+
+def test_a_split_group_document_is_checked_by_name(store):
+    _put_json(store, "test/zarr.json", {**_json(store, "test/zarr.json"), "node_type": "array"})
+    with pytest.raises(UntrustedStoreError) as e:
+        check_layout(open_store_files(store))
+    assert str(e.value) == f"{store}: test/zarr.json: not a plain zarr v3 group"
 
 
 def test_a_missing_split_group_or_array_document_is_refused_by_name(store):

@@ -424,6 +424,10 @@ def test_a_chunk_past_the_split_in_its_last_shard_is_a_problem(store):
     files, layout = _opened(store)
     assert content_problems(files, layout) == [
         ("invalid", "train/frames/c/1/0/0/0/0", "train/frames/c/1/0/0/0/0: holds chunks beyond the split's 6 samples")]
+    # an entry whose offset is the empty marker holds no chunk, whatever its length says
+    index[2] = (U64_MAX, 0)
+    _put_index(shard, index)
+    assert content_problems(files, layout) == []
 
 
 @pytest.mark.parametrize("s,k,sample", [(1, 1, 5), (1, 0, 4), (0, 3, 3), (0, 0, 0)])
@@ -473,6 +477,7 @@ def test_metadata_problems_are_reported_once_per_split_without_the_store_path(st
     assert content_problems(files, layout) == [
         ("invalid", "train metadata", "train/label holds 11, outside 0..10"),
         ("invalid", "test metadata", "test sample 2 ends (t_end) before it starts (t_start)")]
+    assert content_problems(files, layout, frames=False) == content_problems(files, layout)   # every split
     (store / "train/label/c/0").write_bytes(zstd(bytes(3)))
     assert content_problems(files, layout, frames=False)[0] == \
         ("invalid", "train metadata", "train/label/c/0 declares 3 decoded bytes (6 expected)")

@@ -567,6 +567,31 @@ def test_a_shard_is_decoded_while_hashed_only_up_to_the_in_memory_size(store, mo
                 {name: "" for name, size in sizes.items() if size <= at}
 
 
+@pytest.mark.parametrize("jobs,cpus,pooled", [(1, 4, False), (2, 1, True), (3, 8, True), (None, 4, True),
+                                               (None, 1, False), (None, None, False)])
+def test_files_are_checked_on_jobs_threads_or_in_the_calling_thread_when_one(store, monkeypatch, jobs, cpus, pooled):
+    """jobs threads (default: the CPUs, 1 when unknown); with one, no pool: every file is
+    checked in the calling thread."""
+    import threading
+
+    files, layout = _opened(store)
+    seen = []
+    real = check.check_file
+
+    def recording(*args, **kw):
+        seen.append(threading.get_ident())
+        return real(*args, **kw)
+
+    monkeypatch.setattr(check, "check_file", recording)
+    monkeypatch.setattr(check.os, "cpu_count", lambda: cpus)
+    report, checked = scan_files(files, layout.manifest, "src", layout, jobs)
+    assert report.problems == [] and checked == {name: "" for name in SHARDS} and len(seen) == 32
+    if pooled:
+        assert threading.get_ident() not in seen and len(set(seen)) <= (jobs or cpus)
+    else:
+        assert set(seen) == {threading.get_ident()}
+
+
 @pytest.mark.parametrize("error", [OSError("disk gone"), StoreError("disk gone")])
 def test_a_store_whose_files_cannot_be_read_is_one_problem(store, monkeypatch, error):
     files, layout = _opened(store)

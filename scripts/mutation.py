@@ -38,7 +38,9 @@ CLUSTERS: dict[str, tuple[list[str], list[str]]] = {
                      ["tests/test_frames_build.py", "tests/test_frames_build_edges.py", "tests/test_frames_shards.py",
                       "tests/test_frames_meta_edges.py", "tests/test_writer_vouches.py",
                       "tests/test_frames_store.py", "tests/test_verify_fast.py",
-                      "tests/test_hostile_stores.py"]),
+                      "tests/test_hostile_stores.py", "tests/test_frames_schema.py",
+                      "tests/test_frames_check_edges.py", "tests/test_frames_build_steps.py",
+                      "tests/test_frames_layout_edges.py"]),
     "aedat": (["dvsprep/raw/aedat.py"], ["tests/test_aedat.py", "tests/test_aedat_edges.py", "tests/test_fuzz_parsers.py"]),
     # (test_hostile_inputs.py whole takes ~20 s, mostly CLI runs that never open an archive: its
     # archive cases only, which pin safe_extract's refusals through the CLI)
@@ -59,7 +61,8 @@ CLUSTERS: dict[str, tuple[list[str], list[str]]] = {
                                         "tests/test_network_equivalence.py", "tests/test_train_model_edges.py"]),
     "engine_data": (["dvsg_train/engine.py", "dvsg_train/data.py"],
                     ["tests/test_train_bookkeeping.py", "tests/test_train_engine.py", "tests/test_train_data.py",
-                     "tests/test_train_resume.py"]),
+                     "tests/test_train_resume.py", "tests/test_train_data_edges.py",
+                     "tests/test_train_engine_edges.py"]),
     "checkpoint": (["dvsg_train/checkpoint.py"],
                    ["tests/test_train_checkpoint.py", "tests/test_train_checkpoint_format.py",
                     "tests/test_hostile_checkpoints.py", "tests/test_train_checkpoint_edges.py"]),

@@ -104,7 +104,7 @@ def _check_shard_files(store_path, split: str, n: int) -> None:
 def test_every_sample_at_the_shard_boundaries_reads_back_exactly(tmp_path, sizes, jobs, codec, hot):
     truth = _write_events(tmp_path / "events.h5", sizes, hot)
     summary = build_frame_store(tmp_path / "events.h5", tmp_path / "f.zarr", T=T, jobs=jobs, codec=codec)
-    store = open_frame_store(tmp_path / "f.zarr", verify=True)   # in full, not on the writer's word
+    store = open_frame_store(tmp_path / "f.zarr", verify=True)   # every file hashed; every sample read below
     want_dtype = np.uint16 if hot else np.uint8
     assert store.dtype == summary.dtype == want_dtype
     assert store.attrs["shard_samples"] == SHARD

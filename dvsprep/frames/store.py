@@ -583,7 +583,9 @@ def open_frame_store(
     Nothing is used before it is checked: the metadata against what dvsprep writes
     (`check_layout`), then the whole store as `dvsprep verify` does (every file's sha256, every
     array decoded) unless a verified-marker says this exact store was verified on this machine
-    (`dvsprep.integrity.trust`; `verify=True` verifies in full regardless). `expected_fingerprint` (the
+    (`dvsprep.integrity.trust`; `verify=True` verifies regardless: every file hashed again, but
+    the samples of content already decoded on this machine, which includes what this machine's
+    writer encoded, are not decoded twice; `dvsprep verify --decode` decodes them). `expected_fingerprint` (the
     full sha256 or a prefix of at least 12 hex digits) must match the store's manifest hash.
     Raises MissingFileError when absent, StoreError (UntrustedStoreError, IntegrityError) when
     the store is incomplete, corrupt, or not one dvsprep would write.

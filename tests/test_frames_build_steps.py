@@ -5,7 +5,7 @@ checks, the pieces a split is cut into and the shard each piece completes, the i
 the memory check at its exact byte boundary, and what the build reports (summary, log, bar).
 
 Expected values are worked out by hand here (sizes in bytes, piece lists, messages) or counted
-by the definition of split_by "number" (`_spec_number`); no step is its own oracle.
+by the definition of split_by "number" (`store_fixtures.spec_number`); no step is its own oracle.
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ from dvsprep.frames.build import (
 )
 from dvsprep.frames.store import DEFAULT_CODEC, chunk_codec, open_frame_store
 from dvsprep.integrity.trust import stamp_path
+from store_fixtures import spec_number
 
 H = W = 128
 FRAME = 2 * H * W   # one frame of both polarities: 32768 counts
@@ -77,15 +78,6 @@ def _write(path: Path, splits: dict[str, list[dict]]) -> dict[str, list[dict]]:
     return splits
 
 
-def _spec_number(ev: dict, T: int) -> np.ndarray:
-    """split_by "number" by its definition: with di = N // T, event j goes to frame
-    min(j // di, T - 1) (every event to the last frame when N < T), channel p != 0."""
-    n = ev["x"].size
-    di = n // T
-    frame = np.minimum(np.arange(n) // di, T - 1) if di else np.full(n, T - 1)
-    key = ((frame * 2 + (ev["p"] != 0)) * H + ev["y"].astype(np.int64)) * W + ev["x"].astype(np.int64)
-    return np.bincount(key, minlength=T * FRAME).reshape(T, 2, H, W)
-
 
 def _decode(chunks: list[bytes], T: int, dtype: str) -> list[np.ndarray]:
     """The encoded samples frame_block returns, decoded by numcodecs' own Blosc."""
@@ -112,7 +104,7 @@ def test_a_block_is_each_sample_counted_and_the_largest_count(tmp_path):
     got = _decode(chunks, 2, "|u1")
     assert len(got) == 3
     for k, i in enumerate((1, 2, 3)):
-        np.testing.assert_array_equal(got[k], _spec_number(samples[i], 2), err_msg=f"sample {i}")
+        np.testing.assert_array_equal(got[k], spec_number(samples[i], 2), err_msg=f"sample {i}")
     assert got[2][1, 1, 127, 127] == 5 and got[2].sum() == 10
 
 
@@ -535,12 +527,12 @@ def test_at_most_two_blocks_a_job_are_handed_out_before_the_metadata(tmp_path, m
         ("train", 0, 2), ("train", 2, 4), ("train", 4, 6), ("train", 6, 8), ("train", 8, 10), ("train", 10, 12),
         ("train", 12, 13), ("test", 0, 2), ("test", 2, 4), ("test", 4, 5)]]
     assert _Pool.made == ([] if jobs == 1 else [jobs])
-    assert summary.max_count == max(int(_spec_number(ev, 64).max()) for s in truth.values() for ev in s)
+    assert summary.max_count == max(int(spec_number(ev, 64).max()) for s in truth.values() for ev in s)
     if jobs == 2:   # (the same store each time)
         store = open_frame_store(tmp_path / "f.zarr", verify=True)
         for split, samples in truth.items():
             for i, ev in enumerate(samples):
-                np.testing.assert_array_equal(store.split(split)[i], _spec_number(ev, 64))
+                np.testing.assert_array_equal(store.split(split)[i], spec_number(ev, 64))
 
 
 def test_a_pool_is_never_larger_than_the_pieces(tmp_path, monkeypatch):
@@ -572,7 +564,7 @@ def test_the_store_is_promoted_at_256_not_at_255(tmp_path, monkeypatch, hot):
         assert calls == [("train", 0, 1, "|u1"), ("train", 1, 2, "|u1"), ("train", 0, 1, "<u2"),
                          ("train", 1, 2, "<u2"), ("train", 2, 3, "<u2")]
     for i, ev in enumerate(samples):
-        np.testing.assert_array_equal(store.split("train")[i], _spec_number(ev, 1))
+        np.testing.assert_array_equal(store.split("train")[i], spec_number(ev, 1))
     assert store.split("train")[1][0, 1, 6, 5] == hot
 
 

@@ -15,6 +15,7 @@ import pytest
 from dvsprep.events.store import EventsWriter
 from dvsprep.frames.build import build_frame_store
 from dvsprep.frames.store import open_frame_store, samples_per_shard
+from store_fixtures import spec_number
 
 T = 64
 SHARD = 8
@@ -26,15 +27,6 @@ def test_the_shard_size_these_tests_assume():
     assert samples_per_shard(T, np.uint8) == SHARD
     assert samples_per_shard(T, np.uint16) == SHARD // 2   # the build keeps its uint8 shard size
 
-
-def _spec_number(ev: dict, T: int) -> np.ndarray:
-    """split_by "number" by its definition: with di = N // T, event j goes to frame
-    min(j // di, T - 1) (every event to the last frame when N < T), channel p != 0."""
-    n = ev["x"].size
-    di = n // T
-    frame = np.minimum(np.arange(n) // di, T - 1) if di else np.full(n, T - 1)
-    key = ((frame * 2 + (ev["p"] != 0)) * H + ev["y"].astype(np.int64)) * W + ev["x"].astype(np.int64)
-    return np.bincount(key, minlength=T * 2 * H * W).reshape(T, 2, H, W)
 
 
 def _write_events(path, sizes: tuple[int, int], hot: tuple[str, int] | None) -> dict:
@@ -114,7 +106,7 @@ def test_every_sample_at_the_shard_boundaries_reads_back_exactly(tmp_path, sizes
         assert len(sp) == n
         assert sp.n_events.tolist() == [s["x"].size for s in samples]
         assert sp.labels.tolist() == [i % 11 for i in range(n)] and sp.rows.tolist() == list(range(n))
-        want = [_spec_number(ev, T) for ev in samples]
+        want = [spec_number(ev, T) for ev in samples]
         assert all(w.max() <= np.iinfo(want_dtype).max for w in want)
         via_zarr = np.asarray(sp.frames[:])   # zarr's own reading of the same shards
         for i in range(n):

@@ -48,6 +48,19 @@ def _write_shard(shard_path, chunks):
     shard_path.write_bytes(body + raw + google_crc32c.value(raw).to_bytes(4, "little"))
 
 
+def _gzip_store_with(tmp_path, slot: int, chunk: bytes):
+    """A gzip store (level 1) whose train shard 1 holds `chunk` in `slot` (sample 8 + slot),
+    re-signed: only the content checks can refuse it."""
+    store = tmp_path / "s.zarr"
+    _store(store, {"name": "gzip", "level": 1})
+    shard = store / "train/frames/c/1/0/0/0/0"
+    chunks = _chunks(shard)
+    chunks[slot] = chunk
+    _write_shard(shard, chunks)
+    resign(store)
+    return store
+
+
 @pytest.mark.parametrize("payload, ok", [
     (SAMPLE - 1, False),   # one byte short: numcodecs would leave the last byte of `out` as it was
     (SAMPLE, True),        # exactly one sample (other values: the manifest, re-signed, vouches for them)
@@ -55,14 +68,9 @@ def _write_shard(shard_path, chunks):
     (0, False),            # an empty stream
 ])
 def test_a_gzip_sample_must_decode_to_exactly_one_sample(tmp_path, payload, ok):
-    store = tmp_path / "s.zarr"
-    _store(store, {"name": "gzip", "level": 1})
-    shard = store / "train/frames/c/1/0/0/0/0"   # samples 8, 9 (slots 2..7 absent: the split ends)
-    chunks = _chunks(shard)
     want = np.arange(payload, dtype=np.uint8) * 7 + 1
-    chunks[1] = gzip.compress(want.tobytes(), compresslevel=1)   # sample 9, the split's last
-    _write_shard(shard, chunks)
-    resign(store)
+    # shard 1 holds samples 8, 9 (slots 2..7 absent: the split ends); 9 is the split's last
+    store = _gzip_store_with(tmp_path, 1, gzip.compress(want.tobytes(), compresslevel=1))
     report = verify_path(store, decode=True)
     if ok:
         assert report.ok, report.problems
@@ -77,28 +85,17 @@ def test_a_gzip_sample_must_decode_to_exactly_one_sample(tmp_path, payload, ok):
 
 
 def test_a_gzip_stream_shorter_than_its_header_and_trailer_is_refused(tmp_path):
-    store = tmp_path / "s.zarr"
-    _store(store, {"name": "gzip", "level": 1})
-    shard = store / "train/frames/c/1/0/0/0/0"
-    chunks = _chunks(shard)
     # 17 bytes (one less than gzip's 10-byte header and 8-byte trailer) whose last 4 read as one
     # sample's size: the size is not read from a stream that cannot hold a trailer
-    chunks[0] = b"\x1f\x8b\x08" + bytes(10) + SAMPLE.to_bytes(4, "little")
-    _write_shard(shard, chunks)
-    resign(store)
+    store = _gzip_store_with(tmp_path, 0, b"\x1f\x8b\x08" + bytes(10) + SAMPLE.to_bytes(4, "little"))
     with pytest.raises(IntegrityError, match=r"\(train/frames/c/1/0/0/0/0: sample 8 has the wrong decoded size\)"):
         open_frame_store(store)
 
 
 def test_a_gzip_trailer_that_lies_about_the_size_is_caught_by_gzip(tmp_path):
-    store = tmp_path / "s.zarr"
-    _store(store, {"name": "gzip", "level": 1})
-    shard = store / "train/frames/c/1/0/0/0/0"
-    chunks = _chunks(shard)
     short = gzip.compress(bytes(SAMPLE - 1), compresslevel=1)
-    chunks[1] = short[:-4] + SAMPLE.to_bytes(4, "little")   # declares one sample, holds one byte less
-    _write_shard(shard, chunks)
-    resign(store)
+    # declares one sample, holds one byte less
+    store = _gzip_store_with(tmp_path, 1, short[:-4] + SAMPLE.to_bytes(4, "little"))
     with pytest.raises(IntegrityError, match=r"\(train/frames/c/1/0/0/0/0: cannot decode sample 9: .*length"):
         open_frame_store(store)
 
@@ -430,14 +427,8 @@ def test_closing_a_reader_closes_every_shard_it_opened(pristine):
 
 
 def test_a_gzip_stream_of_exactly_a_header_and_trailer_reaches_gzip(tmp_path):
-    store = tmp_path / "s.zarr"
-    _store(store, {"name": "gzip", "level": 1})
-    shard = store / SHARD1
-    chunks = _chunks(shard)
     # 18 bytes (gzip's 10-byte header and 8-byte trailer) declaring one sample: the size is read,
     # and gzip itself refuses the stream (no deflate data)
-    chunks[0] = b"\x1f\x8b\x08" + bytes(11) + SAMPLE.to_bytes(4, "little")
-    _write_shard(shard, chunks)
-    resign(store)
+    store = _gzip_store_with(tmp_path, 0, b"\x1f\x8b\x08" + bytes(11) + SAMPLE.to_bytes(4, "little"))
     [(kind, name, detail)] = _problems(store)
     assert (kind, name) == ("invalid", SHARD1) and detail.startswith(f"{SHARD1}: cannot decode sample 8: "), detail

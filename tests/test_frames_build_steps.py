@@ -724,3 +724,70 @@ def test_on_an_error_the_workers_are_killed_before_the_temporary_goes(tmp_path, 
     assert _Pool.made == [2]
     assert [p.calls for p in procs] == [["kill", "join"] if fails else []]
     assert build_mod._WORKER_FILES == {}
+
+
+# ----------------------------------------------------------------------------- the pool at work
+
+_PARENT = os.getpid()
+_REAL_FRAME_BLOCK = frame_block
+_PIDS: list[Path] = []      # where the workers' frame_block writes its pid (set before the pool forks)
+_KILL_WORKER = [False]
+
+
+def _frame_block_watched(*args, **kwargs):
+    """frame_block that says which process ran it; with _KILL_WORKER, a worker (never this test's
+    process) dies at once, as one killed by the kernel would."""
+    if _KILL_WORKER[0] and os.getpid() != _PARENT:
+        os.kill(os.getpid(), 9)
+    with open(_PIDS[0], "a") as f:
+        f.write(f"{os.getpid()}\n")
+    return _REAL_FRAME_BLOCK(*args, **kwargs)
+
+
+def _watch_workers(monkeypatch, tmp_path, kill: bool) -> Path:
+    pids = tmp_path / "pids"
+    monkeypatch.setattr(build_mod, "frame_block", _frame_block_watched)
+    _PIDS[:] = [pids]
+    _KILL_WORKER[0] = kill
+    return pids
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="the build makes a pool only on 2 cores or more")
+def test_with_two_jobs_the_blocks_are_framed_in_the_workers(tmp_path, monkeypatch):
+    _write(tmp_path / "e.h5", {"train": [_sample(3 + i, i) for i in range(3)], "test": [_sample(4, 9)]})
+    pids = _watch_workers(monkeypatch, tmp_path, kill=False)
+    try:
+        build_frame_store(tmp_path / "e.h5", tmp_path / "f.zarr", T=2, jobs=2)
+    finally:
+        _KILL_WORKER[0] = False
+    ran = {int(p) for p in pids.read_text().split()}
+    assert ran and _PARENT not in ran   # every block in a worker, none in this process
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="the build makes a pool only on 2 cores or more")
+def test_a_worker_that_dies_is_one_line_naming_the_output(tmp_path, monkeypatch):
+    from dvsprep.errors import WorkerDiedError
+
+    _write(tmp_path / "e.h5", {"train": [_sample(3 + i, i) for i in range(3)], "test": [_sample(4, 9)]})
+    _watch_workers(monkeypatch, tmp_path, kill=True)
+    try:
+        with pytest.raises(WorkerDiedError) as exc:
+            build_frame_store(tmp_path / "e.h5", tmp_path / "f.zarr", T=2, jobs=2)
+    finally:
+        _KILL_WORKER[0] = False
+    assert str(exc.value) == f"{tmp_path / 'f.zarr'}: a worker process died before finishing (killed, or out of memory?)"
+    assert not (tmp_path / "f.zarr").exists()
+
+
+def test_the_codec_zarr_stores_is_checked_against_the_one_the_workers_encode_with(tmp_path, monkeypatch):
+    """The workers encode before the arrays exist, with the codec `chunk_codec` predicts: a
+    prediction that differs from what zarr then stores (another zarr version) stops the build."""
+    _write(tmp_path / "e.h5", {"train": [_sample(4, 1)], "test": [_sample(3, 2)]})
+    real = chunk_codec(DEFAULT_CODEC, np.dtype("u1"))
+    wrong = {**real, "clevel": real["clevel"] + 1}
+    monkeypatch.setattr(build_mod, "chunk_codec", lambda codec, dtype: wrong)
+    with pytest.raises(StoreError) as exc:
+        build_frame_store(tmp_path / "e.h5", tmp_path / "f.zarr", T=2, jobs=1)
+    assert str(exc.value).endswith(f": train/frames stores its samples with {real}, not the {wrong} "
+                                   f"they were encoded with")
+    assert not (tmp_path / "f.zarr").exists()

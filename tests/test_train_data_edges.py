@@ -33,7 +33,7 @@ from dvsg_train.data import (
     to_network_input,
 )
 from dvsg_train.errors import ConfigError, DataMismatchError
-from dvsprep.errors import MissingFileError, ResourceLimitError
+from dvsprep.errors import MissingFileError, ResourceLimitError, StoreError
 from dvsprep.frames import open_frame_store
 
 from train_fixtures import make_learnable_store
@@ -648,3 +648,29 @@ def test_load_run_data_defaults_and_what_it_hands_on(store13, monkeypatch):
     other = ("0" if fingerprint[0] != "0" else "1") + fingerprint[1:12]
     with pytest.raises(StoreError):
         load_run_data(store13, T=1, batch_size=5, device=CPU, expected_fingerprint=other)
+
+
+def test_resolve_store_path_names_a_frame_store_in_its_refusals(tmp_path):
+    (tmp_path / "f.txt").write_text("x")
+    with pytest.raises(MissingFileError) as e:
+        resolve_store_path(tmp_path / "missing", 8)
+    assert str(e.value) == f"{tmp_path / 'missing'}: no such frame store"
+    with pytest.raises(StoreError) as e:
+        resolve_store_path(tmp_path / "f.txt", 8)
+    assert str(e.value) == (f"{tmp_path / 'f.txt'}: neither a frame store (.zarr folder, .zip or http(s)/s3:// URL) "
+                            f"nor a DATA_ROOT (a folder holding events.h5 or frames_T<T>_<split_by>.zarr)")
+
+
+def test_open_store_passes_verify_and_the_expected_fingerprint_on(store, monkeypatch):
+    seen = []
+    real = data_mod.open_frame_store
+
+    def spy(path, **kw):
+        seen.append(kw)
+        return real(path, **kw)
+
+    monkeypatch.setattr(data_mod, "open_frame_store", spy)
+    fp = open_frame_store(store).fingerprint
+    open_store(store, 1, verify=True, expected_fingerprint=fp[:12])
+    open_store(store)
+    assert seen == [{"verify": True, "expected_fingerprint": fp[:12]}, {"verify": False, "expected_fingerprint": None}]

@@ -142,6 +142,15 @@ def _problems(store):
     return [(p.kind, p.name, p.detail) for p in verify_path(store, decode=True).problems]
 
 
+def _refused_both_ways(store, split, i: int, message: str) -> None:
+    """verify reports shard 1 of train with `message`, and reading sample i raises it, the shard's
+    path in front."""
+    assert _problems(store) == [("invalid", SHARD1, f"{SHARD1}: {message}")]
+    with pytest.raises(StoreError) as e:
+        split[i]
+    assert str(e.value) == f"{store}/{SHARD1}: {message}"
+
+
 A = (NO_CHUNK, NO_CHUNK)
 
 
@@ -202,10 +211,7 @@ def test_a_shard_too_small_for_its_index_or_with_a_bad_crc(pristine, tmp_path, m
     shard = store / SHARD1
     shard.write_bytes(make(shard.read_bytes()))
     resign(store)
-    assert _problems(store) == [("invalid", SHARD1, f"{SHARD1}: {message}")]
-    with pytest.raises(StoreError) as e:
-        split[8]
-    assert str(e.value) == f"{store}/{SHARD1}: {message}"
+    _refused_both_ways(store, split, 8, message)
 
 
 def test_a_shard_cut_short_after_its_index_was_read(pristine, tmp_path):
@@ -309,10 +315,7 @@ def test_a_blosc_sample_declares_one_sample_in_a_frame_of_its_own_length(pristin
         assert _problems(store) == []
         np.testing.assert_array_equal(split[9], pristine[1]["train"]["frames"][9])
         return
-    assert _problems(store) == [("invalid", SHARD1, f"{SHARD1}: {message}")]
-    with pytest.raises(StoreError) as e:
-        split[9]
-    assert str(e.value) == f"{store}/{SHARD1}: {message}"
+    _refused_both_ways(store, split, 9, message)
 
 
 @pytest.fixture(scope="module")
@@ -346,10 +349,7 @@ def test_a_zstd_sample_declares_one_sample_and_decodes_to_it(pristine_zstd, tmp_
         np.testing.assert_array_equal(split[9].reshape(-1), np.arange(SAMPLE, dtype=np.uint8) * 7 + 1)
         np.testing.assert_array_equal(split[8], pristine_zstd[1]["train"]["frames"][8])
         return
-    assert _problems(store) == [("invalid", SHARD1, f"{SHARD1}: {message}")]
-    with pytest.raises(StoreError) as e:
-        split[9]
-    assert str(e.value) == f"{store}/{SHARD1}: {message}"
+    _refused_both_ways(store, split, 9, message)
 
 
 def test_a_shard_removed_after_opening_is_an_error_naming_it(pristine, tmp_path):

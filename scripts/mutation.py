@@ -9,8 +9,11 @@ in, so each copy gets a [tool.mutmut] section of its own) and leaves there:
   result.json    killed / survived / no tests / timeout / ... counts, the survivors' names, seconds
   survivors.txt  each survivor's diff (`mutmut show`), to kill with a test or explain in tests/MUTANTS.md
 
-Usage: scripts/mutation.py [CLUSTER ...] [--jobs N] [--list]
+Usage: scripts/mutation.py [CLUSTER ...] [--jobs N] [--only GLOB ...] [--keep] [--list]
   no CLUSTER: all of them (hours on 2 cores); --list prints the clusters and their files.
+  --only GLOB: run only the mutants whose mutmut name matches (e.g. 'dvsg_train.engine.x_main__mutmut_*');
+  --keep: keep the cluster's copy and the results of mutants already run (resume a stopped run, or
+  finish one started with --only); without it the copy is made afresh.
 Runs under `nice -n 19` when started by `make mutation`; needs the `mutation` extra (mutmut).
 """
 from __future__ import annotations
@@ -59,10 +62,25 @@ CLUSTERS: dict[str, tuple[list[str], list[str]]] = {
     "neuron": (["dvsg_train/neuron.py"], ["tests/test_train_neuron.py"]),
     "model": (["dvsg_train/model.py"], ["tests/test_train_model.py", "tests/test_train_bookkeeping.py",
                                         "tests/test_network_equivalence.py", "tests/test_train_model_edges.py"]),
+    # Nearly every function here is reached by the whole-run tests, so with all of them listed a
+    # survivor ran them all (53 s of test calls, about a minute with their fixtures: most of a day
+    # for the cluster on 2 cores). The fast exact-value files pin the steps one by one; of the
+    # whole runs only one resume and the cheapest runs stay (test_train_resume's resume variants
+    # are for survivors, run by hand).
     "engine_data": (["dvsg_train/engine.py", "dvsg_train/data.py"],
-                    ["tests/test_train_bookkeeping.py", "tests/test_train_engine.py", "tests/test_train_data.py",
-                     "tests/test_train_resume.py", "tests/test_train_data_edges.py",
-                     "tests/test_train_engine_edges.py"]),
+                    ["tests/test_train_bookkeeping.py", "tests/test_train_data.py", "tests/test_train_data_edges.py",
+                     "tests/test_train_engine_edges.py", "tests/test_train_eval_edges.py",
+                     "tests/test_train_run_steps.py",
+                     *(f"tests/test_train_engine.py::{t}" for t in (
+                         "test_resume_reproduces_uninterrupted_run", "test_amp_bf16_one_optimizer_step_per_batch",
+                         "test_validation_selects_checkpoint_and_reports_accuracy_b",
+                         "test_threads_are_set_for_the_run_and_restored", "test_amp_on_a_cpu_without_bf16_warns_once",
+                         "test_cpu_bf16_detection_reads_cpuinfo")),
+                     *(f"tests/test_train_resume.py::{t}" for t in (
+                         "test_resume_accepts_options_that_keep_the_numbers",
+                         "test_resume_options_that_conflict_are_refused",
+                         "test_resume_under_torchrun_splits_the_saved_global_batch",
+                         "test_run_folder_is_locked_while_training"))]),
     "checkpoint": (["dvsg_train/checkpoint.py"],
                    ["tests/test_train_checkpoint.py", "tests/test_train_checkpoint_format.py",
                     "tests/test_hostile_checkpoints.py", "tests/test_train_checkpoint_edges.py"]),
@@ -85,10 +103,15 @@ def _toml_list(items: list[str]) -> str:
     return "[" + ", ".join(json.dumps(i) for i in items) + "]"
 
 
-def prepare(name: str) -> Path:
-    """A fresh copy of the tree for one cluster, its pyproject.toml naming what to mutate."""
+def prepare(name: str, keep: bool = False) -> Path:
+    """A fresh copy of the tree for one cluster, its pyproject.toml naming what to mutate.
+
+    keep: an existing copy is used as it is, so mutmut keeps its results (mutants it has run are
+    not run again unless named with --only)."""
     modules, tests = CLUSTERS[name]
     work = OUT / name
+    if keep and (work / "pyproject.toml").exists():
+        return work
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
@@ -121,8 +144,8 @@ def _statuses(work: Path) -> dict[str, str]:
     return out
 
 
-def run_cluster(name: str, jobs: int) -> dict:
-    work = prepare(name)
+def run_cluster(name: str, jobs: int, only: list[str] | None = None, keep: bool = False) -> dict:
+    work = prepare(name, keep)
     t0 = time.monotonic()
     # One OpenMP thread: mutmut forks each mutant from a process that has run torch, and a forked
     # child that uses an OpenMP pool started by its parent waits on it forever (every export
@@ -131,7 +154,7 @@ def run_cluster(name: str, jobs: int) -> dict:
            "MKL_NUM_THREADS": "1"}
     mutmut = [sys.executable, "-m", "mutmut"]
     with open(work / "mutmut.log", "w") as log:
-        rc = subprocess.call([*mutmut, "run", "--max-children", str(jobs)], cwd=work, env=env,
+        rc = subprocess.call([*mutmut, "run", "--max-children", str(jobs), *(only or [])], cwd=work, env=env,
                              stdout=log, stderr=subprocess.STDOUT)
     seconds = round(time.monotonic() - t0)
     statuses = _statuses(work)
@@ -140,7 +163,9 @@ def run_cluster(name: str, jobs: int) -> dict:
         for s in survivors:
             shown = subprocess.run([*mutmut, "show", s], cwd=work, env=env, capture_output=True, text=True)
             f.write(f"### {s}\n{shown.stdout}\n")
+    # with --keep the counts are the copy's, every run of it together; seconds is this run's
     result = {"cluster": name, "modules": CLUSTERS[name][0], "tests": CLUSTERS[name][1], "mutmut_exit": rc,
+              "only": only or [], "kept": keep,
               "seconds": seconds, "counts": dict(Counter(statuses.values())), "survivors": survivors}
     (work / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
@@ -150,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("clusters", nargs="*", help=f"some of: {', '.join(CLUSTERS)} (default: all)")
     ap.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    ap.add_argument("--only", action="append", metavar="GLOB", help="run only the mutants matching (mutmut names)")
+    ap.add_argument("--keep", action="store_true", help="resume in the cluster's existing copy")
     ap.add_argument("--list", action="store_true")
     args = ap.parse_args(argv)
     unknown = [c for c in args.clusters if c not in CLUSTERS]
@@ -160,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {' '.join(mods)}  <-  {' '.join(tests)}")
         return 0
     for name in args.clusters or list(CLUSTERS):
-        r = run_cluster(name, args.jobs)
+        r = run_cluster(name, args.jobs, args.only, args.keep)
         c = r["counts"]
         print(f"{name}: killed {c.get('killed', 0)}, survived {c.get('survived', 0)}, "
               f"no tests {c.get('no tests', 0)}, timeout {c.get('timeout', 0)}, other "

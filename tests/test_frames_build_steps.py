@@ -667,6 +667,29 @@ def test_a_pool_only_for_two_pieces_and_two_jobs(tmp_path, monkeypatch, sizes, j
     assert build_mod._WORKER_FILES == {}   # this process's handle of events.h5 is closed
 
 
+def test_an_unknown_core_count_is_one_job(tmp_path, monkeypatch):
+    """os.cpu_count() may say None: no -j then means one job, in this process (no pool)."""
+    _write(tmp_path / "e.h5", {"train": [_sample(3 + i, i) for i in range(2)], "test": [_sample(2, 9)]})
+    _count_handed_out(monkeypatch)
+    monkeypatch.setattr(build_mod.os, "cpu_count", lambda: None)
+    build_frame_store(tmp_path / "e.h5", tmp_path / "f.zarr", T=64)
+    assert _Pool.made == []
+    assert [int(x.sum()) for x in open_frame_store(tmp_path / "f.zarr").split("train")] == [3, 4]
+
+
+def test_the_input_is_checked_again_when_the_output_is_locked(tmp_path, monkeypatch):
+    """The early check and the one under the lock are separate: with the early one passed (as if
+    the paths changed in between), publishing still refuses to write over events.h5."""
+    events = tmp_path / "e.h5"
+    _write(events, {"train": [_sample(3, 1)]})
+    before = events.read_bytes()
+    monkeypatch.setattr(build_mod, "check_output", lambda *a, **kw: None)
+    with pytest.raises(InputOutputClashError) as exc:
+        build_frame_store(events, events, T=2, jobs=1, force=True)
+    assert str(exc.value) == f"{events}: is the input {events}; the frame store would overwrite its own input"
+    assert events.read_bytes() == before
+
+
 def test_an_output_onto_its_input_is_refused_before_any_other_check(tmp_path):
     """Even -T past the limit is said after: the output is the input, first."""
     events = tmp_path / "e.h5"

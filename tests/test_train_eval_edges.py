@@ -1,6 +1,6 @@
 """dvsg_train.engine's evaluation of a checkpoint (`evaluate_checkpoint`, what dvsg-eval runs),
 `main`'s own few lines and `cpu_has_bf16`, with exact values and no training: the checkpoint is
-a seeded network saved with `make_payload`, and the expected loss, accuracy and confusion are
+a seeded network saved as a run saves it, and the expected loss, accuracy and confusion are
 computed here from the arrays the store was written from, batch by batch, with plain torch."""
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import copy
 import io
 import logging
 import types
-import uuid
 
 import numpy as np
 import pytest
@@ -17,14 +16,13 @@ import torch.nn.functional as F
 
 from dvsg_train import data as data_module
 from dvsg_train import engine
-from dvsg_train.checkpoint import TrainingState, make_payload, save_checkpoint
 from dvsg_train.config import TrainConfig
 from dvsg_train.data import eval_batch_bytes
 from dvsg_train.errors import ConfigError, DataMismatchError
 from dvsprep.errors import IntegrityError, MissingFileError, ResourceLimitError
 from dvsg_train.model import build_model
 from dvsprep.frames.store import open_frame_store
-from train_fixtures import make_learnable_store, split_arrays
+from train_fixtures import make_learnable_store, save_run_checkpoint, split_arrays
 
 T, CHANNELS, BATCH, EPOCH = 3, 4, 5, 2
 N_TRAIN, N_TEST = 23, 12
@@ -52,14 +50,9 @@ def tiny(tmp_path_factory):
     model = _network()
     config = TrainConfig(data=str(store), T=T, batch_size=BATCH, channels=CHANNELS, epochs=5, neuron="plif",
                          device="cpu", workers=0)
-    state = TrainingState(model, torch.optim.SGD(model.parameters(), lr=0.1), None, None,
-                          torch.Generator().manual_seed(0))
     ckpt = root / "run" / "checkpoint_latest.pt"
     ckpt.parent.mkdir()
-    save_checkpoint(ckpt, make_payload(state, epoch=EPOCH, config=config, data_fingerprint=fingerprint,
-                                       history=[{"epoch": e, "train_loss": 0.5, "train_acc": 0.25, "test_loss": 0.5,
-                                                 "test_acc": 0.25} for e in range(EPOCH + 1)],
-                                       run_id=uuid.uuid4().hex, run_dir=ckpt.parent))
+    save_run_checkpoint(ckpt, model, config, fingerprint, epoch=EPOCH)
     return {"root": root, "data_root": data_root, "store": store, "ckpt": str(ckpt), "model": model,
             "fingerprint": fingerprint}
 
@@ -324,12 +317,8 @@ def test_a_spikingjelly_checkpoint_takes_T_from_the_data_roots_one_store(tmp_pat
     torch.manual_seed(3)
     model = build_model(128, "multistep", "plif").eval()
     config = TrainConfig(data=str(tmp_path), T=T, batch_size=BATCH, channels=128, epochs=5, neuron="plif")
-    state = TrainingState(model, torch.optim.SGD(model.parameters(), lr=0.1), None, None,
-                          torch.Generator().manual_seed(0))
     ours, sj = tmp_path / "c.pt", tmp_path / "net.pth"
-    record = {"epoch": 0, "train_loss": 0.5, "train_acc": 0.25, "test_loss": 0.5, "test_acc": 0.25}
-    save_checkpoint(ours, make_payload(state, epoch=0, config=config, data_fingerprint="ab" * 32, history=[record],
-                                       run_id=uuid.uuid4().hex, run_dir=ours.parent))
+    save_run_checkpoint(ours, model, config, "ab" * 32)
     export_checkpoint(ours, sj, "spikingjelly")
     root = tmp_path / "DATA"
     root.mkdir()

@@ -7,13 +7,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-import uuid
 
 import pytest
 import torch
 
 from dvsg_train import distributed, engine
-from dvsg_train.checkpoint import LATEST, TrainingState, load_checkpoint, make_payload, save_checkpoint
+from dvsg_train.checkpoint import LATEST, load_checkpoint
 from dvsg_train.config import TrainConfig
 from dvsg_train.distributed import DistEnv
 from dvsg_train.errors import ConfigError, ConfigMismatchError, DataMismatchError, TrainError
@@ -21,7 +20,7 @@ from dvsg_train.export.network import has_linear_bias, read_weights
 from dvsg_train.model import build_model
 from dvsprep.errors import InputOutputClashError, MissingFileError
 from dvsprep.frames.store import open_frame_store
-from train_fixtures import make_learnable_store
+from train_fixtures import make_learnable_store, save_run_checkpoint
 
 CPU = torch.device("cpu")
 T, N_TRAIN, N_TEST = 3, 23, 12
@@ -49,12 +48,8 @@ def _save(path, run: engine.ResolvedRun, fingerprint: str, *, epoch: int = 0, li
     rc = run.config
     torch.manual_seed(seed)
     model = build_model(rc.channels, rc.net, rc.neuron, "torch", rc.tau, linear_bias)
-    state = TrainingState(model, engine.make_optimizer(model, rc), None, None, torch.Generator().manual_seed(0))
-    record = {"epoch": 0, "train_loss": 0.5, "train_acc": 0.25, "test_loss": 0.5, "test_acc": 0.25}
-    history = [{**record, "epoch": e} for e in range(epoch + 1)]
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(path, make_payload(state, epoch=epoch, config=rc, data_fingerprint=fingerprint,
-                                       history=history, run_id=uuid.uuid4().hex, run_dir=path.parent))
+    save_run_checkpoint(path, model, rc, fingerprint, epoch=epoch)
     return model
 
 

@@ -52,3 +52,20 @@ def make_learnable_store(path: Path, T: int = 4, n_train: int = 66, n_test: int 
         splits={"train": split_arrays(n_train, T, seed, dtype, big),
                 "test": split_arrays(n_test, T, seed + 100, dtype, big)},
         events_fingerprint="synthetic-test-store")
+
+
+def save_run_checkpoint(path: Path, model, config, fingerprint: str, epoch: int = 0) -> None:
+    """Save ``model`` (untrained is fine) as the dvsg-train checkpoint a run with ``config`` writes
+    after ``epoch``: its optimizer's fresh state, placeholder history records, a new run id."""
+    import uuid
+
+    import torch
+
+    from dvsg_train.checkpoint import TrainingState, make_payload, save_checkpoint
+    from dvsg_train.engine import make_optimizer
+
+    state = TrainingState(model, make_optimizer(model, config), None, None, torch.Generator().manual_seed(0))
+    record = {"epoch": 0, "train_loss": 0.5, "train_acc": 0.25, "test_loss": 0.5, "test_acc": 0.25}
+    save_checkpoint(path, make_payload(state, epoch=epoch, config=config, data_fingerprint=fingerprint,
+                                       history=[{**record, "epoch": e} for e in range(epoch + 1)],
+                                       run_id=uuid.uuid4().hex, run_dir=Path(path).parent))

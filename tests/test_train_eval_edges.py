@@ -19,10 +19,10 @@ from dvsg_train import engine
 from dvsg_train.config import TrainConfig
 from dvsg_train.data import eval_batch_bytes
 from dvsg_train.errors import ConfigError, DataMismatchError
-from dvsprep.errors import IntegrityError, MissingFileError, ResourceLimitError
 from dvsg_train.model import build_model
+from dvsprep.errors import IntegrityError, MissingFileError, ResourceLimitError
 from dvsprep.frames.store import open_frame_store
-from train_fixtures import make_learnable_store, save_run_checkpoint, split_arrays
+from train_fixtures import make_learnable_store, save_run_checkpoint, split_arrays, spy
 
 T, CHANNELS, BATCH, EPOCH = 3, 4, 5, 2
 N_TRAIN, N_TEST = 23, 12
@@ -75,17 +75,6 @@ def _expected(model: torch.nn.Module, seed: int, n: int, batch: int) -> dict:
     return {"loss": loss_sum / n, "acc": float(np.trace(confusion)) / n, "samples": n, "confusion": confusion}
 
 
-def _spy(monkeypatch, name: str) -> list:
-    """Record the arguments of engine.<name> and call the real one."""
-    calls, real = [], getattr(engine, name)
-
-    def spy(*args, **kw):
-        calls.append((args, kw))
-        return real(*args, **kw)
-    monkeypatch.setattr(engine, name, spy)
-    return calls
-
-
 # ----------------------------------------------------------------------------- the result
 
 MODEL_CONFIG = {"channels": CHANNELS, "net": "multistep", "neuron": "plif", "tau": 2.0, "linear_bias": False}
@@ -106,7 +95,7 @@ def test_the_test_split_evaluated_by_hand(tiny, caplog):
 
 
 def test_the_train_split_and_a_batch_size_of_its_own(tiny, monkeypatch):
-    batches = _spy(monkeypatch, "evaluate")
+    batches = spy(monkeypatch, engine, "evaluate")
     got = engine.evaluate_checkpoint(tiny["ckpt"], str(tiny["store"]), split="train", device="cpu", batch_size=4)
     want = _expected(tiny["model"], 1, N_TRAIN, 4)
     assert (got["loss"], got["acc"], got["samples"], got["split"]) == (want["loss"], want["acc"], N_TRAIN, "train")
@@ -115,7 +104,7 @@ def test_the_train_split_and_a_batch_size_of_its_own(tiny, monkeypatch):
 
 
 def test_the_checkpoints_batch_size_by_default(tiny, monkeypatch):
-    calls = _spy(monkeypatch, "evaluate")
+    calls = spy(monkeypatch, engine, "evaluate")
     engine.evaluate_checkpoint(tiny["ckpt"], str(tiny["store"]), device="cpu")
     (model, batches, device), kw = calls[0]
     assert [len(y) for _, y in batches] == [5, 5, 2] and device == torch.device("cpu") and kw == {}
@@ -123,7 +112,7 @@ def test_the_checkpoints_batch_size_by_default(tiny, monkeypatch):
 
 
 def test_preload_and_workers_reach_the_feed(tiny, monkeypatch):
-    calls = _spy(monkeypatch, "choose_feed")
+    calls = spy(monkeypatch, engine, "choose_feed")
     engine.evaluate_checkpoint(tiny["ckpt"], str(tiny["store"]), device="cpu")
     engine.evaluate_checkpoint(tiny["ckpt"], str(tiny["store"]), device="cpu", preload="none", workers=1)
     (path, splits, preload, device), kw = calls[0]
@@ -293,9 +282,10 @@ def test_verify_store_hashes_every_file(tmp_path, monkeypatch):
     in what it asks of open_store: verify=True, the config's T and fingerprint."""
     store = tmp_path / "s.zarr"
     make_learnable_store(store, T=T, n_train=4, n_test=3)
-    calls = _spy(monkeypatch, "open_store")
-    config = _config(tmp_path, data=str(store), data_fingerprint=open_frame_store(store).fingerprint[:12])
-    assert engine._verify_store(config) == open_frame_store(store).fingerprint
+    fingerprint = open_frame_store(store).fingerprint
+    calls = spy(monkeypatch, engine, "open_store")
+    config = _config(tmp_path, data=str(store), data_fingerprint=fingerprint[:12])
+    assert engine._verify_store(config) == fingerprint
     assert calls == [((str(store), T), {"verify": True, "expected_fingerprint": config.data_fingerprint})]
     shard = store / "train" / "frames" / "c" / "0" / "0" / "0" / "0" / "0"
     raw = bytearray(shard.read_bytes())

@@ -20,7 +20,7 @@ from dvsg_train.export.network import has_linear_bias, read_weights
 from dvsg_train.model import build_model
 from dvsprep.errors import InputOutputClashError, MissingFileError
 from dvsprep.frames.store import open_frame_store
-from train_fixtures import make_learnable_store, save_run_checkpoint
+from train_fixtures import make_learnable_store, save_run_checkpoint, spy
 
 CPU = torch.device("cpu")
 T, N_TRAIN, N_TEST = 3, 23, 12
@@ -31,6 +31,11 @@ def store(tmp_path_factory):
     path = tmp_path_factory.mktemp("steps") / "s.zarr"
     make_learnable_store(path, T=T, n_train=N_TRAIN, n_test=N_TEST)
     return path
+
+
+@pytest.fixture(scope="module")
+def fp(store) -> str:
+    return open_frame_store(store).fingerprint
 
 
 def _cfg(store, tmp_path, **kw) -> TrainConfig:
@@ -119,11 +124,8 @@ def test_resume_returns_the_checkpoint_checked_against_this_run(store, tmp_path)
 
 # ----------------------------------------------------------------------------- _load_data
 
-def test_load_data_hands_the_configs_values_on_and_seeds_the_run(store, tmp_path, monkeypatch):
-    calls = []
-    real = engine.load_run_data
-    monkeypatch.setattr(engine, "load_run_data", lambda *a, **kw: calls.append((a, kw)) or real(*a, **kw))
-    fp = open_frame_store(store).fingerprint
+def test_load_data_hands_the_configs_values_on_and_seeds_the_run(store, fp, tmp_path, monkeypatch):
+    calls = spy(monkeypatch, engine, "load_run_data")
     run = _run(_cfg(store, tmp_path, seed=5, val_fraction=0.25, preload="cpu", data_fingerprint=fp[:12]))
     torch.manual_seed(99)
     data, gen = engine._load_data(run, None)
@@ -137,9 +139,8 @@ def test_load_data_hands_the_configs_values_on_and_seeds_the_run(store, tmp_path
     assert (data.train.n_samples, data.val.n_samples) == (12, 11)
 
 
-def test_load_data_logs_the_split_sizes(store, tmp_path, caplog):
+def test_load_data_logs_the_split_sizes(store, fp, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="dvsg_train.engine")
-    fp = open_frame_store(store).fingerprint
     run = _run(_cfg(store, tmp_path))
     engine._load_data(run, None)
     engine._load_data(_run(_cfg(store, tmp_path, val_fraction=0.25)), None)
@@ -148,8 +149,7 @@ def test_load_data_logs_the_split_sizes(store, tmp_path, caplog):
                           f"data {run.config.data} (fingerprint {fp}): 12 train, 11 val, {N_TEST} test samples"]
 
 
-def test_a_store_that_changes_between_verify_and_open_is_refused(store, tmp_path, monkeypatch):
-    fp = open_frame_store(store).fingerprint
+def test_a_store_that_changes_between_verify_and_open_is_refused(store, fp, tmp_path, monkeypatch):
     monkeypatch.setattr(engine, "_verify_store", lambda config: "f" * 64)
     run = _run(_cfg(store, tmp_path))
     with pytest.raises(DataMismatchError) as err:
@@ -163,11 +163,10 @@ def test_a_store_that_changes_between_verify_and_open_is_refused(store, tmp_path
     ("aaed", 2, "e", "f"),        # the first rank that differs from rank 0 is named
     ("eaa", 1, "f", "e"),         # rank 0 is the odd one: rank 1 differs from it
 ])
-def test_ranks_with_different_stores_are_refused_naming_the_first_other(store, tmp_path, monkeypatch, prints,
-                                                                         other, theirs, rank0):
+def test_ranks_with_different_stores_are_refused_naming_the_first_other(store, fp, tmp_path, monkeypatch,
+                                                                         prints, other, theirs, rank0):
     """The fingerprints gathered from the ranks (a stand-in for the collective): "a" is this
     store's, "e" and "d" others'; `theirs` / `rank0`: "f" for this store's in the message."""
-    fp = open_frame_store(store).fingerprint
     full = {"a": fp, "b": "e" * 64, "e": "e" * 64, "d": "d" * 64}
     monkeypatch.setattr(distributed, "all_gather_object", lambda env, obj: [full[c] for c in prints])
     run = _run(_cfg(store, tmp_path))
@@ -179,8 +178,7 @@ def test_ranks_with_different_stores_are_refused_naming_the_first_other(store, t
     assert getattr(err.value, distributed.FAILED_RANK_ATTR) == other
 
 
-def test_ranks_with_one_store_agree(store, tmp_path, monkeypatch):
-    fp = open_frame_store(store).fingerprint
+def test_ranks_with_one_store_agree(store, fp, tmp_path, monkeypatch):
     monkeypatch.setattr(distributed, "all_gather_object", lambda env, obj: [obj, obj])
     assert engine._load_data(_run(_cfg(store, tmp_path)), None)[0].fingerprint == fp
 
@@ -192,8 +190,7 @@ def test_augmentation_needs_the_stores_T(store, tmp_path):
     assert str(err.value) == "--augment: crop=4 needs at least 4 time steps; the store has T=3"
 
 
-def test_a_resumed_run_needs_the_checkpoints_store(store, tmp_path):
-    fp = open_frame_store(store).fingerprint
+def test_a_resumed_run_needs_the_checkpoints_store(store, fp, tmp_path):
     run = _run(_cfg(store, tmp_path, resume=str(tmp_path / "c.pt")))
     assert engine._load_data(run, {"data_fingerprint": fp})[0].fingerprint == fp
     with pytest.raises(DataMismatchError) as err:
@@ -266,10 +263,9 @@ def test_sync_batchnorm_only_when_asked_and_under_ddp(store, tmp_path, monkeypat
     assert converted == [CPU]
 
 
-def test_a_machines_other_ranks_open_the_store_without_verifying_it_again(store, tmp_path, monkeypatch):
+def test_a_machines_other_ranks_open_the_store_without_verifying_it_again(store, fp, tmp_path, monkeypatch):
     """Local rank 1 of a 2-process run (the collectives stand-ins: each rank's own call): local
     rank 0 verifies the store once per machine, the others open it and have nothing to compare."""
-    fp = open_frame_store(store).fingerprint
     monkeypatch.setattr(distributed, "agree", lambda env, fn: fn())
     monkeypatch.setattr(distributed, "all_gather_object", lambda env, obj: [fp, obj])
     monkeypatch.setattr(engine, "_verify_store", lambda config: pytest.fail("verified on local rank 1"))

@@ -69,3 +69,15 @@ def save_run_checkpoint(path: Path, model, config, fingerprint: str, epoch: int 
     save_checkpoint(path, make_payload(state, epoch=epoch, config=config, data_fingerprint=fingerprint,
                                        history=[{**record, "epoch": e} for e in range(epoch + 1)],
                                        run_id=uuid.uuid4().hex, run_dir=Path(path).parent))
+
+
+def spy(monkeypatch, module, name: str) -> list:
+    """Replace ``module.name`` by a wrapper that records each call's (args, kwargs) in the list
+    returned and calls the real function."""
+    calls, real = [], getattr(module, name)
+
+    def wrapper(*args, **kw):
+        calls.append((args, kw))
+        return real(*args, **kw)
+    monkeypatch.setattr(module, name, wrapper)
+    return calls

@@ -70,7 +70,7 @@ CLUSTERS: dict[str, tuple[list[str], list[str]]] = {
     "engine_data": (["dvsg_train/engine.py", "dvsg_train/data.py"],
                     ["tests/test_train_bookkeeping.py", "tests/test_train_data.py", "tests/test_train_data_edges.py",
                      "tests/test_train_engine_edges.py", "tests/test_train_eval_edges.py",
-                     "tests/test_train_run_steps.py",
+                     "tests/test_train_run_steps.py", "tests/test_train_epoch_loop.py",
                      *(f"tests/test_train_engine.py::{t}" for t in (
                          "test_resume_reproduces_uninterrupted_run", "test_amp_bf16_one_optimizer_step_per_batch",
                          "test_validation_selects_checkpoint_and_reports_accuracy_b",

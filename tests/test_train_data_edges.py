@@ -211,6 +211,8 @@ def test_n_batches_by_hand_and_as_batch_order_counts(n, bs, drop, rank, world, w
 
 def test_n_batches_defaults_are_one_process():
     assert n_batches(7, 3, False) == 3 and n_batches(7, 3, True) == 2
+    # rank 0 by default: the short last global batch of 1 (5 = 2 x 2 + 1) is rank 0's alone
+    assert n_batches(5, 2, False, world_size=2) == 2 and n_batches(5, 2, False, 1, 2) == 1
 
 
 def test_batch_sampler_yields_lists_and_counts_this_ranks_batches():

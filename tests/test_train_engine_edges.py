@@ -309,6 +309,28 @@ def test_train_one_epoch_takes_the_sums_over_ranks(monkeypatch):
     assert len(seen) == 1                       # no DDP: nothing reduced
 
 
+class Class0(nn.Module):
+    """Outputs exactly one_hot(0) for every sample of a [T, B, ...] input: loss 0 against label 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.out = nn.Parameter(torch.eye(11)[0])
+
+    def forward(self, x):
+        return self.out.expand(x.shape[1], 11)
+
+
+def test_train_one_epoch_counts_exactly_past_float32s_integers():
+    """2^24 + 1 samples (16 batches of 2^20, then one), all right: the count of right samples and
+    of samples stay exact integers, where float32 would round 2^24 + 1 to 2^24."""
+    big = (torch.zeros(1 << 20, 1, 1, 1, 1, dtype=torch.uint8), torch.zeros(1 << 20, dtype=torch.int64))
+    one = (torch.zeros(1, 1, 1, 1, 1, dtype=torch.uint8), torch.zeros(1, dtype=torch.int64))
+    model = Class0()
+    r = train_one_epoch(model, [big] * 16 + [one], torch.optim.SGD(model.parameters(), lr=0.0), CPU)
+    assert r["samples"] == (1 << 24) + 1 and r["acc"] == 1.0
+    assert r["loss"] == 0.0 and r["output_rate"] == 1 / 11
+
+
 def test_evaluate_takes_the_sums_over_ranks(monkeypatch):
     def reduce(env, totals):
         extra = torch.zeros_like(totals)

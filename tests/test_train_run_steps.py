@@ -19,28 +19,14 @@ from dvsg_train.errors import ConfigError, ConfigMismatchError, DataMismatchErro
 from dvsg_train.export.network import has_linear_bias, read_weights
 from dvsg_train.model import build_model
 from dvsprep.errors import InputOutputClashError, MissingFileError
-from dvsprep.frames.store import open_frame_store
-from train_fixtures import make_learnable_store, save_run_checkpoint, spy
+from train_fixtures import STEP_T as T, STEP_TEST as N_TEST, STEP_TRAIN as N_TRAIN
+from train_fixtures import fp, save_run_checkpoint, spy, step_config, store  # noqa: F401 (fixtures)
 
 CPU = torch.device("cpu")
-T, N_TRAIN, N_TEST = 3, 23, 12
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    path = tmp_path_factory.mktemp("steps") / "s.zarr"
-    make_learnable_store(path, T=T, n_train=N_TRAIN, n_test=N_TEST)
-    return path
-
-
-@pytest.fixture(scope="module")
-def fp(store) -> str:
-    return open_frame_store(store).fingerprint
 
 
 def _cfg(store, tmp_path, **kw) -> TrainConfig:
-    return TrainConfig(**{"data": str(store), "out_dir": str(tmp_path / "runs"), "T": T, "batch_size": 2,
-                          "epochs": 3, "channels": 4, "device": "cpu", "workers": 0, **kw})
+    return step_config(store, tmp_path, **kw)
 
 
 def _run(config: TrainConfig, env: DistEnv | None = None) -> engine.ResolvedRun:

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from dvsprep.constants import N_CLASSES, SENSOR_H, SENSOR_W
 from dvsprep.frames.store import write_frame_store_from_arrays
@@ -56,15 +57,16 @@ def make_learnable_store(path: Path, T: int = 4, n_train: int = 66, n_test: int 
 
 def save_run_checkpoint(path: Path, model, config, fingerprint: str, epoch: int = 0) -> None:
     """Save ``model`` (untrained is fine) as the dvsg-train checkpoint a run with ``config`` writes
-    after ``epoch``: its optimizer's fresh state, placeholder history records, a new run id."""
+    after ``epoch``: its optimizer's and scheduler's fresh state, placeholder history records, a new run id."""
     import uuid
 
     import torch
 
     from dvsg_train.checkpoint import TrainingState, make_payload, save_checkpoint
-    from dvsg_train.engine import make_optimizer
+    from dvsg_train.engine import make_optimizer, make_scheduler
 
-    state = TrainingState(model, make_optimizer(model, config), None, None, torch.Generator().manual_seed(0))
+    optimizer = make_optimizer(model, config)
+    state = TrainingState(model, optimizer, make_scheduler(optimizer, config), None, torch.Generator().manual_seed(0))
     record = {"epoch": 0, "train_loss": 0.5, "train_acc": 0.25, "test_loss": 0.5, "test_acc": 0.25}
     save_checkpoint(path, make_payload(state, epoch=epoch, config=config, data_fingerprint=fingerprint,
                                        history=[{**record, "epoch": e} for e in range(epoch + 1)],
@@ -81,3 +83,32 @@ def spy(monkeypatch, module, name: str) -> list:
         return real(*args, **kw)
     monkeypatch.setattr(module, name, wrapper)
     return calls
+
+
+# ----------------------------------------------------------------------------- the run-step tests' store
+
+STEP_T, STEP_TRAIN, STEP_TEST = 3, 23, 12
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """A learnable T=3 store of 23 train and 12 test samples, for tests of the run's steps (import
+    ``store`` and ``fp`` into the test module to use them)."""
+    path = tmp_path_factory.mktemp("steps") / "s.zarr"
+    make_learnable_store(path, T=STEP_T, n_train=STEP_TRAIN, n_test=STEP_TEST)
+    return path
+
+
+@pytest.fixture(scope="module")
+def fp(store) -> str:
+    from dvsprep.frames.store import open_frame_store
+
+    return open_frame_store(store).fingerprint
+
+
+def step_config(store, tmp_path, **kw):
+    """A tiny run on ``store``: 4 channels, batches of 2, 3 epochs on the CPU, runs under tmp_path/runs."""
+    from dvsg_train.config import TrainConfig
+
+    return TrainConfig(**{"data": str(store), "out_dir": str(tmp_path / "runs"), "T": STEP_T, "batch_size": 2,
+                          "epochs": 3, "channels": 4, "device": "cpu", "workers": 0, **kw})

@@ -611,20 +611,21 @@ def test_the_progress_bar_counts_samples_as_their_shards_are_written(tmp_path, m
     assert bar.updates == [8, 3, 1] and bar.closed   # whole shards: train 0..7, 8..10, test 0
 
 
-def test_the_summary_and_the_log_line(tmp_path, caplog):
-    import time
+def test_the_summary_and_the_log_line(tmp_path, caplog, monkeypatch):
+    import types
 
     _write(tmp_path / "e.h5", {"train": [_sample(9, 1), _sample(4, 2)], "test": [_sample(5, 3)]})
     out = tmp_path / "f.zarr"
-    t0 = time.perf_counter()
+    # the build's clock, read at its start and its end
+    monkeypatch.setattr(build_mod, "time", types.SimpleNamespace(perf_counter=iter([10.0, 12.5]).__next__))
     with caplog.at_level(logging.INFO, logger="dvsprep.frames.build"):
         s = build_frame_store(tmp_path / "e.h5", out, T=2)
-    t1 = time.perf_counter()
     store = open_frame_store(out)
     assert (s.path, s.T, s.split_by, s.dtype) == (out, 2, "number", np.uint8)
     assert s.fingerprint == store.fingerprint
     assert {k: c["n_samples"] for k, c in s.counts.items()} == {"train": 2, "test": 1}
-    assert 0 <= s.seconds <= t1 - t0
+    assert s.seconds == 2.5
+    monkeypatch.undo()                     # the real clock again
     assert [r.getMessage() for r in caplog.records if r.name == "dvsprep.frames.build"] == [
         f"frames: {out} written, fingerprint {s.fingerprint}"]
     # the default is never to replace a store

@@ -25,8 +25,7 @@ from train_fixtures import fp, save_run_checkpoint, spy, step_config, store  # n
 CPU = torch.device("cpu")
 
 
-def _cfg(store, tmp_path, **kw) -> TrainConfig:
-    return step_config(store, tmp_path, **kw)
+_cfg = step_config
 
 
 def _run(config: TrainConfig, env: DistEnv | None = None) -> engine.ResolvedRun:

@@ -13,7 +13,8 @@ Usage: scripts/mutation.py [CLUSTER ...] [--jobs N] [--only GLOB ...] [--keep] [
   no CLUSTER: all of them (hours on 2 cores); --list prints the clusters and their files.
   --only GLOB: run only the mutants whose mutmut name matches (e.g. 'dvsg_train.engine.x_main__mutmut_*');
   --keep: keep the cluster's copy and the results of mutants already run (resume a stopped run, or
-  finish one started with --only); without it the copy is made afresh.
+  finish one started with --only), with the tests brought up to date; refused when the packages
+  changed since the copy was made. Without it the copy is made afresh.
 Runs under `nice -n 19` when started by `make mutation`; needs the `mutation` extra (mutmut).
 """
 from __future__ import annotations
@@ -103,33 +104,55 @@ def _toml_list(items: list[str]) -> str:
     return "[" + ", ".join(json.dumps(i) for i in items) + "]"
 
 
-def prepare(name: str, keep: bool = False) -> Path:
-    """A fresh copy of the tree for one cluster, its pyproject.toml naming what to mutate.
+def _sources(tree: Path) -> dict[str, bytes]:
+    """Every Python file of the packages under ``tree``, by path: what the mutants were made from."""
+    return {str(p.relative_to(tree)): p.read_bytes() for pkg in ("dvsprep", "dvsg_train")
+            for p in sorted((tree / pkg).rglob("*.py")) if "__pycache__" not in p.parts}
 
-    keep: an existing copy is used as it is, so mutmut keeps its results (mutants it has run are
-    not run again unless named with --only)."""
-    modules, tests = CLUSTERS[name]
-    work = OUT / name
-    if keep and (work / "pyproject.toml").exists():
-        return work
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    for item in COPY:
+
+def _copy(work: Path, items: list[str]) -> None:
+    for item in items:
         src = ROOT / item
         if src.is_dir():
             shutil.copytree(src, work / item, symlinks=True,
                             ignore=shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache"))
         else:
             shutil.copy2(src, work / item)
+
+
+def _write_pyproject(work: Path, name: str) -> None:
+    """The project's pyproject.toml plus a [tool.mutmut] section for the cluster (mutmut copies it
+    into mutants/ at the start of every run, with tests/)."""
+    modules, tests = CLUSTERS[name]
     extra = (f"\n[tool.mutmut]\nsource_paths = [\"dvsprep\", \"dvsg_train\"]\n"
              f"only_mutate = {_toml_list(modules)}\n"
              f"also_copy = {_toml_list(['dvsprep/data'] + [c for c in COPY if c not in ('dvsprep', 'dvsg_train', 'tests')])}\n"
              f"pytest_add_cli_args_test_selection = {_toml_list(tests)}\n"
              # no .pytest_cache shared by mutmut's parallel workers
              f"pytest_add_cli_args = {_toml_list(['-p', 'no:cacheprovider'] + [a for d in DESELECT for a in ('--deselect', d)])}\n")
-    with open(work / "pyproject.toml", "a") as f:
-        f.write(extra)
+    (work / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text() + extra)
+
+
+def prepare(name: str, keep: bool = False) -> Path:
+    """A fresh copy of the tree for one cluster, its pyproject.toml naming what to mutate.
+
+    keep: an existing copy keeps mutmut's results (mutants it has run are not run again unless
+    named with --only); its tests and test list are brought up to date, and it is refused
+    (SystemExit) when the packages changed since it was made: mutmut never remakes a mutant."""
+    work = OUT / name
+    if keep and (work / "pyproject.toml").exists():
+        if _sources(work) != _sources(ROOT):
+            raise SystemExit(f"{work}: the packages changed since this copy was made, so its mutants "
+                             f"are of other code; run without --keep")
+        shutil.rmtree(work / "tests")
+        _copy(work, ["tests"])
+        _write_pyproject(work, name)
+        return work
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    _copy(work, COPY)
+    _write_pyproject(work, name)
     return work
 
 

@@ -1,5 +1,6 @@
 """scripts/mutation.py (`make mutation`): its clusters name files that exist, and --keep reuses a
-cluster's copy (mutmut's results in it) where a plain run makes it afresh. mutmut is not run."""
+cluster's copy (mutmut's results in it, its tests brought up to date, refused when the packages
+changed) where a plain run makes it afresh. mutmut is not run."""
 from __future__ import annotations
 
 import importlib.util
@@ -45,6 +46,39 @@ def test_keep_reuses_the_copy_and_a_plain_run_makes_it_afresh(mutation):
     assert (work / "mutants" / "x.meta").is_file() and (work / "pyproject.toml").read_text() == toml
     assert mutation.prepare("atomic") == work
     assert not (work / "mutants").exists() and (work / "pyproject.toml").read_text() == toml
+
+
+def test_keep_brings_the_copys_tests_up_to_date(mutation):
+    work = mutation.prepare("atomic")
+    test = work / "tests" / "test_atomic.py"
+    test.write_text("stale")
+    (work / "tests" / "test_gone.py").write_text("stale")
+    (work / "pyproject.toml").write_text("stale")
+    (work / "mutants").mkdir()
+    (work / "mutants" / "x.meta").write_text("{}")
+    assert mutation.prepare("atomic", keep=True) == work
+    assert test.read_bytes() == (ROOT / "tests" / "test_atomic.py").read_bytes()
+    assert not (work / "tests" / "test_gone.py").exists() and (work / "mutants" / "x.meta").is_file()
+    toml = (work / "pyproject.toml").read_text()
+    assert toml.startswith((ROOT / "pyproject.toml").read_text()) and 'only_mutate = ["dvsprep/atomic.py"]' in toml
+
+
+def test_keep_refuses_a_copy_of_other_code(mutation):
+    """mutmut never remakes a mutant it has made: a copy of changed packages would test old mutants."""
+    work = mutation.prepare("atomic")
+    (work / "mutants").mkdir()
+    (work / "mutants" / "x.meta").write_text("{}")
+    source = work / "dvsg_train" / "engine.py"
+    source.write_bytes(source.read_bytes() + b"\n")
+    with pytest.raises(SystemExit) as exc:
+        mutation.prepare("atomic", keep=True)
+    assert str(exc.value) == (f"{work}: the packages changed since this copy was made, so its mutants are of "
+                              "other code; run without --keep")
+    assert (work / "mutants" / "x.meta").is_file()          # nothing removed
+    (work / "dvsprep" / "extra.py").write_text("")
+    source.write_bytes((ROOT / "dvsg_train" / "engine.py").read_bytes())
+    with pytest.raises(SystemExit):                         # a file more is a change too
+        mutation.prepare("atomic", keep=True)
 
 
 def test_keep_without_a_copy_makes_one(mutation):

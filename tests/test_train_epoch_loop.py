@@ -72,6 +72,7 @@ class Loop:
         monkeypatch.setattr(distributed, "broadcast_buffers", lambda env, model: self.buffers.append((env, model)))
         monkeypatch.setattr(distributed, "on_main", lambda env, fn: self.main_calls.append(env) or fn())
         self.payloads = spy(monkeypatch, engine, "make_payload")
+        self.saves = spy(monkeypatch, engine, "save_checkpoint")
         self.curves = []                       # (path, epochs drawn): matplotlib is slow and tested in report's tests
         monkeypatch.setattr(engine, "write_curves", lambda path, history: self.curves.append((path, len(history))))
 
@@ -90,6 +91,13 @@ class Loop:
         monkeypatch.setattr(engine, "evaluate", fake_evaluate)
         self.history = list(history or [])
         self.start_epoch, self.on_epoch = start_epoch, on_epoch
+
+    def saved(self) -> dict[str, list[int]]:
+        """The epochs saved, by checkpoint name."""
+        out: dict[str, list[int]] = {}
+        for (path, payload), _ in self.saves:
+            out.setdefault(path.name, []).append(payload["epoch"])
+        return out
 
     def __call__(self):
         engine._train_epochs(self.run, self.run_dir, RUN_ID, self.state, self.net, self.data, self.history,
@@ -122,8 +130,8 @@ def test_each_epochs_record_from_its_train_and_test_results_and_the_clock(monkey
     assert [json.loads(line) for line in (loop.run_dir / "metrics.jsonl").read_text().splitlines()] == want
     assert sorted(p.name for p in loop.run_dir.iterdir()) == sorted([LATEST, MAX, "metrics.jsonl"])
     assert loop.curves == [(loop.run_dir / "curves.png", n) for n in (1, 2, 3)]
-    assert load_checkpoint(loop.run_dir / LATEST)["epoch"] == 2
-    assert load_checkpoint(loop.run_dir / MAX)["epoch"] == 2       # 0.75 beats epoch 0's 0.5
+    assert loop.saved() == {LATEST: [0, 1, 2], MAX: [0, 2]}        # 0.75 beats epoch 0's 0.5
+    assert load_checkpoint(loop.run_dir / MAX)["epoch"] == 2
     [scalars] = FakeScalars.made
     assert scalars.args == (loop.run_dir, 0) and scalars.added == want and scalars.closed
     assert [r.getMessage() for r in caplog.records] == [
@@ -161,14 +169,11 @@ def test_what_each_epoch_hands_train_and_evaluate(monkeypatch, tmp_path):
 def test_the_best_checkpoint_follows_validation_when_held_out(monkeypatch, tmp_path):
     """checkpoint_max.pt is saved at an epoch whose val accuracy beats every earlier one (a tie
     does not), whatever the test accuracy does."""
-    kept = {}
-    monkeypatch.setattr(engine, "save_checkpoint", lambda path, payload: kept.setdefault(path.name, []).append(
-        payload["epoch"]))
     loop = Loop(monkeypatch, tmp_path, epochs=4, train=[(0.5, 0.5, 0.1, 1.0)] * 4,
                 test=[(0.5, 0.75), (0.5, 1.0), (0.5, 0.25), (0.5, 0.5)],
                 val=[(0.5, 0.25), (0.5, 0.25), (0.5, 0.5), (0.5, 0.0)])
     history = loop()
-    assert kept == {LATEST: [0, 1, 2, 3], MAX: [0, 2]}
+    assert loop.saved() == {LATEST: [0, 1, 2, 3], MAX: [0, 2]}
     assert [r["max_test_acc"] for r in history] == [0.75, 1.0, 1.0, 1.0]
     assert [(r["val_loss"], r["val_acc"]) for r in history] == [(0.5, 0.25), (0.5, 0.25), (0.5, 0.5), (0.5, 0.0)]
 
@@ -179,15 +184,12 @@ def test_a_resumed_loop_starts_where_the_checkpoint_left_off(monkeypatch, tmp_pa
     scheduler's lr as restored (here the optimizer's, set by hand)."""
     caplog.set_level(logging.INFO, logger="dvsg_train.engine")
     before = _record(0, LR, (0.5, 0.5), (0.5, 0.5), 0.5, 1.0, 1.0)
-    kept = {}
-    monkeypatch.setattr(engine, "save_checkpoint", lambda path, payload: kept.setdefault(path.name, []).append(
-        payload["epoch"]))
     loop = Loop(monkeypatch, tmp_path, train=[(0.5, 0.5, 0.1, 1.0)] * 2, test=[(0.5, 0.5), (0.5, 0.625)],
                 history=[before], start_epoch=1, clock=[10.0, 11.0, 20.0, 22.0])
     loop.state.optimizer.param_groups[0]["lr"] = 0.004
     history = loop()
     assert [r["epoch"] for r in history] == [0, 1, 2] and history[1]["lr"] == 0.004
-    assert kept == {LATEST: [1, 2], MAX: [2]}                     # 0.5 does not beat epoch 0's 0.5
+    assert loop.saved() == {LATEST: [1, 2], MAX: [2]}                     # 0.5 does not beat epoch 0's 0.5
     [scalars] = FakeScalars.made
     assert scalars.args == (loop.run_dir, 1)
     forecast = loop.train_calls[0][1]["on_batch"]
@@ -283,11 +285,10 @@ def test_rank_1_under_ddp_keeps_the_history_and_writes_nothing(monkeypatch, tmp_
 def test_a_cuda_rank_saves_its_own_gpus_rng(monkeypatch, tmp_path):
     """Only named: the stand-ins never touch the device. Under DDP a checkpoint holds the CUDA RNG
     of the rank's own GPU; one process saves every GPU's (cuda_device None)."""
-    gpu = torch.device("cuda", 1)
+    gpu = torch.device("cuda", 0)      # one a GPU machine has: there the payload reads its RNG
     for i, (env, want) in enumerate([(_ddp(0, gpu), gpu), (DistEnv(gpu), None), (_ddp(0), None)]):
         loop = Loop(monkeypatch, tmp_path / str(i), env=env, epochs=1,
                     train=[(0.5, 0.5, 0.1, 1.0)], test=[(0.5, 0.5)])
-        monkeypatch.setattr(engine, "save_checkpoint", lambda path, payload: None)
         loop()
         assert [kw["cuda_device"] for _, kw in loop.payloads] == [want]
 
